@@ -1,0 +1,40 @@
+"""Redis as the feature store: one hash per entity, one HMGET per request."""
+
+from __future__ import annotations
+
+from redis.asyncio import Redis
+from redis.backoff import NoBackoff
+from redis.exceptions import RedisError
+from redis.retry import Retry
+
+from extproc.errors import FeatureStoreUnavailable
+from extproc.features import Features, decode_value
+
+
+class RedisFeatureStore:
+    def __init__(self, url: str, timeout_s: float) -> None:
+        # No client-side retries: the caller's time budget decides, and a retry
+        # loop inside it would only turn a clear 503 into a slow one.
+        self._redis = Redis.from_url(
+            url,
+            socket_timeout=timeout_s,
+            socket_connect_timeout=timeout_s,
+            retry=Retry(NoBackoff(), retries=0),
+        )
+
+    async def fetch(self, key: str, names: tuple[str, ...]) -> Features | None:
+        try:
+            if not names:
+                return {} if await self._redis.exists(key) else None
+            values = await self._redis.hmget(key, list(names))
+        except (RedisError, OSError) as exc:
+            raise FeatureStoreUnavailable(f"redis: {exc}") from None
+        if all(v is None for v in values):
+            return None
+        return {
+            name: None if raw is None else decode_value(raw if isinstance(raw, bytes) else raw.encode())
+            for name, raw in zip(names, values, strict=True)
+        }
+
+    async def close(self) -> None:
+        await self._redis.aclose()

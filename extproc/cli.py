@@ -1,0 +1,131 @@
+"""`model-broker`: check, envoy-config, serve, up, demo."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import sys
+
+import uvloop
+
+from extproc.registry import Registry, RegistryInvalid, load_registry
+
+
+def _load(path: str) -> Registry | None:
+    try:
+        return load_registry(path)
+    except RegistryInvalid as exc:
+        print(f"{path}: {len(exc.problems)} problem(s)", file=sys.stderr)
+        for problem in exc.problems:
+            print(f"  {problem}", file=sys.stderr)
+        return None
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    registry = _load(args.config)
+    if registry is None:
+        return 2
+    print(f"{args.config}: ok ({len(registry.models)} models, registry_version {registry.registry_version})")
+    return 0
+
+
+def cmd_envoy_config(args: argparse.Namespace) -> int:
+    from extproc.envoy_config import render_yaml
+
+    registry = _load(args.config)
+    if registry is None:
+        return 2
+    sys.stdout.write(render_yaml(registry, args.workers))
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from extproc.supervisor import supervise
+
+    registry = _load(args.config)
+    if registry is None:
+        return 2
+    return supervise(args.config, registry, args.workers or registry.broker.workers)
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    from extproc.launcher import up
+
+    if _load(args.config) is None:
+        return 2
+    return up(args.config, args.workers)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from extproc.launcher import demo
+
+    return demo(args.port)
+
+
+def cmd_demo_models(args: argparse.Namespace) -> int:
+    """Serve every `service` backend of a registry with the demo model (used by `demo` and tests)."""
+    from extproc.demo.models import start_models
+
+    registry = _load(args.config)
+    if registry is None:
+        return 2
+    specs = [
+        (m.name, v.name, v.backend.service.host, v.backend.service.port, v.backend.service.path)
+        for m in registry.models
+        for v in m.versions
+        if v.backend.service is not None
+    ]
+
+    async def run() -> None:
+        runners = await start_models(specs)
+        try:
+            await asyncio.Event().wait()
+        finally:
+            for runner in runners:
+                await runner.cleanup()
+
+    with contextlib.suppress(KeyboardInterrupt):
+        uvloop.run(run())
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    top = argparse.ArgumentParser(prog="model-broker", description="ML models behind Envoy, enriched by ext_proc.")
+    sub = top.add_subparsers(dest="command", required=True)
+
+    def command(name: str, help_text: str, config: bool = True) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        if config:
+            p.add_argument("--config", "-c", required=True, help="registry YAML file")
+        return p
+
+    command("check", "validate a registry; exit 2 listing every problem").set_defaults(func=cmd_check)
+    p = command("envoy-config", "print the Envoy bootstrap generated from a registry")
+    p.add_argument("--workers", type=int, help="broker workers (default: broker.workers)")
+    p.set_defaults(func=cmd_envoy_config)
+    p = command("serve", "run the ext_proc server: one process per worker, one port each")
+    p.add_argument("--workers", type=int, help="worker processes (default: broker.workers)")
+    p.set_defaults(func=cmd_serve)
+    p = command("up", "run the broker and Envoy together until Ctrl-C")
+    p.add_argument("--workers", type=int, help="worker processes (default: broker.workers)")
+    p.set_defaults(func=cmd_up)
+    p = command("demo", "run the bundled demo: Envoy, broker, demo models; no Redis, no AWS", config=False)
+    p.add_argument("--port", type=int, default=8080, help="public listener port (default 8080)")
+    p.set_defaults(func=cmd_demo)
+    command("demo-models", "serve the demo model on every service backend of a registry").set_defaults(
+        func=cmd_demo_models
+    )
+    return top
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    args = parser().parse_args(argv)
+    code: int = args.func(args)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,30 @@
+"""Per-request lifecycle state: who the request is and how long each stage took.
+
+Protocol state (which ext_proc message comes next) stays in `server.py`; the two
+are kept apart so neither grows into the other.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from time import perf_counter
+
+
+@dataclass(slots=True)
+class RequestContext:
+    request_id: str = ""
+    route_name: str = ""
+    cluster: str = ""
+    content_type: str = ""
+    stages: list[tuple[str, float]] = field(default_factory=list)
+    _mark: float = field(default_factory=perf_counter)
+
+    def lap(self, stage: str) -> None:
+        """Close the current stage under `stage` and start the next one."""
+        now = perf_counter()
+        self.stages.append((stage, now - self._mark))
+        self._mark = now
+
+    def server_timing(self) -> str:
+        """The stages as a `Server-Timing` header value, durations in milliseconds."""
+        return ", ".join(f"broker-{name};dur={seconds * 1000:.3f}" for name, seconds in self.stages)

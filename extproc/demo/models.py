@@ -1,0 +1,59 @@
+"""Demo model services: each version answers with a score computed from the features it received.
+
+They read the whole body before answering (as real models do), and echo the
+features exactly as received so a newcomer can see what the broker injected.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+JSON = "application/json"
+
+
+def credit_score(version: str, features: dict[str, Any], amount: float) -> float:
+    """A toy logistic score; v2 also weighs late payments, which only v2 declares."""
+    income = float(features.get("income") or 0)
+    debt = float(features.get("debt_ratio") or 0)
+    tenure = float(features.get("tenure_months") or 0)
+    z = 2.5 * debt + amount / max(income, 1.0) * 4 - tenure / 120
+    if version == "v2":
+        z += 0.4 * float(features.get("late_payments_12m") or 0)
+    return round(1 / (1 + math.exp(-z + 1.5)), 4)
+
+
+def model_app(model: str, version: str, path: str = "/predict") -> web.Application:
+    async def predict(request: web.Request) -> web.Response:
+        raw = await request.read()
+        try:
+            body = orjson.loads(raw)
+            features = body.get("features") or {}
+            amount = float(body.get("amount") or 0)
+        except (orjson.JSONDecodeError, AttributeError, TypeError, ValueError):
+            return web.Response(status=400, body=orjson.dumps({"error": "bad input"}), content_type=JSON)
+        answer = {
+            "model": model,
+            "version": version,
+            "score": credit_score(version, features, amount),
+            "features": features,
+        }
+        return web.Response(body=orjson.dumps(answer), content_type=JSON)
+
+    app = web.Application()
+    app.router.add_post(path, predict)
+    return app
+
+
+async def start_models(specs: list[tuple[str, str, str, int, str]]) -> list[web.AppRunner]:
+    """Start one site per (model, version, host, port, path); the caller cleans the runners up."""
+    runners = []
+    for model, version, host, port, path in specs:
+        runner = web.AppRunner(model_app(model, version, path), access_log=None)
+        await runner.setup()
+        await web.TCPSite(runner, host, port).start()
+        runners.append(runner)
+    return runners

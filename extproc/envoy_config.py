@@ -1,0 +1,478 @@
+"""The Envoy bootstrap, generated from the registry with typed messages (envoy-data-plane).
+
+Filter chain on the public listener: ext_proc (request body only, buffered) →
+buffer (holds the request until the broker has answered; its limit is the body
+limit) → router (weighted clusters per model). See `envoy/README.md`.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+from datetime import timedelta
+from typing import Any
+
+import betterproto2
+import yaml
+from envoy_data_plane.envoy.config.accesslog.v3 import (
+    AccessLogFilter,
+    ComparisonFilter,
+    ComparisonFilterOp,
+    ExtensionFilter,
+    StatusCodeFilter,
+)
+from envoy_data_plane.envoy.config.bootstrap.v3 import Admin, Bootstrap, BootstrapStaticResources
+from envoy_data_plane.envoy.config.cluster.v3 import Cluster, ClusterDiscoveryType, ClusterLbPolicy
+from envoy_data_plane.envoy.config.core.v3 import (
+    Address,
+    DataSource,
+    GrpcService,
+    GrpcServiceEnvoyGrpc,
+    HeaderValue,
+    HeaderValueOption,
+    HeaderValueOptionHeaderAppendAction,
+    Http1ProtocolOptions,
+    Http2ProtocolOptions,
+    RuntimeUInt32,
+    SocketAddress,
+    SubstitutionFormatString,
+    TransportSocket,
+)
+from envoy_data_plane.envoy.config.endpoint.v3 import ClusterLoadAssignment, Endpoint, LbEndpoint, LocalityLbEndpoints
+from envoy_data_plane.envoy.config.listener.v3 import Filter, FilterChain, Listener
+from envoy_data_plane.envoy.config.rbac.v3 import Permission, Policy, Principal, RbacAction, SourcedMetadata
+from envoy_data_plane.envoy.config.rbac.v3 import Rbac as Rules
+from envoy_data_plane.envoy.config.route.v3 import (
+    DirectResponseAction,
+    HeaderMatcher,
+    Route,
+    RouteAction,
+    RouteConfiguration,
+    RouteMatch,
+    VirtualHost,
+    WeightedCluster,
+    WeightedClusterClusterWeight,
+)
+from envoy_data_plane.envoy.extensions.access_loggers.filters.cel.v3 import ExpressionFilter
+from envoy_data_plane.envoy.extensions.filters.http.aws_request_signing.v3 import AwsRequestSigning
+from envoy_data_plane.envoy.extensions.filters.http.buffer.v3 import Buffer
+from envoy_data_plane.envoy.extensions.filters.http.ext_proc.v3 import (
+    ExternalProcessor,
+    ExtProcOverrides,
+    ExtProcPerRoute,
+    MetadataOptions,
+    MetadataOptionsMetadataNamespaces,
+    ProcessingMode,
+)
+from envoy_data_plane.envoy.extensions.filters.http.ext_proc.v3 import ProcessingModeBodySendMode as Body
+from envoy_data_plane.envoy.extensions.filters.http.ext_proc.v3 import ProcessingModeHeaderSendMode as Send
+from envoy_data_plane.envoy.extensions.filters.http.lua.v3 import Lua
+from envoy_data_plane.envoy.extensions.filters.http.rbac.v3 import Rbac, RbacPerRoute
+from envoy_data_plane.envoy.extensions.filters.http.router.v3 import Router
+from envoy_data_plane.envoy.extensions.filters.http.upstream_codec.v3 import UpstreamCodec
+from envoy_data_plane.envoy.extensions.filters.network.http_connection_manager.v3 import (
+    HttpConnectionManager,
+    HttpFilter,
+    LocalReplyConfig,
+    ResponseMapper,
+)
+from envoy_data_plane.envoy.extensions.transport_sockets.tls.v3 import UpstreamTlsContext
+from envoy_data_plane.envoy.extensions.upstreams.http.v3 import (
+    HttpProtocolOptions,
+    HttpProtocolOptionsExplicitHttpConfig,
+)
+from envoy_data_plane.envoy.type.matcher.v3 import (
+    MetadataMatcher,
+    MetadataMatcherPathSegment,
+    RegexMatchAndSubstitute,
+    RegexMatcher,
+    StringMatcher,
+    ValueMatcher,
+)
+from envoy_data_plane.envoy.type.v3 import HttpStatus, StatusCode
+from envoy_data_plane.google.protobuf import Any as AnyMessage
+from envoy_data_plane.google.protobuf import Struct
+
+from extproc import wire
+from extproc.registry import Model, Registry, SageMakerBackend, ServiceBackend, Version
+
+EXT_PROC_FILTER = "envoy.filters.http.ext_proc"
+RBAC_FILTER = "envoy.filters.http.rbac"
+HTTP_PROTOCOL_OPTIONS = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
+# Local-reply mappers give Envoy's own replies the broker's JSON shape, but leave alone
+# the broker's answers (details start with responses.DETAILS_PREFIX) and the generated
+# direct responses, which already have it.
+NOT_BROKER = "!(response.code_details.startsWith('model_broker_') || response.code_details == 'direct_response')"
+
+
+def _any(message: betterproto2.Message) -> AnyMessage:
+    return AnyMessage.pack(message)
+
+
+def _ms(milliseconds: int) -> timedelta:
+    return timedelta(milliseconds=milliseconds)
+
+
+def _socket(address: str, port: int) -> Address:
+    return Address(socket_address=SocketAddress(address=address, port_value=port))
+
+
+def _header(key: str, value: str) -> HeaderValueOption:
+    return HeaderValueOption(
+        header=HeaderValue(key=key, value=value),
+        append_action=HeaderValueOptionHeaderAppendAction.OVERWRITE_IF_EXISTS_OR_ADD,
+    )
+
+
+def _error_json(code: str, message: str) -> SubstitutionFormatString:
+    """Envoy-side errors in the broker's error shape, with Envoy's own request id."""
+    error = {"code": code, "message": message, "request_id": "%REQ(X-REQUEST-ID)%"}
+    return SubstitutionFormatString(json_format=Struct.from_dict({"error": error}), content_type="application/json")
+
+
+def _direct(status: int, code: str, message: str) -> DirectResponseAction:
+    return DirectResponseAction(status=status, body_format=_error_json(code, message))
+
+
+def _cel(expression: str) -> AccessLogFilter:
+    return AccessLogFilter(
+        extension_filter=ExtensionFilter(
+            name="envoy.access_loggers.extension_filters.cel",
+            typed_config=_any(ExpressionFilter(expression=expression)),
+        )
+    )
+
+
+def _status_at_least(code: int) -> AccessLogFilter:
+    return AccessLogFilter(
+        status_code_filter=StatusCodeFilter(
+            comparison=ComparisonFilter(
+                op=ComparisonFilterOp.GE, value=RuntimeUInt32(default_value=code, runtime_key="unused")
+            )
+        )
+    )
+
+
+def _mapper(condition: str, status: int, code: str, message: str) -> ResponseMapper:
+    return ResponseMapper(
+        filter=_cel(f"{NOT_BROKER} && ({condition})"),
+        status_code=status,
+        body_format_override=_error_json(code, message),
+    )
+
+
+def local_reply_config() -> LocalReplyConfig:
+    """Envoy's own replies (body too large, broker down, model down) as JSON, details hidden."""
+    return LocalReplyConfig(
+        mappers=[
+            _mapper("response.code == 413", 413, "body_too_large", "the request body is too large"),
+            _mapper(
+                "response.code_details.startsWith('rbac_access_denied')",
+                400,
+                "invalid_json",
+                "the request body is empty; send a JSON object",
+            ),
+            _mapper(
+                "response.code_details.startsWith('ext_proc')",
+                503,
+                "broker_unavailable",
+                "the model broker is unavailable; try again shortly",
+            ),
+            _mapper(
+                "response.code == 504",
+                504,
+                "upstream_timeout",
+                "the model did not answer in time",
+            ),
+            _mapper(
+                "response.code >= 500",
+                503,
+                "upstream_unavailable",
+                "the model is unavailable; try again shortly",
+            ),
+            _mapper("response.code >= 400", 400, "bad_request", "the request could not be processed"),
+        ]
+    )
+
+
+def ext_proc_filter(registry: Registry) -> HttpFilter:
+    config = ExternalProcessor(
+        grpc_service=GrpcService(
+            envoy_grpc=GrpcServiceEnvoyGrpc(cluster_name=wire.EXT_PROC_CLUSTER),
+            timeout=_ms(registry.broker.message_timeout_ms),
+        ),
+        # Fail closed: a request the broker never saw must not reach a model unenriched.
+        failure_mode_allow=False,
+        # One message per request: the buffered body. Header and response phases
+        # are asked for per route, only where a feature needs them.
+        processing_mode=ProcessingMode(
+            request_header_mode=Send.SKIP,
+            request_body_mode=Body.BUFFERED,
+            response_header_mode=Send.SKIP,
+            response_body_mode=Body.NONE,
+            request_trailer_mode=Send.SKIP,
+            response_trailer_mode=Send.SKIP,
+        ),
+        message_timeout=_ms(registry.broker.message_timeout_ms),
+        request_attributes=list(wire.REQUEST_ATTRIBUTES),
+        metadata_options=MetadataOptions(
+            receiving_namespaces=MetadataOptionsMetadataNamespaces(untyped=[wire.METADATA_NAMESPACE])
+        ),
+        status_on_error=HttpStatus(code=StatusCode.ServiceUnavailable),
+    )
+    return HttpFilter(name=EXT_PROC_FILTER, typed_config=_any(config))
+
+
+def _header_phase_only() -> dict[str, AnyMessage]:
+    """The broker's own GET routes: headers to the broker, which answers immediately."""
+    per_route = ExtProcPerRoute(
+        overrides=ExtProcOverrides(
+            processing_mode=ProcessingMode(
+                request_header_mode=Send.SEND, request_body_mode=Body.NONE, response_header_mode=Send.SKIP
+            )
+        )
+    )
+    return {EXT_PROC_FILTER: _any(per_route)}
+
+
+def _broker_route(name: str, path: str) -> Route:
+    return Route(
+        name=name,
+        match=RouteMatch(path=path),
+        # Reached only if the broker let the request through, which it never does here.
+        direct_response=_direct(503, "broker_unavailable", "the model broker did not answer"),
+        typed_per_filter_config=_header_phase_only(),
+    )
+
+
+def _broker_approved() -> RbacPerRoute:
+    """Let a model request through only if the broker answered its body phase.
+
+    A request with no body never reaches ext_proc's body phase; without this
+    gate it would reach the model unenriched.
+    """
+    stamp = MetadataMatcher(
+        filter=wire.METADATA_NAMESPACE,
+        path=[MetadataMatcherPathSegment(key=wire.META_APPROVED)],
+        value=ValueMatcher(present_match=True),
+    )
+    policy = Policy(
+        permissions=[Permission(any=True)],
+        principals=[Principal(sourced_metadata=SourcedMetadata(metadata_matcher=stamp))],
+    )
+    return RbacPerRoute(rbac=Rbac(rules=Rules(action=RbacAction.ALLOW, policies={"broker-approved": policy})))
+
+
+def _model_routes(model: Model) -> list[Route]:
+    weighted = WeightedCluster(
+        clusters=[
+            WeightedClusterClusterWeight(
+                name=wire.version_cluster(model.name, v.name),
+                weight=v.weight,
+                # Envoy reports its own pick: no guessing by the broker or the model.
+                response_headers_to_add=[_header(wire.HEADER_VERSION, v.name)],
+            )
+            for v in model.versions
+        ]
+    )
+    metadata = f"%DYNAMIC_METADATA({wire.METADATA_NAMESPACE}:{{}})%"
+    served = Route(
+        name=model.name,
+        match=RouteMatch(
+            path=model.path, headers=[HeaderMatcher(name=":method", string_match=StringMatcher(exact="POST"))]
+        ),
+        typed_per_filter_config={RBAC_FILTER: _any(_broker_approved())},
+        route=RouteAction(
+            weighted_clusters=weighted,
+            timeout=_ms(model.timeout_ms),
+            # One path for all versions: rewrite on the route; else each cluster rewrites its own.
+            regex_rewrite=_rewrite_to(path) if (path := shared_path(model)) else None,
+        ),
+        response_headers_to_add=[
+            _header(wire.HEADER_MODEL, model.name),
+            _header(wire.HEADER_SERVER_TIMING, metadata.format(wire.META_SERVER_TIMING)),
+            _header(wire.HEADER_DEGRADED, metadata.format(wire.META_DEGRADED)),
+        ],
+    )
+    wrong_method = Route(
+        name=f"{model.name}:method",
+        match=RouteMatch(path=model.path),
+        direct_response=_direct(405, "method_not_allowed", f"{model.path} accepts POST only"),
+        response_headers_to_add=[_header("allow", "POST")],
+    )
+    return [served, wrong_method]
+
+
+def _rewrite_to(path: str) -> RegexMatchAndSubstitute:
+    return RegexMatchAndSubstitute(pattern=RegexMatcher(regex="^.*$"), substitution=path)
+
+
+def route_configuration(registry: Registry) -> RouteConfiguration:
+    routes = [
+        _broker_route(wire.ROUTE_HEALTHZ, wire.PATH_HEALTHZ),
+        _broker_route(wire.ROUTE_MODELS, wire.PATH_MODELS),
+    ]
+    for model in registry.models:
+        routes += _model_routes(model)
+    routes.append(
+        Route(
+            name="unknown",
+            match=RouteMatch(prefix="/"),
+            direct_response=_direct(404, "unknown_route", "no model is served at this path; GET /models lists them"),
+        )
+    )
+    return RouteConfiguration(
+        name="models",
+        virtual_hosts=[VirtualHost(name="models", domains=["*"], routes=routes)],
+    )
+
+
+def public_listener(registry: Registry) -> Listener:
+    limits = registry.limits
+    hcm = HttpConnectionManager(
+        stat_prefix="public",
+        route_config=route_configuration(registry),
+        http_filters=[
+            ext_proc_filter(registry),
+            HttpFilter(
+                name="envoy.filters.http.buffer",
+                typed_config=_any(Buffer(max_request_bytes=limits.max_body_bytes + limits.feature_headroom_bytes)),
+            ),
+            # After the buffer, so it runs once the broker has answered the body phase.
+            HttpFilter(name=RBAC_FILTER, typed_config=_any(Rbac())),
+            HttpFilter(name="envoy.filters.http.router", typed_config=_any(Router())),
+        ],
+        local_reply_config=local_reply_config(),
+        # Clients are external: Envoy sets x-forwarded-for and its own x-request-id.
+        use_remote_address=True,
+    )
+    return Listener(
+        name="public",
+        address=_socket(registry.listener.address, registry.listener.port),
+        filter_chains=[
+            FilterChain(filters=[Filter(name="envoy.filters.network.http_connection_manager", typed_config=_any(hcm))])
+        ],
+    )
+
+
+def _endpoints(name: str, hosts: list[tuple[str, int]]) -> ClusterLoadAssignment:
+    return ClusterLoadAssignment(
+        cluster_name=name,
+        endpoints=[
+            LocalityLbEndpoints(lb_endpoints=[LbEndpoint(endpoint=Endpoint(address=_socket(h, p))) for h, p in hosts])
+        ],
+    )
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
+def ext_proc_cluster(registry: Registry, workers: int) -> Cluster:
+    """One endpoint per broker worker: Envoy balances gRPC streams across them."""
+    broker = registry.broker
+    return Cluster(
+        name=wire.EXT_PROC_CLUSTER,
+        type=ClusterDiscoveryType.STATIC,
+        connect_timeout=_ms(250),
+        lb_policy=ClusterLbPolicy.LEAST_REQUEST,
+        load_assignment=_endpoints(wire.EXT_PROC_CLUSTER, [(broker.address, broker.port + i) for i in range(workers)]),
+        typed_extension_protocol_options={
+            HTTP_PROTOCOL_OPTIONS: _any(
+                HttpProtocolOptions(
+                    explicit_http_config=HttpProtocolOptionsExplicitHttpConfig(
+                        http2_protocol_options=Http2ProtocolOptions()
+                    )
+                )
+            )
+        },
+    )
+
+
+def shared_path(model: Model) -> str | None:
+    """The backend path when every version serves on the same one, else None."""
+    paths = {_backend(v)[2] for v in model.versions}
+    return paths.pop() if len(paths) == 1 else None
+
+
+def _backend(version: Version) -> tuple[str, int, str]:
+    """(host, port, path) of a version's backend."""
+    service: ServiceBackend | None = version.backend.service
+    if service is not None:
+        return service.host, service.port, service.path
+    sagemaker = version.backend.sagemaker
+    assert sagemaker is not None  # the registry guarantees exactly one backend kind
+    return (
+        f"runtime.sagemaker.{sagemaker.region}.amazonaws.com",
+        443,
+        f"/endpoints/{sagemaker.endpoint}/invocations",
+    )
+
+
+def _upstream_filters(path: str | None, signing: SageMakerBackend | None) -> list[HttpFilter]:
+    """Per-version upstream filters: path rewrite where versions differ, SigV4 for SageMaker, codec last."""
+    filters = []
+    if path is not None:
+        # Envoy forbids `:path` in header_mutation and a route rewrite is per route, not per
+        # version; a one-line Lua filter is the per-cluster rewrite Envoy offers.
+        code = f"function envoy_on_request(h) h:headers():replace(':path', {json.dumps(path)}) end"
+        filters.append(
+            HttpFilter(
+                name="envoy.filters.http.lua",
+                typed_config=_any(Lua(default_source_code=DataSource(inline_string=code))),
+            )
+        )
+    if signing is not None:
+        # Credentials from the standard AWS chain in Envoy's environment.
+        sigv4 = AwsRequestSigning(service_name="sagemaker", region=signing.region)
+        filters.append(HttpFilter(name="envoy.filters.http.aws_request_signing", typed_config=_any(sigv4)))
+    filters.append(HttpFilter(name="envoy.filters.http.upstream_codec", typed_config=_any(UpstreamCodec())))
+    return filters
+
+
+def version_cluster(model: Model, version: Version) -> Cluster:
+    name = wire.version_cluster(model.name, version.name)
+    host, port, path = _backend(version)
+    sagemaker = version.backend.sagemaker
+    upstream_path = None if shared_path(model) is not None else path
+    options = HttpProtocolOptions(
+        explicit_http_config=HttpProtocolOptionsExplicitHttpConfig(http_protocol_options=Http1ProtocolOptions()),
+    )
+    if upstream_path is not None or sagemaker is not None:
+        options.http_filters = _upstream_filters(upstream_path, sagemaker)
+    cluster = Cluster(
+        name=name,
+        type=ClusterDiscoveryType.STATIC if _is_ip(host) else ClusterDiscoveryType.STRICT_DNS,
+        connect_timeout=_ms(1000),
+        lb_policy=ClusterLbPolicy.ROUND_ROBIN,
+        load_assignment=_endpoints(name, [(host, port)]),
+        typed_extension_protocol_options={HTTP_PROTOCOL_OPTIONS: _any(options)},
+    )
+    if sagemaker is not None:
+        cluster.transport_socket = TransportSocket(
+            name="envoy.transport_sockets.tls", typed_config=_any(UpstreamTlsContext(sni=host))
+        )
+    return cluster
+
+
+def bootstrap(registry: Registry, workers: int | None = None) -> Bootstrap:
+    count = workers or registry.broker.workers
+    clusters = [ext_proc_cluster(registry, count)]
+    clusters += [version_cluster(m, v) for m in registry.models for v in m.versions]
+    return Bootstrap(
+        admin=Admin(address=_socket(registry.admin.address, registry.admin.port)),
+        static_resources=BootstrapStaticResources(listeners=[public_listener(registry)], clusters=clusters),
+    )
+
+
+def bootstrap_dict(registry: Registry, workers: int | None = None) -> dict[str, Any]:
+    doc: dict[str, Any] = bootstrap(registry, workers).to_dict()
+    return doc
+
+
+def render_yaml(registry: Registry, workers: int | None = None) -> str:
+    return yaml.safe_dump(bootstrap_dict(registry, workers), sort_keys=False)

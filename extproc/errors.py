@@ -1,0 +1,69 @@
+"""Errors as values: one `BrokerError` shape, each code with its HTTP status.
+
+    BrokerError(code, message)        -- what the client sees as JSON
+    └── raised only at the I/O edges as FeatureStoreUnavailable, translated
+        from redis/OS errors in `adapters/` and nowhere else
+
+The client always gets ``{"error": {"code", "message", "request_id"}}``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import StrEnum
+
+
+class ErrorCode(StrEnum):
+    """Stable error codes; clients switch on these, so never rename one."""
+
+    INVALID_JSON = "invalid_json"
+    INVALID_BODY = "invalid_body"
+    MISSING_ENTITY_KEY = "missing_entity_key"
+    INVALID_ENTITY_KEY = "invalid_entity_key"
+    BODY_TOO_LARGE = "body_too_large"
+    UNSUPPORTED_MEDIA_TYPE = "unsupported_media_type"
+    UNKNOWN_ROUTE = "unknown_route"
+    UNKNOWN_MODEL = "unknown_model"
+    UNKNOWN_ENTITY = "unknown_entity"
+    METHOD_NOT_ALLOWED = "method_not_allowed"
+    FEATURE_STORE_UNAVAILABLE = "feature_store_unavailable"
+    BROKER_UNAVAILABLE = "broker_unavailable"
+    UPSTREAM_UNAVAILABLE = "upstream_unavailable"
+    UPSTREAM_TIMEOUT = "upstream_timeout"
+
+
+STATUS: dict[ErrorCode, int] = {
+    ErrorCode.INVALID_JSON: 400,
+    ErrorCode.INVALID_BODY: 400,
+    ErrorCode.MISSING_ENTITY_KEY: 400,
+    ErrorCode.INVALID_ENTITY_KEY: 400,
+    ErrorCode.BODY_TOO_LARGE: 413,
+    ErrorCode.UNSUPPORTED_MEDIA_TYPE: 415,
+    ErrorCode.UNKNOWN_ROUTE: 404,
+    ErrorCode.UNKNOWN_MODEL: 404,
+    ErrorCode.UNKNOWN_ENTITY: 404,
+    ErrorCode.METHOD_NOT_ALLOWED: 405,
+    ErrorCode.FEATURE_STORE_UNAVAILABLE: 503,
+    ErrorCode.BROKER_UNAVAILABLE: 503,
+    ErrorCode.UPSTREAM_UNAVAILABLE: 503,
+    ErrorCode.UPSTREAM_TIMEOUT: 504,
+}
+
+
+@dataclass(frozen=True, slots=True)
+class BrokerError:
+    """A failure the client must hear about, returned (not raised) by pure code."""
+
+    code: ErrorCode
+    message: str
+
+    @property
+    def status(self) -> int:
+        return STATUS[self.code]
+
+    def to_json(self, request_id: str) -> dict[str, dict[str, str]]:
+        return {"error": {"code": self.code.value, "message": self.message, "request_id": request_id}}
+
+
+class FeatureStoreUnavailable(Exception):
+    """The feature store did not answer in time or refused; raised by adapters only."""

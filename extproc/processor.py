@@ -1,0 +1,106 @@
+"""What the broker does with each ext_proc message.
+
+`Processor` answers every message with a pass-through, so the stream loop never
+asks "is there a handler?"; `BrokerProcessor` overrides the phases it uses.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+from envoy.service.ext_proc.v3.external_processor_pb2 import HttpBody, HttpHeaders, ProcessingResponse
+
+from extproc import responses, wire
+from extproc.body import check_content_type, entity_key, inject_features, parse_json_object
+from extproc.context import RequestContext
+from extproc.errors import BrokerError, ErrorCode, FeatureStoreUnavailable
+from extproc.features import Features, FeatureStore
+from extproc.registry import Registry
+from extproc.routing import ModelRoute, compile_routes, describe_models, resolve_route
+
+
+class Processor:
+    """Pass-through for every phase; subclasses override what they need."""
+
+    async def request_headers(self, msg: HttpHeaders, ctx: RequestContext) -> ProcessingResponse:
+        return responses.continue_request_headers()
+
+    async def request_body(self, msg: HttpBody, ctx: RequestContext) -> ProcessingResponse:
+        return responses.continue_request_body(None, None)
+
+    async def response_headers(self, msg: HttpHeaders, ctx: RequestContext) -> ProcessingResponse:
+        return responses.continue_response_headers()
+
+    async def response_body(self, msg: HttpBody, ctx: RequestContext) -> ProcessingResponse:
+        return responses.continue_response_body()
+
+
+class BrokerProcessor(Processor):
+    def __init__(self, registry: Registry, store: FeatureStore) -> None:
+        self._registry = registry
+        self._routes = compile_routes(registry)
+        self._store = store
+        self._max_body = registry.limits.max_body_bytes
+        self._max_depth = registry.limits.max_json_depth
+        # Built once: the registry does not change under a running worker.
+        self._models_doc = orjson.dumps(describe_models(registry))
+        self._health_doc = {"status": "ok", "registry_version": registry.registry_version}
+
+    async def request_headers(self, msg: HttpHeaders, ctx: RequestContext) -> ProcessingResponse:
+        """Only the broker's own GET routes ask for the header phase."""
+        if ctx.route_name == wire.ROUTE_HEALTHZ:
+            return responses.immediate_json(200, self._health_doc, details="healthz")
+        if ctx.route_name == wire.ROUTE_MODELS:
+            return responses.immediate_json(200, orjson.Fragment(self._models_doc), details="models")
+        return responses.continue_request_headers()
+
+    async def request_body(self, msg: HttpBody, ctx: RequestContext) -> ProcessingResponse:
+        route = resolve_route(self._routes, ctx.route_name)
+        if isinstance(route, BrokerError):
+            return self._reject(route, ctx)
+        doc = self._parse(msg.body, route, ctx)
+        if isinstance(doc, BrokerError):
+            return self._reject(doc, ctx)
+        key = entity_key(doc, route.join_key)
+        if isinstance(key, BrokerError):
+            return self._reject(key, ctx)
+        ctx.lap("route")
+        features, degraded = await self._features(route, key)
+        ctx.lap("features")
+        if isinstance(features, BrokerError):
+            return self._reject(features, ctx)
+        body = inject_features(doc, route.inject_as, features)
+        ctx.lap("body")
+        metadata: dict[str, Any] = {wire.META_APPROVED: True, wire.META_SERVER_TIMING: ctx.server_timing()}
+        if degraded:
+            metadata[wire.META_DEGRADED] = degraded
+        return responses.continue_request_body(body, metadata)
+
+    def _parse(self, raw: bytes, route: ModelRoute, ctx: RequestContext) -> dict[str, Any] | BrokerError:
+        unsupported = check_content_type(ctx.content_type)
+        if unsupported is not None:
+            return unsupported
+        if len(raw) > self._max_body:
+            return BrokerError(ErrorCode.BODY_TOO_LARGE, f"the request body is larger than {self._max_body} bytes")
+        return parse_json_object(raw, self._max_depth)
+
+    async def _features(self, route: ModelRoute, key: str) -> tuple[Features | BrokerError, str]:
+        """The features to inject, and why they are missing when a policy let that pass."""
+        try:
+            found = await self._store.fetch(route.store_key(key), route.features)
+        except FeatureStoreUnavailable as exc:
+            if route.fail_open:  # declared fail-open: the model copes without features
+                return {}, "feature_store_unavailable"
+            return BrokerError(ErrorCode.FEATURE_STORE_UNAVAILABLE, f"the feature store is unavailable ({exc})"), ""
+        if found is None:
+            if route.forward_unknown_entity:
+                return {}, "unknown_entity"
+            return BrokerError(ErrorCode.UNKNOWN_ENTITY, f"no features are stored for {route.join_key} '{key}'"), ""
+        return found, ""
+
+    def _reject(self, error: BrokerError, ctx: RequestContext) -> ProcessingResponse:
+        ctx.lap("reject")
+        return responses.error_response(
+            error, ctx.request_id, headers=[(wire.HEADER_SERVER_TIMING, ctx.server_timing())]
+        )

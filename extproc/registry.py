@@ -1,0 +1,290 @@
+"""The registry: one declarative YAML file of models, versions, features and limits.
+
+Validated at load; every problem is reported with its field path so
+`model-broker check` can list them all at once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from extproc import wire
+
+# A model or version name becomes part of Envoy cluster and stat names and,
+# later, a Kubernetes object name: keep it a DNS label.
+DNS_LABEL = r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$"
+FEATURE_NAME = r"^[A-Za-z_][A-Za-z0-9_.:-]{0,127}$"
+JSON_KEY = r"^[A-Za-z_][A-Za-z0-9_-]{0,63}$"
+
+Port = Annotated[int, Field(ge=1, le=65535)]
+FeatureName = Annotated[str, Field(pattern=FEATURE_NAME)]
+
+
+class Strict(BaseModel):
+    """Unknown keys are errors: a typo in a registry must not pass silently."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Address(Strict):
+    address: str = "127.0.0.1"
+    port: Port
+
+
+class Broker(Strict):
+    """Where the ext_proc workers listen: one port per worker, `port`, `port+1`, …"""
+
+    address: str = "127.0.0.1"
+    port: Port = 50051
+    workers: Annotated[int, Field(ge=1, le=64)] = 2
+    # Envoy's per-message deadline for the broker; must cover the feature store budget.
+    message_timeout_ms: Annotated[int, Field(ge=10, le=60_000)] = 500
+
+
+class RedisStore(Strict):
+    url: Annotated[str, Field(pattern=r"^(redis|rediss|unix)://")]
+
+
+class EmbeddedStore(Strict):
+    """Features from a local JSON file: ``{"<store key>": {"<feature>": value}}``."""
+
+    path: str
+
+
+class FeatureCache(Strict):
+    ttl_seconds: Annotated[float, Field(ge=0, le=86_400)] = 5.0
+    max_entries: Annotated[int, Field(ge=1, le=10_000_000)] = 100_000
+
+
+class FeatureStore(Strict):
+    redis: RedisStore | None = None
+    embedded: EmbeddedStore | None = None
+    timeout_ms: Annotated[int, Field(ge=1, le=60_000)] = 50
+    cache: FeatureCache = FeatureCache()
+
+    @model_validator(mode="after")
+    def _one_source(self) -> FeatureStore:
+        if (self.redis is None) == (self.embedded is None):
+            raise ValueError("declare exactly one of 'redis' or 'embedded'")
+        return self
+
+
+class Entity(Strict):
+    """Feast-style entity: which body field holds the key and how the store is keyed."""
+
+    name: Annotated[str, Field(pattern=DNS_LABEL)]
+    join_key: Annotated[str, Field(pattern=JSON_KEY)]
+    # Redis hash key; `{<join_key>}` is replaced by the entity's key.
+    store_key: str | None = None
+
+    @model_validator(mode="after")
+    def _template(self) -> Entity:
+        if self.store_key is not None and self.store_key.count("{" + self.join_key + "}") != 1:
+            raise ValueError(f"store_key must contain '{{{self.join_key}}}' exactly once")
+        return self
+
+    @property
+    def key_template(self) -> str:
+        return self.store_key or f"{self.name}:{{{self.join_key}}}"
+
+
+class ServiceBackend(Strict):
+    """A Kubernetes-style service: `host:port` plus the path the model serves on."""
+
+    host: str
+    port: Port
+    path: Annotated[str, Field(pattern=r"^/")] = "/predict"
+
+
+class SageMakerBackend(Strict):
+    endpoint: Annotated[str, Field(pattern=r"^[a-zA-Z0-9](-*[a-zA-Z0-9]){0,62}$")]
+    region: Annotated[str, Field(pattern=r"^[a-z]{2}(-[a-z]+)+-\d$")]
+    target_variant: str | None = None
+
+
+class Backend(Strict):
+    service: ServiceBackend | None = None
+    sagemaker: SageMakerBackend | None = None
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> Backend:
+        if (self.service is None) == (self.sagemaker is None):
+            raise ValueError("declare exactly one of 'service' or 'sagemaker'")
+        return self
+
+
+class Version(Strict):
+    name: Annotated[str, Field(pattern=DNS_LABEL)]
+    # Gateway API `backendRefs[].weight` semantics: relative, 0 takes no traffic.
+    weight: Annotated[int, Field(ge=0, le=1_000_000)]
+    backend: Backend
+    # Features this version needs beyond the model's own.
+    features: tuple[FeatureName, ...] = ()
+
+
+class Model(Strict):
+    name: Annotated[str, Field(pattern=DNS_LABEL)]
+    path: Annotated[str, Field(pattern=r"^/[A-Za-z0-9._~!$&'()*+,;=:@/-]*$")]
+    entity: str
+    features: tuple[FeatureName, ...] = ()
+    # Where injected features go in the body; a consumer's copy is overwritten.
+    inject_as: Annotated[str, Field(pattern=JSON_KEY)] = "features"
+    # fail_closed: feature store trouble → 503. fail_open: forward without features.
+    failure_policy: Literal["fail_closed", "fail_open"] = "fail_closed"
+    # reject: unknown entity → 404 unknown_entity. forward: send with empty features.
+    unknown_entity: Literal["reject", "forward"] = "reject"
+    timeout_ms: Annotated[int, Field(ge=1, le=600_000)] = 15_000
+    versions: Annotated[tuple[Version, ...], Field(min_length=1)]
+
+    @property
+    def live_versions(self) -> tuple[Version, ...]:
+        return tuple(v for v in self.versions if v.weight > 0)
+
+    @property
+    def required_features(self) -> tuple[str, ...]:
+        """Union over the live versions, so whichever version Envoy picks has its features."""
+        names = dict.fromkeys(self.features)
+        for version in self.live_versions:
+            names.update(dict.fromkeys(version.features))
+        return tuple(names)
+
+
+class Limits(Strict):
+    max_body_bytes: Annotated[int, Field(ge=64, le=64 * 1024 * 1024)] = 1024 * 1024
+    # Envoy buffers client body + injected features: its limit is the sum.
+    feature_headroom_bytes: Annotated[int, Field(ge=0, le=16 * 1024 * 1024)] = 64 * 1024
+    max_json_depth: Annotated[int, Field(ge=2, le=512)] = 32
+
+
+class Registry(Strict):
+    registry_version: str = "0"
+    listener: Address = Address(port=8080)
+    admin: Address = Address(port=9901)
+    broker: Broker = Broker()
+    feature_store: FeatureStore
+    entities: tuple[Entity, ...] = ()
+    models: tuple[Model, ...] = ()
+    limits: Limits = Limits()
+
+    def model(self, name: str) -> Model | None:
+        return next((m for m in self.models if m.name == name), None)
+
+    def entity(self, name: str) -> Entity | None:
+        return next((e for e in self.entities if e.name == name), None)
+
+
+@dataclass(frozen=True, slots=True)
+class Problem:
+    """One thing wrong with a registry, at a field path like `models[0].versions[1].weight`."""
+
+    path: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.path}: {self.message}" if self.path else self.message
+
+
+class RegistryInvalid(Exception):
+    def __init__(self, problems: list[Problem]) -> None:
+        super().__init__("\n".join(map(str, problems)))
+        self.problems = problems
+
+
+def _loc(parts: tuple[int | str, ...]) -> str:
+    out = ""
+    for part in parts:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+def _unique_names(reg: Registry) -> Iterator[Problem]:
+    for kind, names in (("entities", [e.name for e in reg.entities]), ("models", [m.name for m in reg.models])):
+        seen: set[str] = set()
+        for i, name in enumerate(names):
+            if name in seen:
+                yield Problem(f"{kind}[{i}].name", f"duplicate name '{name}'")
+            seen.add(name)
+
+
+def _model_references(reg: Registry) -> Iterator[Problem]:
+    reserved = {wire.PATH_HEALTHZ, wire.PATH_MODELS}
+    paths: dict[str, int] = {}
+    for i, model in enumerate(reg.models):
+        here = f"models[{i}]"
+        if reg.entity(model.entity) is None:
+            known = ", ".join(e.name for e in reg.entities) or "none declared"
+            yield Problem(f"{here}.entity", f"unknown entity '{model.entity}' (known: {known})")
+        if model.path in reserved:
+            yield Problem(f"{here}.path", f"'{model.path}' is reserved for the broker")
+        elif model.path in paths:
+            yield Problem(f"{here}.path", f"'{model.path}' is already the path of models[{paths[model.path]}]")
+        paths.setdefault(model.path, i)
+        if not model.live_versions:
+            yield Problem(f"{here}.versions", "at least one version needs a weight above 0")
+        seen: set[str] = set()
+        for j, version in enumerate(model.versions):
+            if version.name in seen:
+                yield Problem(f"{here}.versions[{j}].name", f"duplicate version '{version.name}'")
+            seen.add(version.name)
+
+
+def _ports_and_budgets(reg: Registry) -> Iterator[Problem]:
+    ports = [("listener.port", reg.listener.port), ("admin.port", reg.admin.port)]
+    ports += [(f"broker.port (worker {w})", reg.broker.port + w) for w in range(reg.broker.workers)]
+    taken: dict[int, str] = {}
+    for where, port in ports:
+        if port > 65535:
+            yield Problem("broker.workers", f"worker ports run past 65535 ({port})")
+        elif port in taken:
+            yield Problem(where.split(" ")[0], f"port {port} is also {taken[port]}")
+        taken.setdefault(port, where)
+    if reg.broker.message_timeout_ms <= reg.feature_store.timeout_ms:
+        yield Problem(
+            "broker.message_timeout_ms",
+            f"must exceed feature_store.timeout_ms ({reg.feature_store.timeout_ms}) "
+            "or Envoy gives up before the broker can answer 503",
+        )
+
+
+def _cross_references(reg: Registry) -> Iterator[Problem]:
+    """What field validation cannot see: names that must exist, be unique or not collide."""
+    yield from _unique_names(reg)
+    yield from _model_references(reg)
+    yield from _ports_and_budgets(reg)
+
+
+def parse_registry(data: Any) -> Registry:
+    """Validate an already-parsed document; raise `RegistryInvalid` with every problem."""
+    if not isinstance(data, dict):
+        raise RegistryInvalid([Problem("", "the registry must be a YAML mapping")])
+    try:
+        reg = Registry.model_validate(data)
+    except ValidationError as exc:
+        raise RegistryInvalid([Problem(_loc(e["loc"]), e["msg"]) for e in exc.errors()]) from None
+    problems = list(_cross_references(reg))
+    if problems:
+        raise RegistryInvalid(problems)
+    return reg
+
+
+def load_registry(path: str | Path) -> Registry:
+    """Read and validate a registry file; relative store paths resolve next to it."""
+    file = Path(path)
+    try:
+        data = yaml.safe_load(file.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise RegistryInvalid([Problem("", f"cannot read {file}: {exc.strerror}")]) from None
+    except yaml.YAMLError as exc:
+        raise RegistryInvalid([Problem("", f"not valid YAML: {exc}")]) from None
+    reg = parse_registry(data)
+    embedded = reg.feature_store.embedded
+    if embedded is not None and not Path(embedded.path).is_absolute():
+        absolute = EmbeddedStore(path=str((file.parent / embedded.path).resolve()))
+        reg = reg.model_copy(update={"feature_store": reg.feature_store.model_copy(update={"embedded": absolute})})
+    return reg

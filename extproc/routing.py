@@ -1,0 +1,87 @@
+"""From Envoy's route name to everything the broker needs for that model.
+
+Envoy has already matched the path (routes are generated from the registry), so
+resolving a route is one dict lookup on the route name Envoy reports.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from extproc import wire
+from extproc.errors import BrokerError, ErrorCode
+from extproc.registry import Registry
+
+
+@dataclass(frozen=True, slots=True)
+class ModelRoute:
+    """One model's request plan, compiled once at load so the hot path only reads it."""
+
+    model: str
+    join_key: str
+    key_prefix: str
+    key_suffix: str
+    features: tuple[str, ...]
+    inject_as: str
+    fail_open: bool
+    forward_unknown_entity: bool
+
+    def store_key(self, entity_key: str) -> str:
+        return self.key_prefix + entity_key + self.key_suffix
+
+
+def compile_routes(registry: Registry) -> dict[str, ModelRoute]:
+    routes: dict[str, ModelRoute] = {}
+    for model in registry.models:
+        entity = registry.entity(model.entity)
+        if entity is None:  # parse_registry already rejected this; kept for the type checker
+            raise ValueError(f"model {model.name}: unknown entity {model.entity}")
+        prefix, _, suffix = entity.key_template.partition("{" + entity.join_key + "}")
+        routes[model.name] = ModelRoute(
+            model=model.name,
+            join_key=entity.join_key,
+            key_prefix=prefix,
+            key_suffix=suffix,
+            features=model.required_features,
+            inject_as=model.inject_as,
+            fail_open=model.failure_policy == "fail_open",
+            forward_unknown_entity=model.unknown_entity == "forward",
+        )
+    return routes
+
+
+def resolve_route(routes: dict[str, ModelRoute], route_name: str) -> ModelRoute | BrokerError:
+    route = routes.get(route_name)
+    if route is None:
+        # Envoy routed here but the broker's registry has no such model: the two are out of step.
+        return BrokerError(ErrorCode.UNKNOWN_MODEL, f"no model is registered for route '{route_name}'")
+    return route
+
+
+def describe_models(registry: Registry) -> dict[str, Any]:
+    """The body of `GET /models`: what a platform team needs to see, nothing secret."""
+    total = {m.name: sum(v.weight for v in m.versions) or 1 for m in registry.models}
+    return {
+        "registry_version": registry.registry_version,
+        "models": [
+            {
+                "name": m.name,
+                "path": m.path,
+                "entity": m.entity,
+                "features": list(m.required_features),
+                "failure_policy": m.failure_policy,
+                "versions": [
+                    {
+                        "name": v.name,
+                        "weight": v.weight,
+                        "traffic_percent": round(100 * v.weight / total[m.name], 2),
+                        "backend": "sagemaker" if v.backend.sagemaker else "service",
+                        "cluster": wire.version_cluster(m.name, v.name),
+                    }
+                    for v in m.versions
+                ],
+            }
+            for m in registry.models
+        ],
+    }

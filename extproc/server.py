@@ -1,0 +1,56 @@
+"""The ext_proc stream loop: receive, dispatch to the processor, send. Nothing else."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import grpc
+from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ext_proc_grpc
+from envoy.service.ext_proc.v3.external_processor_pb2 import ProcessingRequest, ProcessingResponse
+
+from extproc import wire
+from extproc.context import RequestContext
+from extproc.processor import Processor
+
+Handler = Callable[[Any, RequestContext], Awaitable[ProcessingResponse]]
+
+
+def read_attributes(request: ProcessingRequest, ctx: RequestContext) -> None:
+    """Envoy sends the request attributes once, with the first message of the stream."""
+    attrs = request.attributes.get(wire.ATTRIBUTES_FILTER_KEY)
+    if attrs is None:
+        return
+    fields = attrs.fields
+    ctx.route_name = fields[wire.ATTR_ROUTE_NAME].string_value if wire.ATTR_ROUTE_NAME in fields else ""
+    ctx.cluster = fields[wire.ATTR_CLUSTER_NAME].string_value if wire.ATTR_CLUSTER_NAME in fields else ""
+    ctx.request_id = fields[wire.ATTR_REQUEST_ID].string_value if wire.ATTR_REQUEST_ID in fields else ""
+    ctx.content_type = fields[wire.ATTR_CONTENT_TYPE].string_value if wire.ATTR_CONTENT_TYPE in fields else ""
+
+
+class ExtProcService(ext_proc_grpc.ExternalProcessorServicer):  # type: ignore[misc]  # generated, untyped
+    def __init__(self, processor: Processor) -> None:
+        self._handlers: dict[str, Handler] = {
+            "request_headers": lambda r, c: processor.request_headers(r.request_headers, c),
+            "request_body": lambda r, c: processor.request_body(r.request_body, c),
+            "response_headers": lambda r, c: processor.response_headers(r.response_headers, c),
+            "response_body": lambda r, c: processor.response_body(r.response_body, c),
+        }
+
+    async def Process(  # noqa: N802  (the gRPC method name is fixed by the proto)
+        self, request_iterator: AsyncIterator[ProcessingRequest], context: grpc.aio.ServicerContext[Any, Any]
+    ) -> AsyncIterator[ProcessingResponse]:
+        ctx = RequestContext()
+        async for request in request_iterator:
+            if request.attributes:
+                read_attributes(request, ctx)
+            handler = self._handlers.get(request.WhichOneof("request") or "")
+            if handler is None:
+                # Trailers are never requested by the generated config; refuse loudly if they come.
+                await context.abort(grpc.StatusCode.UNIMPLEMENTED, "trailers are not processed")
+                return
+            yield await handler(request, ctx)
+
+
+def add_service(server: grpc.aio.Server, processor: Processor) -> None:
+    ext_proc_grpc.add_ExternalProcessorServicer_to_server(ExtProcService(processor), server)

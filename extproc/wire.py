@@ -1,0 +1,56 @@
+"""Every name that crosses the Envoy ↔ broker boundary, in one place.
+
+The Envoy config generator (`envoy_config.py`) and the ext_proc server both
+import from here, so a rename can never leave one side behind.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+# Namespace of the dynamic metadata the broker emits; Envoy drops any namespace
+# not listed in the filter's `metadata_options.receiving_namespaces`.
+METADATA_NAMESPACE: Final = "model_broker"
+# Server-Timing value for the response, read by `%DYNAMIC_METADATA(...)%`.
+META_SERVER_TIMING: Final = "server_timing"
+# Set on every request the broker let through; Envoy's RBAC filter refuses model
+# requests without it (a request with no body never reaches the body phase).
+META_APPROVED: Final = "approved"
+# Set when a fail-open model was forwarded without features; becomes a response header.
+META_DEGRADED: Final = "degraded"
+
+# Request attributes the ext_proc filter sends with the first message (CEL names).
+# With the header phase skipped they are the broker's only view of the request.
+ATTR_ROUTE_NAME: Final = "xds.route_name"
+ATTR_CLUSTER_NAME: Final = "xds.cluster_name"
+ATTR_REQUEST_ID: Final = "request.id"
+ATTR_CONTENT_TYPE: Final = "request.headers['content-type']"
+REQUEST_ATTRIBUTES: Final = (ATTR_ROUTE_NAME, ATTR_CLUSTER_NAME, ATTR_REQUEST_ID, ATTR_CONTENT_TYPE)
+# The key under which Envoy files the attributes in `ProcessingRequest.attributes`.
+ATTRIBUTES_FILTER_KEY: Final = "envoy.filters.http.ext_proc"
+
+# Response headers added by Envoy (never by the model, never by the client).
+HEADER_MODEL: Final = "x-broker-model"
+# Which version actually served: added per weighted-cluster entry, so Envoy reports its own pick.
+HEADER_VERSION: Final = "x-broker-version"
+# Present, with the reason, when a fail-open model answered without features.
+HEADER_DEGRADED: Final = "x-broker-degraded"
+HEADER_SERVER_TIMING: Final = "server-timing"
+HEADER_REQUEST_ID: Final = "x-request-id"
+
+# Route names: a model route is named after the model; the broker's own
+# endpoints carry a prefix no model name can have (model names are DNS labels).
+ROUTE_HEALTHZ: Final = "broker:healthz"
+ROUTE_MODELS: Final = "broker:models"
+
+# Path the broker's own GET endpoints are served on, through Envoy.
+PATH_HEALTHZ: Final = "/healthz"
+PATH_MODELS: Final = "/models"
+
+# The ext_proc gRPC cluster in the generated Envoy config.
+EXT_PROC_CLUSTER: Final = "model_broker_ext_proc"
+
+
+def version_cluster(model: str, version: str) -> str:
+    """Envoy cluster name of one model version."""
+    return f"{model}--{version}"
