@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo install check lint test bench clean
+.PHONY: demo install check lint test bench clean envoy-configs
 
 demo: $(STAMP)  ## the bundled demo: Envoy + broker + demo models, no Redis, no AWS
 	$(VENV)/bin/model-broker demo
@@ -33,3 +33,6 @@ bench: $(STAMP)  ## side-by-side benchmark (not a test): plain Envoy, broker, Py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+
+envoy-configs: $(STAMP)  ## regenerate envoy/*.yaml from examples/*.yaml
+	for f in examples/*.yaml; do $(VENV)/bin/model-broker envoy-config --config $$f > envoy/$$(basename $$f); done

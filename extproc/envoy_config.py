@@ -33,6 +33,7 @@ from envoy_data_plane.envoy.config.core.v3 import (
     HeaderValueOptionHeaderAppendAction,
     Http1ProtocolOptions,
     Http2ProtocolOptions,
+    Metadata,
     RuntimeUInt32,
     SocketAddress,
     SubstitutionFormatString,
@@ -235,6 +236,11 @@ def _header_phase_only() -> dict[str, AnyMessage]:
     return {EXT_PROC_FILTER: _any(per_route)}
 
 
+def _without_broker() -> dict[str, AnyMessage]:
+    """Routes Envoy answers alone (unknown path, wrong method) never cost a broker call."""
+    return {EXT_PROC_FILTER: _any(ExtProcPerRoute(disabled=True))}
+
+
 def _broker_route(name: str, path: str) -> Route:
     return Route(
         name=name,
@@ -266,12 +272,7 @@ def _broker_approved() -> RbacPerRoute:
 def _model_routes(model: Model) -> list[Route]:
     weighted = WeightedCluster(
         clusters=[
-            WeightedClusterClusterWeight(
-                name=wire.version_cluster(model.name, v.name),
-                weight=v.weight,
-                # Envoy reports its own pick: no guessing by the broker or the model.
-                response_headers_to_add=[_header(wire.HEADER_VERSION, v.name)],
-            )
+            WeightedClusterClusterWeight(name=wire.version_cluster(model.name, v.name), weight=v.weight)
             for v in model.versions
         ]
     )
@@ -290,6 +291,8 @@ def _model_routes(model: Model) -> list[Route]:
         ),
         response_headers_to_add=[
             _header(wire.HEADER_MODEL, model.name),
+            # From the metadata of the upstream host that answered: absent when no model did.
+            _header(wire.HEADER_VERSION, f"%UPSTREAM_METADATA({wire.METADATA_NAMESPACE}:{wire.META_VERSION})%"),
             _header(wire.HEADER_SERVER_TIMING, metadata.format(wire.META_SERVER_TIMING)),
             _header(wire.HEADER_DEGRADED, metadata.format(wire.META_DEGRADED)),
         ],
@@ -298,6 +301,7 @@ def _model_routes(model: Model) -> list[Route]:
         name=f"{model.name}:method",
         match=RouteMatch(path=model.path),
         direct_response=_direct(405, "method_not_allowed", f"{model.path} accepts POST only"),
+        typed_per_filter_config=_without_broker(),
         response_headers_to_add=[_header("allow", "POST")],
     )
     return [served, wrong_method]
@@ -319,6 +323,7 @@ def route_configuration(registry: Registry) -> RouteConfiguration:
             name="unknown",
             match=RouteMatch(prefix="/"),
             direct_response=_direct(404, "unknown_route", "no model is served at this path; GET /models lists them"),
+            typed_per_filter_config=_without_broker(),
         )
     )
     return RouteConfiguration(
@@ -345,6 +350,8 @@ def public_listener(registry: Registry) -> Listener:
         local_reply_config=local_reply_config(),
         # Clients are external: Envoy sets x-forwarded-for and its own x-request-id.
         use_remote_address=True,
+        # The id in every error body and (later) audit record; clients quote it to support.
+        always_set_request_id_in_response=True,
     )
     return Listener(
         name="public",
@@ -355,13 +362,12 @@ def public_listener(registry: Registry) -> Listener:
     )
 
 
-def _endpoints(name: str, hosts: list[tuple[str, int]]) -> ClusterLoadAssignment:
-    return ClusterLoadAssignment(
-        cluster_name=name,
-        endpoints=[
-            LocalityLbEndpoints(lb_endpoints=[LbEndpoint(endpoint=Endpoint(address=_socket(h, p))) for h, p in hosts])
-        ],
-    )
+def _endpoints(
+    name: str, hosts: list[tuple[str, int]], metadata: dict[str, Any] | None = None
+) -> ClusterLoadAssignment:
+    meta = Metadata(filter_metadata={wire.METADATA_NAMESPACE: Struct.from_dict(metadata)}) if metadata else None
+    endpoints = [LbEndpoint(endpoint=Endpoint(address=_socket(h, p)), metadata=meta) for h, p in hosts]
+    return ClusterLoadAssignment(cluster_name=name, endpoints=[LocalityLbEndpoints(lb_endpoints=endpoints)])
 
 
 def _is_ip(host: str) -> bool:
@@ -449,7 +455,7 @@ def version_cluster(model: Model, version: Version) -> Cluster:
         type=ClusterDiscoveryType.STATIC if _is_ip(host) else ClusterDiscoveryType.STRICT_DNS,
         connect_timeout=_ms(1000),
         lb_policy=ClusterLbPolicy.ROUND_ROBIN,
-        load_assignment=_endpoints(name, [(host, port)]),
+        load_assignment=_endpoints(name, [(host, port)], {wire.META_VERSION: version.name}),
         typed_extension_protocol_options={HTTP_PROTOCOL_OPTIONS: _any(options)},
     )
     if sagemaker is not None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import shutil
 import signal
 import socket
@@ -131,7 +130,7 @@ def up(config_path: str, workers: int | None, extra: list[list[str]] | None = No
         procs.append(stack.enter_context(running(_python("serve", "--config", config_path, "--workers", str(count)))))
         procs.append(
             stack.enter_context(
-                running([envoy_binary(), "-c", str(envoy_yaml), "--log-level", "warn", "--base-id", str(os.getpid())])
+                running([envoy_binary(), "-c", str(envoy_yaml), "--log-level", "warn", "--disable-hot-restart"])
             )
         )
         base = f"http://{registry.listener.address}:{registry.listener.port}"

@@ -140,7 +140,7 @@ class Model(Strict):
     # reject: unknown entity → 404 unknown_entity. forward: send with empty features.
     unknown_entity: Literal["reject", "forward"] = "reject"
     timeout_ms: Annotated[int, Field(ge=1, le=600_000)] = 15_000
-    versions: Annotated[tuple[Version, ...], Field(min_length=1)]
+    versions: tuple[Version, ...]
 
     @property
     def live_versions(self) -> tuple[Version, ...]:
@@ -225,7 +225,9 @@ def _model_references(reg: Registry) -> Iterator[Problem]:
         elif model.path in paths:
             yield Problem(f"{here}.path", f"'{model.path}' is already the path of models[{paths[model.path]}]")
         paths.setdefault(model.path, i)
-        if not model.live_versions:
+        if not model.versions:
+            yield Problem(f"{here}.versions", "declare at least one version")
+        elif not model.live_versions:
             yield Problem(f"{here}.versions", "at least one version needs a weight above 0")
         seen: set[str] = set()
         for j, version in enumerate(model.versions):

