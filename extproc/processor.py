@@ -11,7 +11,7 @@ from typing import Any
 import orjson
 from envoy.service.ext_proc.v3.external_processor_pb2 import HttpBody, HttpHeaders, ProcessingResponse
 
-from extproc import responses, wire
+from extproc import metrics, responses, wire
 from extproc.body import check_content_type, entity_key, inject_features, parse_json_object
 from extproc.context import RequestContext
 from extproc.errors import BrokerError, ErrorCode, FeatureStoreUnavailable
@@ -75,6 +75,7 @@ class BrokerProcessor(Processor):
         metadata: dict[str, Any] = {wire.META_APPROVED: True, wire.META_SERVER_TIMING: ctx.server_timing()}
         if degraded:
             metadata[wire.META_DEGRADED] = degraded
+        metrics.record_request(route.model, ctx.stages, degraded or "ok")
         return responses.continue_request_body(body, metadata)
 
     def _parse(self, raw: bytes, route: ModelRoute, ctx: RequestContext) -> dict[str, Any] | BrokerError:
@@ -101,6 +102,7 @@ class BrokerProcessor(Processor):
 
     def _reject(self, error: BrokerError, ctx: RequestContext) -> ProcessingResponse:
         ctx.lap("reject")
+        metrics.record_request(ctx.route_name, ctx.stages, error.code.value)
         return responses.error_response(
             error, ctx.request_id, headers=[(wire.HEADER_SERVER_TIMING, ctx.server_timing())]
         )

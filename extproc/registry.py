@@ -47,6 +47,13 @@ class Broker(Strict):
     message_timeout_ms: Annotated[int, Field(ge=10, le=60_000)] = 500
 
 
+class Metrics(Strict):
+    """Where the supervisor serves Prometheus metrics for all workers (`/metrics`)."""
+
+    address: str = "127.0.0.1"
+    port: Port = 9464
+
+
 class RedisStore(Strict):
     url: Annotated[str, Field(pattern=r"^(redis|rediss|unix)://")]
 
@@ -167,6 +174,7 @@ class Registry(Strict):
     listener: Address = Address(port=8080)
     admin: Address = Address(port=9901)
     broker: Broker = Broker()
+    metrics: Metrics = Metrics()
     feature_store: FeatureStore
     entities: tuple[Entity, ...] = ()
     models: tuple[Model, ...] = ()
@@ -237,7 +245,7 @@ def _model_references(reg: Registry) -> Iterator[Problem]:
 
 
 def _ports_and_budgets(reg: Registry) -> Iterator[Problem]:
-    ports = [("listener.port", reg.listener.port), ("admin.port", reg.admin.port)]
+    ports = [("listener.port", reg.listener.port), ("admin.port", reg.admin.port), ("metrics.port", reg.metrics.port)]
     ports += [(f"broker.port (worker {w})", reg.broker.port + w) for w in range(reg.broker.workers)]
     taken: dict[int, str] = {}
     for where, port in ports:
