@@ -1,4 +1,4 @@
-"""`model-broker`: check, envoy-config, serve, up, demo."""
+"""`model-broker`: check, envoy-config, serve, up, demo, weights."""
 
 from __future__ import annotations
 
@@ -91,6 +91,17 @@ def cmd_demo_models(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_weights(args: argparse.Namespace) -> int:
+    from extproc.rollout.client import set_weights, show_weights
+
+    if args.action == "show":
+        return show_weights(args.admin)
+    if not args.model or not args.assignments:
+        print("usage: model-broker weights set MODEL VERSION=WEIGHT ...", file=sys.stderr)
+        return 2
+    return set_weights(args.admin, args.model, args.assignments)
+
+
 def parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(prog="model-broker", description="ML models behind Envoy, enriched by ext_proc.")
     sub = top.add_subparsers(dest="command", required=True)
@@ -117,6 +128,14 @@ def parser() -> argparse.ArgumentParser:
     command("demo-models", "serve the demo model on every service backend of a registry").set_defaults(
         func=cmd_demo_models
     )
+    p = command("weights", "show or change live traffic weights on every Envoy (no restart)", config=False)
+    p.add_argument("action", choices=["show", "set"])
+    p.add_argument("model", nargs="?", help="model name (set)")
+    p.add_argument("assignments", nargs="*", metavar="VERSION=WEIGHT", help="a weight for every version (set)")
+    p.add_argument(
+        "--admin", help="admin API URL (default: the broker `up`/`demo` started here); token: $MODEL_BROKER_ADMIN_TOKEN"
+    )
+    p.set_defaults(func=cmd_weights)
     return top
 
 

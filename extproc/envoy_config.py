@@ -21,10 +21,22 @@ from envoy_data_plane.envoy.config.accesslog.v3 import (
     ExtensionFilter,
     StatusCodeFilter,
 )
-from envoy_data_plane.envoy.config.bootstrap.v3 import Admin, Bootstrap, BootstrapStaticResources
+from envoy_data_plane.envoy.config.bootstrap.v3 import (
+    Admin,
+    Bootstrap,
+    BootstrapStaticResources,
+    LayeredRuntime,
+    RuntimeLayer,
+    RuntimeLayerAdminLayer,
+    RuntimeLayerRtdsLayer,
+)
 from envoy_data_plane.envoy.config.cluster.v3 import Cluster, ClusterDiscoveryType, ClusterLbPolicy
 from envoy_data_plane.envoy.config.core.v3 import (
     Address,
+    ApiConfigSource,
+    ApiConfigSourceApiType,
+    ApiVersion,
+    ConfigSource,
     DataSource,
     GrpcService,
     GrpcServiceEnvoyGrpc,
@@ -34,6 +46,7 @@ from envoy_data_plane.envoy.config.core.v3 import (
     Http1ProtocolOptions,
     Http2ProtocolOptions,
     Metadata,
+    Node,
     RuntimeUInt32,
     SocketAddress,
     SubstitutionFormatString,
@@ -274,7 +287,10 @@ def _model_routes(model: Model) -> list[Route]:
         clusters=[
             WeightedClusterClusterWeight(name=wire.version_cluster(model.name, v.name), weight=v.weight)
             for v in model.versions
-        ]
+        ],
+        # Live weights: Envoy reads `<prefix>.<cluster>` from the runtime layer the control
+        # plane pushes (RTDS); the registry's weight is the default until it has.
+        runtime_key_prefix=wire.RUNTIME_WEIGHTS_PREFIX,
     )
     metadata = f"%DYNAMIC_METADATA({wire.METADATA_NAMESPACE}:{{}})%"
     served = Route(
@@ -387,15 +403,7 @@ def ext_proc_cluster(registry: Registry, workers: int) -> Cluster:
         connect_timeout=_ms(250),
         lb_policy=ClusterLbPolicy.LEAST_REQUEST,
         load_assignment=_endpoints(wire.EXT_PROC_CLUSTER, [(broker.address, broker.port + i) for i in range(workers)]),
-        typed_extension_protocol_options={
-            HTTP_PROTOCOL_OPTIONS: _any(
-                HttpProtocolOptions(
-                    explicit_http_config=HttpProtocolOptionsExplicitHttpConfig(
-                        http2_protocol_options=Http2ProtocolOptions()
-                    )
-                )
-            )
-        },
+        typed_extension_protocol_options=_http2_options(),
     )
 
 
@@ -465,13 +473,67 @@ def version_cluster(model: Model, version: Version) -> Cluster:
     return cluster
 
 
+def _http2_options() -> dict[str, AnyMessage]:
+    return {
+        HTTP_PROTOCOL_OPTIONS: _any(
+            HttpProtocolOptions(
+                explicit_http_config=HttpProtocolOptionsExplicitHttpConfig(
+                    http2_protocol_options=Http2ProtocolOptions()
+                )
+            )
+        )
+    }
+
+
+def control_plane_cluster(registry: Registry) -> Cluster:
+    """The broker's control plane (gRPC): live weights for this Envoy."""
+    plane = registry.control_plane
+    return Cluster(
+        name=wire.CONTROL_PLANE_CLUSTER,
+        type=ClusterDiscoveryType.STATIC,
+        connect_timeout=_ms(250),
+        load_assignment=_endpoints(wire.CONTROL_PLANE_CLUSTER, [(plane.address, plane.port)]),
+        typed_extension_protocol_options=_http2_options(),
+    )
+
+
+def _control_plane_source() -> ConfigSource:
+    return ConfigSource(
+        resource_api_version=ApiVersion.V3,
+        api_config_source=ApiConfigSource(
+            api_type=ApiConfigSourceApiType.GRPC,
+            transport_api_version=ApiVersion.V3,
+            grpc_services=[GrpcService(envoy_grpc=GrpcServiceEnvoyGrpc(cluster_name=wire.CONTROL_PLANE_CLUSTER))],
+        ),
+        # Envoy holds its listeners until the first layer arrives, so a restarted Envoy
+        # serves the live split, not the registry's; after this it falls back to the registry's.
+        initial_fetch_timeout=timedelta(seconds=10),
+    )
+
+
+def layered_runtime() -> LayeredRuntime:
+    """The live weights layer from the control plane, and the admin layer for break-glass edits."""
+    return LayeredRuntime(
+        layers=[
+            RuntimeLayer(
+                name=wire.RUNTIME_LAYER,
+                rtds_layer=RuntimeLayerRtdsLayer(name=wire.RUNTIME_LAYER, rtds_config=_control_plane_source()),
+            ),
+            RuntimeLayer(name="admin", admin_layer=RuntimeLayerAdminLayer()),
+        ]
+    )
+
+
 def bootstrap(registry: Registry, workers: int | None = None) -> Bootstrap:
     count = workers or registry.broker.workers
-    clusters = [ext_proc_cluster(registry, count)]
+    clusters = [ext_proc_cluster(registry, count), control_plane_cluster(registry)]
     clusters += [version_cluster(m, v) for m in registry.models for v in m.versions]
     return Bootstrap(
+        # xDS subscriptions need a node identity; `--service-node` overrides the id per replica.
+        node=Node(id="model-broker-envoy", cluster="model-broker"),
         admin=Admin(address=_socket(registry.admin.address, registry.admin.port)),
         static_resources=BootstrapStaticResources(listeners=[public_listener(registry)], clusters=clusters),
+        layered_runtime=layered_runtime(),
     )
 
 

@@ -30,6 +30,9 @@ class ErrorCode(StrEnum):
     BROKER_UNAVAILABLE = "broker_unavailable"
     UPSTREAM_UNAVAILABLE = "upstream_unavailable"
     UPSTREAM_TIMEOUT = "upstream_timeout"
+    # Control-plane admin API (weights, rollouts), not the request path.
+    INVALID_WEIGHTS = "invalid_weights"
+    ADMIN_UNAUTHORIZED = "admin_unauthorized"
 
 
 STATUS: dict[ErrorCode, int] = {
@@ -47,6 +50,8 @@ STATUS: dict[ErrorCode, int] = {
     ErrorCode.BROKER_UNAVAILABLE: 503,
     ErrorCode.UPSTREAM_UNAVAILABLE: 503,
     ErrorCode.UPSTREAM_TIMEOUT: 504,
+    ErrorCode.INVALID_WEIGHTS: 400,
+    ErrorCode.ADMIN_UNAUTHORIZED: 401,
 }
 
 

@@ -159,6 +159,7 @@ def demo_registry(listener_port: int, directory: Path) -> Path:
     doc["listener"]["port"] = listener_port
     doc["admin"]["port"] = free_port()
     doc["metrics"] = {"address": "127.0.0.1", "port": free_port()}
+    doc["control_plane"] = {"port": free_port(), "admin_port": free_port()}
     doc["broker"]["port"] = free_port_run(doc["broker"]["workers"])
     doc["feature_store"]["embedded"]["path"] = str(DEMO_DIR / "features.json")
     for model in doc["models"]:

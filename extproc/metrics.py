@@ -10,9 +10,9 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 from prometheus_client.multiprocess import MultiProcessCollector
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
@@ -38,12 +38,24 @@ FEATURE_CACHE = Counter(
 )
 CACHE_HIT = FEATURE_CACHE.labels("hit")
 CACHE_MISS = FEATURE_CACHE.labels("miss")
+# Written by the control plane process; "mostrecent" so a restarted control plane's value wins.
+VERSION_WEIGHT = Gauge(
+    "model_broker_version_weight",
+    "Live traffic weight of each model version, as every Envoy has it from the control plane.",
+    ["model", "version"],
+    multiprocess_mode="mostrecent",
+)
 
 
 def record_request(model: str, stages: Iterable[tuple[str, float]], outcome: str) -> None:
     for stage, seconds in stages:
         STAGE_SECONDS.labels(model, stage).observe(seconds)
     REQUESTS.labels(model, outcome).inc()
+
+
+def set_weights(model: str, weights: Mapping[str, int]) -> None:
+    for version, weight in weights.items():
+        VERSION_WEIGHT.labels(model, version).set(weight)
 
 
 def prepare_multiprocess_dir() -> str:

@@ -38,12 +38,15 @@ class Processor:
 
 class BrokerProcessor(Processor):
     def __init__(self, registry: Registry, store: FeatureStore) -> None:
+        self._store = store
+        self.use_registry(registry)
+
+    def use_registry(self, registry: Registry) -> None:
+        """Compile what the hot path reads; called again when live weights change the registry."""
         self._registry = registry
         self._routes = compile_routes(registry)
-        self._store = store
         self._max_body = registry.limits.max_body_bytes
         self._max_depth = registry.limits.max_json_depth
-        # Built once: the registry does not change under a running worker.
         self._models_doc = orjson.dumps(describe_models(registry))
         self._health_doc = {"status": "ok", "registry_version": registry.registry_version}
 

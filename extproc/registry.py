@@ -54,6 +54,21 @@ class Metrics(Strict):
     port: Port = 9464
 
 
+class ControlPlane(Strict):
+    """The rollout control plane: live weights for every Envoy (RTDS) and the admin API.
+
+    `state_file` holds the live weights so they survive broker and Envoy restarts;
+    a relative path resolves next to the registry.
+    """
+
+    address: str = "127.0.0.1"
+    # gRPC: the runtime discovery service every Envoy subscribes to.
+    port: Port = 18000
+    # HTTP admin API (`weights set`), bearer-token authenticated.
+    admin_port: Port = 9466
+    state_file: str = "rollout-state.json"
+
+
 class RedisStore(Strict):
     url: Annotated[str, Field(pattern=r"^(redis|rediss|unix)://")]
 
@@ -175,6 +190,7 @@ class Registry(Strict):
     admin: Address = Address(port=9901)
     broker: Broker = Broker()
     metrics: Metrics = Metrics()
+    control_plane: ControlPlane = ControlPlane()
     feature_store: FeatureStore
     entities: tuple[Entity, ...] = ()
     models: tuple[Model, ...] = ()
@@ -246,6 +262,8 @@ def _model_references(reg: Registry) -> Iterator[Problem]:
 
 def _ports_and_budgets(reg: Registry) -> Iterator[Problem]:
     ports = [("listener.port", reg.listener.port), ("admin.port", reg.admin.port), ("metrics.port", reg.metrics.port)]
+    plane = reg.control_plane
+    ports += [("control_plane.port", plane.port), ("control_plane.admin_port", plane.admin_port)]
     ports += [(f"broker.port (worker {w})", reg.broker.port + w) for w in range(reg.broker.workers)]
     taken: dict[int, str] = {}
     for where, port in ports:
@@ -297,4 +315,7 @@ def load_registry(path: str | Path) -> Registry:
     if embedded is not None and not Path(embedded.path).is_absolute():
         absolute = EmbeddedStore(path=str((file.parent / embedded.path).resolve()))
         reg = reg.model_copy(update={"feature_store": reg.feature_store.model_copy(update={"embedded": absolute})})
+    if not Path(reg.control_plane.state_file).is_absolute():
+        state_file = str((file.parent / reg.control_plane.state_file).resolve())
+        reg = reg.model_copy(update={"control_plane": reg.control_plane.model_copy(update={"state_file": state_file})})
     return reg

@@ -15,6 +15,7 @@ from types import FrameType
 
 from extproc.metrics import prepare_multiprocess_dir, remove_multiprocess_dir, serve_aggregate
 from extproc.registry import Registry
+from extproc.rollout.control_plane import run_control_plane
 from extproc.worker import DRAIN_SECONDS, run_worker
 
 log = logging.getLogger("model_broker.supervisor")
@@ -34,8 +35,13 @@ def supervise(config_path: str, registry: Registry, workers: int) -> int:
     ports = worker_ports(registry, workers)
     stopping = False
 
+    plane_port = registry.control_plane.port
+
     def start(port: int) -> BaseProcess:
-        proc = spawn.Process(target=run_worker, args=(config_path, address, port), name=f"broker-{port}")
+        if port == plane_port:  # the control plane is supervised like a worker, under its own port
+            proc = spawn.Process(target=run_control_plane, args=(config_path,), name="control-plane")
+        else:
+            proc = spawn.Process(target=run_worker, args=(config_path, address, port), name=f"broker-{port}")
         proc.start()
         return proc
 
@@ -47,10 +53,11 @@ def supervise(config_path: str, registry: Registry, workers: int) -> int:
     signal.signal(signal.SIGINT, stop)
     metrics_dir = prepare_multiprocess_dir()  # before the workers start: they inherit it
     serve_aggregate(registry.metrics.address, registry.metrics.port)
+    ports = [plane_port, *ports]
     procs = {port: start(port) for port in ports}
     started = {port: time.monotonic() for port in ports}
     quick_deaths = dict.fromkeys(ports, 0)
-    log.info("broker serving ext_proc on %s ports %s", address, ", ".join(map(str, ports)))
+    log.info("broker serving ext_proc on %s ports %s", address, ", ".join(map(str, ports[1:])))
     code = 0
     while not stopping:
         time.sleep(0.2)

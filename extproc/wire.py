@@ -52,6 +52,17 @@ PATH_MODELS: Final = "/models"
 # The ext_proc gRPC cluster in the generated Envoy config.
 EXT_PROC_CLUSTER: Final = "model_broker_ext_proc"
 
+# The rollout control plane: its gRPC cluster, the RTDS layer every Envoy subscribes
+# to, and the runtime key prefix of `weighted_clusters` (key = prefix + "." + cluster).
+CONTROL_PLANE_CLUSTER: Final = "model_broker_control_plane"
+RUNTIME_LAYER: Final = "model_broker_weights"
+RUNTIME_WEIGHTS_PREFIX: Final = "model_broker.weights"
+
+
+def weight_runtime_key(model: str, version: str) -> str:
+    """The runtime key Envoy reads a version's live weight from."""
+    return f"{RUNTIME_WEIGHTS_PREFIX}.{version_cluster(model, version)}"
+
 
 def version_cluster(model: str, version: str) -> str:
     """Envoy cluster name of one model version."""

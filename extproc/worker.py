@@ -14,12 +14,16 @@ from extproc.adapters.redis_store import RedisFeatureStore
 from extproc.features import CachedFeatureStore, EmbeddedFeatureStore, FeatureStore
 from extproc.processor import BrokerProcessor
 from extproc.registry import Registry, load_registry
+from extproc.rollout.state import StateFileInvalid, load_state, state_signature
+from extproc.rollout.weights import apply_weights, merge_overrides
 from extproc.server import add_service
 
 log = logging.getLogger("model_broker.worker")
 
 # In-flight streams get this long to finish after SIGTERM.
 DRAIN_SECONDS = 10.0
+# How often a worker checks the rollout state file (one stat call); see control_plane.WORKER_SYNC_SECONDS.
+STATE_POLL_SECONDS = 0.25
 
 
 def open_feature_store(registry: Registry) -> CachedFeatureStore:
@@ -44,6 +48,25 @@ async def _orphan_watch(parent: int, stop: asyncio.Event) -> None:
         await asyncio.sleep(1.0)
 
 
+async def _follow_live_weights(registry: Registry, processor: BrokerProcessor, stop: asyncio.Event) -> None:
+    """Re-read the control plane's state file when it changes, so `/models` and the features to
+    fetch follow the live weights (the control plane waits for this before a version gets traffic)."""
+    path = registry.control_plane.state_file
+    seen: tuple[int, int, int] | None = None
+    while not stop.is_set():
+        signature = state_signature(path)
+        if signature != seen:
+            try:
+                state = load_state(path)
+            except (OSError, StateFileInvalid) as exc:
+                log.error("keeping the current weights: cannot read %s: %s", path, exc)
+            else:
+                live, _ = merge_overrides(registry, state.overrides)
+                processor.use_registry(apply_weights(registry, live))
+            seen = signature
+        await asyncio.sleep(STATE_POLL_SECONDS)
+
+
 async def serve_worker(registry: Registry, address: str, port: int) -> None:
     store = open_feature_store(registry)
     server = grpc.aio.server(
@@ -53,7 +76,8 @@ async def serve_worker(registry: Registry, address: str, port: int) -> None:
             ("grpc.http2.max_concurrent_streams", 1024),
         ]
     )
-    add_service(server, BrokerProcessor(registry, store))
+    processor = BrokerProcessor(registry, store)
+    add_service(server, processor)
     server.add_insecure_port(f"{address}:{port}")
     await server.start()
     log.info("worker %d serving ext_proc on %s:%d", os.getpid(), address, port)
@@ -62,8 +86,10 @@ async def serve_worker(registry: Registry, address: str, port: int) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     watch = asyncio.create_task(_orphan_watch(os.getppid(), stop))
+    follow = asyncio.create_task(_follow_live_weights(registry, processor, stop))
     await stop.wait()
     watch.cancel()
+    follow.cancel()
     await server.stop(DRAIN_SECONDS)
     await store.close()
 

@@ -1,0 +1,181 @@
+"""The rollout control plane: one process per broker, source of truth for live weights.
+
+It serves RTDS to every Envoy (gRPC), the authenticated admin API (HTTP), and
+persists each change to the state file before any Envoy hears of it, so a
+restarted Envoy or broker comes back with the changed split.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import json
+import logging
+import os
+import secrets
+import signal
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import grpc
+import orjson
+import uvloop
+from aiohttp import web
+
+from extproc import metrics
+from extproc.errors import BrokerError, ErrorCode
+from extproc.registry import Registry, load_registry
+from extproc.rollout import discovery
+from extproc.rollout.state import RolloutState, load_state, save_state
+from extproc.rollout.weights import LiveWeights, change_weights, merge_overrides, newly_live, runtime_layer
+from extproc.rollout.xds import RuntimeHub, add_runtime_service
+
+log = logging.getLogger("model_broker.control_plane")
+
+# Workers poll the state file every `worker.STATE_POLL_SECONDS`; a version that starts
+# taking traffic waits this long so every worker fetches its features first.
+WORKER_SYNC_SECONDS = 1.0
+# How long a change waits for every connected Envoy to acknowledge it.
+ACK_TIMEOUT_SECONDS = 5.0
+
+
+def events_path(state_file: str) -> Path:
+    """Rollout events (weight changes, rollbacks) as JSON lines beside the state file, for the audit."""
+    return Path(state_file).with_suffix(".events.jsonl")
+
+
+class ControlPlane:
+    """Live weights: validated, persisted, then pushed; changes are serialised by one lock."""
+
+    def __init__(self, registry: Registry, state: RolloutState) -> None:
+        self.registry = registry
+        self._state = state
+        self._live, dropped = merge_overrides(registry, state.overrides)
+        for reason in dropped:
+            log.warning("ignoring a saved weight override that no longer fits the registry: %s", reason)
+        self.hub = RuntimeHub(runtime_layer(self._live), state.revision)
+        self._lock = asyncio.Lock()
+        self._events = events_path(registry.control_plane.state_file)
+        for model, weights in self._live.items():
+            metrics.set_weights(model, weights)
+
+    @property
+    def live(self) -> LiveWeights:
+        return {model: dict(weights) for model, weights in self._live.items()}
+
+    def describe(self) -> dict[str, Any]:
+        return {"revision": self.hub.revision, "models": self.live, "envoys": self.hub.envoys()}
+
+    async def set_weights(
+        self, model: str, proposed: Mapping[str, object], source: str, detail: Mapping[str, Any] | None = None
+    ) -> dict[str, Any] | BrokerError:
+        """Validate, persist, push to every Envoy, then wait (bounded) for their acknowledgements."""
+        checked = change_weights(self.registry, model, proposed)
+        if isinstance(checked, BrokerError):
+            return checked
+        async with self._lock:
+            before = self.live
+            after = {**before, model: checked}
+            revision = self._state.revision + 1
+            state = RolloutState(revision, {**self._state.overrides, model: checked})
+            await asyncio.to_thread(save_state, self.registry.control_plane.state_file, state)
+            self._state, self._live = state, after
+            if newly_live(before, after):
+                await asyncio.sleep(WORKER_SYNC_SECONDS)
+            self.hub.publish(runtime_layer(after), revision)
+            metrics.set_weights(model, checked)
+            self.record_event("weights_changed", model, source, before=before[model], after=checked, **(detail or {}))
+        acked, connected = await self.hub.wait_acked(revision, ACK_TIMEOUT_SECONDS)
+        return {"model": model, "weights": checked, "revision": revision, "envoys_acked": acked, "envoys": connected}
+
+    def record_event(self, event: str, model: str, source: str, **fields: Any) -> None:
+        """One JSON line per rollout event; the audit subsystem (issue 4) picks these up."""
+        record = {"time": time.time(), "event": event, "model": model, "source": source, **fields}
+        log.info("rollout event %s", json.dumps(record, sort_keys=True))
+        with self._events.open("ab") as out:
+            out.write(orjson.dumps(record) + b"\n")
+
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def _error(error: BrokerError) -> web.Response:
+    body = error.to_json(request_id="")
+    return web.Response(status=error.status, body=orjson.dumps(body), content_type="application/json")
+
+
+def _json(doc: Any, status: int = 200) -> web.Response:
+    return web.Response(status=status, body=orjson.dumps(doc), content_type="application/json")
+
+
+def admin_app(plane: ControlPlane, token: str) -> web.Application:
+    """`GET /weights`, `PUT /weights/{model}`; everything but `/healthz` needs the bearer token."""
+
+    @web.middleware
+    async def authenticate(request: web.Request, handler: Handler) -> web.StreamResponse:
+        if request.path != "/healthz":
+            given = request.headers.get("authorization", "").removeprefix("Bearer ").encode()
+            if not hmac.compare_digest(given, token.encode()):
+                return _error(BrokerError(ErrorCode.ADMIN_UNAUTHORIZED, "send 'Authorization: Bearer <admin token>'"))
+        return await handler(request)
+
+    async def healthz(_: web.Request) -> web.Response:
+        return _json({"status": "ok"})
+
+    async def get_weights(_: web.Request) -> web.Response:
+        return _json(plane.describe())
+
+    async def put_weights(request: web.Request) -> web.Response:
+        try:
+            doc = orjson.loads(await request.read())
+        except orjson.JSONDecodeError as exc:
+            return _error(BrokerError(ErrorCode.INVALID_WEIGHTS, f"the body is not JSON: {exc}"))
+        weights = doc.get("weights") if isinstance(doc, dict) else None
+        if not isinstance(weights, dict):
+            return _error(BrokerError(ErrorCode.INVALID_WEIGHTS, 'send {"weights": {"<version>": <weight>, ...}}'))
+        result = await plane.set_weights(request.match_info["model"], weights, source="admin")
+        return _error(result) if isinstance(result, BrokerError) else _json(result)
+
+    app = web.Application(middlewares=[authenticate])
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/weights", get_weights)
+    app.router.add_put("/weights/{model}", put_weights)
+    return app
+
+
+async def serve_control_plane(registry_file: str, registry: Registry) -> None:
+    conf = registry.control_plane
+    plane = ControlPlane(registry, load_state(conf.state_file))
+    server = grpc.aio.server()
+    add_runtime_service(server, plane.hub)
+    server.add_insecure_port(f"{conf.address}:{conf.port}")
+    await server.start()
+    token = os.environ.get(discovery.TOKEN_ENV) or secrets.token_urlsafe(32)
+    runner = web.AppRunner(admin_app(plane, token), access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, conf.address, conf.admin_port).start()
+    url = f"http://{conf.address}:{conf.admin_port}"
+    announced = discovery.announce(discovery.AdminEndpoint(url, token, os.getpid(), registry_file))
+    log.info("control plane: RTDS on %s:%d, admin API on %s", conf.address, conf.port, url)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    parent = os.getppid()
+    try:
+        while not stop.is_set() and os.getppid() == parent:  # stop with the supervisor, even if it was killed
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), 1.0)
+    finally:
+        announced.unlink(missing_ok=True)
+        await runner.cleanup()
+        await server.stop(1.0)
+
+
+def run_control_plane(config_path: str) -> None:
+    """Process entry point (the supervisor spawns this beside the workers)."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    uvloop.run(serve_control_plane(str(Path(config_path).resolve()), load_registry(config_path)))
