@@ -68,6 +68,13 @@ from envoy_data_plane.envoy.config.route.v3 import (
     WeightedClusterClusterWeight,
 )
 from envoy_data_plane.envoy.extensions.access_loggers.filters.cel.v3 import ExpressionFilter
+from envoy_data_plane.envoy.extensions.common.aws.v3 import (
+    AwsCredentialProvider,
+    ContainerCredentialProvider,
+    CredentialsFileCredentialProvider,
+    EnvironmentCredentialProvider,
+    InstanceProfileCredentialProvider,
+)
 from envoy_data_plane.envoy.extensions.filters.http.aws_request_signing.v3 import AwsRequestSigning
 from envoy_data_plane.envoy.extensions.filters.http.buffer.v3 import Buffer
 from envoy_data_plane.envoy.extensions.filters.http.ext_proc.v3 import (
@@ -90,7 +97,13 @@ from envoy_data_plane.envoy.extensions.filters.network.http_connection_manager.v
     LocalReplyConfig,
     ResponseMapper,
 )
-from envoy_data_plane.envoy.extensions.transport_sockets.tls.v3 import UpstreamTlsContext
+from envoy_data_plane.envoy.extensions.transport_sockets.tls.v3 import (
+    CertificateValidationContext,
+    CommonTlsContext,
+    SubjectAltNameMatcher,
+    SubjectAltNameMatcherSanType,
+    UpstreamTlsContext,
+)
 from envoy_data_plane.envoy.extensions.upstreams.http.v3 import (
     HttpProtocolOptions,
     HttpProtocolOptionsExplicitHttpConfig,
@@ -113,6 +126,10 @@ from extproc.registry import Model, Registry, SageMakerBackend, ServiceBackend, 
 EXT_PROC_FILTER = "envoy.filters.http.ext_proc"
 RBAC_FILTER = "envoy.filters.http.rbac"
 HTTP_PROTOCOL_OPTIONS = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
+SAGEMAKER_TARGET_VARIANT = "x-amzn-sagemaker-target-variant"
+# Envoy 1.40 on Linux does not count `system_root_certs` as a trusted CA; the Debian/Ubuntu
+# bundle (also in the envoyproxy/envoy image) is where the OS keeps them.
+SYSTEM_CA_BUNDLE = "/etc/ssl/certs/ca-certificates.crt"
 # Local-reply mappers give Envoy's own replies the broker's JSON shape, but leave alone
 # the broker's answers (details start with responses.DETAILS_PREFIX) and the generated
 # direct responses, which already have it.
@@ -285,7 +302,11 @@ def _broker_approved() -> RbacPerRoute:
 def _model_routes(model: Model) -> list[Route]:
     weighted = WeightedCluster(
         clusters=[
-            WeightedClusterClusterWeight(name=wire.version_cluster(model.name, v.name), weight=v.weight)
+            WeightedClusterClusterWeight(
+                name=wire.version_cluster(model.name, v.name),
+                weight=v.weight,
+                request_headers_to_add=_target_variant(v),
+            )
             for v in model.versions
         ],
         # Live weights: Envoy reads `<prefix>.<cluster>` from the runtime layer the control
@@ -321,6 +342,14 @@ def _model_routes(model: Model) -> list[Route]:
         response_headers_to_add=[_header("allow", "POST")],
     )
     return [served, wrong_method]
+
+
+def _target_variant(version: Version) -> list[HeaderValueOption]:
+    """SageMaker's production-variant pin; added on the route, so the upstream signer covers it."""
+    sagemaker = version.backend.sagemaker
+    if sagemaker is None or sagemaker.target_variant is None:
+        return []
+    return [_header(SAGEMAKER_TARGET_VARIANT, sagemaker.target_variant)]
 
 
 def _rewrite_to(path: str) -> RegexMatchAndSubstitute:
@@ -420,10 +449,19 @@ def _backend(version: Version) -> tuple[str, int, str]:
         return service.host, service.port, service.path
     sagemaker = version.backend.sagemaker
     assert sagemaker is not None  # the registry guarantees exactly one backend kind
-    return (
-        f"runtime.sagemaker.{sagemaker.region}.amazonaws.com",
-        443,
-        f"/endpoints/{sagemaker.endpoint}/invocations",
+    return sagemaker.host, sagemaker.port, sagemaker.path
+
+
+def credential_provider(sources: tuple[str, ...]) -> AwsCredentialProvider:
+    """Exactly the declared sources (a custom chain): no instance-metadata probe unless listed."""
+    return AwsCredentialProvider(
+        custom_credential_provider_chain=True,
+        environment_credential_provider=EnvironmentCredentialProvider() if "environment" in sources else None,
+        credentials_file_provider=CredentialsFileCredentialProvider() if "credentials_file" in sources else None,
+        container_credential_provider=ContainerCredentialProvider() if "container" in sources else None,
+        instance_profile_credential_provider=(
+            InstanceProfileCredentialProvider() if "instance_metadata" in sources else None
+        ),
     )
 
 
@@ -441,8 +479,14 @@ def _upstream_filters(path: str | None, signing: SageMakerBackend | None) -> lis
             )
         )
     if signing is not None:
-        # Credentials from the standard AWS chain in Envoy's environment.
-        sigv4 = AwsRequestSigning(service_name="sagemaker", region=signing.region)
+        # After the path rewrite, so the signature covers the path SageMaker sees; the Host
+        # is rewritten here too, per cluster, since versions of one route may differ.
+        sigv4 = AwsRequestSigning(
+            service_name="sagemaker",
+            region=signing.region,
+            host_rewrite=signing.authority,
+            credential_provider=credential_provider(signing.credentials),
+        )
         filters.append(HttpFilter(name="envoy.filters.http.aws_request_signing", typed_config=_any(sigv4)))
     filters.append(HttpFilter(name="envoy.filters.http.upstream_codec", typed_config=_any(UpstreamCodec())))
     return filters
@@ -466,11 +510,20 @@ def version_cluster(model: Model, version: Version) -> Cluster:
         load_assignment=_endpoints(name, [(host, port)], {wire.META_VERSION: version.name}),
         typed_extension_protocol_options={HTTP_PROTOCOL_OPTIONS: _any(options)},
     )
-    if sagemaker is not None:
+    if sagemaker is not None and sagemaker.tls:
         cluster.transport_socket = TransportSocket(
-            name="envoy.transport_sockets.tls", typed_config=_any(UpstreamTlsContext(sni=host))
+            name="envoy.transport_sockets.tls", typed_config=_any(_verified_tls(host))
         )
     return cluster
+
+
+def _verified_tls(host: str) -> UpstreamTlsContext:
+    """TLS that checks the server (OS CA bundle, a certificate for `host`): signed requests go there."""
+    san = SubjectAltNameMatcher(san_type=SubjectAltNameMatcherSanType.DNS, matcher=StringMatcher(exact=host))
+    validation = CertificateValidationContext(
+        trusted_ca=DataSource(filename=SYSTEM_CA_BUNDLE), match_typed_subject_alt_names=[san]
+    )
+    return UpstreamTlsContext(sni=host, common_tls_context=CommonTlsContext(validation_context=validation))
 
 
 def _http2_options() -> dict[str, AnyMessage]:

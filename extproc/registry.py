@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -124,10 +125,55 @@ class ServiceBackend(Strict):
     path: Annotated[str, Field(pattern=r"^/")] = "/predict"
 
 
+# Where Envoy's SigV4 signer may take credentials from. Only what is listed is tried, so the
+# instance-metadata probe (a network call, and a surprise off EC2) runs only when declared.
+CredentialSource = Literal["environment", "credentials_file", "container", "instance_metadata"]
+LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "::1")
+
+
 class SageMakerBackend(Strict):
     endpoint: Annotated[str, Field(pattern=r"^[a-zA-Z0-9](-*[a-zA-Z0-9]){0,62}$")]
     region: Annotated[str, Field(pattern=r"^[a-z]{2}(-[a-z]+)+-\d$")]
-    target_variant: str | None = None
+    target_variant: Annotated[str, Field(pattern=r"^[a-zA-Z0-9](-*[a-zA-Z0-9]){0,62}$")] | None = None
+    # Another SageMaker runtime endpoint (a VPC endpoint, or moto in tests): https, or http on loopback only.
+    endpoint_url: str | None = None
+    credentials: tuple[CredentialSource, ...] = ("environment", "credentials_file")
+
+    @model_validator(mode="after")
+    def _endpoint_url(self) -> SageMakerBackend:
+        if self.endpoint_url is None:
+            return self
+        url = urlsplit(self.endpoint_url)
+        if url.scheme not in ("http", "https") or not url.hostname or url.path not in ("", "/") or url.query:
+            raise ValueError("endpoint_url must be scheme://host[:port] with scheme http or https")
+        if url.scheme == "http" and url.hostname not in LOOPBACK_HOSTS:
+            raise ValueError("endpoint_url may use plain http only on loopback (tests); use https")
+        return self
+
+    @property
+    def host(self) -> str:
+        if self.endpoint_url is None:
+            return f"runtime.sagemaker.{self.region}.amazonaws.com"
+        return str(urlsplit(self.endpoint_url).hostname)
+
+    @property
+    def port(self) -> int:
+        url = urlsplit(self.endpoint_url or "https://runtime")
+        return url.port or (443 if url.scheme == "https" else 80)
+
+    @property
+    def tls(self) -> bool:
+        return self.endpoint_url is None or self.endpoint_url.startswith("https:")
+
+    @property
+    def authority(self) -> str:
+        """The Host header the request is signed with and sent under."""
+        default = 443 if self.tls else 80
+        return self.host if self.port == default else f"{self.host}:{self.port}"
+
+    @property
+    def path(self) -> str:
+        return f"/endpoints/{self.endpoint}/invocations"
 
 
 class Backend(Strict):
