@@ -17,8 +17,11 @@ import aiohttp
 import orjson
 import pytest
 from aiohttp import web
+from pydantic import ValidationError
 
+from extproc.envoy_config import credential_provider
 from extproc.launcher import free_port
+from extproc.registry import SageMakerBackend
 from tests.conftest import Proc, Stack, demo_registry_doc, run_stack, wait_port
 from tests.http import call
 from tests.sigv4 import sigv4_problem
@@ -194,3 +197,33 @@ async def test_moto_sagemaker_runtime_answers_through_envoy(
     assert reply.body == MOTO_ANSWER
     assert reply.headers["x-broker-version"] == "m1"
     assert reply.headers["x-amzn-invoked-production-variant"] == "AllTraffic"
+
+
+ENDPOINT_URLS: list[tuple[str, str, str | None]] = [
+    ("https-anywhere", "https://vpce-1.runtime.sagemaker.eu-west-1.vpce.amazonaws.com", None),
+    ("http-loopback", "http://127.0.0.1:4566", None),
+    ("http-remote", "http://sagemaker.example.com", "plain http only on loopback"),
+    ("with-path", "https://runtime.example.com/prefix", "scheme://host"),
+    ("not-http", "ftp://127.0.0.1", "scheme://host"),
+]
+
+
+@pytest.mark.parametrize(("case", "url", "problem"), ENDPOINT_URLS, ids=[e[0] for e in ENDPOINT_URLS])
+def test_endpoint_url_rules(case: str, url: str, problem: str | None) -> None:
+    """`endpoint_url`: https anywhere, plain http only on loopback, no path."""
+    backend = {"endpoint": "e", "region": "us-east-1", "endpoint_url": url}
+    if problem is None:
+        assert SageMakerBackend.model_validate(backend).endpoint_url == url
+    else:
+        with pytest.raises(ValidationError, match=problem):
+            SageMakerBackend.model_validate(backend)
+
+
+def test_default_credentials_never_probe_instance_metadata() -> None:
+    """By default Envoy's chain is environment + credentials file only: no metadata probe off EC2."""
+    provider = credential_provider(SageMakerBackend(endpoint="e", region="us-east-1").credentials).to_dict()
+    assert provider == {
+        "customCredentialProviderChain": True,
+        "environmentCredentialProvider": {},
+        "credentialsFileProvider": {},
+    }
