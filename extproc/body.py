@@ -79,6 +79,15 @@ def inject_features(doc: JSONObject, inject_as: str, features: dict[str, Any]) -
     return orjson.dumps(doc)
 
 
+def sticky_key(doc: JSONObject, field: str) -> str:
+    """The sticky A/B key from the body; "" when absent, which Envoy hashes like any other value
+    (keyless requests stick together rather than fail)."""
+    value = doc.get(field)
+    if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+        return ""
+    return str(value)[:256]
+
+
 def _kind(value: Any) -> str:
     if value is None:
         return "null"

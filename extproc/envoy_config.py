@@ -61,6 +61,8 @@ from envoy_data_plane.envoy.config.route.v3 import (
     HeaderMatcher,
     Route,
     RouteAction,
+    RouteActionHashPolicy,
+    RouteActionHashPolicyHeader,
     RouteConfiguration,
     RouteMatch,
     VirtualHost,
@@ -266,6 +268,32 @@ def _header_phase_only() -> dict[str, AnyMessage]:
     return {EXT_PROC_FILTER: _any(per_route)}
 
 
+def _headers_and_body() -> AnyMessage:
+    """Sticky-by-body routes: the header phase too, or Envoy drops the body phase's header mutation.
+
+    An override replaces the whole processing mode, so the body mode is repeated here.
+    """
+    per_route = ExtProcPerRoute(
+        overrides=ExtProcOverrides(
+            processing_mode=ProcessingMode(
+                request_header_mode=Send.SEND, request_body_mode=Body.BUFFERED, response_header_mode=Send.SKIP
+            )
+        )
+    )
+    return _any(per_route)
+
+
+def _sticky(model: Model) -> tuple[list[RouteActionHashPolicy], dict[str, AnyMessage]]:
+    """The header Envoy hashes to pick a version, and the ext_proc override the route needs for it."""
+    if model.sticky is None:
+        return [], {}
+    if model.sticky.header is not None:
+        # The client's own header: Envoy hashes it, the broker is not involved.
+        return [RouteActionHashPolicy(header=RouteActionHashPolicyHeader(header_name=model.sticky.header))], {}
+    policy = RouteActionHashPolicy(header=RouteActionHashPolicyHeader(header_name=wire.HEADER_STICKY_KEY))
+    return [policy], {EXT_PROC_FILTER: _headers_and_body()}
+
+
 def _without_broker() -> dict[str, AnyMessage]:
     """Routes Envoy answers alone (unknown path, wrong method) never cost a broker call."""
     return {EXT_PROC_FILTER: _any(ExtProcPerRoute(disabled=True))}
@@ -312,16 +340,20 @@ def _model_routes(model: Model) -> list[Route]:
         # Live weights: Envoy reads `<prefix>.<cluster>` from the runtime layer the control
         # plane pushes (RTDS); the registry's weight is the default until it has.
         runtime_key_prefix=wire.RUNTIME_WEIGHTS_PREFIX,
+        # Sticky A/B: the hash of the route's hash policy picks the version, not a random number.
+        use_hash_policy=True if model.sticky is not None else None,
     )
+    hash_policy, sticky_filters = _sticky(model)
     metadata = f"%DYNAMIC_METADATA({wire.METADATA_NAMESPACE}:{{}})%"
     served = Route(
         name=model.name,
         match=RouteMatch(
             path=model.path, headers=[HeaderMatcher(name=":method", string_match=StringMatcher(exact="POST"))]
         ),
-        typed_per_filter_config={RBAC_FILTER: _any(_broker_approved())},
+        typed_per_filter_config={RBAC_FILTER: _any(_broker_approved()), **sticky_filters},
         route=RouteAction(
             weighted_clusters=weighted,
+            hash_policy=hash_policy,
             timeout=_ms(model.timeout_ms),
             # One path for all versions: rewrite on the route; else each cluster rewrites its own.
             regex_rewrite=_rewrite_to(path) if (path := shared_path(model)) else None,

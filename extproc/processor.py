@@ -12,7 +12,7 @@ import orjson
 from envoy.service.ext_proc.v3.external_processor_pb2 import HttpBody, HttpHeaders, ProcessingResponse
 
 from extproc import metrics, responses, wire
-from extproc.body import check_content_type, entity_key, inject_features, parse_json_object
+from extproc.body import check_content_type, entity_key, inject_features, parse_json_object, sticky_key
 from extproc.context import RequestContext
 from extproc.errors import BrokerError, ErrorCode, FeatureStoreUnavailable
 from extproc.features import Features, FeatureStore
@@ -79,6 +79,10 @@ class BrokerProcessor(Processor):
         if degraded:
             metadata[wire.META_DEGRADED] = degraded
         metrics.record_request(route.model, ctx.stages, degraded or "ok")
+        if route.sticky_field is not None:
+            return responses.reroute_request_body(
+                body, metadata, [(wire.HEADER_STICKY_KEY, sticky_key(doc, route.sticky_field))]
+            )
         return responses.continue_request_body(body, metadata)
 
     def _parse(self, raw: bytes, route: ModelRoute, ctx: RequestContext) -> dict[str, Any] | BrokerError:

@@ -196,6 +196,25 @@ class Version(Strict):
     features: tuple[FeatureName, ...] = ()
 
 
+class Sticky(Strict):
+    """Sticky A/B: the same key always lands on the same version while the weights stay.
+
+    `body_field`: the broker copies that field into the header Envoy hashes (a client's
+    copy of the header is overwritten). `header`: Envoy hashes the client's header itself.
+    """
+
+    body_field: Annotated[str, Field(pattern=JSON_KEY)] | None = None
+    header: Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9-]{0,63}$")] | None = None
+
+    @model_validator(mode="after")
+    def _one_source(self) -> Sticky:
+        if (self.body_field is None) == (self.header is None):
+            raise ValueError("declare exactly one of 'body_field' or 'header'")
+        if self.header is not None and (self.header.startswith("x-envoy-") or self.header == wire.HEADER_STICKY_KEY):
+            raise ValueError(f"'{self.header}' is reserved")
+        return self
+
+
 class Model(Strict):
     name: Annotated[str, Field(pattern=DNS_LABEL)]
     path: Annotated[str, Field(pattern=r"^/[A-Za-z0-9._~!$&'()*+,;=:@/-]*$")]
@@ -208,6 +227,7 @@ class Model(Strict):
     # reject: unknown entity → 404 unknown_entity. forward: send with empty features.
     unknown_entity: Literal["reject", "forward"] = "reject"
     timeout_ms: Annotated[int, Field(ge=1, le=600_000)] = 15_000
+    sticky: Sticky | None = None
     versions: tuple[Version, ...]
 
     @property

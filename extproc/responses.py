@@ -42,6 +42,25 @@ def continue_request_body(body: bytes | None, metadata: dict[str, Any] | None) -
     return response
 
 
+def reroute_request_body(body: bytes, metadata: dict[str, Any], headers: list[tuple[str, str]]) -> ProcessingResponse:
+    """Replace the body, set headers Envoy routes on, and have Envoy pick the cluster again.
+
+    Only for routes that also asked for the header phase (Envoy ignores header mutations
+    from the body phase otherwise). With the header phase on, Envoy 1.40 forwards the
+    client's content-length unchanged (the model then sees a truncated or hanging body:
+    503), so the new length is set here. `clear_route_cache` is what the API asks for
+    after a mutation that routing reads; Envoy 1.40 picked the hashed version without it
+    in our tests, but that is not a documented guarantee.
+    """
+    pairs = [*headers, ("content-length", str(len(body)))]
+    common = CommonResponse(
+        header_mutation=_headers(pairs), body_mutation=BodyMutation(body=body), clear_route_cache=True
+    )
+    response = ProcessingResponse(request_body=BodyResponse(response=common))
+    response.dynamic_metadata.update({wire.METADATA_NAMESPACE: metadata})
+    return response
+
+
 def continue_request_headers() -> ProcessingResponse:
     return ProcessingResponse(request_headers=HeadersResponse(response=CommonResponse()))
 

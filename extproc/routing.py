@@ -26,6 +26,8 @@ class ModelRoute:
     inject_as: str
     fail_open: bool
     forward_unknown_entity: bool
+    # Body field copied into wire.HEADER_STICKY_KEY (sticky A/B); None on plain routes.
+    sticky_field: str | None = None
 
     def store_key(self, entity_key: str) -> str:
         return self.key_prefix + entity_key + self.key_suffix
@@ -47,6 +49,7 @@ def compile_routes(registry: Registry) -> dict[str, ModelRoute]:
             inject_as=model.inject_as,
             fail_open=model.failure_policy == "fail_open",
             forward_unknown_entity=model.unknown_entity == "forward",
+            sticky_field=model.sticky.body_field if model.sticky is not None else None,
         )
     return routes
 

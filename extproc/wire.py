@@ -38,6 +38,9 @@ HEADER_VERSION: Final = "x-broker-version"
 # Present, with the reason, when a fail-open model answered without features.
 HEADER_DEGRADED: Final = "x-broker-degraded"
 HEADER_SERVER_TIMING: Final = "server-timing"
+# Request header Envoy hashes to pick a version on sticky routes (`sticky.body_field`); set
+# by the broker from the body in the body phase, overwriting any client copy.
+HEADER_STICKY_KEY: Final = "x-broker-sticky-key"
 HEADER_REQUEST_ID: Final = "x-request-id"
 
 # Route names: a model route is named after the model; the broker's own
