@@ -54,6 +54,7 @@ from envoy_data_plane.envoy.config.core.v3 import (
 )
 from envoy_data_plane.envoy.config.endpoint.v3 import ClusterLoadAssignment, Endpoint, LbEndpoint, LocalityLbEndpoints
 from envoy_data_plane.envoy.config.listener.v3 import Filter, FilterChain, Listener
+from envoy_data_plane.envoy.config.metrics.v3 import StatsSink
 from envoy_data_plane.envoy.config.rbac.v3 import Permission, Policy, Principal, RbacAction, SourcedMetadata
 from envoy_data_plane.envoy.config.rbac.v3 import Rbac as Rules
 from envoy_data_plane.envoy.config.route.v3 import (
@@ -99,6 +100,7 @@ from envoy_data_plane.envoy.extensions.filters.network.http_connection_manager.v
     LocalReplyConfig,
     ResponseMapper,
 )
+from envoy_data_plane.envoy.extensions.stat_sinks.open_telemetry.v3 import SinkConfig
 from envoy_data_plane.envoy.extensions.transport_sockets.tls.v3 import (
     CertificateValidationContext,
     CommonTlsContext,
@@ -128,6 +130,8 @@ from extproc.registry import Model, Registry, SageMakerBackend, ServiceBackend, 
 EXT_PROC_FILTER = "envoy.filters.http.ext_proc"
 RBAC_FILTER = "envoy.filters.http.rbac"
 HTTP_PROTOCOL_OPTIONS = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
+# How often every Envoy pushes its stats to the control plane (canary judgement granularity).
+STATS_FLUSH_SECONDS = 1
 SAGEMAKER_TARGET_VARIANT = "x-amzn-sagemaker-target-variant"
 # Envoy 1.40 on Linux does not count `system_root_certs` as a trusted CA; the Debian/Ubuntu
 # bundle (also in the envoyproxy/envoy image) is where the OS keeps them.
@@ -609,6 +613,20 @@ def layered_runtime() -> LayeredRuntime:
     )
 
 
+def stats_sink() -> StatsSink:
+    """Every Envoy pushes its stats (deltas) to the control plane, which judges canaries from
+    the per-cluster counters: rollback costs the request path nothing."""
+    sink = SinkConfig(
+        grpc_service=GrpcService(envoy_grpc=GrpcServiceEnvoyGrpc(cluster_name=wire.CONTROL_PLANE_CLUSTER)),
+        report_counters_as_deltas=True,
+        report_histograms_as_deltas=True,
+        # `cluster.upstream_rq_xx` with the cluster and status class as attributes.
+        use_tag_extracted_name=True,
+        emit_tags_as_attributes=True,
+    )
+    return StatsSink(name="envoy.stat_sinks.open_telemetry", typed_config=_any(sink))
+
+
 def bootstrap(registry: Registry, workers: int | None = None) -> Bootstrap:
     count = workers or registry.broker.workers
     clusters = [ext_proc_cluster(registry, count), control_plane_cluster(registry)]
@@ -619,6 +637,8 @@ def bootstrap(registry: Registry, workers: int | None = None) -> Bootstrap:
         admin=Admin(address=_socket(registry.admin.address, registry.admin.port)),
         static_resources=BootstrapStaticResources(listeners=[public_listener(registry)], clusters=clusters),
         layered_runtime=layered_runtime(),
+        stats_sinks=[stats_sink()],
+        stats_flush_interval=timedelta(seconds=STATS_FLUSH_SECONDS),
     )
 
 

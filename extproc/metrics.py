@@ -53,6 +53,29 @@ def record_request(model: str, stages: Iterable[tuple[str, float]], outcome: str
     REQUESTS.labels(model, outcome).inc()
 
 
+ROLLBACKS = Counter(
+    "model_broker_rollbacks_total",
+    "Automatic rollbacks of a canary, by the threshold it crossed (error_rate, p95_latency).",
+    ["model", "version", "reason"],
+)
+# From the stats every Envoy pushes to the control plane: no cost on the request path.
+VERSION_REQUESTS = Counter(
+    "model_broker_version_requests_total",
+    "Requests completed by each model version, over every Envoy.",
+    ["model", "version"],
+)
+VERSION_ERRORS = Counter(
+    "model_broker_version_errors_total", "5xx answers of each model version, over every Envoy.", ["model", "version"]
+)
+
+
+def record_version_outcomes(model: str, version: str, requests: int, errors: int) -> None:
+    if requests:
+        VERSION_REQUESTS.labels(model, version).inc(requests)
+    if errors:
+        VERSION_ERRORS.labels(model, version).inc(errors)
+
+
 def set_weights(model: str, weights: Mapping[str, int]) -> None:
     for version, weight in weights.items():
         VERSION_WEIGHT.labels(model, version).set(weight)

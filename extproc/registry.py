@@ -215,6 +215,21 @@ class Sticky(Strict):
         return self
 
 
+class RolloutPolicy(Strict):
+    """Automatic rollback: the canary's weight goes to 0 on every Envoy when it misbehaves.
+
+    Judged by the control plane from Envoy's per-cluster stats over a sliding window;
+    nothing is decided before `min_requests` reached the canary within the window.
+    """
+
+    canary: Annotated[str, Field(pattern=DNS_LABEL)]
+    window_seconds: Annotated[float, Field(ge=2, le=3600)] = 60.0
+    min_requests: Annotated[int, Field(ge=1, le=1_000_000)] = 20
+    # 5xx responses (from the canary, or Envoy's for it: resets, timeouts) over requests.
+    max_error_rate: Annotated[float, Field(ge=0, le=1)] = 0.05
+    max_p95_ms: Annotated[int, Field(ge=1, le=600_000)] | None = None
+
+
 class Model(Strict):
     name: Annotated[str, Field(pattern=DNS_LABEL)]
     path: Annotated[str, Field(pattern=r"^/[A-Za-z0-9._~!$&'()*+,;=:@/-]*$")]
@@ -228,6 +243,7 @@ class Model(Strict):
     unknown_entity: Literal["reject", "forward"] = "reject"
     timeout_ms: Annotated[int, Field(ge=1, le=600_000)] = 15_000
     sticky: Sticky | None = None
+    rollout: RolloutPolicy | None = None
     versions: tuple[Version, ...]
 
     @property
@@ -324,6 +340,8 @@ def _model_references(reg: Registry) -> Iterator[Problem]:
             if version.name in seen:
                 yield Problem(f"{here}.versions[{j}].name", f"duplicate version '{version.name}'")
             seen.add(version.name)
+        if model.rollout is not None and model.rollout.canary not in seen:
+            yield Problem(f"{here}.rollout.canary", f"'{model.rollout.canary}' is not a version of {model.name}")
 
 
 def _ports_and_budgets(reg: Registry) -> Iterator[Problem]:

@@ -24,11 +24,16 @@ import grpc
 import orjson
 import uvloop
 from aiohttp import web
+from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import (
+    ExportMetricsServiceRequest,
+    ExportMetricsServiceResponse,
+)
 
-from extproc import metrics
+from extproc import metrics, wire
 from extproc.errors import BrokerError, ErrorCode
 from extproc.registry import Registry, load_registry
 from extproc.rollout import discovery
+from extproc.rollout.health import Breach, OutcomeWindow, judge, outcomes_by_cluster, rollback_weights
 from extproc.rollout.state import RolloutState, load_state, save_state
 from extproc.rollout.weights import LiveWeights, change_weights, merge_overrides, newly_live, runtime_layer
 from extproc.rollout.xds import RuntimeHub, add_runtime_service
@@ -40,6 +45,9 @@ log = logging.getLogger("model_broker.control_plane")
 WORKER_SYNC_SECONDS = 1.0
 # How long a change waits for every connected Envoy to acknowledge it.
 ACK_TIMEOUT_SECONDS = 5.0
+# The `source` of a change made by automatic rollback (operators' changes say "admin").
+ROLLBACK = "rollback"
+METRICS_SERVICE = "opentelemetry.proto.collector.metrics.v1.MetricsService"
 
 
 def events_path(state_file: str) -> Path:
@@ -58,6 +66,15 @@ class ControlPlane:
             log.warning("ignoring a saved weight override that no longer fits the registry: %s", reason)
         self.hub = RuntimeHub(runtime_layer(self._live), state.revision)
         self._lock = asyncio.Lock()
+        self._policies = {m.name: m.rollout for m in registry.models if m.rollout is not None}
+        self._versions = {
+            wire.version_cluster(m.name, v.name): (m.name, v.name) for m in registry.models for v in m.versions
+        }
+        self._rolling_back: set[str] = set()
+        self._windows = {
+            wire.version_cluster(model, policy.canary): OutcomeWindow(policy.window_seconds)
+            for model, policy in self._policies.items()
+        }
         self._events = events_path(registry.control_plane.state_file)
         for model, weights in self._live.items():
             metrics.set_weights(model, weights)
@@ -87,9 +104,46 @@ class ControlPlane:
                 await asyncio.sleep(WORKER_SYNC_SECONDS)
             self.hub.publish(runtime_layer(after), revision)
             metrics.set_weights(model, checked)
-            self.record_event("weights_changed", model, source, before=before[model], after=checked, **(detail or {}))
+            self._forget_outcomes(model)
+            event = "rollback" if source == ROLLBACK else "weights_changed"
+            self.record_event(event, model, source, before=before[model], after=checked, **(detail or {}))
         acked, connected = await self.hub.wait_acked(revision, ACK_TIMEOUT_SECONDS)
         return {"model": model, "weights": checked, "revision": revision, "envoys_acked": acked, "envoys": connected}
+
+    def _forget_outcomes(self, model: str) -> None:
+        """A new split starts a new judgement: errors from before it must not roll it back."""
+        policy = self._policies.get(model)
+        if policy is not None:
+            self._windows[wire.version_cluster(model, policy.canary)] = OutcomeWindow(policy.window_seconds)
+
+    async def observe(self, export: ExportMetricsServiceRequest) -> None:
+        """One Envoy's stats for the last flush interval: count them, then judge every canary."""
+        now = time.monotonic()
+        for cluster, outcomes in outcomes_by_cluster(export, set(self._versions)).items():
+            model, version = self._versions[cluster]
+            metrics.record_version_outcomes(model, version, outcomes.requests, outcomes.errors)
+            if cluster in self._windows:
+                self._windows[cluster].add(now, outcomes)
+        for model, policy in self._policies.items():
+            if self._live[model].get(policy.canary, 0) == 0 or model in self._rolling_back:
+                continue
+            breach = judge(policy, self._windows[wire.version_cluster(model, policy.canary)].health(now))
+            if breach is not None:
+                await self._roll_back(model, policy.canary, breach)
+
+    async def _roll_back(self, model: str, canary: str, breach: Breach) -> None:
+        self._rolling_back.add(model)
+        try:
+            log.warning("rolling back %s: canary %s breached %s: %s", model, canary, breach.reason, breach.detail())
+            result = await self.set_weights(
+                model, rollback_weights(self._live[model], canary), ROLLBACK, {"canary": canary, **breach.detail()}
+            )
+            if isinstance(result, BrokerError):  # cannot happen for a registry-valid split; loud if it does
+                log.error("rollback of %s refused: %s", model, result.message)
+            else:
+                metrics.ROLLBACKS.labels(model, canary, breach.reason).inc()
+        finally:
+            self._rolling_back.discard(model)
 
     def record_event(self, event: str, model: str, source: str, **fields: Any) -> None:
         """One JSON line per rollout event; the audit subsystem (issue 4) picks these up."""
@@ -146,11 +200,27 @@ def admin_app(plane: ControlPlane, token: str) -> web.Application:
     return app
 
 
+def add_metrics_service(server: grpc.aio.Server, plane: ControlPlane) -> None:
+    """OTLP metrics export (Envoy's OpenTelemetry stat sink); xds-protos ships the messages, not the stub."""
+
+    async def export(request: ExportMetricsServiceRequest, _: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        await plane.observe(request)
+        return ExportMetricsServiceResponse()
+
+    method = grpc.unary_unary_rpc_method_handler(
+        export,
+        request_deserializer=ExportMetricsServiceRequest.FromString,
+        response_serializer=ExportMetricsServiceResponse.SerializeToString,
+    )
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(METRICS_SERVICE, {"Export": method}),))
+
+
 async def serve_control_plane(registry_file: str, registry: Registry) -> None:
     conf = registry.control_plane
     plane = ControlPlane(registry, load_state(conf.state_file))
     server = grpc.aio.server()
     add_runtime_service(server, plane.hub)
+    add_metrics_service(server, plane)
     server.add_insecure_port(f"{conf.address}:{conf.port}")
     await server.start()
     token = os.environ.get(discovery.TOKEN_ENV) or secrets.token_urlsafe(32)
