@@ -228,6 +228,16 @@ class RolloutPolicy(Strict):
     # 5xx responses (from the canary, or Envoy's for it: resets, timeouts) over requests.
     max_error_rate: Annotated[float, Field(ge=0, le=1)] = 0.05
     max_p95_ms: Annotated[int, Field(ge=1, le=600_000)] | None = None
+    # Staged promotion: the canary's traffic percent steps up (e.g. 5, 25, 50, 100) each
+    # time it stayed healthy, with at least `min_requests` judged, for `promote_after_seconds`.
+    promote_steps: tuple[Annotated[int, Field(ge=1, le=100)], ...] = ()
+    promote_after_seconds: Annotated[float, Field(ge=1, le=86_400)] = 300.0
+
+    @model_validator(mode="after")
+    def _steps_rise(self) -> RolloutPolicy:
+        if list(self.promote_steps) != sorted(set(self.promote_steps)):
+            raise ValueError("promote_steps must strictly increase")
+        return self
 
 
 class Model(Strict):

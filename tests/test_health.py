@@ -15,7 +15,9 @@ from extproc.rollout.health import (
     Outcomes,
     OutcomeWindow,
     judge,
+    next_step,
     outcomes_by_cluster,
+    promotion_weights,
     quantile_upper_bound,
     rollback_weights,
 )
@@ -102,3 +104,27 @@ def test_window_forgets_old_intervals() -> None:
 def test_rollback_weights(weights: dict[str, int], expected: dict[str, int]) -> None:
     """The canary goes to 0; if it had all the traffic, the first other version takes it."""
     assert rollback_weights(weights, "v2") == expected
+
+
+STEPS = RolloutPolicy(canary="v2", promote_steps=(5, 25, 50, 100))
+PROMOTIONS = [
+    ("first-step", {"v1": 100, "v2": 0}, 5, {"v1": 95, "v2": 5}),
+    ("next-step", {"v1": 95, "v2": 5}, 25, {"v1": 75, "v2": 25}),
+    ("between-steps", {"v1": 70, "v2": 30}, 50, {"v1": 50, "v2": 50}),
+    ("rounding-to-largest", {"v1": 2, "v2": 1, "v3": 1}, 50, {"v1": 34, "v2": 50, "v3": 16}),
+    ("done", {"v1": 0, "v2": 1}, None, None),
+]
+
+
+@pytest.mark.parametrize(("case", "weights", "step", "after"), PROMOTIONS, ids=[p[0] for p in PROMOTIONS])
+def test_promotion(case: str, weights: dict[str, int], step: int | None, after: dict[str, int] | None) -> None:
+    """The next step above the canary's share; the others keep their proportions, out of 100."""
+    assert next_step(STEPS, weights) == step
+    if step is not None:
+        assert promotion_weights(weights, "v2", step) == after
+
+
+def test_promotion_steps_must_rise() -> None:
+    """Steps that do not strictly increase are a registry error."""
+    with pytest.raises(ValueError, match="strictly increase"):
+        RolloutPolicy(canary="v2", promote_steps=(50, 25))

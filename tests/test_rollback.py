@@ -22,6 +22,7 @@ from tests.http import call
 
 BAD = "/v1/models/credit-risk/predict"
 GOOD = "/v1/models/credit-risk-ok/predict"
+PROMO = "/v1/models/credit-risk-promo/predict"
 TOKEN = "rollback-test-token"
 POLICY = {"canary": "v2", "window_seconds": 5, "min_requests": 10, "max_error_rate": 0.2}
 
@@ -45,7 +46,8 @@ async def broken_canary() -> AsyncIterator[int]:
 
 def rollback_registry(broken_port: int) -> dict[str, Any]:
     """credit-risk: canary v2 is the broken endpoint (a SageMaker-style backend the test serves);
-    credit-risk-ok: the same policy over two healthy demo versions."""
+    credit-risk-ok: the same policy over two healthy demo versions; credit-risk-promo: healthy,
+    with staged promotion 10 → 50 → 100."""
     doc = demo_registry_doc()
     bad = doc["models"][0]
     good = json.loads(json.dumps(bad))
@@ -61,7 +63,14 @@ def rollback_registry(broken_port: int) -> dict[str, Any]:
     }
     bad["versions"][0]["weight"] = 50
     bad["rollout"] = POLICY
-    doc["models"].append(good)
+    promo = json.loads(json.dumps(good))
+    promo.update(
+        name="credit-risk-promo", path=PROMO, rollout={**POLICY, "promote_steps": [50, 100], "promote_after_seconds": 2}
+    )
+    promo["versions"][0]["weight"], promo["versions"][1]["weight"] = 90, 10
+    for version in promo["versions"]:
+        version["backend"]["service"]["port"] = free_port()
+    doc["models"] += [good, promo]
     return doc
 
 
@@ -144,3 +153,26 @@ async def test_healthy_canary_stays(rollback_stack: Stack, session: aiohttp.Clie
         r'^model_broker_version_requests_total\{model="credit-risk-ok",version="v2"\} (\S+)$', text, re.M
     )
     assert judged and float(judged.group(1)) >= POLICY["min_requests"]  # the canary was judged, not ignored
+
+
+async def test_healthy_canary_is_promoted_in_stages(rollback_stack: Stack, session: aiohttp.ClientSession) -> None:
+    """A healthy canary with promotion steps [50, 100] reaches 100% through 50%, each step after its hold."""
+    deadline = time.monotonic() + 40
+    while time.monotonic() < deadline:  # bounded: at most 40 s of 4-at-a-time requests
+        replies = await asyncio.gather(
+            *(call(session, rollback_stack.base + PROMO, {"customer_id": f"c-{k + 1}"}) for k in range(4))
+        )
+        assert all(r.status == 200 for r in replies)
+        if (await live_weights(session, rollback_stack))["credit-risk-promo"]["v2"] == 100:
+            break
+    assert (await live_weights(session, rollback_stack))["credit-risk-promo"] == {"v1": 0, "v2": 100}
+    events = [
+        json.loads(line)
+        for line in events_path(str(rollback_stack.workdir / "rollout-state.json")).read_text().splitlines()
+    ]
+    steps = [e for e in events if e["model"] == "credit-risk-promo"]
+    assert [(e["event"], e["percent"], e["after"]) for e in steps] == [
+        ("promotion", 50, {"v1": 50, "v2": 50}),
+        ("promotion", 100, {"v1": 0, "v2": 100}),
+    ]
+    assert steps[1]["time"] - steps[0]["time"] >= 2

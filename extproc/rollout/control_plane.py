@@ -31,9 +31,18 @@ from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import (
 
 from extproc import metrics, wire
 from extproc.errors import BrokerError, ErrorCode
-from extproc.registry import Registry, load_registry
+from extproc.registry import Registry, RolloutPolicy, load_registry
 from extproc.rollout import discovery
-from extproc.rollout.health import Breach, OutcomeWindow, judge, outcomes_by_cluster, rollback_weights
+from extproc.rollout.health import (
+    Breach,
+    Health,
+    OutcomeWindow,
+    judge,
+    next_step,
+    outcomes_by_cluster,
+    promotion_weights,
+    rollback_weights,
+)
 from extproc.rollout.state import RolloutState, load_state, save_state
 from extproc.rollout.weights import LiveWeights, change_weights, merge_overrides, newly_live, runtime_layer
 from extproc.rollout.xds import RuntimeHub, add_runtime_service
@@ -47,6 +56,7 @@ WORKER_SYNC_SECONDS = 1.0
 ACK_TIMEOUT_SECONDS = 5.0
 # The `source` of a change made by automatic rollback (operators' changes say "admin").
 ROLLBACK = "rollback"
+PROMOTION = "promotion"
 METRICS_SERVICE = "opentelemetry.proto.collector.metrics.v1.MetricsService"
 
 
@@ -70,7 +80,10 @@ class ControlPlane:
         self._versions = {
             wire.version_cluster(m.name, v.name): (m.name, v.name) for m in registry.models for v in m.versions
         }
-        self._rolling_back: set[str] = set()
+        # Models with an automatic change in flight: exports from other Envoys must not start another.
+        self._changing: set[str] = set()
+        # When each model's split last changed: promotion waits `promote_after_seconds` from there.
+        self._stage_since = dict.fromkeys(self._policies, time.monotonic())
         self._windows = {
             wire.version_cluster(model, policy.canary): OutcomeWindow(policy.window_seconds)
             for model, policy in self._policies.items()
@@ -105,7 +118,7 @@ class ControlPlane:
             self.hub.publish(runtime_layer(after), revision)
             metrics.set_weights(model, checked)
             self._forget_outcomes(model)
-            event = "rollback" if source == ROLLBACK else "weights_changed"
+            event = {ROLLBACK: "rollback", PROMOTION: "promotion"}.get(source, "weights_changed")
             self.record_event(event, model, source, before=before[model], after=checked, **(detail or {}))
         acked, connected = await self.hub.wait_acked(revision, ACK_TIMEOUT_SECONDS)
         return {"model": model, "weights": checked, "revision": revision, "envoys_acked": acked, "envoys": connected}
@@ -114,6 +127,7 @@ class ControlPlane:
         """A new split starts a new judgement: errors from before it must not roll it back."""
         policy = self._policies.get(model)
         if policy is not None:
+            self._stage_since[model] = time.monotonic()
             self._windows[wire.version_cluster(model, policy.canary)] = OutcomeWindow(policy.window_seconds)
 
     async def observe(self, export: ExportMetricsServiceRequest) -> None:
@@ -125,14 +139,32 @@ class ControlPlane:
             if cluster in self._windows:
                 self._windows[cluster].add(now, outcomes)
         for model, policy in self._policies.items():
-            if self._live[model].get(policy.canary, 0) == 0 or model in self._rolling_back:
+            if self._live[model].get(policy.canary, 0) == 0 or model in self._changing:
                 continue
-            breach = judge(policy, self._windows[wire.version_cluster(model, policy.canary)].health(now))
+            health = self._windows[wire.version_cluster(model, policy.canary)].health(now)
+            breach = judge(policy, health)
             if breach is not None:
                 await self._roll_back(model, policy.canary, breach)
+            elif (
+                health.requests >= policy.min_requests
+                and now - self._stage_since[model] >= policy.promote_after_seconds
+            ):
+                await self._promote(model, policy, health)
+
+    async def _promote(self, model: str, policy: RolloutPolicy, health: Health) -> None:
+        step = next_step(policy, self._live[model])
+        if step is None:
+            return
+        self._changing.add(model)
+        try:
+            detail = {"canary": policy.canary, "percent": step, "requests": health.requests, "errors": health.errors}
+            log.info("promoting %s: canary %s healthy, to %d%%", model, policy.canary, step)
+            await self.set_weights(model, promotion_weights(self._live[model], policy.canary, step), PROMOTION, detail)
+        finally:
+            self._changing.discard(model)
 
     async def _roll_back(self, model: str, canary: str, breach: Breach) -> None:
-        self._rolling_back.add(model)
+        self._changing.add(model)
         try:
             log.warning("rolling back %s: canary %s breached %s: %s", model, canary, breach.reason, breach.detail())
             result = await self.set_weights(
@@ -143,7 +175,7 @@ class ControlPlane:
             else:
                 metrics.ROLLBACKS.labels(model, canary, breach.reason).inc()
         finally:
-            self._rolling_back.discard(model)
+            self._changing.discard(model)
 
     def record_event(self, event: str, model: str, source: str, **fields: Any) -> None:
         """One JSON line per rollout event; the audit subsystem (issue 4) picks these up."""

@@ -162,6 +162,32 @@ def judge(policy: RolloutPolicy, health: Health) -> Breach | None:
     return None
 
 
+def canary_percent(weights: Weights, canary: str) -> float:
+    total = sum(weights.values())
+    return 100 * weights.get(canary, 0) / total if total else 0.0
+
+
+def next_step(policy: RolloutPolicy, weights: Weights) -> int | None:
+    """The next promotion step above the canary's current share, if any."""
+    current = canary_percent(weights, policy.canary)
+    return next((step for step in policy.promote_steps if step > current + 1e-9), None)
+
+
+def promotion_weights(weights: Weights, canary: str, percent: int) -> Weights:
+    """Weights out of 100 with the canary at `percent`; the others share the rest as they did."""
+    others = {v: w for v, w in weights.items() if v != canary}
+    rest = 100 - percent
+    total = sum(others.values())
+    if total == 0:
+        shares = {v: (rest if i == 0 else 0) for i, v in enumerate(others)}
+    else:
+        shares = {v: rest * w // total for v, w in others.items()}
+        leftover = rest - sum(shares.values())  # integer rounding goes to the largest
+        if others and leftover:
+            shares[max(others, key=lambda v: others[v])] += leftover
+    return {v: (percent if v == canary else shares[v]) for v in weights}
+
+
 def rollback_weights(weights: Weights, canary: str) -> Weights:
     """The canary to 0; if nothing else had traffic, the first other version takes the canary's share."""
     after = {**weights, canary: 0}
