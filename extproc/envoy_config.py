@@ -31,6 +31,7 @@ from envoy_data_plane.envoy.config.bootstrap.v3 import (
     RuntimeLayerRtdsLayer,
 )
 from envoy_data_plane.envoy.config.cluster.v3 import Cluster, ClusterDiscoveryType, ClusterLbPolicy
+from envoy_data_plane.envoy.config.common.mutation_rules.v3 import HeaderMutation
 from envoy_data_plane.envoy.config.core.v3 import (
     Address,
     ApiConfigSource,
@@ -38,6 +39,7 @@ from envoy_data_plane.envoy.config.core.v3 import (
     ApiVersion,
     ConfigSource,
     DataSource,
+    EnvoyInternalAddress,
     GrpcService,
     GrpcServiceEnvoyGrpc,
     HeaderValue,
@@ -51,19 +53,22 @@ from envoy_data_plane.envoy.config.core.v3 import (
     SocketAddress,
     SubstitutionFormatString,
     TransportSocket,
+    TypedExtensionConfig,
 )
 from envoy_data_plane.envoy.config.endpoint.v3 import ClusterLoadAssignment, Endpoint, LbEndpoint, LocalityLbEndpoints
-from envoy_data_plane.envoy.config.listener.v3 import Filter, FilterChain, Listener
+from envoy_data_plane.envoy.config.listener.v3 import Filter, FilterChain, Listener, ListenerInternalListenerConfig
 from envoy_data_plane.envoy.config.metrics.v3 import StatsSink
 from envoy_data_plane.envoy.config.rbac.v3 import Permission, Policy, Principal, RbacAction, SourcedMetadata
 from envoy_data_plane.envoy.config.rbac.v3 import Rbac as Rules
 from envoy_data_plane.envoy.config.route.v3 import (
     DirectResponseAction,
+    FilterConfig,
     HeaderMatcher,
     Route,
     RouteAction,
     RouteActionHashPolicy,
     RouteActionHashPolicyHeader,
+    RouteActionRequestMirrorPolicy,
     RouteConfiguration,
     RouteMatch,
     VirtualHost,
@@ -71,6 +76,7 @@ from envoy_data_plane.envoy.config.route.v3 import (
     WeightedClusterClusterWeight,
 )
 from envoy_data_plane.envoy.extensions.access_loggers.filters.cel.v3 import ExpressionFilter
+from envoy_data_plane.envoy.extensions.bootstrap.internal_listener.v3 import InternalListener
 from envoy_data_plane.envoy.extensions.common.aws.v3 import (
     AwsCredentialProvider,
     ContainerCredentialProvider,
@@ -298,6 +304,104 @@ def _sticky(model: Model) -> tuple[list[RouteActionHashPolicy], dict[str, AnyMes
     return [policy], {EXT_PROC_FILTER: _headers_and_body()}
 
 
+def _shadowed(registry: Registry) -> list[Model]:
+    return [m for m in registry.models if m.shadow is not None]
+
+
+def shadow_recorder_filter(registry: Registry, *, disabled: bool) -> HttpFilter:
+    """Streams model answers to the control plane without ever holding them (observability mode:
+    Envoy does not wait for the recorder, so a shadowed route's client sees no added latency)."""
+    config = ExternalProcessor(
+        grpc_service=GrpcService(
+            envoy_grpc=GrpcServiceEnvoyGrpc(cluster_name=wire.CONTROL_PLANE_CLUSTER),
+            timeout=_ms(registry.broker.message_timeout_ms),
+        ),
+        # Fail open: recording a comparison must never cost a client its answer.
+        failure_mode_allow=True,
+        observability_mode=True,
+        processing_mode=ProcessingMode(
+            request_header_mode=Send.SKIP,
+            response_header_mode=Send.SKIP,
+            response_body_mode=Body.STREAMED,
+            request_trailer_mode=Send.SKIP,
+            response_trailer_mode=Send.SKIP,
+        ),
+        response_attributes=list(wire.RESPONSE_ATTRIBUTES),
+    )
+    return HttpFilter(name=wire.SHADOW_RECORDER_FILTER, typed_config=_any(config), disabled=disabled)
+
+
+def _recorder_on() -> AnyMessage:
+    """Turn the (disabled by default) recorder on for one route."""
+    per_route = ExtProcPerRoute(overrides=ExtProcOverrides(failure_mode_allow=True))
+    return _any(FilterConfig(config=_any(per_route)))
+
+
+def _mirror(model: Model) -> list[RouteActionRequestMirrorPolicy]:
+    """The enriched request, copied to the shadow listener, tagged with the model it shadows."""
+    if model.shadow is None:
+        return []
+    tag = HeaderMutation(
+        append=HeaderValueOption(
+            header=HeaderValue(key=wire.HEADER_SHADOW_OF, value=model.name),
+            append_action=HeaderValueOptionHeaderAppendAction.OVERWRITE_IF_EXISTS_OR_ADD,
+        )
+    )
+    return [RouteActionRequestMirrorPolicy(cluster=wire.SHADOW_LISTENER, request_headers_mutations=[tag])]
+
+
+def shadow_listener(registry: Registry) -> Listener:
+    """An internal listener: mirrored requests go to each model's shadow version, answers to the recorder."""
+    routes = [
+        Route(
+            name=wire.SHADOW_ROUTE_PREFIX + model.name,
+            match=RouteMatch(
+                prefix="/",
+                headers=[HeaderMatcher(name=wire.HEADER_SHADOW_OF, string_match=StringMatcher(exact=model.name))],
+            ),
+            route=RouteAction(
+                cluster=wire.version_cluster(model.name, model.shadow.version), timeout=_ms(model.timeout_ms)
+            ),
+        )
+        for model in _shadowed(registry)
+        if model.shadow is not None
+    ]
+    hcm = HttpConnectionManager(
+        stat_prefix="shadow",
+        route_config=RouteConfiguration(
+            name="shadow", virtual_hosts=[VirtualHost(name="shadow", domains=["*"], routes=routes)]
+        ),
+        http_filters=[
+            shadow_recorder_filter(registry, disabled=False),
+            HttpFilter(name="envoy.filters.http.router", typed_config=_any(Router())),
+        ],
+        # The mirrored request keeps the client request's id: that is how the answers are paired.
+        preserve_external_request_id=True,
+    )
+    return Listener(
+        name=wire.SHADOW_LISTENER,
+        internal_listener=ListenerInternalListenerConfig(),
+        filter_chains=[
+            FilterChain(filters=[Filter(name="envoy.filters.network.http_connection_manager", typed_config=_any(hcm))])
+        ],
+    )
+
+
+def shadow_cluster() -> Cluster:
+    endpoint = LbEndpoint(
+        endpoint=Endpoint(
+            address=Address(envoy_internal_address=EnvoyInternalAddress(server_listener_name=wire.SHADOW_LISTENER))
+        )
+    )
+    return Cluster(
+        name=wire.SHADOW_LISTENER,
+        type=ClusterDiscoveryType.STATIC,
+        load_assignment=ClusterLoadAssignment(
+            cluster_name=wire.SHADOW_LISTENER, endpoints=[LocalityLbEndpoints(lb_endpoints=[endpoint])]
+        ),
+    )
+
+
 def _without_broker() -> dict[str, AnyMessage]:
     """Routes Envoy answers alone (unknown path, wrong method) never cost a broker call."""
     return {EXT_PROC_FILTER: _any(ExtProcPerRoute(disabled=True))}
@@ -348,6 +452,8 @@ def _model_routes(model: Model) -> list[Route]:
         use_hash_policy=True if model.sticky is not None else None,
     )
     hash_policy, sticky_filters = _sticky(model)
+    if model.shadow is not None:
+        sticky_filters = {**sticky_filters, wire.SHADOW_RECORDER_FILTER: _recorder_on()}
     metadata = f"%DYNAMIC_METADATA({wire.METADATA_NAMESPACE}:{{}})%"
     served = Route(
         name=model.name,
@@ -358,6 +464,7 @@ def _model_routes(model: Model) -> list[Route]:
         route=RouteAction(
             weighted_clusters=weighted,
             hash_policy=hash_policy,
+            request_mirror_policies=_mirror(model),
             timeout=_ms(model.timeout_ms),
             # One path for all versions: rewrite on the route; else each cluster rewrites its own.
             regex_rewrite=_rewrite_to(path) if (path := shared_path(model)) else None,
@@ -420,6 +527,7 @@ def public_listener(registry: Registry) -> Listener:
         route_config=route_configuration(registry),
         http_filters=[
             ext_proc_filter(registry),
+            *([shadow_recorder_filter(registry, disabled=True)] if _shadowed(registry) else []),
             HttpFilter(
                 name="envoy.filters.http.buffer",
                 typed_config=_any(Buffer(max_request_bytes=limits.max_body_bytes + limits.feature_headroom_bytes)),
@@ -631,11 +739,20 @@ def bootstrap(registry: Registry, workers: int | None = None) -> Bootstrap:
     count = workers or registry.broker.workers
     clusters = [ext_proc_cluster(registry, count), control_plane_cluster(registry)]
     clusters += [version_cluster(m, v) for m in registry.models for v in m.versions]
+    listeners = [public_listener(registry)]
+    extensions = []
+    if _shadowed(registry):
+        listeners.append(shadow_listener(registry))
+        clusters.append(shadow_cluster())
+        extensions.append(
+            TypedExtensionConfig(name="envoy.bootstrap.internal_listener", typed_config=_any(InternalListener()))
+        )
     return Bootstrap(
         # xDS subscriptions need a node identity; `--service-node` overrides the id per replica.
         node=Node(id="model-broker-envoy", cluster="model-broker"),
         admin=Admin(address=_socket(registry.admin.address, registry.admin.port)),
-        static_resources=BootstrapStaticResources(listeners=[public_listener(registry)], clusters=clusters),
+        static_resources=BootstrapStaticResources(listeners=listeners, clusters=clusters),
+        bootstrap_extensions=extensions,
         layered_runtime=layered_runtime(),
         stats_sinks=[stats_sink()],
         stats_flush_interval=timedelta(seconds=STATS_FLUSH_SECONDS),

@@ -76,6 +76,25 @@ def record_version_outcomes(model: str, version: str, requests: int, errors: int
         VERSION_ERRORS.labels(model, version).inc(errors)
 
 
+SHADOW_COMPARISONS = Counter(
+    "model_broker_shadow_comparisons_total",
+    "Requests whose primary and shadow answers were compared, by whether the compared field matched.",
+    ["model", "shadow", "result"],
+)
+SHADOW_ABS_DIFF = Histogram(
+    "model_broker_shadow_abs_difference",
+    "|primary - shadow| of the compared numeric field (sum/count is the mean absolute difference).",
+    ["model", "shadow"],
+    buckets=(0.0, 0.001, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 10.0),
+)
+
+
+def record_shadow(model: str, shadow: str, match: bool, abs_diff: float | None) -> None:
+    SHADOW_COMPARISONS.labels(model, shadow, "match" if match else "mismatch").inc()
+    if abs_diff is not None:
+        SHADOW_ABS_DIFF.labels(model, shadow).observe(abs_diff)
+
+
 def set_weights(model: str, weights: Mapping[str, int]) -> None:
     for version, weight in weights.items():
         VERSION_WEIGHT.labels(model, version).set(weight)

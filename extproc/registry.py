@@ -240,6 +240,15 @@ class RolloutPolicy(Strict):
         return self
 
 
+class Shadow(Strict):
+    """A version that gets a mirrored copy of every enriched request; its answer reaches nobody
+    but the broker, which records it beside the primary's and compares `compare_field`."""
+
+    version: Annotated[str, Field(pattern=DNS_LABEL)]
+    # A top-level field of both answers: exact-match rate, and mean absolute difference if numeric.
+    compare_field: Annotated[str, Field(pattern=JSON_KEY)]
+
+
 class Model(Strict):
     name: Annotated[str, Field(pattern=DNS_LABEL)]
     path: Annotated[str, Field(pattern=r"^/[A-Za-z0-9._~!$&'()*+,;=:@/-]*$")]
@@ -254,6 +263,7 @@ class Model(Strict):
     timeout_ms: Annotated[int, Field(ge=1, le=600_000)] = 15_000
     sticky: Sticky | None = None
     rollout: RolloutPolicy | None = None
+    shadow: Shadow | None = None
     versions: tuple[Version, ...]
 
     @property
@@ -262,10 +272,12 @@ class Model(Strict):
 
     @property
     def required_features(self) -> tuple[str, ...]:
-        """Union over the live versions, so whichever version Envoy picks has its features."""
+        """Union over the live versions and the shadow, so whichever version gets it has its features."""
         names = dict.fromkeys(self.features)
-        for version in self.live_versions:
-            names.update(dict.fromkeys(version.features))
+        shadow = self.shadow.version if self.shadow is not None else None
+        for version in self.versions:
+            if version.weight > 0 or version.name == shadow:  # the shadow gets the same enriched request
+                names.update(dict.fromkeys(version.features))
         return tuple(names)
 
 
@@ -350,6 +362,8 @@ def _model_references(reg: Registry) -> Iterator[Problem]:
             if version.name in seen:
                 yield Problem(f"{here}.versions[{j}].name", f"duplicate version '{version.name}'")
             seen.add(version.name)
+        if model.shadow is not None and model.shadow.version not in seen:
+            yield Problem(f"{here}.shadow.version", f"'{model.shadow.version}' is not a version of {model.name}")
         if model.rollout is not None and model.rollout.canary not in seen:
             yield Problem(f"{here}.rollout.canary", f"'{model.rollout.canary}' is not a version of {model.name}")
 

@@ -61,6 +61,17 @@ CONTROL_PLANE_CLUSTER: Final = "model_broker_control_plane"
 RUNTIME_LAYER: Final = "model_broker_weights"
 RUNTIME_WEIGHTS_PREFIX: Final = "model_broker.weights"
 
+# Shadow traffic: Envoy mirrors a shadowed model's enriched request to an internal listener
+# (named here, reached through a cluster of the same name), which routes it to the shadow
+# version by the header the mirror policy sets; the route is named SHADOW_ROUTE_PREFIX + model.
+SHADOW_LISTENER: Final = "model_broker_shadow"
+HEADER_SHADOW_OF: Final = "x-broker-shadow-of"
+SHADOW_ROUTE_PREFIX: Final = "shadow:"
+# The second ext_proc filter: observes (never changes) the primary's and the shadow's answers
+# and streams them to the control plane, which pairs them by request id.
+SHADOW_RECORDER_FILTER: Final = "model_broker.shadow_recorder"
+RESPONSE_ATTRIBUTES: Final = (ATTR_ROUTE_NAME, ATTR_CLUSTER_NAME, ATTR_REQUEST_ID)
+
 
 def weight_runtime_key(model: str, version: str) -> str:
     """The runtime key Envoy reads a version's live weight from."""

@@ -43,6 +43,7 @@ from extproc.rollout.health import (
     promotion_weights,
     rollback_weights,
 )
+from extproc.rollout.shadow import Answer, Comparison, ShadowPairs, add_shadow_recorder, compare_answers
 from extproc.rollout.state import RolloutState, load_state, save_state
 from extproc.rollout.weights import LiveWeights, change_weights, merge_overrides, newly_live, runtime_layer
 from extproc.rollout.xds import RuntimeHub, add_runtime_service
@@ -63,6 +64,11 @@ METRICS_SERVICE = "opentelemetry.proto.collector.metrics.v1.MetricsService"
 def events_path(state_file: str) -> Path:
     """Rollout events (weight changes, rollbacks) as JSON lines beside the state file, for the audit."""
     return Path(state_file).with_suffix(".events.jsonl")
+
+
+def shadow_path(state_file: str) -> Path:
+    """Primary and shadow answers of each compared request, with the shadow's version, for the audit."""
+    return Path(state_file).with_suffix(".shadow.jsonl")
 
 
 class ControlPlane:
@@ -89,6 +95,8 @@ class ControlPlane:
             for model, policy in self._policies.items()
         }
         self._events = events_path(registry.control_plane.state_file)
+        self._shadow_log = shadow_path(registry.control_plane.state_file)
+        self._shadow_pairs = ShadowPairs()
         for model, weights in self._live.items():
             metrics.set_weights(model, weights)
 
@@ -177,6 +185,34 @@ class ControlPlane:
         finally:
             self._changing.discard(model)
 
+    def record_answer(self, route: str, cluster: str, request_id: str, body: bytes) -> None:
+        """One model answer from Envoy's recorder; once both halves of a request are in, compare them."""
+        is_shadow = route.startswith(wire.SHADOW_ROUTE_PREFIX)
+        model = self.registry.model(route.removeprefix(wire.SHADOW_ROUTE_PREFIX))
+        if model is None or model.shadow is None or cluster not in self._versions or not request_id:
+            return
+        pair = self._shadow_pairs.add(
+            model.name, request_id, is_shadow, Answer(self._versions[cluster][1], body), time.monotonic()
+        )
+        if pair is None:
+            return
+        primary, shadow = pair
+        match, abs_diff, first, second = compare_answers(model.shadow.compare_field, primary.body, shadow.body)
+        comparison = Comparison(
+            request_id,
+            model.name,
+            primary.version,
+            shadow.version,
+            model.shadow.compare_field,
+            match,
+            abs_diff,
+            first,
+            second,
+        )
+        metrics.record_shadow(model.name, shadow.version, match, abs_diff)
+        with self._shadow_log.open("ab") as out:
+            out.write(orjson.dumps(comparison.record()) + b"\n")
+
     def record_event(self, event: str, model: str, source: str, **fields: Any) -> None:
         """One JSON line per rollout event; the audit subsystem (issue 4) picks these up."""
         record = {"time": time.time(), "event": event, "model": model, "source": source, **fields}
@@ -253,6 +289,7 @@ async def serve_control_plane(registry_file: str, registry: Registry) -> None:
     server = grpc.aio.server()
     add_runtime_service(server, plane.hub)
     add_metrics_service(server, plane)
+    add_shadow_recorder(server, plane.record_answer)
     server.add_insecure_port(f"{conf.address}:{conf.port}")
     await server.start()
     token = os.environ.get(discovery.TOKEN_ENV) or secrets.token_urlsafe(32)
