@@ -50,8 +50,10 @@ class BrokerProcessor(Processor):
     async def request_headers(self, msg: HttpHeaders, ctx: RequestContext) -> ProcessingResponse:
         """Only the broker's own GET routes ask for the header phase."""
         if ctx.route_name == wire.ROUTE_HEALTHZ:
+            ctx.finished = True
             return responses.immediate_json(200, self._health_doc, details="healthz")
         if ctx.route_name == wire.ROUTE_MODELS:
+            ctx.finished = True
             return responses.immediate_json(200, orjson.Fragment(self._models_doc), details="models")
         return responses.continue_request_headers()
 
@@ -76,6 +78,7 @@ class BrokerProcessor(Processor):
         if degraded:
             metadata[wire.META_DEGRADED] = degraded
         metrics.record_request(route.model, ctx.stages, degraded or "ok")
+        ctx.finished = True  # model routes ask for the request body only
         return responses.continue_request_body(body, metadata)
 
     def _parse(self, raw: bytes, route: ModelRoute, ctx: RequestContext) -> dict[str, Any] | BrokerError:
@@ -102,6 +105,7 @@ class BrokerProcessor(Processor):
 
     def _reject(self, error: BrokerError, ctx: RequestContext) -> ProcessingResponse:
         ctx.lap("reject")
+        ctx.finished = True
         metrics.record_request(ctx.route_name, ctx.stages, error.code.value)
         return responses.error_response(
             error, ctx.request_id, headers=[(wire.HEADER_SERVER_TIMING, ctx.server_timing())]

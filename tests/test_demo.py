@@ -11,8 +11,7 @@ import time
 
 import orjson
 
-from extproc.launcher import free_port
-from tests.conftest import wait_port
+from extproc.launcher import free_port, wait_listening
 
 
 def test_demo_prints_a_curl_line_that_works_and_stops_cleanly() -> None:
@@ -50,7 +49,7 @@ def test_demo_prints_a_curl_line_that_works_and_stops_cleanly() -> None:
             proc.stdout.close()
     assert code == 0
     try:
-        wait_port(port, timeout_s=0.5)
+        wait_listening(port, timeout_s=0.5)
     except RuntimeError:
         pass
     else:
