@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo install check lint test bench clean envoy-configs
+.PHONY: demo install check lint test bench clean envoy-configs crds
 
 demo: $(STAMP)  ## the bundled demo: Envoy + broker + demo models, no Redis, no AWS
 	$(VENV)/bin/model-broker demo
@@ -36,3 +36,6 @@ clean:
 
 envoy-configs: $(STAMP)  ## regenerate envoy/*.yaml from examples/*.yaml
 	for f in examples/*.yaml; do $(VENV)/bin/model-broker envoy-config --config $$f > envoy/$$(basename $$f); done
+
+crds: $(STAMP)  ## regenerate the chart's CRDs from the registry schema
+	$(VENV)/bin/model-broker crds > helm/model-broker/crds/crds.yaml
