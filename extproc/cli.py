@@ -37,7 +37,13 @@ def cmd_envoy_config(args: argparse.Namespace) -> int:
     registry = _load(args.config)
     if registry is None:
         return 2
-    sys.stdout.write(render_yaml(registry, args.workers, Placement(args.broker_host, args.stats_port)))
+    text = render_yaml(registry, args.workers, Placement(args.broker_host, args.stats_port))
+    if args.output:
+        # For an init container: the image runs no shell to redirect with.
+        with open(args.output, "w", encoding="utf-8") as file:
+            file.write(text)
+    else:
+        sys.stdout.write(text)
     return 0
 
 
@@ -133,6 +139,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, help="broker workers (default: broker.workers)")
     p.add_argument("--broker-host", help="DNS name Envoy resolves for the broker, e.g. a headless Service")
     p.add_argument("--stats-port", type=int, help="serve /stats/prometheus and /ready on this port")
+    p.add_argument("--output", "-o", help="write to this file instead of stdout")
     p.set_defaults(func=cmd_envoy_config)
     p = command("serve", "run the ext_proc server: one process per worker, one port each")
     p.add_argument("--workers", type=int, help="worker processes (default: broker.workers)")
