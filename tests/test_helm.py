@@ -20,7 +20,7 @@ from tests.test_cli import run_cli, validate_with_envoy
 from tests.test_crds import KUBERNETES_VERSION
 
 CHART = ROOT / "helm" / "model-broker"
-FULL_VALUES: dict[str, Any] = yaml.safe_load((ROOT / "examples" / "k8s" / "values-production.yaml").read_text())
+FULL_VALUES: dict[str, Any] = yaml.safe_load((ROOT / "examples" / "k8s" / "values" / "production.yaml").read_text())
 RESOURCES_VALUES = {**FULL_VALUES, "modelSource": "resources"}
 VALUE_SETS = {"default": {}, "full": FULL_VALUES, "full-resources": RESOURCES_VALUES}
 # Prometheus Operator's kind: not part of Kubernetes, so there is no schema to check it against.
