@@ -75,6 +75,7 @@ def test_full_values_render_every_component() -> None:
         ("NetworkPolicy", "-broker"),
         ("NetworkPolicy", "-redis"),
         ("ServiceMonitor", "-envoy"),
+        ("ServiceMonitor", "-broker"),
         ("HorizontalPodAutoscaler", "-broker"),
         ("PodDisruptionBudget", "-envoy"),
     ]:
@@ -158,7 +159,9 @@ def test_envoy_finds_every_broker_pod_and_worker(tmp_path: Path) -> None:
     service = find(docs, "Service", f"{RELEASE}-model-broker-broker")
     assert cluster["type"] == "STRICT_DNS" and service["spec"]["clusterIP"] == "None"
     assert {e["address"] for e in endpoints} == {f"{RELEASE}-model-broker-broker.{NAMESPACE}.svc.cluster.local"}
-    assert [e["portValue"] for e in endpoints] == [p["port"] for p in service["spec"]["ports"]]
+    assert [e["portValue"] for e in endpoints] == [
+        p["port"] for p in service["spec"]["ports"] if p["name"] != "metrics"
+    ]
 
 
 def test_reconciler_base_accepts_the_example_resources() -> None:

@@ -73,7 +73,8 @@ store). With modelSource=resources this is the reconciler's base: models come
 from Model resources.
 */}}
 {{- define "model-broker.registry" -}}
-{{- $reg := omit (deepCopy .Values.registry) "listener" "admin" "feature_store" }}
+{{- $reg := omit (deepCopy .Values.registry) "listener" "admin" "feature_store" "metrics" }}
+{{- $_ := set $reg "metrics" (dict "address" "0.0.0.0" "port" (int .Values.broker.metricsPort)) }}
 {{- $_ := set $reg "listener" (dict "address" "0.0.0.0" "port" (int .Values.envoy.port)) }}
 {{- $_ := set $reg "admin" (dict "address" "127.0.0.1" "port" (int .Values.envoy.adminPort)) }}
 {{- $broker := deepCopy (default (dict) .Values.registry.broker) }}
