@@ -2,7 +2,9 @@
 
 Filter chain on the public listener: ext_proc (request body only, buffered) →
 buffer (holds the request until the broker has answered; its limit is the body
-limit) → router (weighted clusters per model). See `envoy/README.md`.
+limit) → router (weighted clusters per model). With ensembles, a second ext_proc
+(longer timeout, enabled on ensemble routes only) and a loopback egress listener
+the broker calls members through. See `envoy/README.md`.
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ from envoy_data_plane.envoy.config.rbac.v3 import Permission, Policy, Principal,
 from envoy_data_plane.envoy.config.rbac.v3 import Rbac as Rules
 from envoy_data_plane.envoy.config.route.v3 import (
     DirectResponseAction,
+    FilterConfig,
     HeaderMatcher,
     Route,
     RouteAction,
@@ -96,9 +99,11 @@ from envoy_data_plane.google.protobuf import Any as AnyMessage
 from envoy_data_plane.google.protobuf import Struct
 
 from extproc import wire
-from extproc.registry import Model, Registry, SageMakerBackend, ServiceBackend, Version
+from extproc.registry import Ensemble, Model, Registry, SageMakerBackend, ServiceBackend, Version
 
 EXT_PROC_FILTER = "envoy.filters.http.ext_proc"
+# A second ext_proc instance for ensemble routes: same broker, a timeout covering the fan-out.
+ENSEMBLE_EXT_PROC_FILTER = "model_broker.ensemble_ext_proc"
 RBAC_FILTER = "envoy.filters.http.rbac"
 HTTP_PROTOCOL_OPTIONS = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
 # Local-reply mappers give Envoy's own replies the broker's JSON shape, but leave alone
@@ -215,10 +220,26 @@ def local_reply_config() -> LocalReplyConfig:
 
 
 def ext_proc_filter(registry: Registry) -> HttpFilter:
-    config = ExternalProcessor(
+    return HttpFilter(name=EXT_PROC_FILTER, typed_config=_any(_ext_proc(registry, registry.broker.message_timeout_ms)))
+
+
+def ensemble_ext_proc_filter(registry: Registry) -> HttpFilter:
+    """Off in the chain, on per ensemble route: the model routes keep their short message timeout.
+
+    The broker answers an ensemble by its deadline at the latest; the message
+    timeout adds the broker's own budget on top, so Envoy never cuts it short.
+    """
+    timeout_ms = max(e.deadline_ms for e in registry.ensembles) + registry.broker.message_timeout_ms
+    config = _ext_proc(registry, timeout_ms)
+    config.stat_prefix = "ensemble"
+    return HttpFilter(name=ENSEMBLE_EXT_PROC_FILTER, typed_config=_any(config), disabled=True)
+
+
+def _ext_proc(registry: Registry, timeout_ms: int) -> ExternalProcessor:
+    return ExternalProcessor(
         grpc_service=GrpcService(
             envoy_grpc=GrpcServiceEnvoyGrpc(cluster_name=wire.EXT_PROC_CLUSTER),
-            timeout=_ms(registry.broker.message_timeout_ms),
+            timeout=_ms(timeout_ms),
         ),
         # Fail closed: a request the broker never saw must not reach a model unenriched.
         failure_mode_allow=False,
@@ -232,14 +253,13 @@ def ext_proc_filter(registry: Registry) -> HttpFilter:
             request_trailer_mode=Send.SKIP,
             response_trailer_mode=Send.SKIP,
         ),
-        message_timeout=_ms(registry.broker.message_timeout_ms),
+        message_timeout=_ms(timeout_ms),
         request_attributes=list(wire.REQUEST_ATTRIBUTES),
         metadata_options=MetadataOptions(
             receiving_namespaces=MetadataOptionsMetadataNamespaces(untyped=[wire.METADATA_NAMESPACE])
         ),
         status_on_error=HttpStatus(code=StatusCode.ServiceUnavailable),
     )
-    return HttpFilter(name=EXT_PROC_FILTER, typed_config=_any(config))
 
 
 def _header_phase_only() -> dict[str, AnyMessage]:
@@ -257,6 +277,17 @@ def _header_phase_only() -> dict[str, AnyMessage]:
 def _without_broker() -> dict[str, AnyMessage]:
     """Routes Envoy answers alone (unknown path, wrong method) never cost a broker call."""
     return {EXT_PROC_FILTER: _any(ExtProcPerRoute(disabled=True))}
+
+
+def _body_only() -> ExtProcPerRoute:
+    """The filter's own mode, restated: Envoy needs a config to switch a chain-disabled filter on."""
+    return ExtProcPerRoute(
+        overrides=ExtProcOverrides(
+            processing_mode=ProcessingMode(
+                request_header_mode=Send.SKIP, request_body_mode=Body.BUFFERED, response_header_mode=Send.SKIP
+            )
+        )
+    )
 
 
 def _broker_route(name: str, path: str) -> Route:
@@ -287,42 +318,94 @@ def _broker_approved() -> RbacPerRoute:
     return RbacPerRoute(rbac=Rbac(rules=Rules(action=RbacAction.ALLOW, policies={"broker-approved": policy})))
 
 
-def _model_routes(model: Model) -> list[Route]:
+def _post(path: str) -> RouteMatch:
+    return RouteMatch(path=path, headers=[HeaderMatcher(name=":method", string_match=StringMatcher(exact="POST"))])
+
+
+def _model_action(model: Model) -> RouteAction:
+    """Weighted split over the versions: the same on the public route and the egress route."""
     weighted = WeightedCluster(
         clusters=[
             WeightedClusterClusterWeight(name=wire.version_cluster(model.name, v.name), weight=v.weight)
             for v in model.versions
         ]
     )
+    return RouteAction(
+        weighted_clusters=weighted,
+        timeout=_ms(model.timeout_ms),
+        # One path for all versions: rewrite on the route; else each cluster rewrites its own.
+        regex_rewrite=_rewrite_to(path) if (path := shared_path(model)) else None,
+    )
+
+
+def _version_header() -> HeaderValueOption:
+    # From the metadata of the upstream host that answered: absent when no model did.
+    return _header(wire.HEADER_VERSION, f"%UPSTREAM_METADATA({wire.METADATA_NAMESPACE}:{wire.META_VERSION})%")
+
+
+def _wrong_method(name: str, path: str) -> Route:
+    return Route(
+        name=f"{name}:method",
+        match=RouteMatch(path=path),
+        direct_response=_direct(405, "method_not_allowed", f"{path} accepts POST only"),
+        typed_per_filter_config=_without_broker(),
+        response_headers_to_add=[_header("allow", "POST")],
+    )
+
+
+def _model_routes(model: Model) -> list[Route]:
     metadata = f"%DYNAMIC_METADATA({wire.METADATA_NAMESPACE}:{{}})%"
     served = Route(
         name=model.name,
-        match=RouteMatch(
-            path=model.path, headers=[HeaderMatcher(name=":method", string_match=StringMatcher(exact="POST"))]
-        ),
+        match=_post(model.path),
         typed_per_filter_config={RBAC_FILTER: _any(_broker_approved())},
-        route=RouteAction(
-            weighted_clusters=weighted,
-            timeout=_ms(model.timeout_ms),
-            # One path for all versions: rewrite on the route; else each cluster rewrites its own.
-            regex_rewrite=_rewrite_to(path) if (path := shared_path(model)) else None,
-        ),
+        route=_model_action(model),
         response_headers_to_add=[
             _header(wire.HEADER_MODEL, model.name),
-            # From the metadata of the upstream host that answered: absent when no model did.
-            _header(wire.HEADER_VERSION, f"%UPSTREAM_METADATA({wire.METADATA_NAMESPACE}:{wire.META_VERSION})%"),
+            _version_header(),
             _header(wire.HEADER_SERVER_TIMING, metadata.format(wire.META_SERVER_TIMING)),
             _header(wire.HEADER_DEGRADED, metadata.format(wire.META_DEGRADED)),
         ],
     )
-    wrong_method = Route(
-        name=f"{model.name}:method",
-        match=RouteMatch(path=model.path),
-        direct_response=_direct(405, "method_not_allowed", f"{model.path} accepts POST only"),
-        typed_per_filter_config=_without_broker(),
-        response_headers_to_add=[_header("allow", "POST")],
+    return [served, _wrong_method(model.name, model.path)]
+
+
+def _ensemble_routes(ensemble: Ensemble) -> list[Route]:
+    """The body goes to the broker (through the ensemble ext_proc), which always answers it itself."""
+    name = wire.ensemble_route(ensemble.name)
+    served = Route(
+        name=name,
+        match=_post(ensemble.path),
+        # Reached only if the broker let the request through, which it never does here.
+        direct_response=_direct(503, "broker_unavailable", "the model broker did not answer"),
+        typed_per_filter_config={
+            EXT_PROC_FILTER: _any(ExtProcPerRoute(disabled=True)),
+            ENSEMBLE_EXT_PROC_FILTER: _any(FilterConfig(config=_any(_body_only()), disabled=False)),
+            # A POST without a body never reaches ext_proc: 400, as on model routes.
+            RBAC_FILTER: _any(_broker_approved()),
+        },
     )
-    return [served, wrong_method]
+    return [served, _wrong_method(name, ensemble.path)]
+
+
+def _egress_routes(registry: Registry) -> list[Route]:
+    """One route per member model: the model's split, path rewrite and signing, without the broker."""
+    members = dict.fromkeys(m.model for e in registry.ensembles for m in e.members)
+    routes = []
+    for name in members:
+        model = registry.model(name)
+        assert model is not None  # the registry guarantees members are models
+        routes.append(
+            Route(
+                name=wire.egress_route(model.name),
+                match=_post(model.path),
+                route=_model_action(model),
+                # The body was enriched before the call; a per-member audit can enable its phase here.
+                typed_per_filter_config=_without_broker(),
+                response_headers_to_add=[_version_header()],
+            )
+        )
+    return routes
 
 
 def _rewrite_to(path: str) -> RegexMatchAndSubstitute:
@@ -336,17 +419,21 @@ def route_configuration(registry: Registry) -> RouteConfiguration:
     ]
     for model in registry.models:
         routes += _model_routes(model)
-    routes.append(
-        Route(
-            name="unknown",
-            match=RouteMatch(prefix="/"),
-            direct_response=_direct(404, "unknown_route", "no model is served at this path; GET /models lists them"),
-            typed_per_filter_config=_without_broker(),
-        )
-    )
+    for ensemble in registry.ensembles:
+        routes += _ensemble_routes(ensemble)
+    routes.append(_unknown_route())
     return RouteConfiguration(
         name="models",
         virtual_hosts=[VirtualHost(name="models", domains=["*"], routes=routes)],
+    )
+
+
+def _unknown_route() -> Route:
+    return Route(
+        name="unknown",
+        match=RouteMatch(prefix="/"),
+        direct_response=_direct(404, "unknown_route", "no model is served at this path; GET /models lists them"),
+        typed_per_filter_config=_without_broker(),
     )
 
 
@@ -357,6 +444,7 @@ def public_listener(registry: Registry) -> Listener:
         route_config=route_configuration(registry),
         http_filters=[
             ext_proc_filter(registry),
+            *([ensemble_ext_proc_filter(registry)] if registry.ensembles else []),
             HttpFilter(
                 name="envoy.filters.http.buffer",
                 typed_config=_any(Buffer(max_request_bytes=limits.max_body_bytes + limits.feature_headroom_bytes)),
@@ -371,13 +459,39 @@ def public_listener(registry: Registry) -> Listener:
         # The id in every error body and (later) audit record; clients quote it to support.
         always_set_request_id_in_response=True,
     )
+    return _listener("public", registry.listener.address, registry.listener.port, hcm)
+
+
+def _listener(name: str, address: str, port: int, hcm: HttpConnectionManager) -> Listener:
     return Listener(
-        name="public",
-        address=_socket(registry.listener.address, registry.listener.port),
+        name=name,
+        address=_socket(address, port),
         filter_chains=[
             FilterChain(filters=[Filter(name="envoy.filters.network.http_connection_manager", typed_config=_any(hcm))])
         ],
     )
+
+
+def egress_listener(registry: Registry) -> Listener:
+    """Loopback only (the registry checks): the broker calls ensemble members here, enriched already."""
+    hcm = HttpConnectionManager(
+        stat_prefix="egress",
+        route_config=RouteConfiguration(
+            name="egress",
+            virtual_hosts=[
+                VirtualHost(name="egress", domains=["*"], routes=[*_egress_routes(registry), _unknown_route()])
+            ],
+        ),
+        # ext_proc is in the chain but off on every egress route: the seam where per-member
+        # processing (audit of each member's answer) can be switched on by route.
+        http_filters=[
+            ext_proc_filter(registry),
+            HttpFilter(name="envoy.filters.http.router", typed_config=_any(Router())),
+        ],
+        # Each member call gets its own x-request-id, returned so the broker can record it.
+        always_set_request_id_in_response=True,
+    )
+    return _listener("egress", registry.egress.address, registry.egress.port, hcm)
 
 
 def _endpoints(
@@ -499,13 +613,7 @@ def stats_listener(registry: Registry, port: int) -> Listener:
         ),
         http_filters=[HttpFilter(name="envoy.filters.http.router", typed_config=_any(Router()))],
     )
-    return Listener(
-        name="stats",
-        address=_socket(registry.listener.address, port),
-        filter_chains=[
-            FilterChain(filters=[Filter(name="envoy.filters.network.http_connection_manager", typed_config=_any(hcm))])
-        ],
-    )
+    return _listener("stats", registry.listener.address, port, hcm)
 
 
 def admin_cluster(registry: Registry) -> Cluster:
@@ -520,6 +628,8 @@ def admin_cluster(registry: Registry) -> Cluster:
 def bootstrap(registry: Registry, workers: int | None = None, placement: Placement = Placement()) -> Bootstrap:
     count = workers or registry.broker.workers
     listeners = [public_listener(registry)]
+    if registry.ensembles:
+        listeners.append(egress_listener(registry))
     clusters = [ext_proc_cluster(registry, count, placement.broker_host)]
     clusters += [version_cluster(m, v) for m in registry.models for v in m.versions]
     if placement.stats_port is not None:

@@ -156,6 +156,8 @@ def _banner(registry: Registry, base: str) -> str:
     lines = [f"Model Broker is up at {base}  (Ctrl-C stops it)", f"  GET  {base}{wire.PATH_MODELS}"]
     for model in registry.models:
         lines.append(f"  POST {base}{model.path}")
+    for ensemble in registry.ensembles:
+        lines.append(f"  POST {base}{ensemble.path}  (ensemble: {', '.join(m.model for m in ensemble.members)})")
     if registry.models:
         example = {"customer_id": "c-42", "amount": 1200} if registry.model("credit-risk") else {}
         lines += [
@@ -173,6 +175,7 @@ def demo_registry(listener_port: int, directory: Path) -> Path:
     doc["admin"]["port"] = free_port()
     doc["metrics"] = {"address": "127.0.0.1", "port": free_port()}
     doc["broker"]["port"] = free_port_run(doc["broker"]["workers"])
+    doc["egress"]["port"] = free_port()
     doc["feature_store"]["embedded"]["path"] = str(DEMO_DIR / "features.json")
     for model in doc["models"]:
         for version in model["versions"]:

@@ -12,8 +12,10 @@ import orjson
 from envoy.service.ext_proc.v3.external_processor_pb2 import HttpBody, HttpHeaders, ProcessingResponse
 
 from extproc import metrics, responses, wire
+from extproc.aggregate import ensemble_answer
 from extproc.body import check_content_type, entity_key, inject_features, parse_json_object
 from extproc.context import RequestContext
+from extproc.ensemble import EnsemblePlan, MemberClient, compile_ensembles, run_ensemble
 from extproc.errors import BrokerError, ErrorCode, FeatureStoreUnavailable
 from extproc.features import Features, FeatureStore
 from extproc.registry import Registry
@@ -37,10 +39,14 @@ class Processor:
 
 
 class BrokerProcessor(Processor):
-    def __init__(self, registry: Registry, store: FeatureStore) -> None:
+    def __init__(self, registry: Registry, store: FeatureStore, *, egress: MemberClient | None = None) -> None:
         self._registry = registry
         self._routes = compile_routes(registry)
         self._store = store
+        self._ensembles = compile_ensembles(registry, self._routes)
+        if self._ensembles and egress is None:
+            raise ValueError("a registry with ensembles needs an egress client to call their members")
+        self._egress = egress
         self._max_body = registry.limits.max_body_bytes
         self._max_depth = registry.limits.max_json_depth
         # Built once: the registry does not change under a running worker.
@@ -58,10 +64,13 @@ class BrokerProcessor(Processor):
         return responses.continue_request_headers()
 
     async def request_body(self, msg: HttpBody, ctx: RequestContext) -> ProcessingResponse:
+        ensemble = self._ensembles.get(ctx.route_name)
+        if ensemble is not None:
+            return await self._ensemble_body(msg.body, ensemble, ctx)
         route = resolve_route(self._routes, ctx.route_name)
         if isinstance(route, BrokerError):
             return self._reject(route, ctx)
-        doc = self._parse(msg.body, route, ctx)
+        doc = self._parse(msg.body, ctx)
         if isinstance(doc, BrokerError):
             return self._reject(doc, ctx)
         key = entity_key(doc, route.join_key)
@@ -81,7 +90,31 @@ class BrokerProcessor(Processor):
         ctx.finished = True  # model routes ask for the request body only
         return responses.continue_request_body(body, metadata)
 
-    def _parse(self, raw: bytes, route: ModelRoute, ctx: RequestContext) -> dict[str, Any] | BrokerError:
+    async def _ensemble_body(self, raw: bytes, plan: EnsemblePlan, ctx: RequestContext) -> ProcessingResponse:
+        """Always an immediate response: the members were called here, through Envoy's egress listener."""
+        assert self._egress is not None  # __init__ refuses ensembles without one
+        doc = self._parse(raw, ctx)
+        if isinstance(doc, BrokerError):
+            return self._reject(doc, ctx)
+        key = entity_key(doc, plan.join_key)
+        if isinstance(key, BrokerError):
+            return self._reject(key, ctx)
+        ctx.lap("route")
+        outcomes = await run_ensemble(
+            plan, doc, key, store=self._store, client=self._egress, parent_request_id=ctx.request_id
+        )
+        ctx.lap("ensemble")
+        if isinstance(outcomes, BrokerError):
+            return self._reject(outcomes, ctx)
+        status, answer = ensemble_answer(
+            plan.name, outcomes, min_success=plan.min_success, combiner=plan.combiner, request_id=ctx.request_id
+        )
+        ctx.finished = True  # an immediate response: Envoy sends nothing more
+        return responses.immediate_json(
+            status, answer, details="ensemble", headers=[(wire.HEADER_SERVER_TIMING, ctx.server_timing())]
+        )
+
+    def _parse(self, raw: bytes, ctx: RequestContext) -> dict[str, Any] | BrokerError:
         unsupported = check_content_type(ctx.content_type)
         if unsupported is not None:
             return unsupported
@@ -94,14 +127,8 @@ class BrokerProcessor(Processor):
         try:
             found = await self._store.fetch(route.store_key(key), route.features)
         except FeatureStoreUnavailable as exc:
-            if route.fail_open:  # declared fail-open: the model copes without features
-                return {}, "feature_store_unavailable"
-            return BrokerError(ErrorCode.FEATURE_STORE_UNAVAILABLE, f"the feature store is unavailable ({exc})"), ""
-        if found is None:
-            if route.forward_unknown_entity:
-                return {}, "unknown_entity"
-            return BrokerError(ErrorCode.UNKNOWN_ENTITY, f"no features are stored for {route.join_key} '{key}'"), ""
-        return found, ""
+            return route.settle_features(None, key, unavailable=str(exc))
+        return route.settle_features(found, key)
 
     def _reject(self, error: BrokerError, ctx: RequestContext) -> ProcessingResponse:
         ctx.lap("reject")

@@ -136,6 +136,7 @@ def demo_registry_doc(**overrides: Any) -> dict[str, Any]:
     doc["admin"]["port"] = free_port()
     doc["metrics"] = {"address": "127.0.0.1", "port": free_port()}
     doc["broker"]["port"] = free_port_run(doc["broker"]["workers"])
+    doc["egress"]["port"] = free_port()
     doc["feature_store"]["embedded"]["path"] = str(DEMO_DIR / "features.json")
     for model in doc["models"]:
         for version in model["versions"]:
