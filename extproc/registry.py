@@ -328,11 +328,18 @@ def _ensemble_references(reg: Registry) -> Iterator[Problem]:
                 f"{here}.min_success",
                 f"{ensemble.required_successes} exceeds the {len(ensemble.members)} member(s) declared",
             )
+        slowest = max(range(len(ensemble.members)), key=lambda j: ensemble.members[j].timeout_ms)
+        if ensemble.members[slowest].timeout_ms > ensemble.deadline_ms:
+            yield Problem(
+                f"{here}.deadline_ms",
+                f"{ensemble.deadline_ms} ms is shorter than members[{slowest}].timeout_ms "
+                f"({ensemble.members[slowest].timeout_ms} ms)",
+            )
         yield from _members(reg, ensemble, here)
 
 
 def _members(reg: Registry, ensemble: Ensemble, here: str) -> Iterator[Problem]:
-    """Members must be distinct models of one entity (one store round trip) within the deadline."""
+    """Members must be distinct models of one entity: one store round trip for all."""
     seen: set[str] = set()
     entity: tuple[str, int] | None = None
     for j, member in enumerate(ensemble.members):
@@ -343,9 +350,13 @@ def _members(reg: Registry, ensemble: Ensemble, here: str) -> Iterator[Problem]:
         seen.add(member.model)
         if model is None:
             # Only models are members, so ensembles cannot form cycles.
-            kind = "an ensemble; members must be models" if reg.ensemble(member.model) else "unknown model"
             known = ", ".join(m.name for m in reg.models) or "none declared"
-            yield Problem(f"{at}.model", f"'{member.model}' is {kind} (models: {known})")
+            what = (
+                f"'{member.model}' is an ensemble; members must be models"
+                if reg.ensemble(member.model)
+                else f"unknown model '{member.model}'"
+            )
+            yield Problem(f"{at}.model", f"{what} (models: {known})")
         elif entity is None:
             entity = (model.entity, j)
         elif model.entity != entity[0]:
@@ -353,11 +364,6 @@ def _members(reg: Registry, ensemble: Ensemble, here: str) -> Iterator[Problem]:
                 f"{at}.model",
                 f"entity '{model.entity}' differs from '{entity[0]}' of members[{entity[1]}]; "
                 "an ensemble fetches one entity's features in one store call",
-            )
-        if member.timeout_ms > ensemble.deadline_ms:
-            yield Problem(
-                f"{here}.deadline_ms",
-                f"{ensemble.deadline_ms} ms is shorter than members[{j}].timeout_ms ({member.timeout_ms} ms)",
             )
 
 

@@ -104,4 +104,15 @@ def describe_models(registry: Registry) -> dict[str, Any]:
             }
             for m in registry.models
         ],
+        "ensembles": [
+            {
+                "name": e.name,
+                "path": e.path,
+                "members": [{"model": m.model, "timeout_ms": m.timeout_ms} for m in e.members],
+                "deadline_ms": e.deadline_ms,
+                "min_success": e.required_successes,
+                "aggregation": e.aggregation.model_dump(exclude_none=True),
+            }
+            for e in registry.ensembles
+        ],
     }
