@@ -27,7 +27,10 @@ def cmd_check(args: argparse.Namespace) -> int:
     registry = _load(args.config)
     if registry is None:
         return 2
-    print(f"{args.config}: ok ({len(registry.models)} models, registry_version {registry.registry_version})")
+    print(
+        f"{args.config}: ok ({len(registry.models)} models, {len(registry.ensembles)} ensembles, "
+        f"registry_version {registry.registry_version})"
+    )
     return 0
 
 

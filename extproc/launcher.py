@@ -160,11 +160,10 @@ def _banner(registry: Registry, base: str) -> str:
         lines.append(f"  POST {base}{ensemble.path}  (ensemble: {', '.join(m.model for m in ensemble.members)})")
     if registry.models:
         example = {"customer_id": "c-42", "amount": 1200} if registry.model("credit-risk") else {}
-        lines += [
-            "Try:",
-            f"  curl -s -i {base}{registry.models[0].path} -H 'content-type: application/json' "
-            f"-d '{json.dumps(example)}'",
-        ]
+        paths = [registry.models[0].path] + [e.path for e in registry.ensembles[:1]]
+        lines.append("Try:")
+        body = json.dumps(example)
+        lines += [f"  curl -s -i {base}{path} -H 'content-type: application/json' -d '{body}'" for path in paths]
     return "\n".join(lines)
 
 
