@@ -115,5 +115,5 @@ def test_check_names_bad_ensemble_fields(tmp_path: Path) -> None:
     result = run_cli("check", "--config", write(tmp_path, doc))
     assert result.returncode == 2
     assert "ensembles[0].members[2].model: unknown model 'affordability' (models: credit-risk, fraud)" in result.stderr
-    assert "ensembles[0].deadline_ms: 500 ms is shorter than members[0].timeout_ms (1000 ms)" in result.stderr
+    assert "ensembles[0].deadline_ms: 500 ms is shorter than members[0].timeout_ms (2000 ms)" in result.stderr
     assert "ensembles[0].min_success: 4 exceeds the 3 member(s) declared" in result.stderr
