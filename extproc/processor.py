@@ -70,12 +70,10 @@ class BrokerProcessor(Processor):
         route = resolve_route(self._routes, ctx.route_name)
         if isinstance(route, BrokerError):
             return self._reject(route, ctx)
-        doc = self._parse(msg.body, ctx)
-        if isinstance(doc, BrokerError):
-            return self._reject(doc, ctx)
-        key = entity_key(doc, route.join_key)
-        if isinstance(key, BrokerError):
-            return self._reject(key, ctx)
+        parsed = self._parse(msg.body, route.join_key, ctx)
+        if isinstance(parsed, BrokerError):
+            return self._reject(parsed, ctx)
+        doc, key = parsed
         ctx.lap("route")
         features, degraded = await self._features(route, key)
         ctx.lap("features")
@@ -93,12 +91,10 @@ class BrokerProcessor(Processor):
     async def _ensemble_body(self, raw: bytes, plan: EnsemblePlan, ctx: RequestContext) -> ProcessingResponse:
         """Always an immediate response: the members were called here, through Envoy's egress listener."""
         assert self._egress is not None  # __init__ refuses ensembles without one
-        doc = self._parse(raw, ctx)
-        if isinstance(doc, BrokerError):
-            return self._reject(doc, ctx)
-        key = entity_key(doc, plan.join_key)
-        if isinstance(key, BrokerError):
-            return self._reject(key, ctx)
+        parsed = self._parse(raw, plan.join_key, ctx)
+        if isinstance(parsed, BrokerError):
+            return self._reject(parsed, ctx)
+        doc, key = parsed
         ctx.lap("route")
         outcomes = await run_ensemble(
             plan, doc, key, store=self._store, client=self._egress, parent_request_id=ctx.request_id
@@ -114,13 +110,18 @@ class BrokerProcessor(Processor):
             status, answer, details="ensemble", headers=[(wire.HEADER_SERVER_TIMING, ctx.server_timing())]
         )
 
-    def _parse(self, raw: bytes, ctx: RequestContext) -> dict[str, Any] | BrokerError:
+    def _parse(self, raw: bytes, join_key: str, ctx: RequestContext) -> tuple[dict[str, Any], str] | BrokerError:
+        """The body as a JSON object, and the entity key in it."""
         unsupported = check_content_type(ctx.content_type)
         if unsupported is not None:
             return unsupported
         if len(raw) > self._max_body:
             return BrokerError(ErrorCode.BODY_TOO_LARGE, f"the request body is larger than {self._max_body} bytes")
-        return parse_json_object(raw, self._max_depth)
+        doc = parse_json_object(raw, self._max_depth)
+        if isinstance(doc, BrokerError):
+            return doc
+        key = entity_key(doc, join_key)
+        return key if isinstance(key, BrokerError) else (doc, key)
 
     async def _features(self, route: ModelRoute, key: str) -> tuple[Features | BrokerError, str]:
         """The features to inject, and why they are missing when a policy let that pass."""
