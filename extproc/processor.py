@@ -106,6 +106,9 @@ class BrokerProcessor(Processor):
             plan.name, outcomes, min_success=plan.min_success, combiner=plan.combiner, request_id=ctx.request_id
         )
         ctx.finished = True  # an immediate response: Envoy sends nothing more
+        # Labelled by route name, as `_reject` labels this ensemble's early errors.
+        # TODO(issue 4): per-member records, from the outcomes' request and parent ids.
+        metrics.record_request(ctx.route_name, ctx.stages, answer["error"]["code"] if "error" in answer else "ok")
         return responses.immediate_json(
             status, answer, details="ensemble", headers=[(wire.HEADER_SERVER_TIMING, ctx.server_timing())]
         )
