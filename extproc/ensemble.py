@@ -167,6 +167,7 @@ async def run_ensemble(
     if len(errors) == len(settled):
         # No member can be called (store down, entity unknown): the client hears it as for a model.
         return errors[0]
+    fanout_started = perf_counter()
     tasks: dict[int, asyncio.Task[MemberOutcome]] = {}
     for i, (member, features) in enumerate(zip(plan.members, settled, strict=True)):
         if not isinstance(features, BrokerError):
@@ -181,13 +182,13 @@ async def run_ensemble(
             running.cancel()
         await asyncio.gather(*tasks.values(), return_exceptions=True)
     cut = BrokerError(ErrorCode.DEADLINE_EXCEEDED, f"cancelled at the ensemble deadline ({_ms(plan.deadline_s):g} ms)")
+    cut_after_ms = _ms(perf_counter() - fanout_started)
     outcomes: list[MemberOutcome] = []
     for i, (member, features) in enumerate(zip(plan.members, settled, strict=True)):
-        task = tasks.get(i)
-        if task is not None and not task.cancelled():
-            outcomes.append(task.result())
+        if isinstance(features, BrokerError):  # never called: its own feature policy refused
+            outcomes.append(MemberFailure(member.route.model, features, 0.0, parent_request_id=parent_request_id))
+        elif not tasks[i].cancelled():
+            outcomes.append(tasks[i].result())
         else:
-            # Never called (its own feature policy refused) or cut off at the deadline.
-            error = features if isinstance(features, BrokerError) else cut
-            outcomes.append(MemberFailure(member.route.model, error, 0.0, parent_request_id=parent_request_id))
+            outcomes.append(MemberFailure(member.route.model, cut, cut_after_ms, parent_request_id=parent_request_id))
     return outcomes

@@ -29,15 +29,19 @@ def ensemble(name: str, members: list[str], timeout_ms: int = 2000, **fields: An
     return {
         "name": name,
         "path": f"/v1/ensembles/{name}/predict",
-        "deadline_ms": 3000,
         "members": [{"model": m, "timeout_ms": timeout_ms} for m in members],
+        "deadline_ms": 3000,
         **fields,
     }
 
 
 def ensembles_registry(redis_url: str) -> dict[str, Any]:
     """The demo (credit-risk 80/20, fraud, underwriting) plus a third model and one ensemble per behaviour."""
-    doc = demo_registry_doc(feature_store={"redis": {"url": redis_url}, "timeout_ms": 200, "cache": {"ttl_seconds": 0}})
+    # A generous store budget, so a paused Redis (test_deadline_…) is slow rather than down.
+    doc = demo_registry_doc(
+        feature_store={"redis": {"url": redis_url}, "timeout_ms": 1000, "cache": {"ttl_seconds": 0}},
+    )
+    doc["broker"]["message_timeout_ms"] = 1500
     doc["models"].append(
         {
             "name": "affordability",
@@ -51,8 +55,11 @@ def ensembles_registry(redis_url: str) -> dict[str, Any]:
     )
     partial = ensemble("partial", ["credit-risk", "fraud"], min_success=1)
     partial["members"][1]["timeout_ms"] = 300
+    # The deadline equals the member timeouts: only time spent before the fan-out makes it bite.
+    tight = ensemble("tight", ["credit-risk", "fraud"], timeout_ms=1500, deadline_ms=1500, min_success=1)
     doc["ensembles"] += [
         partial,
+        tight,
         ensemble("trio", TRIO),
         ensemble("mean", TRIO, aggregation={"method": "mean", "field": "score"}),
         ensemble("weighted", TRIO, aggregation={"method": "weighted_mean", "field": "score"}),
@@ -142,6 +149,19 @@ async def test_slow_member_times_out_is_cancelled_and_others_answer(
     while await envoy_counter(session, stack, torn_down) == before:
         assert time.monotonic() < deadline, "Envoy never reset the timed-out member's request"
         await asyncio.sleep(0.1)
+
+
+async def test_deadline_cancels_members_still_running(
+    stack: Stack, redis_server: RedisServer, session: aiohttp.ClientSession
+) -> None:
+    """Redis paused 500 ms eats the budget: at the deadline a still-running member is cut, the other answered."""
+    redis_server.cli("CLIENT", "PAUSE", "500", "ALL")
+    started = time.monotonic()
+    reply = await ask(session, stack, "tight", fraud={"delay_ms": 5000})
+    assert time.monotonic() - started < 4.0  # the 1.5 s deadline, not the 5 s delay
+    assert reply.status == 200, reply.raw
+    assert set(reply.body["results"]) == {"credit-risk"}
+    assert reply.body["errors"]["fraud"]["code"] == "deadline_exceeded"
 
 
 async def test_member_500_is_an_error_entry(stack: Stack, session: aiohttp.ClientSession) -> None:

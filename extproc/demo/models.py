@@ -4,8 +4,8 @@ They read the whole body before answering (as real models do), and echo the
 features exactly as received so a newcomer can see what the broker injected.
 A body may steer one demo model by name for tests and demos, e.g.
 `"_demo": {"fraud": {"delay_ms": 500, "status": 500, "answer": {"score": 0.2}}}`:
-wait, fail with that status, or override fields of the answer. Real models never see this key
-from the broker: it is the consumer's own field, passed through as any other.
+wait, fail with that status, or override fields of the answer. To the broker it is an
+ordinary consumer field, passed through like any other; only the demo models act on it.
 """
 
 from __future__ import annotations
