@@ -2,13 +2,16 @@
 
 Filter chain on the public listener: ext_proc (request body only, buffered) →
 buffer (holds the request until the broker has answered; its limit is the body
-limit) → router (weighted clusters per model). See `envoy/README.md`.
+limit) → router (weighted clusters per model). With ensembles, a second ext_proc
+(longer timeout, enabled on ensemble routes only) and a loopback egress listener
+the broker calls members through. See `envoy/README.md`.
 """
 
 from __future__ import annotations
 
 import ipaddress
 import json
+from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
@@ -131,9 +134,11 @@ from envoy_data_plane.google.protobuf import Any as AnyMessage
 from envoy_data_plane.google.protobuf import Struct
 
 from extproc import wire
-from extproc.registry import Model, Registry, SageMakerBackend, ServiceBackend, Version
+from extproc.registry import Ensemble, Model, Registry, SageMakerBackend, ServiceBackend, Version
 
 EXT_PROC_FILTER = "envoy.filters.http.ext_proc"
+# A second ext_proc instance for ensemble routes: same broker, a timeout covering the fan-out.
+ENSEMBLE_EXT_PROC_FILTER = "model_broker.ensemble_ext_proc"
 RBAC_FILTER = "envoy.filters.http.rbac"
 HTTP_PROTOCOL_OPTIONS = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
 # How often every Envoy pushes its stats to the control plane (canary judgement granularity).
@@ -146,6 +151,23 @@ SYSTEM_CA_BUNDLE = "/etc/ssl/certs/ca-certificates.crt"
 # the broker's answers (details start with responses.DETAILS_PREFIX) and the generated
 # direct responses, which already have it.
 NOT_BROKER = "!(response.code_details.startsWith('model_broker_') || response.code_details == 'direct_response')"
+ADMIN_CLUSTER = "model_broker_admin"
+# Read-only admin paths the stats listener forwards; everything else on the admin stays on loopback.
+STATS_PATHS = ("/stats/prometheus", "/ready")
+
+
+@dataclass(frozen=True, slots=True)
+class Placement:
+    """Where Envoy runs relative to the broker; the defaults are one machine (`up`, `demo`).
+
+    On Kubernetes the broker's pods come and go behind a headless Service, so
+    Envoy resolves `broker_host` by DNS (every pod, every worker port), and
+    kubelet probes and Prometheus need the admin's read-only paths on a pod
+    port while the admin itself stays on loopback.
+    """
+
+    broker_host: str | None = None
+    stats_port: int | None = None
 
 
 def _any(message: betterproto2.Message) -> AnyMessage:
@@ -239,10 +261,26 @@ def local_reply_config() -> LocalReplyConfig:
 
 
 def ext_proc_filter(registry: Registry) -> HttpFilter:
-    config = ExternalProcessor(
+    return HttpFilter(name=EXT_PROC_FILTER, typed_config=_any(_ext_proc(registry, registry.broker.message_timeout_ms)))
+
+
+def ensemble_ext_proc_filter(registry: Registry) -> HttpFilter:
+    """Off in the chain, on per ensemble route: the model routes keep their short message timeout.
+
+    The broker answers an ensemble by its deadline at the latest; the message
+    timeout adds the broker's own budget on top, so Envoy never cuts it short.
+    """
+    timeout_ms = max(e.deadline_ms for e in registry.ensembles) + registry.broker.message_timeout_ms
+    config = _ext_proc(registry, timeout_ms)
+    config.stat_prefix = "ensemble"
+    return HttpFilter(name=ENSEMBLE_EXT_PROC_FILTER, typed_config=_any(config), disabled=True)
+
+
+def _ext_proc(registry: Registry, timeout_ms: int) -> ExternalProcessor:
+    return ExternalProcessor(
         grpc_service=GrpcService(
             envoy_grpc=GrpcServiceEnvoyGrpc(cluster_name=wire.EXT_PROC_CLUSTER),
-            timeout=_ms(registry.broker.message_timeout_ms),
+            timeout=_ms(timeout_ms),
         ),
         # Fail closed: a request the broker never saw must not reach a model unenriched.
         failure_mode_allow=False,
@@ -256,14 +294,13 @@ def ext_proc_filter(registry: Registry) -> HttpFilter:
             request_trailer_mode=Send.SKIP,
             response_trailer_mode=Send.SKIP,
         ),
-        message_timeout=_ms(registry.broker.message_timeout_ms),
+        message_timeout=_ms(timeout_ms),
         request_attributes=list(wire.REQUEST_ATTRIBUTES),
         metadata_options=MetadataOptions(
             receiving_namespaces=MetadataOptionsMetadataNamespaces(untyped=[wire.METADATA_NAMESPACE])
         ),
         status_on_error=HttpStatus(code=StatusCode.ServiceUnavailable),
     )
-    return HttpFilter(name=EXT_PROC_FILTER, typed_config=_any(config))
 
 
 def _header_phase_only() -> dict[str, AnyMessage]:
@@ -293,15 +330,23 @@ def _headers_and_body() -> AnyMessage:
     return _any(per_route)
 
 
-def _sticky(model: Model) -> tuple[list[RouteActionHashPolicy], dict[str, AnyMessage]]:
-    """The header Envoy hashes to pick a version, and the ext_proc override the route needs for it."""
+def _hash_policy(model: Model) -> list[RouteActionHashPolicy]:
+    """The header Envoy hashes to pick a version of a sticky model: the client's own (`sticky.header`),
+    or the one the broker sets from the body (`sticky.body_field`)."""
     if model.sticky is None:
-        return [], {}
-    if model.sticky.header is not None:
-        # The client's own header: Envoy hashes it, the broker is not involved.
-        return [RouteActionHashPolicy(header=RouteActionHashPolicyHeader(header_name=model.sticky.header))], {}
-    policy = RouteActionHashPolicy(header=RouteActionHashPolicyHeader(header_name=wire.HEADER_STICKY_KEY))
-    return [policy], {EXT_PROC_FILTER: _headers_and_body()}
+        return []
+    header = model.sticky.header or wire.HEADER_STICKY_KEY
+    return [RouteActionHashPolicy(header=RouteActionHashPolicyHeader(header_name=header))]
+
+
+def _rollout_filters(model: Model) -> dict[str, AnyMessage]:
+    """Per-route filter settings of the public model route: sticky-by-body and shadow recording."""
+    filters: dict[str, AnyMessage] = {}
+    if model.sticky is not None and model.sticky.body_field is not None:
+        filters[EXT_PROC_FILTER] = _headers_and_body()
+    if model.shadow is not None:
+        filters[wire.SHADOW_RECORDER_FILTER] = _recorder_on()
+    return filters
 
 
 def _shadowed(registry: Registry) -> list[Model]:
@@ -407,6 +452,17 @@ def _without_broker() -> dict[str, AnyMessage]:
     return {EXT_PROC_FILTER: _any(ExtProcPerRoute(disabled=True))}
 
 
+def _body_only() -> ExtProcPerRoute:
+    """The filter's own mode, restated: Envoy needs a config to switch a chain-disabled filter on."""
+    return ExtProcPerRoute(
+        overrides=ExtProcOverrides(
+            processing_mode=ProcessingMode(
+                request_header_mode=Send.SKIP, request_body_mode=Body.BUFFERED, response_header_mode=Send.SKIP
+            )
+        )
+    )
+
+
 def _broker_route(name: str, path: str) -> Route:
     return Route(
         name=name,
@@ -435,7 +491,12 @@ def _broker_approved() -> RbacPerRoute:
     return RbacPerRoute(rbac=Rbac(rules=Rules(action=RbacAction.ALLOW, policies={"broker-approved": policy})))
 
 
-def _model_routes(model: Model) -> list[Route]:
+def _post(path: str) -> RouteMatch:
+    return RouteMatch(path=path, headers=[HeaderMatcher(name=":method", string_match=StringMatcher(exact="POST"))])
+
+
+def _model_action(model: Model) -> RouteAction:
+    """Weighted split over the versions: the same on the public route and the egress route."""
     weighted = WeightedCluster(
         clusters=[
             WeightedClusterClusterWeight(
@@ -451,40 +512,86 @@ def _model_routes(model: Model) -> list[Route]:
         # Sticky A/B: the hash of the route's hash policy picks the version, not a random number.
         use_hash_policy=True if model.sticky is not None else None,
     )
-    hash_policy, sticky_filters = _sticky(model)
-    if model.shadow is not None:
-        sticky_filters = {**sticky_filters, wire.SHADOW_RECORDER_FILTER: _recorder_on()}
+    return RouteAction(
+        weighted_clusters=weighted,
+        hash_policy=_hash_policy(model),
+        timeout=_ms(model.timeout_ms),
+        # One path for all versions: rewrite on the route; else each cluster rewrites its own.
+        regex_rewrite=_rewrite_to(path) if (path := shared_path(model)) else None,
+    )
+
+
+def _version_header() -> HeaderValueOption:
+    # From the metadata of the upstream host that answered: absent when no model did.
+    return _header(wire.HEADER_VERSION, f"%UPSTREAM_METADATA({wire.METADATA_NAMESPACE}:{wire.META_VERSION})%")
+
+
+def _wrong_method(name: str, path: str) -> Route:
+    return Route(
+        name=f"{name}:method",
+        match=RouteMatch(path=path),
+        direct_response=_direct(405, "method_not_allowed", f"{path} accepts POST only"),
+        typed_per_filter_config=_without_broker(),
+        response_headers_to_add=[_header("allow", "POST")],
+    )
+
+
+def _model_routes(model: Model) -> list[Route]:
     metadata = f"%DYNAMIC_METADATA({wire.METADATA_NAMESPACE}:{{}})%"
+    action = _model_action(model)
+    # Mirrored from the public route only: ensemble member calls are not shadowed.
+    action.request_mirror_policies = _mirror(model)
     served = Route(
         name=model.name,
-        match=RouteMatch(
-            path=model.path, headers=[HeaderMatcher(name=":method", string_match=StringMatcher(exact="POST"))]
-        ),
-        typed_per_filter_config={RBAC_FILTER: _any(_broker_approved()), **sticky_filters},
-        route=RouteAction(
-            weighted_clusters=weighted,
-            hash_policy=hash_policy,
-            request_mirror_policies=_mirror(model),
-            timeout=_ms(model.timeout_ms),
-            # One path for all versions: rewrite on the route; else each cluster rewrites its own.
-            regex_rewrite=_rewrite_to(path) if (path := shared_path(model)) else None,
-        ),
+        match=_post(model.path),
+        typed_per_filter_config={RBAC_FILTER: _any(_broker_approved()), **_rollout_filters(model)},
+        route=action,
         response_headers_to_add=[
             _header(wire.HEADER_MODEL, model.name),
-            # From the metadata of the upstream host that answered: absent when no model did.
-            _header(wire.HEADER_VERSION, f"%UPSTREAM_METADATA({wire.METADATA_NAMESPACE}:{wire.META_VERSION})%"),
+            _version_header(),
             _header(wire.HEADER_SERVER_TIMING, metadata.format(wire.META_SERVER_TIMING)),
             _header(wire.HEADER_DEGRADED, metadata.format(wire.META_DEGRADED)),
         ],
     )
-    wrong_method = Route(
-        name=f"{model.name}:method",
-        match=RouteMatch(path=model.path),
-        direct_response=_direct(405, "method_not_allowed", f"{model.path} accepts POST only"),
-        typed_per_filter_config=_without_broker(),
-        response_headers_to_add=[_header("allow", "POST")],
+    return [served, _wrong_method(model.name, model.path)]
+
+
+def _ensemble_routes(ensemble: Ensemble) -> list[Route]:
+    """The body goes to the broker (through the ensemble ext_proc), which always answers it itself."""
+    name = wire.ensemble_route(ensemble.name)
+    served = Route(
+        name=name,
+        match=_post(ensemble.path),
+        # Reached only if the broker let the request through, which it never does here.
+        direct_response=_direct(503, "broker_unavailable", "the model broker did not answer"),
+        typed_per_filter_config={
+            EXT_PROC_FILTER: _any(ExtProcPerRoute(disabled=True)),
+            ENSEMBLE_EXT_PROC_FILTER: _any(FilterConfig(config=_any(_body_only()), disabled=False)),
+            # A POST without a body never reaches ext_proc: 400, as on model routes.
+            RBAC_FILTER: _any(_broker_approved()),
+        },
     )
-    return [served, wrong_method]
+    return [served, _wrong_method(name, ensemble.path)]
+
+
+def _egress_routes(registry: Registry) -> list[Route]:
+    """One route per member model: the model's split, path rewrite and signing, without the broker."""
+    members = dict.fromkeys(m.model for e in registry.ensembles for m in e.members)
+    routes = []
+    for name in members:
+        model = registry.model(name)
+        assert model is not None  # the registry guarantees members are models
+        routes.append(
+            Route(
+                name=wire.egress_route(model.name),
+                match=_post(model.path),
+                route=_model_action(model),
+                # The body was enriched before the call; a per-member audit can enable its phase here.
+                typed_per_filter_config=_without_broker(),
+                response_headers_to_add=[_version_header()],
+            )
+        )
+    return routes
 
 
 def _target_variant(version: Version) -> list[HeaderValueOption]:
@@ -506,17 +613,21 @@ def route_configuration(registry: Registry) -> RouteConfiguration:
     ]
     for model in registry.models:
         routes += _model_routes(model)
-    routes.append(
-        Route(
-            name="unknown",
-            match=RouteMatch(prefix="/"),
-            direct_response=_direct(404, "unknown_route", "no model is served at this path; GET /models lists them"),
-            typed_per_filter_config=_without_broker(),
-        )
-    )
+    for ensemble in registry.ensembles:
+        routes += _ensemble_routes(ensemble)
+    routes.append(_unknown_route())
     return RouteConfiguration(
         name="models",
         virtual_hosts=[VirtualHost(name="models", domains=["*"], routes=routes)],
+    )
+
+
+def _unknown_route() -> Route:
+    return Route(
+        name="unknown",
+        match=RouteMatch(prefix="/"),
+        direct_response=_direct(404, "unknown_route", "no model is served at this path; GET /models lists them"),
+        typed_per_filter_config=_without_broker(),
     )
 
 
@@ -527,6 +638,7 @@ def public_listener(registry: Registry) -> Listener:
         route_config=route_configuration(registry),
         http_filters=[
             ext_proc_filter(registry),
+            *([ensemble_ext_proc_filter(registry)] if registry.ensembles else []),
             *([shadow_recorder_filter(registry, disabled=True)] if _shadowed(registry) else []),
             HttpFilter(
                 name="envoy.filters.http.buffer",
@@ -542,13 +654,39 @@ def public_listener(registry: Registry) -> Listener:
         # The id in every error body and (later) audit record; clients quote it to support.
         always_set_request_id_in_response=True,
     )
+    return _listener("public", registry.listener.address, registry.listener.port, hcm)
+
+
+def _listener(name: str, address: str, port: int, hcm: HttpConnectionManager) -> Listener:
     return Listener(
-        name="public",
-        address=_socket(registry.listener.address, registry.listener.port),
+        name=name,
+        address=_socket(address, port),
         filter_chains=[
             FilterChain(filters=[Filter(name="envoy.filters.network.http_connection_manager", typed_config=_any(hcm))])
         ],
     )
+
+
+def egress_listener(registry: Registry) -> Listener:
+    """Loopback only (the registry checks): the broker calls ensemble members here, enriched already."""
+    hcm = HttpConnectionManager(
+        stat_prefix="egress",
+        route_config=RouteConfiguration(
+            name="egress",
+            virtual_hosts=[
+                VirtualHost(name="egress", domains=["*"], routes=[*_egress_routes(registry), _unknown_route()])
+            ],
+        ),
+        # ext_proc is in the chain but off on every egress route: the seam where per-member
+        # processing (audit of each member's answer) can be switched on by route.
+        http_filters=[
+            ext_proc_filter(registry),
+            HttpFilter(name="envoy.filters.http.router", typed_config=_any(Router())),
+        ],
+        # Each member call gets its own x-request-id, returned so the broker can record it.
+        always_set_request_id_in_response=True,
+    )
+    return _listener("egress", registry.egress.address, registry.egress.port, hcm)
 
 
 def _endpoints(
@@ -567,15 +705,20 @@ def _is_ip(host: str) -> bool:
     return True
 
 
-def ext_proc_cluster(registry: Registry, workers: int) -> Cluster:
-    """One endpoint per broker worker: Envoy balances gRPC streams across them."""
+def ext_proc_cluster(registry: Registry, workers: int, host: str | None = None) -> Cluster:
+    """One endpoint per broker worker: Envoy balances gRPC streams across them.
+
+    A DNS `host` (a headless Service) resolves to every broker pod, so each
+    port endpoint becomes one per pod: pods times workers endpoints.
+    """
     broker = registry.broker
+    target = host or broker.address
     return Cluster(
         name=wire.EXT_PROC_CLUSTER,
-        type=ClusterDiscoveryType.STATIC,
+        type=ClusterDiscoveryType.STATIC if _is_ip(target) else ClusterDiscoveryType.STRICT_DNS,
         connect_timeout=_ms(250),
         lb_policy=ClusterLbPolicy.LEAST_REQUEST,
-        load_assignment=_endpoints(wire.EXT_PROC_CLUSTER, [(broker.address, broker.port + i) for i in range(workers)]),
+        load_assignment=_endpoints(wire.EXT_PROC_CLUSTER, [(target, broker.port + i) for i in range(workers)]),
         typed_extension_protocol_options=_http2_options(),
     )
 
@@ -682,14 +825,19 @@ def _http2_options() -> dict[str, AnyMessage]:
     }
 
 
-def control_plane_cluster(registry: Registry) -> Cluster:
-    """The broker's control plane (gRPC): live weights for this Envoy."""
+def control_plane_cluster(registry: Registry, host: str | None = None) -> Cluster:
+    """The broker's control plane (gRPC): live weights, stats and shadow answers for this Envoy.
+
+    On Kubernetes (`host`: the broker's headless Service) every broker pod runs one; they
+    agree when they share the state file.
+    """
     plane = registry.control_plane
+    target = host or plane.address
     return Cluster(
         name=wire.CONTROL_PLANE_CLUSTER,
-        type=ClusterDiscoveryType.STATIC,
+        type=ClusterDiscoveryType.STATIC if _is_ip(target) else ClusterDiscoveryType.STRICT_DNS,
         connect_timeout=_ms(250),
-        load_assignment=_endpoints(wire.CONTROL_PLANE_CLUSTER, [(plane.address, plane.port)]),
+        load_assignment=_endpoints(wire.CONTROL_PLANE_CLUSTER, [(target, plane.port)]),
         typed_extension_protocol_options=_http2_options(),
     )
 
@@ -735,11 +883,40 @@ def stats_sink() -> StatsSink:
     return StatsSink(name="envoy.stat_sinks.open_telemetry", typed_config=_any(sink))
 
 
-def bootstrap(registry: Registry, workers: int | None = None) -> Bootstrap:
+def stats_listener(registry: Registry, port: int) -> Listener:
+    """Prometheus metrics and readiness from the admin, without exposing the admin itself."""
+    routes = [Route(match=RouteMatch(path=path), route=RouteAction(cluster=ADMIN_CLUSTER)) for path in STATS_PATHS]
+    routes.append(Route(match=RouteMatch(prefix="/"), direct_response=DirectResponseAction(status=404)))
+    hcm = HttpConnectionManager(
+        stat_prefix="stats",
+        route_config=RouteConfiguration(
+            name="stats", virtual_hosts=[VirtualHost(name="stats", domains=["*"], routes=routes)]
+        ),
+        http_filters=[HttpFilter(name="envoy.filters.http.router", typed_config=_any(Router()))],
+    )
+    return _listener("stats", registry.listener.address, port, hcm)
+
+
+def admin_cluster(registry: Registry) -> Cluster:
+    return Cluster(
+        name=ADMIN_CLUSTER,
+        type=ClusterDiscoveryType.STATIC,
+        connect_timeout=_ms(250),
+        load_assignment=_endpoints(ADMIN_CLUSTER, [(registry.admin.address, registry.admin.port)]),
+    )
+
+
+def bootstrap(registry: Registry, workers: int | None = None, placement: Placement = Placement()) -> Bootstrap:
     count = workers or registry.broker.workers
-    clusters = [ext_proc_cluster(registry, count), control_plane_cluster(registry)]
-    clusters += [version_cluster(m, v) for m in registry.models for v in m.versions]
     listeners = [public_listener(registry)]
+    if registry.ensembles:
+        listeners.append(egress_listener(registry))
+    clusters = [ext_proc_cluster(registry, count, placement.broker_host)]
+    clusters.append(control_plane_cluster(registry, placement.broker_host))
+    clusters += [version_cluster(m, v) for m in registry.models for v in m.versions]
+    if placement.stats_port is not None:
+        listeners.append(stats_listener(registry, placement.stats_port))
+        clusters.append(admin_cluster(registry))
     extensions = []
     if _shadowed(registry):
         listeners.append(shadow_listener(registry))
@@ -759,10 +936,12 @@ def bootstrap(registry: Registry, workers: int | None = None) -> Bootstrap:
     )
 
 
-def bootstrap_dict(registry: Registry, workers: int | None = None) -> dict[str, Any]:
-    doc: dict[str, Any] = bootstrap(registry, workers).to_dict()
+def bootstrap_dict(
+    registry: Registry, workers: int | None = None, placement: Placement = Placement()
+) -> dict[str, Any]:
+    doc: dict[str, Any] = bootstrap(registry, workers, placement).to_dict()
     return doc
 
 
-def render_yaml(registry: Registry, workers: int | None = None) -> str:
-    return yaml.safe_dump(bootstrap_dict(registry, workers), sort_keys=False)
+def render_yaml(registry: Registry, workers: int | None = None, placement: Placement = Placement()) -> str:
+    return yaml.safe_dump(bootstrap_dict(registry, workers, placement), sort_keys=False)

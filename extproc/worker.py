@@ -10,6 +10,7 @@ import signal
 import grpc
 import uvloop
 
+from extproc.adapters.egress import EgressClient
 from extproc.adapters.redis_store import RedisFeatureStore
 from extproc.features import CachedFeatureStore, EmbeddedFeatureStore, FeatureStore
 from extproc.processor import BrokerProcessor
@@ -69,6 +70,8 @@ async def _follow_live_weights(registry: Registry, processor: BrokerProcessor, s
 
 async def serve_worker(registry: Registry, address: str, port: int) -> None:
     store = open_feature_store(registry)
+    # One pooled session per worker for every ensemble member call; none without ensembles.
+    egress = EgressClient(f"http://{registry.egress.address}:{registry.egress.port}") if registry.ensembles else None
     server = grpc.aio.server(
         options=[
             ("grpc.so_reuseport", 0),  # one port per worker; a second bind must fail loudly
@@ -76,7 +79,7 @@ async def serve_worker(registry: Registry, address: str, port: int) -> None:
             ("grpc.http2.max_concurrent_streams", 1024),
         ]
     )
-    processor = BrokerProcessor(registry, store)
+    processor = BrokerProcessor(registry, store, egress=egress)
     add_service(server, processor)
     server.add_insecure_port(f"{address}:{port}")
     await server.start()
@@ -91,6 +94,8 @@ async def serve_worker(registry: Registry, address: str, port: int) -> None:
     watch.cancel()
     follow.cancel()
     await server.stop(DRAIN_SECONDS)
+    if egress is not None:
+        await egress.close()
     await store.close()
 
 

@@ -103,3 +103,17 @@ def test_committed_envoy_configs_are_current() -> None:
         result = run_cli("envoy-config", "--config", str(example))
         assert result.returncode == 0, result.stderr
         assert result.stdout == committed.read_text(), f"regenerate {committed.name}: see envoy/README.md"
+
+
+def test_check_names_bad_ensemble_fields(tmp_path: Path) -> None:
+    """A broken ensemble: exit 2, naming the unknown member, the short deadline and the impossible min_success."""
+    doc = demo_registry_doc()
+    underwriting = doc["ensembles"][0]
+    underwriting["members"].append({"model": "affordability"})
+    underwriting["deadline_ms"] = 500
+    underwriting["min_success"] = 4
+    result = run_cli("check", "--config", write(tmp_path, doc))
+    assert result.returncode == 2
+    assert "ensembles[0].members[2].model: unknown model 'affordability' (models: credit-risk, fraud)" in result.stderr
+    assert "ensembles[0].deadline_ms: 500 ms is shorter than members[0].timeout_ms (2000 ms)" in result.stderr
+    assert "ensembles[0].min_success: 4 exceeds the 3 member(s) declared" in result.stderr

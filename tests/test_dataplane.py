@@ -149,8 +149,7 @@ async def test_healthz_and_models_through_envoy(redis_stack: Stack, session: aio
     assert health.status == 200 and health.body["status"] == "ok"
     models = await call(session, redis_stack.base + "/models", method="GET")
     assert models.status == 200
-    (model,) = models.body["models"]
-    assert model["name"] == "credit-risk"
+    model = next(m for m in models.body["models"] if m["name"] == "credit-risk")
     assert model["features"] == list(DEMO_FEATURES)
     assert [(v["name"], v["weight"]) for v in model["versions"]] == [("v1", 80), ("v2", 20)]
 

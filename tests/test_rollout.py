@@ -151,7 +151,7 @@ async def test_live_weights_survive_envoy_and_broker_restarts(
     await asyncio.to_thread(envoy2.restart)  # the restarted Envoy's first runtime layer comes from the new broker
     assert await versions(session, envoy2.base, 200) == {"v2": 200}
     models = await call(session, stack.base + "/models", method="GET")
-    (model,) = models.body["models"]
+    model = next(m for m in models.body["models"] if m["name"] == "credit-risk")
     assert [(v["name"], v["weight"]) for v in model["versions"]] == [("v1", 0), ("v2", 100)]
 
 
@@ -162,7 +162,7 @@ async def test_models_endpoint_shows_live_weights(fleet: tuple[Stack, Envoy], se
     await asyncio.sleep(1.0)
     for base in (stack.base, envoy2.base):
         models = await call(session, base + "/models", method="GET")
-        (model,) = models.body["models"]
+        model = next(m for m in models.body["models"] if m["name"] == "credit-risk")
         assert [(v["name"], v["weight"], v["traffic_percent"]) for v in model["versions"]] == [
             ("v1", 55, 55.0),
             ("v2", 45, 45.0),

@@ -20,9 +20,9 @@ from aiohttp import web
 from pydantic import ValidationError
 
 from extproc.envoy_config import credential_provider
-from extproc.launcher import free_port
+from extproc.launcher import free_port, wait_listening
 from extproc.registry import SageMakerBackend
-from tests.conftest import Proc, Stack, demo_registry_doc, run_stack, wait_port
+from tests.conftest import Proc, Stack, demo_registry_doc, run_stack
 from tests.http import call
 from tests.sigv4 import sigv4_problem
 
@@ -101,7 +101,7 @@ def moto(tmp_path_factory: pytest.TempPathFactory) -> Iterator[int]:
     proc = Proc("moto", [binary, "-H", "127.0.0.1", "-p", str(port)], tmp_path_factory.mktemp("moto") / "moto.log")
     proc.start()
     try:
-        wait_port(port, 30)
+        wait_listening(port, timeout_s=30)
         results = {
             "region": "us-east-1",
             "results": [
