@@ -197,6 +197,7 @@ def local_reply_config() -> LocalReplyConfig:
 
 
 def ext_proc_filter(registry: Registry) -> HttpFilter:
+    audited = any(registry.audited(m) for m in registry.models)
     config = ExternalProcessor(
         grpc_service=GrpcService(
             envoy_grpc=GrpcServiceEnvoyGrpc(cluster_name=wire.EXT_PROC_CLUSTER),
@@ -216,6 +217,8 @@ def ext_proc_filter(registry: Registry) -> HttpFilter:
         ),
         message_timeout=_ms(registry.broker.message_timeout_ms),
         request_attributes=list(wire.REQUEST_ATTRIBUTES),
+        # Read on audited routes only (the only ones with a response phase).
+        response_attributes=list(wire.RESPONSE_ATTRIBUTES) if audited else [],
         metadata_options=MetadataOptions(
             receiving_namespaces=MetadataOptionsMetadataNamespaces(untyped=[wire.METADATA_NAMESPACE])
         ),
@@ -234,6 +237,25 @@ def _header_phase_only() -> dict[str, AnyMessage]:
         )
     )
     return {EXT_PROC_FILTER: _any(per_route)}
+
+
+def _audited_phases() -> AnyMessage:
+    """Audited model routes: the request body as everywhere, plus the buffered response body.
+
+    An override replaces the whole processing mode, so every field is spelled out.
+    Response headers stay skipped: status and version come as response attributes,
+    and Envoy holds the headers until the broker has answered the buffered body,
+    so no response leaves before its audit record is spooled.
+    """
+    mode = ProcessingMode(
+        request_header_mode=Send.SKIP,
+        request_body_mode=Body.BUFFERED,
+        response_header_mode=Send.SEND,
+        response_body_mode=Body.BUFFERED,
+        request_trailer_mode=Send.SKIP,
+        response_trailer_mode=Send.SKIP,
+    )
+    return _any(ExtProcPerRoute(overrides=ExtProcOverrides(processing_mode=mode)))
 
 
 def _without_broker() -> dict[str, AnyMessage]:
@@ -269,7 +291,7 @@ def _broker_approved() -> RbacPerRoute:
     return RbacPerRoute(rbac=Rbac(rules=Rules(action=RbacAction.ALLOW, policies={"broker-approved": policy})))
 
 
-def _model_routes(model: Model) -> list[Route]:
+def _model_routes(model: Model, audited: bool) -> list[Route]:
     weighted = WeightedCluster(
         clusters=[
             WeightedClusterClusterWeight(name=wire.version_cluster(model.name, v.name), weight=v.weight)
@@ -282,7 +304,10 @@ def _model_routes(model: Model) -> list[Route]:
         match=RouteMatch(
             path=model.path, headers=[HeaderMatcher(name=":method", string_match=StringMatcher(exact="POST"))]
         ),
-        typed_per_filter_config={RBAC_FILTER: _any(_broker_approved())},
+        typed_per_filter_config={
+            RBAC_FILTER: _any(_broker_approved()),
+            **({EXT_PROC_FILTER: _audited_phases()} if audited else {}),
+        },
         route=RouteAction(
             weighted_clusters=weighted,
             timeout=_ms(model.timeout_ms),
@@ -317,7 +342,7 @@ def route_configuration(registry: Registry) -> RouteConfiguration:
         _broker_route(wire.ROUTE_MODELS, wire.PATH_MODELS),
     ]
     for model in registry.models:
-        routes += _model_routes(model)
+        routes += _model_routes(model, registry.audited(model))
     routes.append(
         Route(
             name="unknown",

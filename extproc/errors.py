@@ -30,6 +30,7 @@ class ErrorCode(StrEnum):
     BROKER_UNAVAILABLE = "broker_unavailable"
     UPSTREAM_UNAVAILABLE = "upstream_unavailable"
     UPSTREAM_TIMEOUT = "upstream_timeout"
+    AUDIT_UNAVAILABLE = "audit_unavailable"
 
 
 STATUS: dict[ErrorCode, int] = {
@@ -47,6 +48,7 @@ STATUS: dict[ErrorCode, int] = {
     ErrorCode.BROKER_UNAVAILABLE: 503,
     ErrorCode.UPSTREAM_UNAVAILABLE: 503,
     ErrorCode.UPSTREAM_TIMEOUT: 504,
+    ErrorCode.AUDIT_UNAVAILABLE: 503,
 }
 
 

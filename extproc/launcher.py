@@ -135,11 +135,11 @@ def up(config_path: str, workers: int | None, extra: list[list[str]] | None = No
         )
         base = f"http://{registry.listener.address}:{registry.listener.port}"
         wait_ready(base + wire.PATH_HEALTHZ)
-        print(_banner(registry, base), flush=True)
+        print(_banner(registry, base, config_path), flush=True)
         return _wait_for_signal(procs)
 
 
-def _banner(registry: Registry, base: str) -> str:
+def _banner(registry: Registry, base: str, config_path: str) -> str:
     lines = [f"Model Broker is up at {base}  (Ctrl-C stops it)", f"  GET  {base}{wire.PATH_MODELS}"]
     for model in registry.models:
         lines.append(f"  POST {base}{model.path}")
@@ -150,6 +150,8 @@ def _banner(registry: Registry, base: str) -> str:
             f"  curl -s -i {base}{registry.models[0].path} -H 'content-type: application/json' "
             f"-d '{json.dumps(example)}'",
         ]
+    if registry.audit is not None:
+        lines.append(f"Audit record of a request:  model-broker audit show <x-request-id> --config {config_path}")
     return "\n".join(lines)
 
 
@@ -169,7 +171,13 @@ def demo_registry(listener_port: int, directory: Path) -> Path:
     return path
 
 
+# Where `demo` keeps its registry and audit trail: in the current directory, so
+# `model-broker audit show` finds the demo's records after the demo has stopped.
+DEMO_WORKDIR = "model-broker-demo"
+
+
 def demo(listener_port: int) -> int:
-    with tempfile.TemporaryDirectory(prefix="model-broker-demo-") as tmp:
-        config = str(demo_registry(listener_port, Path(tmp)))
-        return up(config, None, extra=[_python("demo-models", "--config", config)])
+    workdir = Path(DEMO_WORKDIR).resolve()
+    workdir.mkdir(exist_ok=True)
+    config = str(demo_registry(listener_port, workdir))
+    return up(config, None, extra=[_python("demo-models", "--config", config)])

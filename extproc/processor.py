@@ -12,6 +12,7 @@ import orjson
 from envoy.service.ext_proc.v3.external_processor_pb2 import HttpBody, HttpHeaders, ProcessingResponse
 
 from extproc import metrics, responses, wire
+from extproc.audit import AuditDraft, AuditTrail, error_body, sha256
 from extproc.body import check_content_type, entity_key, inject_features, parse_json_object
 from extproc.context import RequestContext
 from extproc.errors import BrokerError, ErrorCode, FeatureStoreUnavailable
@@ -35,10 +36,18 @@ class Processor:
     async def response_body(self, msg: HttpBody, ctx: RequestContext) -> ProcessingResponse:
         return responses.continue_response_body()
 
+    def finish(self, ctx: RequestContext) -> None:
+        """Once per stream, after its last message (or its cancellation)."""
+
+
+# Refusal when the audit spool is full and the policy is fail-closed.
+AUDIT_FULL = BrokerError(ErrorCode.AUDIT_UNAVAILABLE, "the audit trail cannot record this request; try again shortly")
+
 
 class BrokerProcessor(Processor):
-    def __init__(self, registry: Registry, store: FeatureStore) -> None:
+    def __init__(self, registry: Registry, store: FeatureStore, audit: AuditTrail | None = None) -> None:
         self._registry = registry
+        self._audit = audit
         self._routes = compile_routes(registry)
         self._store = store
         self._max_body = registry.limits.max_body_bytes
@@ -59,15 +68,24 @@ class BrokerProcessor(Processor):
         route = resolve_route(self._routes, ctx.route_name)
         if isinstance(route, BrokerError):
             return self._reject(route, ctx)
+        if self._audit is not None and self._audit.covers(route.model):
+            if self._audit.refuses():  # nothing runs that cannot be audited
+                return self._reject(AUDIT_FULL, ctx)
+            ctx.audit = AuditDraft(route.model, ctx.started_at, request_sha256=sha256(msg.body))
         doc = self._parse(msg.body, route, ctx)
         if isinstance(doc, BrokerError):
             return self._reject(doc, ctx)
         key = entity_key(doc, route.join_key)
+        if ctx.audit is not None:
+            # A shallow copy: injection replaces one top-level key of `doc`.
+            ctx.audit.input, ctx.audit.entity_key = dict(doc), key if isinstance(key, str) else None
         if isinstance(key, BrokerError):
             return self._reject(key, ctx)
         ctx.lap("route")
         features, degraded = await self._features(route, key)
         ctx.lap("features")
+        if ctx.audit is not None and not isinstance(features, BrokerError):
+            ctx.audit.features, ctx.audit.feature_status = features, degraded or "ok"
         if isinstance(features, BrokerError):
             return self._reject(features, ctx)
         body = inject_features(doc, route.inject_as, features)
@@ -103,6 +121,45 @@ class BrokerProcessor(Processor):
     def _reject(self, error: BrokerError, ctx: RequestContext) -> ProcessingResponse:
         ctx.lap("reject")
         metrics.record_request(ctx.route_name, ctx.stages, error.code.value)
+        if ctx.audit is not None:
+            ctx.audit.error_code = error.code.value
+            if not self._write_audit(ctx, error.status, error_body(error, ctx.request_id)):
+                error = AUDIT_FULL
         return responses.error_response(
             error, ctx.request_id, headers=[(wire.HEADER_SERVER_TIMING, ctx.server_timing())]
+        )
+
+    async def response_headers(self, msg: HttpHeaders, ctx: RequestContext) -> ProcessingResponse:
+        """Audited routes only: Envoy holds these headers until the body phase is answered."""
+        ctx.lap("upstream")
+        if ctx.audit is None and self._audit is not None and self._audit.covers(ctx.route_name):
+            # Envoy refused the request before any body phase (it had no body): audit that answer too.
+            ctx.audit = AuditDraft(ctx.route_name, ctx.started_at)
+        return responses.continue_response_headers()
+
+    async def response_body(self, msg: HttpBody, ctx: RequestContext) -> ProcessingResponse:
+        """The record reaches the spool before the response is released to the client."""
+        if ctx.audit is None or ctx.audit.written:
+            return responses.continue_response_body()
+        if not self._write_audit(ctx, ctx.response_status, msg.body):
+            return responses.error_response(AUDIT_FULL, ctx.request_id)
+        return responses.continue_response_body()
+
+    def finish(self, ctx: RequestContext) -> None:
+        """An audited request whose response the broker never saw still gets a record (status null)."""
+        if ctx.audit is not None and not ctx.audit.written:
+            self._write_audit(ctx, None, b"")
+
+    def _write_audit(self, ctx: RequestContext, status: int | None, body: bytes) -> bool:
+        # Only called for audited requests, which exist only when a trail does.
+        assert self._audit is not None
+        assert ctx.audit is not None
+        return self._audit.write(
+            ctx.audit,
+            request_id=ctx.request_id,
+            route=ctx.route_name,
+            version=ctx.version,
+            stages=ctx.stages,
+            status=status,
+            body=body,
         )
