@@ -103,3 +103,29 @@ def test_committed_envoy_configs_are_current() -> None:
         result = run_cli("envoy-config", "--config", str(example))
         assert result.returncode == 0, result.stderr
         assert result.stdout == committed.read_text(), f"regenerate {committed.name}: see envoy/README.md"
+
+
+@pytest.mark.parametrize(
+    ("args", "audit", "expected"),
+    [
+        (["audit", "show", "r-1"], False, "no 'audit' section, so nothing is audited"),
+        (["audit", "list", "--model", "credit-risk", "--since", "last tuesday"], True, "--since/--until: use an ISO"),
+        (["audit", "list", "--model", "credit-risk", "--since", "1h", "--until", "soon"], True, "--since/--until"),
+    ],
+    ids=["no-audit-section", "bad-since", "bad-until"],
+)
+def test_audit_commands_refuse_bad_input(tmp_path: Path, args: list[str], audit: bool, expected: str) -> None:
+    """`audit show|list` explain a missing audit section or an unreadable time, exit 2, no traceback."""
+    doc = demo_registry_doc()
+    if not audit:
+        del doc["audit"]
+    result = run_cli(*args, "--config", write(tmp_path, doc))
+    assert result.returncode == 2
+    assert expected in result.stderr and "Traceback" not in result.stderr
+
+
+def test_audit_show_unknown_id_exits_1(tmp_path: Path) -> None:
+    """An id with no record (local sink, nothing shipped yet) is exit 1 with a message, not an empty JSON."""
+    result = run_cli("audit", "show", "no-such-request", "--config", write(tmp_path, demo_registry_doc()))
+    assert result.returncode == 1
+    assert result.stdout == "" and "no audit record for request id no-such-request" in result.stderr

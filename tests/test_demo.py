@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import orjson
 
@@ -15,8 +16,20 @@ from extproc.launcher import free_port
 from tests.conftest import wait_port
 
 
-def test_demo_prints_a_curl_line_that_works_and_stops_cleanly() -> None:
-    """The printed curl gets an enriched answer; SIGTERM stops Envoy, broker and models."""
+def audit_show(request_id: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    config = "model-broker-demo/registry.yaml"
+    return subprocess.run(
+        [sys.executable, "-m", "extproc.cli", "audit", "show", request_id, "--config", config],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        timeout=30,
+        check=False,
+    )
+
+
+def test_demo_prints_a_curl_line_that_works_and_stops_cleanly(tmp_path: Path) -> None:
+    """The printed curl gets an enriched answer that `audit show` finds; SIGTERM stops everything."""
     port = free_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "extproc.cli", "demo", "--port", str(port)],
@@ -24,6 +37,7 @@ def test_demo_prints_a_curl_line_that_works_and_stops_cleanly() -> None:
         stderr=subprocess.DEVNULL,
         text=True,
         start_new_session=True,
+        cwd=tmp_path,
     )
     try:
         assert proc.stdout is not None
@@ -43,6 +57,14 @@ def test_demo_prints_a_curl_line_that_works_and_stops_cleanly() -> None:
         assert answer["model"] == "credit-risk" and answer["version"] in {"v1", "v2"}
         assert set(answer["features"]) >= {"income", "debt_ratio", "tenure_months"}
         assert "x-broker-version: " + answer["version"] in head.lower()
+        request_id = next(h.split(":", 1)[1].strip() for h in head.splitlines() if h.lower().startswith("x-request-id"))
+        deadline = time.monotonic() + 20
+        while (shown := audit_show(request_id, tmp_path)).returncode != 0:  # shipped within about a second
+            assert time.monotonic() < deadline, shown.stderr
+            time.sleep(0.3)
+        record = orjson.loads(shown.stdout)
+        assert record["response"] == {"status": 200, "body": answer}
+        assert record["version"] == answer["version"]
     finally:
         os.kill(proc.pid, signal.SIGTERM)
         code = proc.wait(30)
