@@ -1,4 +1,4 @@
-"""`model-broker`: check, envoy-config, serve, up, demo."""
+"""`model-broker`: check, envoy-config, serve, up, demo, audit."""
 
 from __future__ import annotations
 
@@ -9,11 +9,17 @@ import json
 import logging
 import sys
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import uvloop
 
+from extproc.audit_local import LocalAuditStore
 from extproc.registry import Registry, RegistryInvalid, load_registry
+
+if TYPE_CHECKING:
+    from extproc.adapters.aws_audit import AwsAuditStore
+
+    AuditStore = AwsAuditStore | LocalAuditStore
 
 
 def _load(path: str) -> Registry | None:
@@ -94,17 +100,17 @@ def cmd_demo_models(args: argparse.Namespace) -> int:
     return 0
 
 
-def _audit_store(args: argparse.Namespace) -> tuple[Any, int]:
+def _audit_store(args: argparse.Namespace) -> AuditStore | int:
     """The registry's audit store, or the exit code explaining why there is none."""
     from extproc.worker import open_audit_store
 
     registry = _load(args.config)
     if registry is None:
-        return None, 2
+        return 2
     if registry.audit is None:
         print(f"{args.config}: no 'audit' section, so nothing is audited", file=sys.stderr)
-        return None, 2
-    return open_audit_store(registry.audit), 0
+        return 2
+    return open_audit_store(registry.audit)
 
 
 def cmd_audit(args: argparse.Namespace) -> int:
@@ -120,9 +126,9 @@ def cmd_audit(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
-    store, code = _audit_store(args)
-    if store is None:
-        return code
+    store = _audit_store(args)
+    if isinstance(store, int):
+        return store
     try:
         if args.action == "show":
             record = store.show(args.request_id)
@@ -132,11 +138,11 @@ def cmd_audit(args: argparse.Namespace) -> int:
             print(json.dumps(record, indent=2))
         elif args.action == "list":
             print(json.dumps(store.by_model(args.model, since, until), indent=2))
-        elif hasattr(store, "create_resources"):
+        elif isinstance(store, LocalAuditStore):
+            print("local audit sink: nothing to create")
+        else:
             store.create_resources()
             print("audit bucket and table are ready")
-        else:
-            print("local audit sink: nothing to create")
     except AuditSinkUnavailable as exc:
         print(f"audit store unavailable: {exc}", file=sys.stderr)
         return 1

@@ -207,14 +207,7 @@ def ext_proc_filter(registry: Registry) -> HttpFilter:
         failure_mode_allow=False,
         # One message per request: the buffered body. Header and response phases
         # are asked for per route, only where a feature needs them.
-        processing_mode=ProcessingMode(
-            request_header_mode=Send.SKIP,
-            request_body_mode=Body.BUFFERED,
-            response_header_mode=Send.SKIP,
-            response_body_mode=Body.NONE,
-            request_trailer_mode=Send.SKIP,
-            response_trailer_mode=Send.SKIP,
-        ),
+        processing_mode=_body_mode(response_headers=Send.SKIP, response_body=Body.NONE),
         message_timeout=_ms(registry.broker.message_timeout_ms),
         request_attributes=list(wire.REQUEST_ATTRIBUTES),
         # Read on audited routes only (the only ones with a response phase).
@@ -239,22 +232,28 @@ def _header_phase_only() -> dict[str, AnyMessage]:
     return {EXT_PROC_FILTER: _any(per_route)}
 
 
-def _audited_phases() -> AnyMessage:
-    """Audited model routes: the request body as everywhere, plus the buffered response body.
-
-    An override replaces the whole processing mode, so every field is spelled out.
-    Response headers stay skipped: status and version come as response attributes,
-    and Envoy holds the headers until the broker has answered the buffered body,
-    so no response leaves before its audit record is spooled.
-    """
-    mode = ProcessingMode(
+def _body_mode(response_headers: Send, response_body: Body) -> ProcessingMode:
+    """The buffered request body (the hot path) and the given response phases; no trailers."""
+    return ProcessingMode(
         request_header_mode=Send.SKIP,
         request_body_mode=Body.BUFFERED,
-        response_header_mode=Send.SEND,
-        response_body_mode=Body.BUFFERED,
+        response_header_mode=response_headers,
+        response_body_mode=response_body,
         request_trailer_mode=Send.SKIP,
         response_trailer_mode=Send.SKIP,
     )
+
+
+def _audited_phases() -> AnyMessage:
+    """Audited model routes: the request body as everywhere, plus the response headers and body.
+
+    An override replaces the whole processing mode, so every field is spelled out.
+    The response header phase is on although the broker only reads attributes
+    there: with it skipped, Envoy 1.40 sends the headers downstream before the
+    buffered body is answered (measured), and the status would leave before the
+    audit record is spooled. With it on, Envoy holds the whole response.
+    """
+    mode = _body_mode(response_headers=Send.SEND, response_body=Body.BUFFERED)
     return _any(ExtProcPerRoute(overrides=ExtProcOverrides(processing_mode=mode)))
 
 
