@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
+from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
@@ -104,6 +105,23 @@ HTTP_PROTOCOL_OPTIONS = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
 # the broker's answers (details start with responses.DETAILS_PREFIX) and the generated
 # direct responses, which already have it.
 NOT_BROKER = "!(response.code_details.startsWith('model_broker_') || response.code_details == 'direct_response')"
+ADMIN_CLUSTER = "model_broker_admin"
+# Read-only admin paths the stats listener forwards; everything else on the admin stays on loopback.
+STATS_PATHS = ("/stats/prometheus", "/ready")
+
+
+@dataclass(frozen=True, slots=True)
+class Placement:
+    """Where Envoy runs relative to the broker; the defaults are one machine (`up`, `demo`).
+
+    On Kubernetes the broker's pods come and go behind a headless Service, so
+    Envoy resolves `broker_host` by DNS (every pod, every worker port), and
+    kubelet probes and Prometheus need the admin's read-only paths on a pod
+    port while the admin itself stays on loopback.
+    """
+
+    broker_host: str | None = None
+    stats_port: int | None = None
 
 
 def _any(message: betterproto2.Message) -> AnyMessage:
@@ -402,15 +420,20 @@ def _is_ip(host: str) -> bool:
     return True
 
 
-def ext_proc_cluster(registry: Registry, workers: int) -> Cluster:
-    """One endpoint per broker worker: Envoy balances gRPC streams across them."""
+def ext_proc_cluster(registry: Registry, workers: int, host: str | None = None) -> Cluster:
+    """One endpoint per broker worker: Envoy balances gRPC streams across them.
+
+    A DNS `host` (a headless Service) resolves to every broker pod, so each
+    port endpoint becomes one per pod: pods times workers endpoints.
+    """
     broker = registry.broker
+    target = host or broker.address
     return Cluster(
         name=wire.EXT_PROC_CLUSTER,
-        type=ClusterDiscoveryType.STATIC,
+        type=ClusterDiscoveryType.STATIC if _is_ip(target) else ClusterDiscoveryType.STRICT_DNS,
         connect_timeout=_ms(250),
         lb_policy=ClusterLbPolicy.LEAST_REQUEST,
-        load_assignment=_endpoints(wire.EXT_PROC_CLUSTER, [(broker.address, broker.port + i) for i in range(workers)]),
+        load_assignment=_endpoints(wire.EXT_PROC_CLUSTER, [(target, broker.port + i) for i in range(workers)]),
         typed_extension_protocol_options={
             HTTP_PROTOCOL_OPTIONS: _any(
                 HttpProtocolOptions(
@@ -489,20 +512,55 @@ def version_cluster(model: Model, version: Version) -> Cluster:
     return cluster
 
 
-def bootstrap(registry: Registry, workers: int | None = None) -> Bootstrap:
-    count = workers or registry.broker.workers
-    clusters = [ext_proc_cluster(registry, count)]
-    clusters += [version_cluster(m, v) for m in registry.models for v in m.versions]
-    return Bootstrap(
-        admin=Admin(address=_socket(registry.admin.address, registry.admin.port)),
-        static_resources=BootstrapStaticResources(listeners=[public_listener(registry)], clusters=clusters),
+def stats_listener(registry: Registry, port: int) -> Listener:
+    """Prometheus metrics and readiness from the admin, without exposing the admin itself."""
+    routes = [Route(match=RouteMatch(path=path), route=RouteAction(cluster=ADMIN_CLUSTER)) for path in STATS_PATHS]
+    routes.append(Route(match=RouteMatch(prefix="/"), direct_response=DirectResponseAction(status=404)))
+    hcm = HttpConnectionManager(
+        stat_prefix="stats",
+        route_config=RouteConfiguration(
+            name="stats", virtual_hosts=[VirtualHost(name="stats", domains=["*"], routes=routes)]
+        ),
+        http_filters=[HttpFilter(name="envoy.filters.http.router", typed_config=_any(Router()))],
+    )
+    return Listener(
+        name="stats",
+        address=_socket(registry.listener.address, port),
+        filter_chains=[
+            FilterChain(filters=[Filter(name="envoy.filters.network.http_connection_manager", typed_config=_any(hcm))])
+        ],
     )
 
 
-def bootstrap_dict(registry: Registry, workers: int | None = None) -> dict[str, Any]:
-    doc: dict[str, Any] = bootstrap(registry, workers).to_dict()
+def admin_cluster(registry: Registry) -> Cluster:
+    return Cluster(
+        name=ADMIN_CLUSTER,
+        type=ClusterDiscoveryType.STATIC,
+        connect_timeout=_ms(250),
+        load_assignment=_endpoints(ADMIN_CLUSTER, [(registry.admin.address, registry.admin.port)]),
+    )
+
+
+def bootstrap(registry: Registry, workers: int | None = None, placement: Placement = Placement()) -> Bootstrap:
+    count = workers or registry.broker.workers
+    listeners = [public_listener(registry)]
+    clusters = [ext_proc_cluster(registry, count, placement.broker_host)]
+    clusters += [version_cluster(m, v) for m in registry.models for v in m.versions]
+    if placement.stats_port is not None:
+        listeners.append(stats_listener(registry, placement.stats_port))
+        clusters.append(admin_cluster(registry))
+    return Bootstrap(
+        admin=Admin(address=_socket(registry.admin.address, registry.admin.port)),
+        static_resources=BootstrapStaticResources(listeners=listeners, clusters=clusters),
+    )
+
+
+def bootstrap_dict(
+    registry: Registry, workers: int | None = None, placement: Placement = Placement()
+) -> dict[str, Any]:
+    doc: dict[str, Any] = bootstrap(registry, workers, placement).to_dict()
     return doc
 
 
-def render_yaml(registry: Registry, workers: int | None = None) -> str:
-    return yaml.safe_dump(bootstrap_dict(registry, workers), sort_keys=False)
+def render_yaml(registry: Registry, workers: int | None = None, placement: Placement = Placement()) -> str:
+    return yaml.safe_dump(bootstrap_dict(registry, workers, placement), sort_keys=False)

@@ -80,6 +80,15 @@ def wait_ready(url: str, timeout_s: float = READY_TIMEOUT_S) -> None:
     raise RuntimeError(f"{url} not ready after {timeout_s:.0f}s: {last}")
 
 
+def wait_listening(port: int, host: str = "127.0.0.1", timeout_s: float = READY_TIMEOUT_S) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        with contextlib.suppress(OSError), socket.create_connection((host, port), timeout=0.5):
+            return
+        time.sleep(0.05)
+    raise RuntimeError(f"nothing listening on {host}:{port} after {timeout_s:.0f}s")
+
+
 def _python(*args: str) -> list[str]:
     return [sys.executable, "-m", "extproc.cli", *args]
 
@@ -119,8 +128,10 @@ def _wait_for_signal(procs: list[subprocess.Popen[bytes]]) -> int:
     return 0
 
 
-def up(config_path: str, workers: int | None, extra: list[list[str]] | None = None) -> int:
-    """Broker + Envoy (+ any extra commands) until Ctrl-C; prints where to send requests."""
+def up(
+    config_path: str, workers: int | None, extra: list[list[str]] | None = None, extra_ports: list[int] | None = None
+) -> int:
+    """Broker + Envoy (+ extra commands, ready once `extra_ports` listen) until Ctrl-C."""
     registry = load_registry(config_path)
     count = workers or registry.broker.workers
     with tempfile.TemporaryDirectory(prefix="model-broker-") as tmp, contextlib.ExitStack() as stack:
@@ -135,6 +146,8 @@ def up(config_path: str, workers: int | None, extra: list[list[str]] | None = No
         )
         base = f"http://{registry.listener.address}:{registry.listener.port}"
         wait_ready(base + wire.PATH_HEALTHZ)
+        for port in extra_ports or []:
+            wait_listening(port)
         print(_banner(registry, base, config_path), flush=True)
         return _wait_for_signal(procs)
 
@@ -180,4 +193,6 @@ def demo(listener_port: int) -> int:
     workdir = Path(DEMO_WORKDIR).resolve()
     workdir.mkdir(exist_ok=True)
     config = str(demo_registry(listener_port, workdir))
-    return up(config, None, extra=[_python("demo-models", "--config", config)])
+    registry = load_registry(config)
+    model_ports = [v.backend.service.port for m in registry.models for v in m.versions if v.backend.service]
+    return up(config, None, extra=[_python("demo-models", "--config", config)], extra_ports=model_ports)

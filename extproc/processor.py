@@ -59,8 +59,10 @@ class BrokerProcessor(Processor):
     async def request_headers(self, msg: HttpHeaders, ctx: RequestContext) -> ProcessingResponse:
         """Only the broker's own GET routes ask for the header phase."""
         if ctx.route_name == wire.ROUTE_HEALTHZ:
+            ctx.finished = True
             return responses.immediate_json(200, self._health_doc, details="healthz")
         if ctx.route_name == wire.ROUTE_MODELS:
+            ctx.finished = True
             return responses.immediate_json(200, orjson.Fragment(self._models_doc), details="models")
         return responses.continue_request_headers()
 
@@ -94,6 +96,8 @@ class BrokerProcessor(Processor):
         if degraded:
             metadata[wire.META_DEGRADED] = degraded
         metrics.record_request(route.model, ctx.stages, degraded or "ok")
+        # Model routes ask for the request body only; audited ones also send the response.
+        ctx.finished = ctx.audit is None
         return responses.continue_request_body(body, metadata)
 
     def _parse(self, raw: bytes, route: ModelRoute, ctx: RequestContext) -> dict[str, Any] | BrokerError:
@@ -120,6 +124,7 @@ class BrokerProcessor(Processor):
 
     def _reject(self, error: BrokerError, ctx: RequestContext) -> ProcessingResponse:
         ctx.lap("reject")
+        ctx.finished = True
         metrics.record_request(ctx.route_name, ctx.stages, error.code.value)
         if ctx.audit is not None:
             ctx.audit.error_code = error.code.value
@@ -139,6 +144,7 @@ class BrokerProcessor(Processor):
 
     async def response_body(self, msg: HttpBody, ctx: RequestContext) -> ProcessingResponse:
         """The record reaches the spool before the response is released to the client."""
+        ctx.finished = True  # the last phase any route asks for
         if ctx.audit is None or ctx.audit.written:
             return responses.continue_response_body()
         if not self._write_audit(ctx, ctx.response_status, msg.body):

@@ -116,6 +116,9 @@ class SageMakerBackend(Strict):
 
 
 class Backend(Strict):
+    # "Exactly one kind" in the JSON schema too, so the generated CRD rejects both or neither at `kubectl apply`.
+    model_config = ConfigDict(json_schema_extra={"oneOf": [{"required": ["service"]}, {"required": ["sagemaker"]}]})
+
     service: ServiceBackend | None = None
     sagemaker: SageMakerBackend | None = None
 

@@ -23,9 +23,9 @@ import pytest
 
 from extproc.adapters.aws_audit import AwsAuditStore
 from extproc.audit import REDACTED
-from extproc.launcher import free_port
+from extproc.launcher import free_port, wait_listening
 from extproc.registry import AwsAuditSink
-from tests.conftest import Proc, Stack, demo_registry_doc, run_stack, wait_port
+from tests.conftest import Proc, Stack, demo_registry_doc, run_stack
 from tests.http import Reply, call
 
 AWS_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
@@ -85,7 +85,7 @@ def moto(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Moto]:
         server = Moto(tmp_path_factory.mktemp("moto"))
         server.proc.start()
         try:
-            wait_port(server.port)
+            wait_listening(server.port)
             yield server
         finally:
             server.proc.signal(signal.SIGCONT)

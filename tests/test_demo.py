@@ -12,8 +12,7 @@ from pathlib import Path
 
 import orjson
 
-from extproc.launcher import free_port
-from tests.conftest import wait_port
+from extproc.launcher import free_port, wait_listening
 
 
 def audit_show(request_id: str, cwd: Path) -> subprocess.CompletedProcess[str]:
@@ -72,7 +71,7 @@ def test_demo_prints_a_curl_line_that_works_and_stops_cleanly(tmp_path: Path) ->
             proc.stdout.close()
     assert code == 0
     try:
-        wait_port(port, timeout_s=0.5)
+        wait_listening(port, timeout_s=0.5)
     except RuntimeError:
         pass
     else:
