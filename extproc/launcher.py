@@ -187,9 +187,9 @@ def _banner(registry: Registry, base: str, config_path: str) -> str:
     return "\n".join(lines)
 
 
-def demo_registry(listener_port: int, directory: Path) -> Path:
+def demo_registry_doc(listener_port: int) -> dict[str, Any]:
     """The bundled demo registry with every port but the listener's moved to a free one."""
-    doc = yaml.safe_load((DEMO_DIR / "registry.yaml").read_text(encoding="utf-8"))
+    doc: dict[str, Any] = yaml.safe_load((DEMO_DIR / "registry.yaml").read_text(encoding="utf-8"))
     doc["listener"]["port"] = listener_port
     doc["admin"]["port"] = free_port()
     doc["metrics"] = {"address": "127.0.0.1", "port": free_port()}
@@ -199,8 +199,12 @@ def demo_registry(listener_port: int, directory: Path) -> Path:
     for model in doc["models"]:
         for version in model["versions"]:
             version["backend"]["service"]["port"] = free_port()
+    return doc
+
+
+def demo_registry(listener_port: int, directory: Path) -> Path:
     path = directory / "registry.yaml"
-    path.write_text(yaml.safe_dump(doc, sort_keys=False), encoding="utf-8")
+    path.write_text(yaml.safe_dump(demo_registry_doc(listener_port), sort_keys=False), encoding="utf-8")
     return path
 
 
