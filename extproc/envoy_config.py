@@ -277,6 +277,7 @@ def ensemble_ext_proc_filter(registry: Registry) -> HttpFilter:
 
 
 def _ext_proc(registry: Registry, timeout_ms: int) -> ExternalProcessor:
+    audited = any(registry.audited(m) for m in registry.models)
     return ExternalProcessor(
         grpc_service=GrpcService(
             envoy_grpc=GrpcServiceEnvoyGrpc(cluster_name=wire.EXT_PROC_CLUSTER),
@@ -286,16 +287,11 @@ def _ext_proc(registry: Registry, timeout_ms: int) -> ExternalProcessor:
         failure_mode_allow=False,
         # One message per request: the buffered body. Header and response phases
         # are asked for per route, only where a feature needs them.
-        processing_mode=ProcessingMode(
-            request_header_mode=Send.SKIP,
-            request_body_mode=Body.BUFFERED,
-            response_header_mode=Send.SKIP,
-            response_body_mode=Body.NONE,
-            request_trailer_mode=Send.SKIP,
-            response_trailer_mode=Send.SKIP,
-        ),
+        processing_mode=_body_mode(response_headers=Send.SKIP, response_body=Body.NONE),
         message_timeout=_ms(timeout_ms),
         request_attributes=list(wire.REQUEST_ATTRIBUTES),
+        # Read on audited routes only (the only ones with a response phase).
+        response_attributes=list(wire.RESPONSE_ATTRIBUTES) if audited else [],
         metadata_options=MetadataOptions(
             receiving_namespaces=MetadataOptionsMetadataNamespaces(untyped=[wire.METADATA_NAMESPACE])
         ),
@@ -315,19 +311,38 @@ def _header_phase_only() -> dict[str, AnyMessage]:
     return {EXT_PROC_FILTER: _any(per_route)}
 
 
-def _headers_and_body() -> AnyMessage:
-    """Sticky-by-body routes: the header phase too, or Envoy drops the body phase's header mutation.
-
-    An override replaces the whole processing mode, so the body mode is repeated here.
-    """
-    per_route = ExtProcPerRoute(
-        overrides=ExtProcOverrides(
-            processing_mode=ProcessingMode(
-                request_header_mode=Send.SEND, request_body_mode=Body.BUFFERED, response_header_mode=Send.SKIP
-            )
-        )
+def _body_mode(response_headers: Send, response_body: Body) -> ProcessingMode:
+    """The buffered request body (the hot path) and the given response phases; no trailers."""
+    return ProcessingMode(
+        request_header_mode=Send.SKIP,
+        request_body_mode=Body.BUFFERED,
+        response_header_mode=response_headers,
+        response_body_mode=response_body,
+        request_trailer_mode=Send.SKIP,
+        response_trailer_mode=Send.SKIP,
     )
-    return _any(per_route)
+
+
+def _model_phases(model: Model, audited: bool) -> AnyMessage | None:
+    """The broker phases of a model route beyond the request body, or None (the hot path).
+
+    An override replaces the whole processing mode, so every field is spelled out.
+    Audited routes add the response headers and body. The response header phase is
+    on although the broker only reads attributes there: with it skipped, Envoy 1.40
+    sends the headers downstream before the buffered body is answered (measured), and
+    the status would leave before the audit record is spooled. Sticky-by-body routes
+    add the request header phase: Envoy drops the body phase's header mutation otherwise.
+    """
+    sticky = model.sticky is not None and model.sticky.body_field is not None
+    if not (audited or sticky):
+        return None
+    if audited:
+        mode = _body_mode(response_headers=Send.SEND, response_body=Body.BUFFERED)
+    else:
+        mode = _body_mode(response_headers=Send.SKIP, response_body=Body.NONE)
+    if sticky:
+        mode.request_header_mode = Send.SEND
+    return _any(ExtProcPerRoute(overrides=ExtProcOverrides(processing_mode=mode)))
 
 
 def _hash_policy(model: Model) -> list[RouteActionHashPolicy]:
@@ -339,11 +354,12 @@ def _hash_policy(model: Model) -> list[RouteActionHashPolicy]:
     return [RouteActionHashPolicy(header=RouteActionHashPolicyHeader(header_name=header))]
 
 
-def _rollout_filters(model: Model) -> dict[str, AnyMessage]:
-    """Per-route filter settings of the public model route: sticky-by-body and shadow recording."""
+def _model_filters(model: Model, audited: bool) -> dict[str, AnyMessage]:
+    """Per-route filter settings of the public model route: broker phases, shadow recording."""
     filters: dict[str, AnyMessage] = {}
-    if model.sticky is not None and model.sticky.body_field is not None:
-        filters[EXT_PROC_FILTER] = _headers_and_body()
+    phases = _model_phases(model, audited)
+    if phases is not None:
+        filters[EXT_PROC_FILTER] = phases
     if model.shadow is not None:
         filters[wire.SHADOW_RECORDER_FILTER] = _recorder_on()
     return filters
@@ -371,7 +387,7 @@ def shadow_recorder_filter(registry: Registry, *, disabled: bool) -> HttpFilter:
             request_trailer_mode=Send.SKIP,
             response_trailer_mode=Send.SKIP,
         ),
-        response_attributes=list(wire.RESPONSE_ATTRIBUTES),
+        response_attributes=list(wire.RECORDER_ATTRIBUTES),
     )
     return HttpFilter(name=wire.SHADOW_RECORDER_FILTER, typed_config=_any(config), disabled=disabled)
 
@@ -454,13 +470,8 @@ def _without_broker() -> dict[str, AnyMessage]:
 
 def _body_only() -> ExtProcPerRoute:
     """The filter's own mode, restated: Envoy needs a config to switch a chain-disabled filter on."""
-    return ExtProcPerRoute(
-        overrides=ExtProcOverrides(
-            processing_mode=ProcessingMode(
-                request_header_mode=Send.SKIP, request_body_mode=Body.BUFFERED, response_header_mode=Send.SKIP
-            )
-        )
-    )
+    mode = _body_mode(response_headers=Send.SKIP, response_body=Body.NONE)
+    return ExtProcPerRoute(overrides=ExtProcOverrides(processing_mode=mode))
 
 
 def _broker_route(name: str, path: str) -> Route:
@@ -536,7 +547,7 @@ def _wrong_method(name: str, path: str) -> Route:
     )
 
 
-def _model_routes(model: Model) -> list[Route]:
+def _model_routes(model: Model, audited: bool) -> list[Route]:
     metadata = f"%DYNAMIC_METADATA({wire.METADATA_NAMESPACE}:{{}})%"
     action = _model_action(model)
     # Mirrored from the public route only: ensemble member calls are not shadowed.
@@ -544,7 +555,7 @@ def _model_routes(model: Model) -> list[Route]:
     served = Route(
         name=model.name,
         match=_post(model.path),
-        typed_per_filter_config={RBAC_FILTER: _any(_broker_approved()), **_rollout_filters(model)},
+        typed_per_filter_config={RBAC_FILTER: _any(_broker_approved()), **_model_filters(model, audited)},
         route=action,
         response_headers_to_add=[
             _header(wire.HEADER_MODEL, model.name),
@@ -612,7 +623,7 @@ def route_configuration(registry: Registry) -> RouteConfiguration:
         _broker_route(wire.ROUTE_MODELS, wire.PATH_MODELS),
     ]
     for model in registry.models:
-        routes += _model_routes(model)
+        routes += _model_routes(model, registry.audited(model))
     for ensemble in registry.ensembles:
         routes += _ensemble_routes(ensemble)
     routes.append(_unknown_route())

@@ -37,6 +37,7 @@ class ErrorCode(StrEnum):
     ENSEMBLE_FAILED = "ensemble_failed"
     ENSEMBLE_TIMEOUT = "ensemble_timeout"
     AGGREGATION_FAILED = "aggregation_failed"
+    AUDIT_UNAVAILABLE = "audit_unavailable"
     # Control-plane admin API (weights, rollouts), not the request path.
     INVALID_WEIGHTS = "invalid_weights"
     ADMIN_UNAUTHORIZED = "admin_unauthorized"
@@ -62,6 +63,7 @@ STATUS: dict[ErrorCode, int] = {
     ErrorCode.ENSEMBLE_FAILED: 502,
     ErrorCode.ENSEMBLE_TIMEOUT: 504,
     ErrorCode.AGGREGATION_FAILED: 502,
+    ErrorCode.AUDIT_UNAVAILABLE: 503,
     ErrorCode.INVALID_WEIGHTS: 400,
     ErrorCode.ADMIN_UNAUTHORIZED: 401,
 }

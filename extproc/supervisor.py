@@ -41,7 +41,7 @@ def supervise(config_path: str, registry: Registry, workers: int) -> int:
         if port == plane_port:  # the control plane is supervised like a worker, under its own port
             proc = spawn.Process(target=run_control_plane, args=(config_path,), name="control-plane")
         else:
-            proc = spawn.Process(target=run_worker, args=(config_path, address, port), name=f"broker-{port}")
+            proc = spawn.Process(target=run_worker, args=(config_path, address, port, workers), name=f"broker-{port}")
         proc.start()
         return proc
 

@@ -102,6 +102,7 @@ def test_header_sticky_needs_no_broker_phase() -> None:
     """`sticky.header`: Envoy hashes the client's header itself, and the route keeps one ext_proc message."""
     doc = demo_registry_doc()
     doc["models"][0]["sticky"] = {"header": "x-user-id"}
+    doc["models"][0]["audit"] = False  # an audited route has a response phase of its own
     route = next(r for r in route_configuration(parse_registry(doc)).virtual_hosts[0].routes if r.name == "credit-risk")
     assert route.route.weighted_clusters.use_hash_policy
     assert [p.header.header_name for p in route.route.hash_policy] == ["x-user-id"]
