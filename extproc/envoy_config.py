@@ -723,13 +723,18 @@ def ext_proc_cluster(registry: Registry, workers: int, host: str | None = None) 
     port endpoint becomes one per pod: pods times workers endpoints.
     """
     broker = registry.broker
-    target = host or broker.address
+    ports = [broker.port + i for i in range(workers)]
+    return _broker_grpc_cluster(wire.EXT_PROC_CLUSTER, host or broker.address, ports, ClusterLbPolicy.LEAST_REQUEST)
+
+
+def _broker_grpc_cluster(name: str, target: str, ports: list[int], lb_policy: ClusterLbPolicy) -> Cluster:
+    """HTTP/2 to the broker's processes: loopback, or every pod behind a headless Service's DNS name."""
     return Cluster(
-        name=wire.EXT_PROC_CLUSTER,
+        name=name,
         type=ClusterDiscoveryType.STATIC if _is_ip(target) else ClusterDiscoveryType.STRICT_DNS,
         connect_timeout=_ms(250),
-        lb_policy=ClusterLbPolicy.LEAST_REQUEST,
-        load_assignment=_endpoints(wire.EXT_PROC_CLUSTER, [(target, broker.port + i) for i in range(workers)]),
+        lb_policy=lb_policy,
+        load_assignment=_endpoints(name, [(target, port) for port in ports]),
         typed_extension_protocol_options=_http2_options(),
     )
 
@@ -843,13 +848,8 @@ def control_plane_cluster(registry: Registry, host: str | None = None) -> Cluste
     agree when they share the state file.
     """
     plane = registry.control_plane
-    target = host or plane.address
-    return Cluster(
-        name=wire.CONTROL_PLANE_CLUSTER,
-        type=ClusterDiscoveryType.STATIC if _is_ip(target) else ClusterDiscoveryType.STRICT_DNS,
-        connect_timeout=_ms(250),
-        load_assignment=_endpoints(wire.CONTROL_PLANE_CLUSTER, [(target, plane.port)]),
-        typed_extension_protocol_options=_http2_options(),
+    return _broker_grpc_cluster(
+        wire.CONTROL_PLANE_CLUSTER, host or plane.address, [plane.port], ClusterLbPolicy.ROUND_ROBIN
     )
 
 
