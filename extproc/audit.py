@@ -133,7 +133,7 @@ def build_record(
         "request_id": where.request_id,
         "parent_request_id": draft.parent_request_id,
         "timestamp": iso_utc(draft.started_at),
-        # TODO(#6): the consumer identity, once authentication puts it in Envoy's metadata.
+        # TODO(#7): the consumer identity, once authentication puts it in Envoy's metadata.
         "consumer": None,
         "route": where.route,
         "model": draft.model,

@@ -185,15 +185,13 @@ class ControlPlane:
         finally:
             self._changing.discard(model)
 
-    def record_answer(self, route: str, cluster: str, request_id: str, body: bytes) -> None:
+    def record_answer(self, route: str, version: str, request_id: str, body: bytes) -> None:
         """One model answer from Envoy's recorder; once both halves of a request are in, compare them."""
         is_shadow = route.startswith(wire.SHADOW_ROUTE_PREFIX)
         model = self.registry.model(route.removeprefix(wire.SHADOW_ROUTE_PREFIX))
-        if model is None or model.shadow is None or cluster not in self._versions or not request_id:
+        if model is None or model.shadow is None or not request_id:
             return
-        pair = self._shadow_pairs.add(
-            model.name, request_id, is_shadow, Answer(self._versions[cluster][1], body), time.monotonic()
-        )
+        pair = self._shadow_pairs.add(model.name, request_id, is_shadow, Answer(version, body), time.monotonic())
         if pair is None:
             return
         primary, shadow = pair

@@ -90,7 +90,7 @@ class ShadowPairs:
             del self._pending[key]
 
 
-# (route name, cluster, request id, body) of one answer Envoy streamed.
+# (route name, version that answered, request id, body) of one answer Envoy streamed.
 OnAnswer = Callable[[str, str, str, bytes], None]
 
 
@@ -113,7 +113,7 @@ class ShadowRecorder(ext_proc_grpc.ExternalProcessorServicer):  # type: ignore[m
                 if request.response_body.end_of_stream:
                     self._on_answer(
                         attrs.get(wire.ATTR_ROUTE_NAME, ""),
-                        attrs.get(wire.ATTR_CLUSTER_NAME, ""),
+                        attrs.get(wire.ATTR_UPSTREAM_VERSION, ""),
                         attrs.get(wire.ATTR_REQUEST_ID, ""),
                         b"".join(chunks),
                     )
