@@ -16,6 +16,8 @@ class RequestContext:
     route_name: str = ""
     cluster: str = ""
     content_type: str = ""
+    # The consumer Envoy verified (API key or JWT); empty in open mode. For audit and metrics.
+    consumer: str = ""
     stages: list[tuple[str, float]] = field(default_factory=list)
     _mark: float = field(default_factory=perf_counter)
 

@@ -12,6 +12,8 @@ from typing import Any
 import orjson
 from aiohttp import web
 
+from extproc import wire
+
 JSON = "application/json"
 
 
@@ -41,6 +43,10 @@ def model_app(model: str, version: str, path: str = "/predict") -> web.Applicati
             "score": credit_score(version, features, amount),
             "features": features,
         }
+        # Set by Envoy's authentication filter (client copies are dropped); absent in open mode.
+        consumer = request.headers.get(wire.HEADER_CONSUMER)
+        if consumer is not None:
+            answer["consumer"] = consumer
         return web.Response(body=orjson.dumps(answer), content_type=JSON)
 
     app = web.Application()
