@@ -234,7 +234,8 @@ def _auth_mappers() -> list[ResponseMapper]:
     too_many.headers_to_add = [_header("retry-after", retry_after)]
     return [
         _mapper(
-            "response.code == 401",
+            # jwt_authn answers a token for another audience with 403: still not authenticated here.
+            "response.code == 401 || response.code_details.startsWith('jwt_authn_access_denied')",
             401,
             "unauthenticated",
             f"send a valid API key in {wire.HEADER_API_KEY} or a valid bearer token in authorization",

@@ -7,6 +7,7 @@ import json
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -65,13 +66,13 @@ def free_port_run(count: int, host: str = "127.0.0.1") -> int:
     raise RuntimeError(f"no run of {count} free ports")
 
 
-def wait_ready(url: str, timeout_s: float = READY_TIMEOUT_S) -> None:
+def wait_ready(url: str, timeout_s: float = READY_TIMEOUT_S, context: ssl.SSLContext | None = None) -> None:
     """Until `url` answers 200 (Envoy up, routes loaded, broker answering)."""
     deadline = time.monotonic() + timeout_s
     last = ""
     while time.monotonic() < deadline:
         try:
-            with urllib.request.urlopen(url, timeout=2) as resp:
+            with urllib.request.urlopen(url, timeout=2, context=context) as resp:
                 if resp.status == 200:
                     return
         except OSError as exc:
@@ -133,10 +134,24 @@ def up(config_path: str, workers: int | None, extra: list[list[str]] | None = No
                 running([envoy_binary(), "-c", str(envoy_yaml), "--log-level", "warn", "--disable-hot-restart"])
             )
         )
-        base = f"http://{registry.listener.address}:{registry.listener.port}"
-        wait_ready(base + wire.PATH_HEALTHZ)
+        base = f"{listener_scheme(registry)}://{registry.listener.address}:{registry.listener.port}"
+        wait_ready(base + wire.PATH_HEALTHZ, context=_loopback_probe_context(registry))
         print(_banner(registry, base), flush=True)
         return _wait_for_signal(procs)
+
+
+def listener_scheme(registry: Registry) -> str:
+    return "https" if registry.listener.tls is not None else "http"
+
+
+def _loopback_probe_context(registry: Registry) -> ssl.SSLContext | None:
+    """The readiness probe talks to our own Envoy, whose certificate names the public host, not the address."""
+    if registry.listener.tls is None:
+        return None
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    return context
 
 
 def _banner(registry: Registry, base: str) -> str:

@@ -12,6 +12,7 @@ import os
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -168,7 +169,13 @@ class Stack:
 
     @property
     def base(self) -> str:
-        return f"http://127.0.0.1:{self.doc['listener']['port']}"
+        scheme = "https" if self.doc["listener"].get("tls") else "http"
+        return f"{scheme}://127.0.0.1:{self.doc['listener']['port']}"
+
+    def ssl_context(self) -> ssl.SSLContext | None:
+        """Trusts the listener's (self-signed) certificate when TLS is declared."""
+        tls = self.doc["listener"].get("tls")
+        return ssl.create_default_context(cafile=tls["certificate_chain"]) if tls else None
 
     @property
     def admin(self) -> str:
@@ -197,7 +204,7 @@ class Stack:
             for version in model.versions:
                 if version.backend.service is not None:
                     wait_port(version.backend.service.port)
-        wait_ready(self.base + "/healthz")
+        wait_ready(self.base + "/healthz", context=self.ssl_context())
         return self
 
     def start_broker(self) -> None:
