@@ -369,10 +369,14 @@ def _consumer_references(reg: Registry) -> Iterator[Problem]:
                 yield Problem(f"{here}.api_keys[{j}]", f"the same key hash is already {keys[key]}")
             keys.setdefault(key, f"{here}.api_keys[{j}]")
         if consumer.jwt is not None:
-            token = (consumer.jwt.issuer, consumer.jwt.subject)
-            if token in tokens:
-                yield Problem(f"{here}.jwt", f"issuer and subject are already those of {tokens[token]}")
-            tokens.setdefault(token, here)
+            issuer, subject = consumer.jwt.issuer, consumer.jwt.subject
+            # A consumer without a subject takes every token of its issuer: sharing it would be ambiguous.
+            clash = tokens.get((issuer, subject)) or tokens.get((issuer, None))
+            if clash is None and subject is None:
+                clash = next((where for (i, _), where in tokens.items() if i == issuer), None)
+            if clash is not None:
+                yield Problem(f"{here}.jwt", f"a token could match both this consumer and {clash} (same issuer)")
+            tokens.setdefault((issuer, subject), here)
     if reg.admin.public_endpoints and reg.consumers and not any(c.admin for c in reg.consumers):
         yield Problem("admin.public_endpoints", "no consumer has 'admin: true', so nobody could call them")
 

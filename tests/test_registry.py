@@ -176,7 +176,15 @@ CONSUMER_PROBLEMS: list[tuple[str, dict[str, Any], str]] = [
             {"name": "a", "jwt": {"issuer": "i", "jwks_uri": "https://x/j"}},
             {"name": "b", "jwt": {"issuer": "i", "jwks_uri": "https://x/j"}},
         ),
-        "consumers[1].jwt: issuer and subject are already those of consumers[0]",
+        "consumers[1].jwt: a token could match both this consumer and consumers[0] (same issuer)",
+    ),
+    (
+        "issuer-wide-and-subject",
+        with_consumers(
+            {"name": "a", "jwt": {"issuer": "i", "subject": "s", "jwks_uri": "https://x/j"}},
+            {"name": "b", "jwt": {"issuer": "i", "jwks_uri": "https://x/j"}},
+        ),
+        "consumers[1].jwt: a token could match both this consumer and consumers[0] (same issuer)",
     ),
     (
         "duplicate-consumer",
@@ -224,6 +232,15 @@ def test_files_named_by_the_registry_must_exist(tmp_path: Path) -> None:
     assert f"listener.tls.certificate_chain: no such file: {tmp_path / 'cert.pem'}" in found
     assert any(p.startswith("consumers[0].jwt.jwks_file: cannot read") for p in found)
     assert any(p.startswith("consumers[1].jwt.jwks_file:") and "not a JWKS" in p for p in found)
+
+
+def test_one_issuer_serves_consumers_told_apart_by_subject() -> None:
+    """Two consumers may share an issuer when each names its own subject."""
+    doc = with_consumers(
+        {"name": "a", "jwt": {"issuer": "i", "subject": "s1", "jwks_uri": "https://x/j"}},
+        {"name": "b", "jwt": {"issuer": "i", "subject": "s2", "jwks_uri": "https://x/j"}},
+    )
+    assert [c.name for c in parse_registry(doc).consumers] == ["a", "b"]
 
 
 def test_admin_endpoints_default_follows_open_mode() -> None:
