@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo install check lint test bench clean envoy-configs
+.PHONY: demo install check lint test bench clean envoy-configs crds lock
 
 demo: $(STAMP)  ## the bundled demo: Envoy + broker + demo models, no Redis, no AWS
 	$(VENV)/bin/model-broker demo
@@ -36,3 +36,10 @@ clean:
 
 envoy-configs: $(STAMP)  ## regenerate envoy/*.yaml from examples/*.yaml
 	for f in examples/*.yaml; do $(VENV)/bin/model-broker envoy-config --config $$f > envoy/$$(basename $$f); done
+
+crds: $(STAMP)  ## regenerate the chart's CRDs from the registry schema
+	$(VENV)/bin/model-broker crds > helm/model-broker/crds/crds.yaml
+
+lock: $(STAMP)  ## re-resolve docker/requirements.lock (the image's exact versions) from pyproject.toml
+	$(PY) -m pip install -q --dry-run --ignore-installed --report $(VENV)/lock-report.json '.[k8s]'
+	$(PY) scripts/write-lock $(VENV)/lock-report.json docker/requirements.lock

@@ -1,4 +1,4 @@
-"""`model-broker`: check, envoy-config, serve, up, demo."""
+"""`model-broker`: check, envoy-config, serve, up, demo, crds, reconcile."""
 
 from __future__ import annotations
 
@@ -28,17 +28,53 @@ def cmd_check(args: argparse.Namespace) -> int:
     registry = _load(args.config)
     if registry is None:
         return 2
-    print(f"{args.config}: ok ({len(registry.models)} models, registry_version {registry.registry_version})")
+    print(
+        f"{args.config}: ok ({len(registry.models)} models, {len(registry.ensembles)} ensembles, "
+        f"registry_version {registry.registry_version})"
+    )
     return 0
 
 
 def cmd_envoy_config(args: argparse.Namespace) -> int:
-    from extproc.envoy_config import render_yaml
+    from extproc.envoy_config import Placement, render_yaml
 
     registry = _load(args.config)
     if registry is None:
         return 2
-    sys.stdout.write(render_yaml(registry, args.workers))
+    text = render_yaml(registry, args.workers, Placement(args.broker_host, args.stats_port))
+    if args.output:
+        # For an init container: the image runs no shell to redirect with.
+        with open(args.output, "w", encoding="utf-8") as file:
+            file.write(text)
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
+def cmd_crds(_args: argparse.Namespace) -> int:
+    from extproc.crds import render_crds
+
+    sys.stdout.write(render_crds())
+    return 0
+
+
+def cmd_reconcile(args: argparse.Namespace) -> int:
+    """Custom resources → registry ConfigMap + statuses, until SIGTERM (needs a cluster)."""
+    import yaml
+
+    from extproc.adapters.kube import Target, in_cluster
+    from extproc.reconciler import reconcile_forever
+
+    with open(args.base, encoding="utf-8") as file:
+        base = yaml.safe_load(file)
+    target = Target(args.namespace, args.config_map, args.roll)
+
+    async def run() -> None:
+        async with in_cluster(target) as cluster:
+            await reconcile_forever(cluster, base)
+
+    with contextlib.suppress(KeyboardInterrupt):
+        uvloop.run(run())
     return 0
 
 
@@ -121,6 +157,9 @@ def parser() -> argparse.ArgumentParser:
     command("check", "validate a registry; exit 2 listing every problem").set_defaults(func=cmd_check)
     p = command("envoy-config", "print the Envoy bootstrap generated from a registry")
     p.add_argument("--workers", type=int, help="broker workers (default: broker.workers)")
+    p.add_argument("--broker-host", help="DNS name Envoy resolves for the broker, e.g. a headless Service")
+    p.add_argument("--stats-port", type=int, help="serve /stats/prometheus and /ready on this port")
+    p.add_argument("--output", "-o", help="write to this file instead of stdout")
     p.set_defaults(func=cmd_envoy_config)
     p = command("serve", "run the ext_proc server: one process per worker, one port each")
     p.add_argument("--workers", type=int, help="worker processes (default: broker.workers)")
@@ -137,6 +176,15 @@ def parser() -> argparse.ArgumentParser:
     command("demo-models", "serve the demo model on every service backend of a registry").set_defaults(
         func=cmd_demo_models
     )
+    command(
+        "crds", "print the CustomResourceDefinitions generated from the registry schema", config=False
+    ).set_defaults(func=cmd_crds)
+    p = command("reconcile", "in a cluster: Model resources → registry ConfigMap and their status", config=False)
+    p.add_argument("--base", required=True, help="registry YAML with everything but the resources' entries")
+    p.add_argument("--namespace", required=True, help="namespace of the resources, ConfigMap and Deployments")
+    p.add_argument("--config-map", required=True, help="ConfigMap to write registry.yaml into")
+    p.add_argument("--roll", action="append", default=[], help="Deployment to roll when the registry changes")
+    p.set_defaults(func=cmd_reconcile)
     return top
 
 

@@ -19,6 +19,9 @@ class RequestContext:
     # The consumer Envoy verified (API key or JWT); empty in open mode. For audit and metrics.
     consumer: str = ""
     stages: list[tuple[str, float]] = field(default_factory=list)
+    # Set by the processor once Envoy will send nothing more on this stream (an
+    # immediate response, or the answer to the last phase the route asks for).
+    finished: bool = False
     _mark: float = field(default_factory=perf_counter)
 
     def lap(self, stage: str) -> None:

@@ -3,7 +3,9 @@
 Filter chain on the public listener: [jwt_authn → authenticate (Lua) → authorize
 (RBAC) → rate limit, when consumers are declared] → ext_proc (request body only,
 buffered) → buffer (holds the request until the broker has answered; its limit is
-the body limit) → rbac → router (weighted clusters per model). See `envoy/README.md`.
+the body limit) → rbac → router (weighted clusters per model). With ensembles, a
+second ext_proc (longer timeout, enabled on ensemble routes only) and a loopback
+egress listener the broker calls members through. See `envoy/README.md`.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import math
+from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -58,6 +61,7 @@ from envoy_data_plane.envoy.config.rbac.v3 import (
 from envoy_data_plane.envoy.config.rbac.v3 import Rbac as Rules
 from envoy_data_plane.envoy.config.route.v3 import (
     DirectResponseAction,
+    FilterConfig,
     HeaderMatcher,
     RateLimitAction,
     RateLimitActionMetaData,
@@ -142,9 +146,11 @@ from envoy_data_plane.google.protobuf import Any as AnyMessage
 from envoy_data_plane.google.protobuf import Empty, Struct
 
 from extproc import wire
-from extproc.registry import Consumer, Model, RateLimit, Registry, SageMakerBackend, ServiceBackend, Version
+from extproc.registry import Consumer, Ensemble, Model, RateLimit, Registry, SageMakerBackend, ServiceBackend, Version
 
 EXT_PROC_FILTER = "envoy.filters.http.ext_proc"
+# A second ext_proc instance for ensemble routes: same broker, a timeout covering the fan-out.
+ENSEMBLE_EXT_PROC_FILTER = "model_broker.ensemble_ext_proc"
 RBAC_FILTER = "envoy.filters.http.rbac"
 HTTP_PROTOCOL_OPTIONS = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
 # Local-reply mappers give Envoy's own replies the broker's JSON shape, but leave alone
@@ -162,6 +168,23 @@ AUTHENTICATE_LUA = Path(__file__).with_name("authenticate.lua")
 TLS_SOCKET = "envoy.transport_sockets.tls"
 # Rate-limit descriptor key of the consumer, filled from the auth metadata.
 RATE_LIMIT_KEY = "consumer"
+ADMIN_CLUSTER = "model_broker_admin"
+# Read-only admin paths the stats listener forwards; everything else on the admin stays on loopback.
+STATS_PATHS = ("/stats/prometheus", "/ready")
+
+
+@dataclass(frozen=True, slots=True)
+class Placement:
+    """Where Envoy runs relative to the broker; the defaults are one machine (`up`, `demo`).
+
+    On Kubernetes the broker's pods come and go behind a headless Service, so
+    Envoy resolves `broker_host` by DNS (every pod, every worker port), and
+    kubelet probes and Prometheus need the admin's read-only paths on a pod
+    port while the admin itself stays on loopback.
+    """
+
+    broker_host: str | None = None
+    stats_port: int | None = None
 
 
 def _any(message: betterproto2.Message) -> AnyMessage:
@@ -286,10 +309,26 @@ def local_reply_config(auth: bool = False) -> LocalReplyConfig:
 
 
 def ext_proc_filter(registry: Registry) -> HttpFilter:
-    config = ExternalProcessor(
+    return HttpFilter(name=EXT_PROC_FILTER, typed_config=_any(_ext_proc(registry, registry.broker.message_timeout_ms)))
+
+
+def ensemble_ext_proc_filter(registry: Registry) -> HttpFilter:
+    """Off in the chain, on per ensemble route: the model routes keep their short message timeout.
+
+    The broker answers an ensemble by its deadline at the latest; the message
+    timeout adds the broker's own budget on top, so Envoy never cuts it short.
+    """
+    timeout_ms = max(e.deadline_ms for e in registry.ensembles) + registry.broker.message_timeout_ms
+    config = _ext_proc(registry, timeout_ms)
+    config.stat_prefix = "ensemble"
+    return HttpFilter(name=ENSEMBLE_EXT_PROC_FILTER, typed_config=_any(config), disabled=True)
+
+
+def _ext_proc(registry: Registry, timeout_ms: int) -> ExternalProcessor:
+    return ExternalProcessor(
         grpc_service=GrpcService(
             envoy_grpc=GrpcServiceEnvoyGrpc(cluster_name=wire.EXT_PROC_CLUSTER),
-            timeout=_ms(registry.broker.message_timeout_ms),
+            timeout=_ms(timeout_ms),
         ),
         # Fail closed: a request the broker never saw must not reach a model unenriched.
         failure_mode_allow=False,
@@ -303,7 +342,7 @@ def ext_proc_filter(registry: Registry) -> HttpFilter:
             request_trailer_mode=Send.SKIP,
             response_trailer_mode=Send.SKIP,
         ),
-        message_timeout=_ms(registry.broker.message_timeout_ms),
+        message_timeout=_ms(timeout_ms),
         request_attributes=list(wire.REQUEST_ATTRIBUTES),
         metadata_options=MetadataOptions(
             receiving_namespaces=MetadataOptionsMetadataNamespaces(untyped=[wire.METADATA_NAMESPACE]),
@@ -314,7 +353,6 @@ def ext_proc_filter(registry: Registry) -> HttpFilter:
         ),
         status_on_error=HttpStatus(code=StatusCode.ServiceUnavailable),
     )
-    return HttpFilter(name=EXT_PROC_FILTER, typed_config=_any(config))
 
 
 def _header_phase_only() -> dict[str, AnyMessage]:
@@ -332,6 +370,17 @@ def _header_phase_only() -> dict[str, AnyMessage]:
 def _without_broker() -> dict[str, AnyMessage]:
     """Routes Envoy answers alone (unknown path, wrong method) never cost a broker call."""
     return {EXT_PROC_FILTER: _any(ExtProcPerRoute(disabled=True))}
+
+
+def _body_only() -> ExtProcPerRoute:
+    """The filter's own mode, restated: Envoy needs a config to switch a chain-disabled filter on."""
+    return ExtProcPerRoute(
+        overrides=ExtProcOverrides(
+            processing_mode=ProcessingMode(
+                request_header_mode=Send.SKIP, request_body_mode=Body.BUFFERED, response_header_mode=Send.SKIP
+            )
+        )
+    )
 
 
 def _broker_route(name: str, path: str) -> Route:
@@ -362,42 +411,94 @@ def _broker_approved() -> RbacPerRoute:
     return RbacPerRoute(rbac=Rbac(rules=Rules(action=RbacAction.ALLOW, policies={"broker-approved": policy})))
 
 
-def _model_routes(model: Model) -> list[Route]:
+def _post(path: str) -> RouteMatch:
+    return RouteMatch(path=path, headers=[HeaderMatcher(name=":method", string_match=StringMatcher(exact="POST"))])
+
+
+def _model_action(model: Model) -> RouteAction:
+    """Weighted split over the versions: the same on the public route and the egress route."""
     weighted = WeightedCluster(
         clusters=[
             WeightedClusterClusterWeight(name=wire.version_cluster(model.name, v.name), weight=v.weight)
             for v in model.versions
         ]
     )
+    return RouteAction(
+        weighted_clusters=weighted,
+        timeout=_ms(model.timeout_ms),
+        # One path for all versions: rewrite on the route; else each cluster rewrites its own.
+        regex_rewrite=_rewrite_to(path) if (path := shared_path(model)) else None,
+    )
+
+
+def _version_header() -> HeaderValueOption:
+    # From the metadata of the upstream host that answered: absent when no model did.
+    return _header(wire.HEADER_VERSION, f"%UPSTREAM_METADATA({wire.METADATA_NAMESPACE}:{wire.META_VERSION})%")
+
+
+def _wrong_method(name: str, path: str) -> Route:
+    return Route(
+        name=f"{name}:method",
+        match=RouteMatch(path=path),
+        direct_response=_direct(405, "method_not_allowed", f"{path} accepts POST only"),
+        typed_per_filter_config=_without_broker(),
+        response_headers_to_add=[_header("allow", "POST")],
+    )
+
+
+def _model_routes(model: Model) -> list[Route]:
     metadata = f"%DYNAMIC_METADATA({wire.METADATA_NAMESPACE}:{{}})%"
     served = Route(
         name=model.name,
-        match=RouteMatch(
-            path=model.path, headers=[HeaderMatcher(name=":method", string_match=StringMatcher(exact="POST"))]
-        ),
+        match=_post(model.path),
         typed_per_filter_config={RBAC_FILTER: _any(_broker_approved())},
-        route=RouteAction(
-            weighted_clusters=weighted,
-            timeout=_ms(model.timeout_ms),
-            # One path for all versions: rewrite on the route; else each cluster rewrites its own.
-            regex_rewrite=_rewrite_to(path) if (path := shared_path(model)) else None,
-        ),
+        route=_model_action(model),
         response_headers_to_add=[
             _header(wire.HEADER_MODEL, model.name),
-            # From the metadata of the upstream host that answered: absent when no model did.
-            _header(wire.HEADER_VERSION, f"%UPSTREAM_METADATA({wire.METADATA_NAMESPACE}:{wire.META_VERSION})%"),
+            _version_header(),
             _header(wire.HEADER_SERVER_TIMING, metadata.format(wire.META_SERVER_TIMING)),
             _header(wire.HEADER_DEGRADED, metadata.format(wire.META_DEGRADED)),
         ],
     )
-    wrong_method = Route(
-        name=f"{model.name}:method",
-        match=RouteMatch(path=model.path),
-        direct_response=_direct(405, "method_not_allowed", f"{model.path} accepts POST only"),
-        typed_per_filter_config=_without_broker(),
-        response_headers_to_add=[_header("allow", "POST")],
+    return [served, _wrong_method(model.name, model.path)]
+
+
+def _ensemble_routes(ensemble: Ensemble) -> list[Route]:
+    """The body goes to the broker (through the ensemble ext_proc), which always answers it itself."""
+    name = wire.ensemble_route(ensemble.name)
+    served = Route(
+        name=name,
+        match=_post(ensemble.path),
+        # Reached only if the broker let the request through, which it never does here.
+        direct_response=_direct(503, "broker_unavailable", "the model broker did not answer"),
+        typed_per_filter_config={
+            EXT_PROC_FILTER: _any(ExtProcPerRoute(disabled=True)),
+            ENSEMBLE_EXT_PROC_FILTER: _any(FilterConfig(config=_any(_body_only()), disabled=False)),
+            # A POST without a body never reaches ext_proc: 400, as on model routes.
+            RBAC_FILTER: _any(_broker_approved()),
+        },
     )
-    return [served, wrong_method]
+    return [served, _wrong_method(name, ensemble.path)]
+
+
+def _egress_routes(registry: Registry) -> list[Route]:
+    """One route per member model: the model's split, path rewrite and signing, without the broker."""
+    members = dict.fromkeys(m.model for e in registry.ensembles for m in e.members)
+    routes = []
+    for name in members:
+        model = registry.model(name)
+        assert model is not None  # the registry guarantees members are models
+        routes.append(
+            Route(
+                name=wire.egress_route(model.name),
+                match=_post(model.path),
+                route=_model_action(model),
+                # The body was enriched before the call; a per-member audit can enable its phase here.
+                typed_per_filter_config=_without_broker(),
+                response_headers_to_add=[_version_header()],
+            )
+        )
+    return routes
 
 
 def _rewrite_to(path: str) -> RegexMatchAndSubstitute:
@@ -410,14 +511,9 @@ def route_configuration(registry: Registry) -> RouteConfiguration:
         routes.append(_broker_route(wire.ROUTE_MODELS, wire.PATH_MODELS))
     for model in registry.models:
         routes += _model_routes(model)
-    routes.append(
-        Route(
-            name="unknown",
-            match=RouteMatch(prefix="/"),
-            direct_response=_direct(404, "unknown_route", "no model is served at this path; GET /models lists them"),
-            typed_per_filter_config=_without_broker(),
-        )
-    )
+    for ensemble in registry.ensembles:
+        routes += _ensemble_routes(ensemble)
+    routes.append(_unknown_route())
     if registry.consumers:
         _authorize_routes(routes, registry)
     return RouteConfiguration(
@@ -447,8 +543,10 @@ def _only_consumers(allowed: list[str]) -> RbacPerRoute:
 
 
 def _authorize_routes(routes: list[Route], registry: Registry) -> None:
-    """Per route: who may call it (allow-lists name routes); /healthz stays open for probes."""
-    allowed = {name: [c.name for c in registry.consumers if c.may_call(name)] for name in registry.route_names()}
+    """Per route: who may call it (allow-lists name models and ensembles); /healthz stays open for probes."""
+    allowed = {
+        route: [c.name for c in registry.consumers if c.may_call(name)] for name, route in registry.route_names()
+    }
     allowed[wire.ROUTE_MODELS] = [c.name for c in registry.consumers if c.admin]
     for route in routes:
         if route.name == wire.ROUTE_HEALTHZ:
@@ -605,6 +703,15 @@ def _downstream_tls(registry: Registry) -> TransportSocket | None:
     return TransportSocket(name=TLS_SOCKET, typed_config=_any(context))
 
 
+def _unknown_route() -> Route:
+    return Route(
+        name="unknown",
+        match=RouteMatch(prefix="/"),
+        direct_response=_direct(404, "unknown_route", "no model is served at this path; GET /models lists them"),
+        typed_per_filter_config=_without_broker(),
+    )
+
+
 def public_listener(registry: Registry) -> Listener:
     limits = registry.limits
     hcm = HttpConnectionManager(
@@ -613,6 +720,7 @@ def public_listener(registry: Registry) -> Listener:
         http_filters=[
             *auth_filters(registry),
             ext_proc_filter(registry),
+            *([ensemble_ext_proc_filter(registry)] if registry.ensembles else []),
             HttpFilter(
                 name="envoy.filters.http.buffer",
                 typed_config=_any(Buffer(max_request_bytes=limits.max_body_bytes + limits.feature_headroom_bytes)),
@@ -627,16 +735,44 @@ def public_listener(registry: Registry) -> Listener:
         # The id in every error body and (later) audit record; clients quote it to support.
         always_set_request_id_in_response=True,
     )
+    return _listener("public", registry.listener.address, registry.listener.port, hcm, _downstream_tls(registry))
+
+
+def _listener(
+    name: str, address: str, port: int, hcm: HttpConnectionManager, tls: TransportSocket | None = None
+) -> Listener:
     return Listener(
-        name="public",
-        address=_socket(registry.listener.address, registry.listener.port),
+        name=name,
+        address=_socket(address, port),
         filter_chains=[
             FilterChain(
                 filters=[Filter(name="envoy.filters.network.http_connection_manager", typed_config=_any(hcm))],
-                transport_socket=_downstream_tls(registry),
+                transport_socket=tls,
             )
         ],
     )
+
+
+def egress_listener(registry: Registry) -> Listener:
+    """Loopback only (the registry checks): the broker calls ensemble members here, enriched already."""
+    hcm = HttpConnectionManager(
+        stat_prefix="egress",
+        route_config=RouteConfiguration(
+            name="egress",
+            virtual_hosts=[
+                VirtualHost(name="egress", domains=["*"], routes=[*_egress_routes(registry), _unknown_route()])
+            ],
+        ),
+        # ext_proc is in the chain but off on every egress route: the seam where per-member
+        # processing (audit of each member's answer) can be switched on by route.
+        http_filters=[
+            ext_proc_filter(registry),
+            HttpFilter(name="envoy.filters.http.router", typed_config=_any(Router())),
+        ],
+        # Each member call gets its own x-request-id, returned so the broker can record it.
+        always_set_request_id_in_response=True,
+    )
+    return _listener("egress", registry.egress.address, registry.egress.port, hcm)
 
 
 def _endpoints(
@@ -655,15 +791,20 @@ def _is_ip(host: str) -> bool:
     return True
 
 
-def ext_proc_cluster(registry: Registry, workers: int) -> Cluster:
-    """One endpoint per broker worker: Envoy balances gRPC streams across them."""
+def ext_proc_cluster(registry: Registry, workers: int, host: str | None = None) -> Cluster:
+    """One endpoint per broker worker: Envoy balances gRPC streams across them.
+
+    A DNS `host` (a headless Service) resolves to every broker pod, so each
+    port endpoint becomes one per pod: pods times workers endpoints.
+    """
     broker = registry.broker
+    target = host or broker.address
     return Cluster(
         name=wire.EXT_PROC_CLUSTER,
-        type=ClusterDiscoveryType.STATIC,
+        type=ClusterDiscoveryType.STATIC if _is_ip(target) else ClusterDiscoveryType.STRICT_DNS,
         connect_timeout=_ms(250),
         lb_policy=ClusterLbPolicy.LEAST_REQUEST,
-        load_assignment=_endpoints(wire.EXT_PROC_CLUSTER, [(broker.address, broker.port + i) for i in range(workers)]),
+        load_assignment=_endpoints(wire.EXT_PROC_CLUSTER, [(target, broker.port + i) for i in range(workers)]),
         typed_extension_protocol_options={
             HTTP_PROTOCOL_OPTIONS: _any(
                 HttpProtocolOptions(
@@ -762,21 +903,52 @@ def jwks_clusters(registry: Registry) -> list[Cluster]:
     return list(clusters.values())
 
 
-def bootstrap(registry: Registry, workers: int | None = None) -> Bootstrap:
-    count = workers or registry.broker.workers
-    clusters = [ext_proc_cluster(registry, count)]
-    clusters += [version_cluster(m, v) for m in registry.models for v in m.versions]
-    clusters += jwks_clusters(registry)
-    return Bootstrap(
-        admin=Admin(address=_socket(registry.admin.address, registry.admin.port)),
-        static_resources=BootstrapStaticResources(listeners=[public_listener(registry)], clusters=clusters),
+def stats_listener(registry: Registry, port: int) -> Listener:
+    """Prometheus metrics and readiness from the admin, without exposing the admin itself."""
+    routes = [Route(match=RouteMatch(path=path), route=RouteAction(cluster=ADMIN_CLUSTER)) for path in STATS_PATHS]
+    routes.append(Route(match=RouteMatch(prefix="/"), direct_response=DirectResponseAction(status=404)))
+    hcm = HttpConnectionManager(
+        stat_prefix="stats",
+        route_config=RouteConfiguration(
+            name="stats", virtual_hosts=[VirtualHost(name="stats", domains=["*"], routes=routes)]
+        ),
+        http_filters=[HttpFilter(name="envoy.filters.http.router", typed_config=_any(Router()))],
+    )
+    return _listener("stats", registry.listener.address, port, hcm)
+
+
+def admin_cluster(registry: Registry) -> Cluster:
+    return Cluster(
+        name=ADMIN_CLUSTER,
+        type=ClusterDiscoveryType.STATIC,
+        connect_timeout=_ms(250),
+        load_assignment=_endpoints(ADMIN_CLUSTER, [(registry.admin.address, registry.admin.port)]),
     )
 
 
-def bootstrap_dict(registry: Registry, workers: int | None = None) -> dict[str, Any]:
-    doc: dict[str, Any] = bootstrap(registry, workers).to_dict()
+def bootstrap(registry: Registry, workers: int | None = None, placement: Placement = Placement()) -> Bootstrap:
+    count = workers or registry.broker.workers
+    listeners = [public_listener(registry)]
+    if registry.ensembles:
+        listeners.append(egress_listener(registry))
+    clusters = [ext_proc_cluster(registry, count, placement.broker_host)]
+    clusters += [version_cluster(m, v) for m in registry.models for v in m.versions]
+    clusters += jwks_clusters(registry)
+    if placement.stats_port is not None:
+        listeners.append(stats_listener(registry, placement.stats_port))
+        clusters.append(admin_cluster(registry))
+    return Bootstrap(
+        admin=Admin(address=_socket(registry.admin.address, registry.admin.port)),
+        static_resources=BootstrapStaticResources(listeners=listeners, clusters=clusters),
+    )
+
+
+def bootstrap_dict(
+    registry: Registry, workers: int | None = None, placement: Placement = Placement()
+) -> dict[str, Any]:
+    doc: dict[str, Any] = bootstrap(registry, workers, placement).to_dict()
     return doc
 
 
-def render_yaml(registry: Registry, workers: int | None = None) -> str:
-    return yaml.safe_dump(bootstrap_dict(registry, workers), sort_keys=False)
+def render_yaml(registry: Registry, workers: int | None = None, placement: Placement = Placement()) -> str:
+    return yaml.safe_dump(bootstrap_dict(registry, workers, placement), sort_keys=False)

@@ -30,6 +30,13 @@ class ErrorCode(StrEnum):
     BROKER_UNAVAILABLE = "broker_unavailable"
     UPSTREAM_UNAVAILABLE = "upstream_unavailable"
     UPSTREAM_TIMEOUT = "upstream_timeout"
+    # Ensembles: a member that answered with an error status or no JSON, a member cut
+    # off by the ensemble's deadline, too few members answering, a combiner that could not combine.
+    UPSTREAM_ERROR = "upstream_error"
+    DEADLINE_EXCEEDED = "deadline_exceeded"
+    ENSEMBLE_FAILED = "ensemble_failed"
+    ENSEMBLE_TIMEOUT = "ensemble_timeout"
+    AGGREGATION_FAILED = "aggregation_failed"
 
 
 STATUS: dict[ErrorCode, int] = {
@@ -47,6 +54,11 @@ STATUS: dict[ErrorCode, int] = {
     ErrorCode.BROKER_UNAVAILABLE: 503,
     ErrorCode.UPSTREAM_UNAVAILABLE: 503,
     ErrorCode.UPSTREAM_TIMEOUT: 504,
+    ErrorCode.UPSTREAM_ERROR: 502,
+    ErrorCode.DEADLINE_EXCEEDED: 504,
+    ErrorCode.ENSEMBLE_FAILED: 502,
+    ErrorCode.ENSEMBLE_TIMEOUT: 504,
+    ErrorCode.AGGREGATION_FAILED: 502,
 }
 
 

@@ -17,6 +17,7 @@ import orjson
 from cachetools import TTLCache
 
 from extproc.errors import FeatureStoreUnavailable
+from extproc.metrics import CACHE_HIT, CACHE_MISS
 
 Features = dict[str, Any]
 
@@ -84,9 +85,12 @@ class CachedFeatureStore:
         cache_key = (key, names)
         if self._cache is not None:
             try:
-                return self._cache[cache_key]
+                found = self._cache[cache_key]
             except KeyError:
-                pass
+                CACHE_MISS.inc()
+            else:
+                CACHE_HIT.inc()
+                return found
         self.store_calls += 1
         try:
             # Fail policy is the caller's (per model); here a slow store is simply unavailable.

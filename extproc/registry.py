@@ -72,6 +72,13 @@ class Broker(Strict):
     message_timeout_ms: Annotated[int, Field(ge=10, le=60_000)] = 500
 
 
+class Metrics(Strict):
+    """Where the supervisor serves Prometheus metrics for all workers (`/metrics`)."""
+
+    address: str = "127.0.0.1"
+    port: Port = 9464
+
+
 class RedisStore(Strict):
     url: Annotated[str, Field(pattern=r"^(redis|rediss|unix)://")]
 
@@ -134,6 +141,9 @@ class SageMakerBackend(Strict):
 
 
 class Backend(Strict):
+    # "Exactly one kind" in the JSON schema too, so the generated CRD rejects both or neither at `kubectl apply`.
+    model_config = ConfigDict(json_schema_extra={"oneOf": [{"required": ["service"]}, {"required": ["sagemaker"]}]})
+
     service: ServiceBackend | None = None
     sagemaker: SageMakerBackend | None = None
 
@@ -220,7 +230,7 @@ class Consumer(Strict):
     # SHA-256 of each API key (`model-broker hash-key`); several allow rotation without downtime.
     api_keys: tuple[Annotated[str, Field(pattern=API_KEY_HASH)], ...] = ()
     jwt: JwtCredential | None = None
-    # Route names it may call (model names; ensembles later), or "*" for all of them.
+    # Models and ensembles it may call, by name, or "*" for all of them.
     models: tuple[str, ...] = ()
     # May call the admin endpoints (GET /models) when they are on the public listener.
     admin: bool = False
@@ -236,6 +246,53 @@ class Consumer(Strict):
         return route in self.models or ALL_ROUTES in self.models
 
 
+AggregationMethod = Literal["all", "mean", "weighted_mean", "majority_vote", "first_success"]
+# Methods that read one field of every member's answer.
+FIELD_METHODS = frozenset({"mean", "weighted_mean", "majority_vote"})
+
+
+class Aggregation(Strict):
+    """How members' answers become one: `all` returns each result and combines nothing."""
+
+    method: AggregationMethod = "all"
+    # The answer field combined: numeric for (weighted_)mean, a label for majority_vote;
+    # optional for first_success (the whole answer when absent).
+    field: Annotated[str, Field(pattern=JSON_KEY)] | None = None
+
+    @model_validator(mode="after")
+    def _field_declared(self) -> Aggregation:
+        if self.method in FIELD_METHODS and self.field is None:
+            raise ValueError(f"'field' is required for {self.method} (the answer field to combine)")
+        if self.method == "all" and self.field is not None:
+            raise ValueError("'field' has no meaning for 'all'; choose a combining method")
+        return self
+
+
+class EnsembleMember(Strict):
+    model: str
+    # The broker cancels this member's call after this long.
+    timeout_ms: Annotated[int, Field(ge=1, le=600_000)] = 1_000
+    # Relative weight in weighted_mean.
+    weight: Annotated[float, Field(gt=0, le=1_000_000)] = 1.0
+
+
+class Ensemble(Strict):
+    """One request, several models called concurrently through Envoy, one aggregated answer."""
+
+    name: Annotated[str, Field(pattern=DNS_LABEL)]
+    path: Annotated[str, Field(pattern=r"^/[A-Za-z0-9._~!$&'()*+,;=:@/-]*$")]
+    members: Annotated[tuple[EnsembleMember, ...], Field(min_length=1)]
+    # Overall budget from the body's arrival to the answer, feature fetch included.
+    deadline_ms: Annotated[int, Field(ge=1, le=600_000)] = 2_000
+    # Members that must succeed for a 200; default: all of them.
+    min_success: Annotated[int, Field(ge=1)] | None = None
+    aggregation: Aggregation = Aggregation()
+
+    @property
+    def required_successes(self) -> int:
+        return self.min_success if self.min_success is not None else len(self.members)
+
+
 class Limits(Strict):
     max_body_bytes: Annotated[int, Field(ge=64, le=64 * 1024 * 1024)] = 1024 * 1024
     # Envoy buffers client body + injected features: its limit is the sum.
@@ -248,9 +305,13 @@ class Registry(Strict):
     listener: Listener = Listener(port=8080)
     admin: Admin = Admin(port=9901)
     broker: Broker = Broker()
+    metrics: Metrics = Metrics()
     feature_store: FeatureStore
     entities: tuple[Entity, ...] = ()
     models: tuple[Model, ...] = ()
+    ensembles: tuple[Ensemble, ...] = ()
+    # Envoy's loopback listener the broker calls ensemble members through; generated only with ensembles.
+    egress: Address = Address(port=8081)
     limits: Limits = Limits()
     # None declared: open mode, anyone who reaches the listener may call any model.
     consumers: tuple[Consumer, ...] = ()
@@ -262,15 +323,21 @@ class Registry(Strict):
             return not self.consumers
         return self.admin.public_endpoints
 
-    def route_names(self) -> tuple[str, ...]:
-        """What a consumer's allow-list may name: the route name Envoy reports for each model."""
-        return tuple(m.name for m in self.models)
+    def route_names(self) -> tuple[tuple[str, str], ...]:
+        """(name in an allow-list, route name Envoy reports) for every model and ensemble."""
+        return (
+            *((m.name, m.name) for m in self.models),
+            *((e.name, wire.ensemble_route(e.name)) for e in self.ensembles),
+        )
 
     def model(self, name: str) -> Model | None:
         return next((m for m in self.models if m.name == name), None)
 
     def entity(self, name: str) -> Entity | None:
         return next((e for e in self.entities if e.name == name), None)
+
+    def ensemble(self, name: str) -> Ensemble | None:
+        return next((e for e in self.ensembles if e.name == name), None)
 
 
 @dataclass(frozen=True, slots=True)
@@ -301,6 +368,7 @@ def _unique_names(reg: Registry) -> Iterator[Problem]:
     kinds = (
         ("entities", [e.name for e in reg.entities]),
         ("models", [m.name for m in reg.models]),
+        ("ensembles", [e.name for e in reg.ensembles]),
         ("consumers", [c.name for c in reg.consumers]),
     )
     for kind, names in kinds:
@@ -335,9 +403,73 @@ def _model_references(reg: Registry) -> Iterator[Problem]:
             seen.add(version.name)
 
 
+def _is_loopback(address: str) -> bool:
+    try:
+        return ipaddress.ip_address(address).is_loopback
+    except ValueError:
+        return False
+
+
+def _ensemble_references(reg: Registry) -> Iterator[Problem]:
+    taken = {m.path: f"already the path of models[{i}]" for i, m in enumerate(reg.models)}
+    taken.update(dict.fromkeys((wire.PATH_HEALTHZ, wire.PATH_MODELS), "reserved for the broker"))
+    if reg.ensembles and not _is_loopback(reg.egress.address):
+        # Requests on the egress listener skip the broker: nothing off this host may reach it.
+        yield Problem("egress.address", f"'{reg.egress.address}' is not a loopback address")
+    for i, ensemble in enumerate(reg.ensembles):
+        here = f"ensembles[{i}]"
+        if ensemble.path in taken:
+            yield Problem(f"{here}.path", f"'{ensemble.path}' is {taken[ensemble.path]}")
+        taken.setdefault(ensemble.path, f"already the path of {here}")
+        if ensemble.required_successes > len(ensemble.members):
+            yield Problem(
+                f"{here}.min_success",
+                f"{ensemble.required_successes} exceeds the {len(ensemble.members)} member(s) declared",
+            )
+        slowest = max(range(len(ensemble.members)), key=lambda j: ensemble.members[j].timeout_ms)
+        if ensemble.members[slowest].timeout_ms > ensemble.deadline_ms:
+            yield Problem(
+                f"{here}.deadline_ms",
+                f"{ensemble.deadline_ms} ms is shorter than members[{slowest}].timeout_ms "
+                f"({ensemble.members[slowest].timeout_ms} ms)",
+            )
+        yield from _members(reg, ensemble, here)
+
+
+def _members(reg: Registry, ensemble: Ensemble, here: str) -> Iterator[Problem]:
+    """Members must be distinct models of one entity: one store round trip for all."""
+    seen: set[str] = set()
+    entity: tuple[str, int] | None = None
+    for j, member in enumerate(ensemble.members):
+        at = f"{here}.members[{j}]"
+        model = reg.model(member.model)
+        if member.model in seen:
+            yield Problem(f"{at}.model", f"'{member.model}' is already a member")
+        seen.add(member.model)
+        if model is None:
+            # Only models are members, so ensembles cannot form cycles.
+            known = ", ".join(m.name for m in reg.models) or "none declared"
+            what = (
+                f"'{member.model}' is an ensemble; members must be models"
+                if reg.ensemble(member.model)
+                else f"unknown model '{member.model}'"
+            )
+            yield Problem(f"{at}.model", f"{what} (models: {known})")
+        elif entity is None:
+            entity = (model.entity, j)
+        elif model.entity != entity[0]:
+            yield Problem(
+                f"{at}.model",
+                f"entity '{model.entity}' differs from '{entity[0]}' of members[{entity[1]}]; "
+                "an ensemble fetches one entity's features in one store call",
+            )
+
+
 def _ports_and_budgets(reg: Registry) -> Iterator[Problem]:
-    ports = [("listener.port", reg.listener.port), ("admin.port", reg.admin.port)]
+    ports = [("listener.port", reg.listener.port), ("admin.port", reg.admin.port), ("metrics.port", reg.metrics.port)]
     ports += [(f"broker.port (worker {w})", reg.broker.port + w) for w in range(reg.broker.workers)]
+    if reg.ensembles:
+        ports.append(("egress.port", reg.egress.port))
     taken: dict[int, str] = {}
     for where, port in ports:
         if port > 65535:
@@ -355,15 +487,15 @@ def _ports_and_budgets(reg: Registry) -> Iterator[Problem]:
 
 def _consumer_references(reg: Registry) -> Iterator[Problem]:
     """Allow-lists name real routes; a key or a token identifies exactly one consumer."""
-    routes = {*reg.route_names(), ALL_ROUTES}
+    routes = {*(name for name, _ in reg.route_names()), ALL_ROUTES}
     keys: dict[str, str] = {}
     tokens: dict[tuple[str, str | None], str] = {}
     for i, consumer in enumerate(reg.consumers):
         here = f"consumers[{i}]"
         for j, name in enumerate(consumer.models):
             if name not in routes:
-                known = ", ".join(reg.route_names()) or "none declared"
-                yield Problem(f"{here}.models[{j}]", f"unknown model '{name}' (known: {known}, or '*')")
+                known = ", ".join(n for n, _ in reg.route_names()) or "none declared"
+                yield Problem(f"{here}.models[{j}]", f"unknown model or ensemble '{name}' (known: {known}, or '*')")
         for j, key in enumerate(consumer.api_keys):
             if key in keys:
                 yield Problem(f"{here}.api_keys[{j}]", f"the same key hash is already {keys[key]}")
@@ -381,19 +513,11 @@ def _consumer_references(reg: Registry) -> Iterator[Problem]:
         yield Problem("admin.public_endpoints", "no consumer has 'admin: true', so nobody could call them")
 
 
-def _is_loopback(address: str) -> bool:
-    if address == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(address).is_loopback
-    except ValueError:
-        return False
-
-
 def _cross_references(reg: Registry) -> Iterator[Problem]:
     """What field validation cannot see: names that must exist, be unique or not collide."""
     yield from _unique_names(reg)
     yield from _model_references(reg)
+    yield from _ensemble_references(reg)
     yield from _ports_and_budgets(reg)
     yield from _consumer_references(reg)
     if not _is_loopback(reg.admin.address):

@@ -11,6 +11,7 @@ from typing import Any
 
 from extproc import wire
 from extproc.errors import BrokerError, ErrorCode
+from extproc.features import Features
 from extproc.registry import Registry
 
 
@@ -29,6 +30,25 @@ class ModelRoute:
 
     def store_key(self, entity_key: str) -> str:
         return self.key_prefix + entity_key + self.key_suffix
+
+    def settle_features(
+        self, found: Features | None, key: str, unavailable: str = ""
+    ) -> tuple[Features | BrokerError, str]:
+        """The model's failure policies applied to one store outcome (`unavailable`: why the store failed).
+
+        Returns the features to inject, and why they are missing when a policy let that pass.
+        """
+        if unavailable:
+            if self.fail_open:  # declared fail-open: the model copes without features
+                return {}, "feature_store_unavailable"
+            return BrokerError(
+                ErrorCode.FEATURE_STORE_UNAVAILABLE, f"the feature store is unavailable ({unavailable})"
+            ), ""
+        if found is None:
+            if self.forward_unknown_entity:
+                return {}, "unknown_entity"
+            return BrokerError(ErrorCode.UNKNOWN_ENTITY, f"no features are stored for {self.join_key} '{key}'"), ""
+        return found, ""
 
 
 def compile_routes(registry: Registry) -> dict[str, ModelRoute]:
@@ -83,5 +103,16 @@ def describe_models(registry: Registry) -> dict[str, Any]:
                 ],
             }
             for m in registry.models
+        ],
+        "ensembles": [
+            {
+                "name": e.name,
+                "path": e.path,
+                "members": [{"model": m.model, "timeout_ms": m.timeout_ms} for m in e.members],
+                "deadline_ms": e.deadline_ms,
+                "min_success": e.required_successes,
+                "aggregation": e.aggregation.model_dump(exclude_none=True),
+            }
+            for e in registry.ensembles
         ],
     }

@@ -13,6 +13,7 @@ import time
 from multiprocessing.process import BaseProcess
 from types import FrameType
 
+from extproc.metrics import prepare_multiprocess_dir, remove_multiprocess_dir, serve_aggregate
 from extproc.registry import Registry
 from extproc.worker import DRAIN_SECONDS, run_worker
 
@@ -44,6 +45,8 @@ def supervise(config_path: str, registry: Registry, workers: int) -> int:
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
+    metrics_dir = prepare_multiprocess_dir()  # before the workers start: they inherit it
+    serve_aggregate(registry.metrics.address, registry.metrics.port)
     procs = {port: start(port) for port in ports}
     started = {port: time.monotonic() for port in ports}
     quick_deaths = dict.fromkeys(ports, 0)
@@ -71,4 +74,5 @@ def supervise(config_path: str, registry: Registry, workers: int) -> int:
         proc.join(max(0.0, deadline - time.monotonic()))
         if proc.is_alive():
             proc.kill()
+    remove_multiprocess_dir(metrics_dir)
     return code

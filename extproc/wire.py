@@ -67,8 +67,22 @@ ROUTE_MODELS: Final = "broker:models"
 PATH_HEALTHZ: Final = "/healthz"
 PATH_MODELS: Final = "/models"
 
+# Sent by the broker with every ensemble member call, so a member's audit record and
+# logs link back to the client's request (Envoy gives each member call its own x-request-id).
+HEADER_PARENT_REQUEST_ID: Final = "x-broker-parent-request-id"
+
 # The ext_proc gRPC cluster in the generated Envoy config.
 EXT_PROC_CLUSTER: Final = "model_broker_ext_proc"
+
+
+def ensemble_route(ensemble: str) -> str:
+    """Route name of an ensemble's public route; never a model name (those are DNS labels)."""
+    return f"ensemble:{ensemble}"
+
+
+def egress_route(model: str) -> str:
+    """Route name of a model on the egress listener the broker calls ensemble members through."""
+    return f"egress:{model}"
 
 
 def version_cluster(model: str, version: str) -> str:

@@ -10,6 +10,7 @@ import signal
 import grpc
 import uvloop
 
+from extproc.adapters.egress import EgressClient
 from extproc.adapters.redis_store import RedisFeatureStore
 from extproc.features import CachedFeatureStore, EmbeddedFeatureStore, FeatureStore
 from extproc.processor import BrokerProcessor
@@ -46,6 +47,8 @@ async def _orphan_watch(parent: int, stop: asyncio.Event) -> None:
 
 async def serve_worker(registry: Registry, address: str, port: int) -> None:
     store = open_feature_store(registry)
+    # One pooled session per worker for every ensemble member call; none without ensembles.
+    egress = EgressClient(f"http://{registry.egress.address}:{registry.egress.port}") if registry.ensembles else None
     server = grpc.aio.server(
         options=[
             ("grpc.so_reuseport", 0),  # one port per worker; a second bind must fail loudly
@@ -53,7 +56,7 @@ async def serve_worker(registry: Registry, address: str, port: int) -> None:
             ("grpc.http2.max_concurrent_streams", 1024),
         ]
     )
-    add_service(server, BrokerProcessor(registry, store))
+    add_service(server, BrokerProcessor(registry, store, egress=egress))
     server.add_insecure_port(f"{address}:{port}")
     await server.start()
     log.info("worker %d serving ext_proc on %s:%d", os.getpid(), address, port)
@@ -65,6 +68,8 @@ async def serve_worker(registry: Registry, address: str, port: int) -> None:
     await stop.wait()
     watch.cancel()
     await server.stop(DRAIN_SECONDS)
+    if egress is not None:
+        await egress.close()
     await store.close()
 
 

@@ -11,11 +11,9 @@ import copy
 import os
 import shutil
 import signal
-import socket
 import ssl
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,20 +22,11 @@ from typing import Any
 import pytest
 import yaml
 
-from extproc.launcher import envoy_binary, free_port, free_port_run, wait_ready
+from extproc.launcher import envoy_binary, free_port, free_port_run, wait_listening, wait_ready
 from extproc.registry import load_registry
 
 ROOT = Path(__file__).resolve().parent.parent
 DEMO_DIR = ROOT / "extproc" / "demo"
-
-
-def wait_port(port: int, timeout_s: float = 15.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.5):
-            return
-        time.sleep(0.05)
-    raise RuntimeError(f"nothing listening on 127.0.0.1:{port} after {timeout_s}s")
 
 
 @dataclass
@@ -110,7 +99,7 @@ class RedisServer:
 
     def start(self) -> None:
         self.proc.start()
-        wait_port(self.port)
+        wait_listening(self.port)
 
     def stop(self) -> None:
         self.proc.stop()
@@ -146,7 +135,9 @@ def demo_registry_doc(**overrides: Any) -> dict[str, Any]:
     doc: dict[str, Any] = yaml.safe_load((DEMO_DIR / "registry.yaml").read_text())
     doc["listener"]["port"] = free_port()
     doc["admin"]["port"] = free_port()
+    doc["metrics"] = {"address": "127.0.0.1", "port": free_port()}
     doc["broker"]["port"] = free_port_run(doc["broker"]["workers"])
+    doc["egress"]["port"] = free_port()
     doc["feature_store"]["embedded"]["path"] = str(DEMO_DIR / "features.json")
     for model in doc["models"]:
         for version in model["versions"]:
@@ -203,7 +194,7 @@ class Stack:
         for model in registry.models:
             for version in model.versions:
                 if version.backend.service is not None:
-                    wait_port(version.backend.service.port)
+                    wait_listening(version.backend.service.port)
         wait_ready(self.base + "/healthz", context=self.ssl_context())
         return self
 
@@ -212,7 +203,7 @@ class Stack:
             "broker", self.cli("serve", "--config", str(self.config)), self.workdir / "broker.log"
         ).start()
         for i in range(self.doc["broker"]["workers"]):
-            wait_port(self.doc["broker"]["port"] + i)
+            wait_listening(self.doc["broker"]["port"] + i)
 
     def stop(self) -> None:
         for proc in reversed(list(self.procs.values())):

@@ -11,21 +11,16 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-import grpc
 import pytest
 
-from extproc.context import RequestContext
-from extproc.launcher import free_port
-from extproc.processor import BrokerProcessor
-from extproc.registry import hash_api_key, load_registry
-from extproc.server import add_service
-from extproc.worker import open_feature_store
+from extproc.registry import hash_api_key
 from tests.conftest import Stack, demo_registry_doc, run_stack
 from tests.credentials import Signer, self_signed_pair
 from tests.http import JSON_HEADERS, call
 
 CREDIT = "/v1/models/credit-risk/predict"
 FRAUD = "/v1/models/fraud/predict"
+UNDERWRITING = "/v1/ensembles/underwriting/predict"
 ISSUER = "https://idp.example.test"
 AUDIENCE = "model-broker"
 # Keys around SHA-256's padding boundaries (55/56 and 119/120 bytes), hashed by Envoy's Lua.
@@ -42,16 +37,9 @@ def bearer(token: str) -> dict[str, str]:
 
 
 def auth_registry(workdir: Path, signer: Signer) -> dict[str, Any]:
-    """The demo plus a second model, five consumers (keys, JWT, admin, rate-limited) and TLS."""
+    """The demo (two models, one ensemble) plus six consumers (keys, JWT, admin, rate-limited) and TLS."""
     doc = demo_registry_doc()
     doc["broker"]["workers"] = 1
-    fraud = {
-        **doc["models"][0],
-        "name": "fraud",
-        "path": FRAUD,
-        "versions": [{"name": "v1", "weight": 1, "backend": {"service": {"host": "127.0.0.1", "port": free_port()}}}],
-    }
-    doc["models"].append(fraud)
     jwks = workdir / "jwks.json"
     jwks.write_text(json.dumps(signer.jwks()))
     cert, private_key = self_signed_pair(workdir)
@@ -62,7 +50,7 @@ def auth_registry(workdir: Path, signer: Signer) -> dict[str, Any]:
         return [hash_api_key(f"{name}-secret")]
 
     doc["consumers"] = [
-        {"name": "alice", "api_keys": hashes("alice"), "models": ["credit-risk"]},
+        {"name": "alice", "api_keys": hashes("alice"), "models": ["credit-risk", "underwriting"]},
         {"name": "bob", "api_keys": hashes("bob"), "models": ["fraud"]},
         {"name": "ops", "api_keys": hashes("ops"), "models": [], "admin": True},
         {
@@ -112,7 +100,8 @@ REFUSED: list[tuple[str, str, dict[str, str], int, str]] = [
     ("empty-key", CREDIT, {**JSON_HEADERS, "x-api-key": ""}, 401, "unauthenticated"),
     ("spoofed-consumer-header-alone", CREDIT, {**JSON_HEADERS, "x-broker-consumer": "alice"}, 401, "unauthenticated"),
     ("other-model", CREDIT, key("bob"), 403, "forbidden"),
-    ("no-models", FRAUD, key("alice"), 403, "forbidden"),
+    ("model-not-listed", FRAUD, key("alice"), 403, "forbidden"),
+    ("ensemble-not-listed", UNDERWRITING, key("bob"), 403, "forbidden"),
     ("admin-is-not-a-model-caller", CREDIT, key("ops"), 403, "forbidden"),
 ]
 
@@ -137,12 +126,14 @@ async def test_refused_in_envoy_with_json_and_no_broker_call(
 
 
 async def test_allowed_consumer_reaches_its_models(auth_stack: Stack, session: aiohttp.ClientSession) -> None:
-    """A valid key reaches exactly the routes in its allow-list; the model learns who called."""
+    """A valid key reaches exactly the models and ensembles in its allow-list; the model learns who called."""
     alice = await call(session, auth_stack.base + CREDIT, BODY, headers=key("alice"))
     bob = await call(session, auth_stack.base + FRAUD, BODY, headers=key("bob"))
     assert (alice.status, bob.status) == (200, 200), (alice.raw, bob.raw)
     assert alice.body["consumer"] == "alice" and alice.body["features"]["income"]
     assert bob.body["consumer"] == "bob" and bob.body["model"] == "fraud"
+    ensemble = await call(session, auth_stack.base + UNDERWRITING, BODY, headers=key("alice"))
+    assert ensemble.status == 200, ensemble.raw
 
 
 async def test_spoofed_consumer_header_is_replaced(auth_stack: Stack, session: aiohttp.ClientSession) -> None:
@@ -209,6 +200,7 @@ async def test_admin_endpoint_needs_an_admin_consumer(auth_stack: Stack, session
     admin = await call(session, url, method="GET", headers=key("ops"))
     assert (anonymous.status, caller.status, admin.status) == (401, 403, 200), admin.raw
     assert [m["name"] for m in admin.body["models"]] == ["credit-risk", "fraud"]
+    assert [e["name"] for e in admin.body["ensembles"]] == ["underwriting"]
     health = await call(session, auth_stack.base + "/healthz", method="GET")
     assert health.status == 200, "probes need no credential"
 
@@ -241,33 +233,11 @@ async def test_tls_handshake_and_plaintext_refused(auth_stack: Stack) -> None:
     assert not (await asyncio.to_thread(plaintext)).startswith(b"HTTP/")
 
 
-class RecordingProcessor(BrokerProcessor):
-    """The real broker, remembering which consumer each request context carried."""
-
-    seen: list[str]
-
-    async def request_body(self, msg: Any, ctx: RequestContext) -> Any:
-        self.seen.append(ctx.consumer)
-        return await super().request_body(msg, ctx)
-
-
-async def test_broker_context_carries_the_verified_consumer(auth_stack: Stack, session: aiohttp.ClientSession) -> None:
-    """Envoy forwards the verified consumer to the broker's request context (for audit and metrics)."""
-    registry = load_registry(auth_stack.config)
-    processor = RecordingProcessor(registry, open_feature_store(registry))
-    processor.seen = []
-    auth_stack.procs["broker"].stop()
-    server = grpc.aio.server()
-    add_service(server, processor)
-    server.add_insecure_port(f"127.0.0.1:{registry.broker.port}")
-    await server.start()
-    try:
-        headers = {**key("alice"), "x-broker-consumer": "ops"}
-        deadline = asyncio.get_running_loop().time() + 10
-        while (reply := await call(session, auth_stack.base + CREDIT, BODY, headers=headers)).status != 200:
-            assert asyncio.get_running_loop().time() < deadline, reply.raw
-            await asyncio.sleep(0.1)
-    finally:
-        await server.stop(None)
-        auth_stack.start_broker()
-    assert processor.seen[-1] == "alice"
+async def test_broker_counts_requests_by_verified_consumer(auth_stack: Stack, session: aiohttp.ClientSession) -> None:
+    """The broker's request context carries the consumer Envoy verified, not the one a client claims."""
+    spoof = {**key("bob"), "x-broker-consumer": "ops"}
+    assert (await call(session, auth_stack.base + FRAUD, BODY, headers=spoof)).status == 200
+    async with session.get(f"http://127.0.0.1:{auth_stack.doc['metrics']['port']}/metrics") as resp:
+        text = await resp.text()
+    assert re.search(r'^model_broker_requests_total\{consumer="bob",model="fraud",outcome="ok"\} [1-9]', text, re.M)
+    assert 'consumer="ops"' not in text

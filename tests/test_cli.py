@@ -144,3 +144,17 @@ def test_secured_config_filter_order_and_private_admin(tmp_path: Path) -> None:
     assert "plain-api-key" not in result.stdout  # only hashes reach Envoy's config
     checked = validate_with_envoy(result.stdout, tmp_path)
     assert checked.returncode == 0, checked.stdout + checked.stderr
+
+
+def test_check_names_bad_ensemble_fields(tmp_path: Path) -> None:
+    """A broken ensemble: exit 2, naming the unknown member, the short deadline and the impossible min_success."""
+    doc = demo_registry_doc()
+    underwriting = doc["ensembles"][0]
+    underwriting["members"].append({"model": "affordability"})
+    underwriting["deadline_ms"] = 500
+    underwriting["min_success"] = 4
+    result = run_cli("check", "--config", write(tmp_path, doc))
+    assert result.returncode == 2
+    assert "ensembles[0].members[2].model: unknown model 'affordability' (models: credit-risk, fraud)" in result.stderr
+    assert "ensembles[0].deadline_ms: 500 ms is shorter than members[0].timeout_ms (2000 ms)" in result.stderr
+    assert "ensembles[0].min_success: 4 exceeds the 3 member(s) declared" in result.stderr

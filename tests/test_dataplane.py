@@ -149,8 +149,7 @@ async def test_healthz_and_models_through_envoy(redis_stack: Stack, session: aio
     assert health.status == 200 and health.body["status"] == "ok"
     models = await call(session, redis_stack.base + "/models", method="GET")
     assert models.status == 200
-    (model,) = models.body["models"]
-    assert model["name"] == "credit-risk"
+    model = next(m for m in models.body["models"] if m["name"] == "credit-risk")
     assert model["features"] == list(DEMO_FEATURES)
     assert [(v["name"], v["weight"]) for v in model["versions"]] == [("v1", 80), ("v2", 20)]
 
@@ -271,3 +270,25 @@ async def test_sigterm_drains_and_stops_the_broker(tmp_path: Path) -> None:
         assert broker is not None
         broker.send_signal(signal.SIGTERM)
         assert await asyncio.to_thread(broker.wait, 20) == 0
+
+
+async def test_stage_metrics_aggregate_all_workers(redis_stack: Stack, session: aiohttp.ClientSession) -> None:
+    """The Server-Timing stages are also Prometheus histograms, summed over every worker."""
+    for i in range(20):
+        await call(session, redis_stack.base + PATH, {"customer_id": f"c-{i + 1}"})
+    await call(session, redis_stack.base + PATH, {"amount": 1})
+    async with session.get(f"http://127.0.0.1:{redis_stack.doc['metrics']['port']}/metrics") as resp:
+        text = await resp.text()
+
+    def sample(name: str, **labels: str) -> float:
+        wanted = ",".join(f'{k}="{v}"' for k, v in labels.items())
+        found = re.search(rf"^{name}{{{wanted}}} (\S+)$", text, re.MULTILINE)
+        assert found, (name, labels)
+        return float(found.group(1))
+
+    for stage in ("route", "features", "body"):
+        assert sample("model_broker_stage_seconds_count", model="credit-risk", stage=stage) >= 20
+    # Labels print in alphabetical order; consumer is empty in open mode.
+    assert sample("model_broker_requests_total", consumer="", model="credit-risk", outcome="ok") >= 20
+    assert sample("model_broker_requests_total", consumer="", model="credit-risk", outcome="missing_entity_key") >= 1
+    assert sample("model_broker_feature_cache_total", result="miss") >= 1

@@ -8,15 +8,23 @@ import signal
 import subprocess
 import sys
 import time
+from typing import Any
 
 import orjson
 
-from extproc.launcher import free_port
-from tests.conftest import wait_port
+from extproc.launcher import free_port, wait_listening
 
 
-def test_demo_prints_a_curl_line_that_works_and_stops_cleanly() -> None:
-    """The printed curl gets an enriched answer; SIGTERM stops Envoy, broker and models."""
+def run_curl(line: str) -> tuple[str, Any]:
+    """Run a printed curl line; its response head and JSON body."""
+    cmd = [*shlex.split(line), "--max-time", "10"]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True, timeout=20)
+    head, _, body = out.stdout.partition("\n\n")  # text mode folds CRLF
+    return head, orjson.loads(body)
+
+
+def test_demo_prints_curl_lines_that_work_and_stops_cleanly() -> None:
+    """The printed curls get an enriched model answer and an ensemble answer; SIGTERM stops everything."""
     port = free_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "extproc.cli", "demo", "--port", str(port)],
@@ -29,20 +37,19 @@ def test_demo_prints_a_curl_line_that_works_and_stops_cleanly() -> None:
         assert proc.stdout is not None
         lines: list[str] = []
         deadline = time.monotonic() + 60
-        while not any(line.strip().startswith("curl ") for line in lines):
+        while sum(line.strip().startswith("curl ") for line in lines) < 2:
             assert time.monotonic() < deadline and proc.poll() is None, lines
             lines.append(proc.stdout.readline())
         assert f"Model Broker is up at http://127.0.0.1:{port}" in "".join(lines)
-        curl = next(line.strip() for line in lines if line.strip().startswith("curl "))
-        out = subprocess.run(
-            [*shlex.split(curl), "--max-time", "10"], capture_output=True, text=True, check=True, timeout=20
-        )
-        head, _, body = out.stdout.partition("\n\n")  # text mode folds CRLF
-        answer = orjson.loads(body)
+        model_curl, ensemble_curl = (line.strip() for line in lines if line.strip().startswith("curl "))
+        head, answer = run_curl(model_curl)
         assert head.startswith("HTTP/1.1 200")
         assert answer["model"] == "credit-risk" and answer["version"] in {"v1", "v2"}
         assert set(answer["features"]) >= {"income", "debt_ratio", "tenure_months"}
         assert "x-broker-version: " + answer["version"] in head.lower()
+        head, answer = run_curl(ensemble_curl)
+        assert head.startswith("HTTP/1.1 200"), answer
+        assert set(answer["results"]) == {"credit-risk", "fraud"} and answer["errors"] == {}
     finally:
         os.kill(proc.pid, signal.SIGTERM)
         code = proc.wait(30)
@@ -50,7 +57,7 @@ def test_demo_prints_a_curl_line_that_works_and_stops_cleanly() -> None:
             proc.stdout.close()
     assert code == 0
     try:
-        wait_port(port, timeout_s=0.5)
+        wait_listening(port, timeout_s=0.5)
     except RuntimeError:
         pass
     else:

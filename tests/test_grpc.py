@@ -17,6 +17,7 @@ from envoy.service.ext_proc.v3.external_processor_pb2 import (
 from google.protobuf.struct_pb2 import Struct
 
 from extproc import wire
+from extproc.adapters.egress import EgressClient
 from extproc.context import RequestContext
 from extproc.features import CachedFeatureStore, EmbeddedFeatureStore
 from extproc.launcher import free_port
@@ -35,13 +36,16 @@ async def stub() -> AsyncIterator[ext_proc_grpc.ExternalProcessorStub]:
         EmbeddedFeatureStore.from_file(DEMO_DIR / "features.json"), ttl_seconds=1, max_entries=10, timeout_s=1
     )
     server = grpc.aio.server()
-    add_service(server, BrokerProcessor(registry, store))
+    # The demo's ensemble needs an egress client; these tests never call its members.
+    egress = EgressClient(f"http://127.0.0.1:{doc['egress']['port']}")
+    add_service(server, BrokerProcessor(registry, store, egress=egress))
     port = free_port()
     server.add_insecure_port(f"127.0.0.1:{port}")
     await server.start()
     async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
         yield ext_proc_grpc.ExternalProcessorStub(channel)
     await server.stop(None)
+    await egress.close()
 
 
 def attributes(route: str, content_type: str = "application/json") -> dict[str, Struct]:

@@ -169,7 +169,7 @@ class ServerThread:
 
 @pytest.fixture(scope="module")
 def sync_stub() -> Iterator[ext_proc_grpc.ExternalProcessorStub]:
-    doc = demo_registry_doc()
+    doc = demo_registry_doc(ensembles=[])  # ensembles need an egress client; the body path is the same
     doc["limits"]["max_body_bytes"] = 2048
     registry = parse_registry(doc)
     store = CachedFeatureStore(

@@ -147,7 +147,7 @@ CONSUMER_PROBLEMS: list[tuple[str, dict[str, Any], str]] = [
     (
         "unknown-model",
         with_consumers({"name": "a", "api_keys": [KEY_HASH], "models": ["fraud"]}),
-        "consumers[0].models[0]: unknown model 'fraud' (known: credit-risk, or '*')",
+        "consumers[0].models[0]: unknown model or ensemble 'fraud' (known: credit-risk, or '*')",
     ),
     (
         "duplicate-key-hash",
@@ -255,3 +255,96 @@ def test_admin_endpoints_default_follows_open_mode() -> None:
 def test_hash_api_key_is_prefixed_sha256() -> None:
     """The registry form names its algorithm and is hashlib's SHA-256 of the UTF-8 key."""
     assert hash_api_key("hello") == "sha256:2cf24dba5fb0a30e26e83b2ac5b9e29e1b161e5c1fa7425e73043362938b9824"
+
+
+def with_ensemble(**changes: Any) -> dict[str, Any]:
+    """BASE plus a second model and a valid two-member ensemble, with `changes` applied to the ensemble."""
+    doc = copy.deepcopy(BASE)
+    fraud = copy.deepcopy(doc["models"][0])
+    fraud.update(name="fraud", path="/v1/models/fraud/predict")
+    doc["models"].append(fraud)
+    ensemble = {
+        "name": "underwriting",
+        "path": "/v1/ensembles/underwriting/predict",
+        "deadline_ms": 1000,
+        "members": [{"model": "credit-risk", "timeout_ms": 500}, {"model": "fraud", "timeout_ms": 800}],
+    }
+    ensemble.update(changes)
+    doc["ensembles"] = [ensemble]
+    return doc
+
+
+def test_valid_ensemble_defaults_to_all_members_and_all_results() -> None:
+    """Without min_success every member must answer; without aggregation nothing is combined."""
+    ensemble = parse_registry(with_ensemble()).ensembles[0]
+    assert ensemble.required_successes == 2
+    assert ensemble.aggregation.method == "all"
+
+
+ENSEMBLE_PROBLEMS: list[tuple[str, dict[str, Any], str]] = [
+    (
+        "unknown-member",
+        {"members": [{"model": "credit-risk"}, {"model": "fraudd"}]},
+        "ensembles[0].members[1].model: unknown model 'fraudd' (models: credit-risk, fraud)",
+    ),
+    (
+        "ensemble-as-member",
+        {"members": [{"model": "underwriting"}]},
+        "ensembles[0].members[0].model: 'underwriting' is an ensemble; members must be models",
+    ),
+    (
+        "duplicate-member",
+        {"members": [{"model": "fraud"}, {"model": "fraud"}]},
+        "ensembles[0].members[1].model: 'fraud' is already a member",
+    ),
+    ("no-members", {"members": []}, "ensembles[0].members: Tuple should have at least 1 item"),
+    (
+        "path-of-a-model",
+        {"path": "/v1/models/fraud/predict"},
+        "ensembles[0].path: '/v1/models/fraud/predict' is already the path of models[1]",
+    ),
+    ("reserved-path", {"path": "/models"}, "ensembles[0].path: '/models' is reserved for the broker"),
+    (
+        "deadline-shorter-than-member",
+        {"deadline_ms": 600},
+        "ensembles[0].deadline_ms: 600 ms is shorter than members[1].timeout_ms (800 ms)",
+    ),
+    ("min-success-too-high", {"min_success": 3}, "ensembles[0].min_success: 3 exceeds the 2 member(s) declared"),
+    ("min-success-zero", {"min_success": 0}, "ensembles[0].min_success: Input should be greater than or equal to 1"),
+    (
+        "combiner-without-field",
+        {"aggregation": {"method": "mean"}},
+        "ensembles[0].aggregation: Value error, 'field' is required for mean",
+    ),
+    (
+        "unknown-combiner",
+        {"aggregation": {"method": "median", "field": "score"}},
+        "ensembles[0].aggregation.method: Input should be 'all', 'mean'",
+    ),
+    ("bad-weight", {"members": [{"model": "fraud", "weight": 0}]}, "ensembles[0].members[0].weight: Input should be"),
+]
+
+
+@pytest.mark.parametrize(("case", "changes", "expected"), ENSEMBLE_PROBLEMS, ids=[e[0] for e in ENSEMBLE_PROBLEMS])
+def test_ensemble_problem_names_the_field(case: str, changes: dict[str, Any], expected: str) -> None:
+    """Each ensemble mistake is reported at its field path, with what to fix."""
+    found = problems(with_ensemble(**changes))
+    assert any(p.startswith(expected) for p in found), found
+
+
+def test_ensemble_members_share_one_entity_and_egress_stays_on_loopback() -> None:
+    """Members of two entities would need two store calls; an egress listener off loopback skips the broker."""
+    doc = with_ensemble()
+    doc["entities"].append({"name": "account", "join_key": "account_id"})
+    doc["models"][1]["entity"] = "account"
+    doc["egress"] = {"address": "0.0.0.0", "port": 8081}
+    found = problems(doc)
+    assert any(p.startswith("ensembles[0].members[1].model: entity 'account' differs from 'customer'") for p in found)
+    assert "egress.address: '0.0.0.0' is not a loopback address" in found
+
+
+def test_egress_port_must_be_free_of_other_listeners() -> None:
+    """The egress listener cannot share a port with the public listener."""
+    doc = with_ensemble()
+    doc["egress"] = {"port": 8080}
+    assert "egress.port: port 8080 is also listener.port" in problems(doc)

@@ -13,13 +13,14 @@ from extproc.features import Features, decode_value
 
 class RedisFeatureStore:
     def __init__(self, url: str, timeout_s: float) -> None:
-        # No client-side retries: the caller's time budget decides, and a retry
-        # loop inside it would only turn a clear 503 into a slow one.
+        # One immediate retry: after a Redis restart every pooled connection is stale
+        # and its first use fails; a second attempt on a fresh connection succeeds.
+        # Anything more is left to the caller's time budget (a clear 503, not a slow one).
         self._redis = Redis.from_url(
             url,
             socket_timeout=timeout_s,
             socket_connect_timeout=timeout_s,
-            retry=Retry(NoBackoff(), retries=0),
+            retry=Retry(NoBackoff(), retries=1),
         )
 
     async def fetch(self, key: str, names: tuple[str, ...]) -> Features | None:

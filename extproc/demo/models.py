@@ -2,11 +2,17 @@
 
 They read the whole body before answering (as real models do), and echo the
 features exactly as received so a newcomer can see what the broker injected.
+A body may steer one demo model by name for tests and demos, e.g.
+`"_demo": {"fraud": {"delay_ms": 500, "status": 500, "answer": {"score": 0.2}}}`:
+wait, fail with that status, or override fields of the answer. To the broker it is an
+ordinary consumer field, passed through like any other; only the demo models act on it.
 """
 
 from __future__ import annotations
 
+import asyncio
 import math
+from collections.abc import Callable
 from typing import Any
 
 import orjson
@@ -28,20 +34,40 @@ def credit_score(version: str, features: dict[str, Any], amount: float) -> float
     return round(1 / (1 + math.exp(-z + 1.5)), 4)
 
 
+def fraud_score(version: str, features: dict[str, Any], amount: float) -> float:
+    """A toy fraud score: late payments, debt and large amounts raise it; business customers lower it."""
+    late = float(features.get("late_payments_12m") or 0)
+    debt = float(features.get("debt_ratio") or 0)
+    z = 0.6 * late + 1.5 * debt + amount / 10_000 - (0.5 if features.get("segment") == "business" else 0)
+    return round(1 / (1 + math.exp(-z + 2.5)), 4)
+
+
+# Which scorer a demo model name gets; any other name scores as credit-risk does.
+SCORERS: dict[str, Callable[[str, dict[str, Any], float], float]] = {"fraud": fraud_score}
+
+
 def model_app(model: str, version: str, path: str = "/predict") -> web.Application:
+    scorer = SCORERS.get(model, credit_score)
+
     async def predict(request: web.Request) -> web.Response:
         raw = await request.read()
         try:
             body = orjson.loads(raw)
             features = body.get("features") or {}
             amount = float(body.get("amount") or 0)
+            steer = (body.get("_demo") or {}).get(model) or {}
+            await asyncio.sleep(float(steer.get("delay_ms", 0)) / 1000)
         except (orjson.JSONDecodeError, AttributeError, TypeError, ValueError):
             return web.Response(status=400, body=orjson.dumps({"error": "bad input"}), content_type=JSON)
+        if "status" in steer:
+            failure = orjson.dumps({"error": "demo failure"})
+            return web.Response(status=int(steer["status"]), body=failure, content_type=JSON)
         answer = {
             "model": model,
             "version": version,
-            "score": credit_score(version, features, amount),
+            "score": scorer(version, features, amount),
             "features": features,
+            **(steer.get("answer") or {}),
         }
         # Set by Envoy's authentication filter (client copies are dropped); absent in open mode.
         consumer = request.headers.get(wire.HEADER_CONSUMER)

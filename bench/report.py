@@ -1,0 +1,138 @@
+"""Medians per configuration and concurrency, rendered as the markdown table the README quotes.
+
+Pure functions over `Sample`s, so the table can be re-rendered from a saved run.
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from bench.wrk import WrkResult
+
+# The issue's goals, printed beside the ratios they steer.
+GOAL_VS_PLAIN = 0.45
+GOAL_VS_AIOHTTP = 1.5
+GOAL_VS_FASTAPI = 6.0
+GOAL_P99_VS_PLAIN_AT_16 = 3.0
+GOAL_BROKER_CPU_US = 150.0
+BROKERS = ("broker", "broker-nocache", "broker-headers")
+
+
+@dataclass(frozen=True, slots=True)
+class Sample:
+    """One wrk run of one configuration at one concurrency."""
+
+    config: str
+    label: str
+    connections: int
+    round: int
+    wrk: WrkResult
+    # role → CPU µs per request over the run
+    cpu_us: dict[str, float] = field(default_factory=dict)
+    # Cores kept busy by processes outside the bench during the run (a shared box's noise).
+    foreign_cores: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self) | {"rps": self.wrk.rps}
+
+
+@dataclass(frozen=True, slots=True)
+class Row:
+    """The median of a configuration's rounds at one concurrency."""
+
+    config: str
+    label: str
+    connections: int
+    rps: float
+    p50_ms: float
+    p99_ms: float
+    non_2xx: int
+    socket_errors: int
+    cpu_us: dict[str, float]
+    foreign_cores: float
+
+
+def summarize(samples: Iterable[Sample]) -> list[Row]:
+    """Median req/s, latency and CPU per (config, concurrency); error counts are summed, never hidden."""
+    groups: dict[tuple[str, int], list[Sample]] = {}
+    for sample in samples:
+        groups.setdefault((sample.config, sample.connections), []).append(sample)
+    rows = []
+    for (config, connections), group in groups.items():
+        roles = {role for s in group for role in s.cpu_us}
+        rows.append(
+            Row(
+                config=config,
+                label=group[0].label,
+                connections=connections,
+                rps=statistics.median(s.wrk.rps for s in group),
+                p50_ms=statistics.median(s.wrk.p50_ms for s in group),
+                p99_ms=statistics.median(s.wrk.p99_ms for s in group),
+                non_2xx=sum(s.wrk.non_2xx for s in group),
+                socket_errors=sum(s.wrk.socket_errors for s in group),
+                cpu_us={r: statistics.median(s.cpu_us[r] for s in group if r in s.cpu_us) for r in sorted(roles)},
+                foreign_cores=statistics.median(s.foreign_cores for s in group),
+            )
+        )
+    return rows
+
+
+def _cpu(row: Row, role: str) -> str:
+    value = row.cpu_us.get(role)
+    return "-" if value is None else f"{value:.0f}"
+
+
+def _proxy_cpu(row: Row) -> str:
+    """The Python tier's CPU: the broker's workers, or the gateway's."""
+    return _cpu(row, "broker") if "broker" in row.cpu_us else _cpu(row, "gateway")
+
+
+def results_table(rows: Sequence[Row]) -> list[str]:
+    lines = [
+        "| config | conns | req/s | p50 ms | p99 ms | non-2xx | socket errors "
+        "| Envoy CPU µs/req | Python CPU µs/req | Redis CPU µs/req | model CPU µs/req | foreign load, cores |",
+        "|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
+    ]
+    for row in sorted(rows, key=lambda r: (r.connections, r.label)):
+        lines.append(
+            f"| {row.label} | {row.connections} | {row.rps:,.0f} | {row.p50_ms:.2f} | {row.p99_ms:.2f} "
+            f"| {row.non_2xx} | {row.socket_errors} | {_cpu(row, 'envoy')} | {_proxy_cpu(row)} | {_cpu(row, 'redis')} "
+            f"| {_cpu(row, 'model')} | {row.foreign_cores:.2f} |"
+        )
+    return lines
+
+
+def _ratio(numerator: float, denominator: float | None) -> str:
+    return "-" if not denominator else f"{numerator / denominator:.2f}x"
+
+
+def ratios_table(rows: Sequence[Row]) -> list[str]:
+    """Each broker variant against its neighbours at the same concurrency."""
+    by_key = {(r.config, r.connections): r for r in rows}
+    lines = [
+        f"| broker config | conns | req/s ÷ plain Envoy (goal ≥ {GOAL_VS_PLAIN}) "
+        f"| ÷ aiohttp (goal ≥ {GOAL_VS_AIOHTTP}) | ÷ FastAPI (goal ≥ {GOAL_VS_FASTAPI:g}) "
+        f"| p99 ÷ plain Envoy (goal ≤ {GOAL_P99_VS_PLAIN_AT_16:g} at 16) "
+        f"| broker CPU µs/req (goal ≤ {GOAL_BROKER_CPU_US:.0f}) | Envoy CPU µs/req: plain → with broker |",
+        "|---|--:|--:|--:|--:|--:|--:|--:|",
+    ]
+    for connections in sorted({r.connections for r in rows}):
+        plain, aio, fast = (by_key.get((c, connections)) for c in ("envoy", "aiohttp", "fastapi"))
+        for name in BROKERS:
+            row = by_key.get((name, connections))
+            if row is None:
+                continue
+            envoy_cpu = f"{_cpu(plain, 'envoy') if plain else '-'} -> {_cpu(row, 'envoy')}"
+            lines.append(
+                f"| {row.label} | {connections} | {_ratio(row.rps, plain.rps if plain else None)} "
+                f"| {_ratio(row.rps, aio.rps if aio else None)} | {_ratio(row.rps, fast.rps if fast else None)} "
+                f"| {_ratio(row.p99_ms, plain.p99_ms if plain else None)} | {_cpu(row, 'broker')} | {envoy_cpu} |"
+            )
+    return lines
+
+
+def render(rows: Sequence[Row], header: Sequence[str]) -> str:
+    return "\n".join([*header, "", *results_table(rows), "", *ratios_table(rows), ""])

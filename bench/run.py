@@ -1,0 +1,202 @@
+"""`python -m bench.run`: start every configuration on loopback, load them in turn with wrk, print the table.
+
+Interleaved runs (a, b, c, d, a, b, c, d …) and medians over rounds, so a noisy
+moment on a shared box lands on one sample of each configuration, not on one
+configuration. Not a test: nothing here asserts on time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime as dt
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager
+from pathlib import Path
+from types import FrameType
+
+from bench import report, stacks
+from bench.procs import children_cpu_seconds, cpu_seconds, process_tree, system_busy_seconds
+from bench.report import Sample
+from bench.stacks import Shared, Target
+from bench.wrk import run_wrk, write_script
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+PAUSE_BETWEEN_RUNS_S = 0.5
+
+Starter = Callable[[Shared], AbstractContextManager[Target]]
+
+# Every configuration the bench knows, in the order they are interleaved.
+CONFIGS: dict[str, Starter] = {
+    "envoy": stacks.plain_envoy,
+    "broker": lambda s: stacks.broker(s, "broker", "(b) Envoy + broker", cache_ttl_s=5),
+    # Same work as the gateways, which do not cache: every request is an HMGET.
+    "broker-nocache": lambda s: stacks.broker(s, "broker-nocache", "(b0) Envoy + broker, cache TTL 0", cache_ttl_s=0),
+    # The price of asking for the header phase too (two ext_proc messages per request).
+    "broker-headers": lambda s: stacks.broker(
+        s, "broker-headers", "(b2) Envoy + broker, header + body phases", cache_ttl_s=5, header_phase=True
+    ),
+    "aiohttp": stacks.aiohttp_gateway,
+    "fastapi": stacks.fastapi_gateway,
+}
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__)
+    parser.add_argument("--duration", type=float, default=8.0, help="seconds per wrk run (default 8)")
+    parser.add_argument("--warmup", type=float, default=2.0, help="seconds of unmeasured load per config first")
+    parser.add_argument("--rounds", type=int, default=2, help="interleaved rounds; the median is reported")
+    parser.add_argument("--connections", default="16,64", help="comma-separated wrk concurrencies (e.g. 16,64,256)")
+    parser.add_argument("--threads", type=int, default=2, help="wrk threads")
+    parser.add_argument("--configs", default=",".join(CONFIGS), help=f"subset of {','.join(CONFIGS)}")
+    parser.add_argument("--broker-workers", type=int, default=2, help="ext_proc worker processes")
+    parser.add_argument("--gateway-workers", type=int, default=2, help="worker processes per Python gateway")
+    parser.add_argument("--envoy-concurrency", type=int, default=2, help="Envoy worker threads, both Envoys")
+    parser.add_argument("--output", type=Path, default=RESULTS_DIR / "latest.md", help="where the table is written")
+    args = parser.parse_args(argv)
+    args.connections = [int(c) for c in args.connections.split(",")]
+    args.configs = [c.strip() for c in args.configs.split(",")]
+    unknown = set(args.configs) - set(CONFIGS)
+    if unknown:
+        parser.error(f"unknown configs: {', '.join(sorted(unknown))}")
+    if not 1 <= args.duration <= 120 or not 1 <= args.rounds <= 10 or not 0 <= args.warmup <= 30:
+        parser.error("keep runs bounded: --duration 1..120, --rounds 1..10, --warmup 0..30")
+    return args
+
+
+def require_tools() -> None:
+    missing = [tool for tool in ("wrk", "redis-server") if shutil.which(tool) is None]
+    if missing:
+        sys.exit(f"missing {' and '.join(missing)}: run `scripts/ensure-system-packages wrk redis-server`")
+
+
+@contextlib.contextmanager
+def stop_on_sigterm() -> Iterator[None]:
+    """SIGTERM/SIGHUP unwind like Ctrl-C, so every child process group is stopped."""
+
+    def interrupt(_signum: int, _frame: FrameType | None) -> None:
+        raise KeyboardInterrupt
+
+    previous = {sig: signal.signal(sig, interrupt) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def measure(target: Target, script: Path, connections: int, round_no: int, args: argparse.Namespace) -> Sample:
+    """One wrk run with the CPU of every process charged to the target read before and after.
+
+    Whatever the box burned beyond those processes and wrk is "foreign" load
+    (other jobs on a shared machine): reported, so a noisy sample can be seen as such.
+    """
+    pids = {role: tuple(p for root in roots for p in process_tree(root)) for role, roots in target.cpu_roots.items()}
+    before = {role: cpu_seconds(p) for role, p in pids.items()}
+    busy_before, wrk_before, started = system_busy_seconds(), children_cpu_seconds(), time.monotonic()
+    result = run_wrk(target.url, script, connections=connections, threads=args.threads, duration_s=args.duration)
+    elapsed = time.monotonic() - started
+    spent = {role: cpu_seconds(p) - before[role] for role, p in pids.items()}
+    ours = sum(spent.values()) + children_cpu_seconds() - wrk_before
+    foreign_cores = max(0.0, system_busy_seconds() - busy_before - ours) / elapsed
+    cpu_us = {role: seconds * 1e6 / max(result.requests, 1) for role, seconds in spent.items()}
+    return Sample(target.name, target.label, connections, round_no, result, cpu_us, foreign_cores)
+
+
+def warm_up(targets: Sequence[Target], script: Path, args: argparse.Namespace) -> None:
+    """Fill connection pools, caches and lazy imports before anything is measured."""
+    if args.warmup <= 0:
+        return
+    for target in targets:
+        run_wrk(target.url, script, connections=max(args.connections), threads=args.threads, duration_s=args.warmup)
+
+
+def load_all(targets: Sequence[Target], script: Path, args: argparse.Namespace) -> list[Sample]:
+    samples = []
+    for round_no in range(1, args.rounds + 1):
+        for connections in args.connections:
+            for target in targets:
+                time.sleep(PAUSE_BETWEEN_RUNS_S)
+                sample = measure(target, script, connections, round_no, args)
+                samples.append(sample)
+                print(_progress(sample, args.rounds), file=sys.stderr, flush=True)
+    return samples
+
+
+def _progress(sample: Sample, rounds: int) -> str:
+    cpu = ", ".join(f"{role} {us:.0f}" for role, us in sample.cpu_us.items())
+    errors = f", non-2xx {sample.wrk.non_2xx}" if sample.wrk.non_2xx or sample.wrk.socket_errors else ""
+    return (
+        f"  round {sample.round}/{rounds} c={sample.connections:<3} {sample.config:<15} "
+        f"{sample.wrk.rps:8,.0f} req/s  p50 {sample.wrk.p50_ms:6.2f} ms  p99 {sample.wrk.p99_ms:6.2f} ms"
+        f"{errors}  (CPU µs/req: {cpu}; foreign load {sample.foreign_cores:.2f} cores)"
+    )
+
+
+def header(args: argparse.Namespace, elapsed_s: float) -> list[str]:
+    wrk_version = subprocess.run(["wrk", "--version"], capture_output=True, text=True, check=False).stdout
+    return [
+        f"## Model Broker bench, {dt.datetime.now().astimezone():%Y-%m-%d %H:%M %Z}",
+        "",
+        f"{os.cpu_count()} cores, everything on loopback; {wrk_version.split(' [')[0].strip() or 'wrk'}, "
+        f"{args.threads} threads, {args.duration:g} s per run, rounds: {args.rounds} (interleaved), medians shown "
+        f"(non-2xx and socket errors summed over rounds). Broker: {args.broker_workers} workers; gateways: "
+        f"{args.gateway_workers} workers; Envoy: {args.envoy_concurrency} worker threads. "
+        f"Requests vary over 1000 customers; features from one local redis-server. Run took {elapsed_s:.0f} s.",
+        "CPU µs/req: user + system time of that tier's processes over the run, divided by requests.",
+    ]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    require_tools()
+    started = time.monotonic()
+    budget = len(args.configs) * (args.warmup + args.rounds * len(args.connections) * (args.duration + 0.6))
+    print(f"bench: {', '.join(args.configs)}; about {budget / 60:.1f} min of load", file=sys.stderr)
+    with (
+        stop_on_sigterm(),
+        tempfile.TemporaryDirectory(prefix="model-broker-bench-") as tmp,
+        contextlib.ExitStack() as stack,
+    ):
+        workdir = Path(tmp)
+        redis_url, redis_pid = stack.enter_context(stacks.redis_server(workdir))
+        backend_port, backend_pid = stack.enter_context(stacks.model_backend(workdir, redis_url))
+        shared = Shared(
+            workdir=workdir,
+            redis_url=redis_url,
+            backend_port=backend_port,
+            backend_pid=backend_pid,
+            redis_pid=redis_pid,
+            broker_workers=args.broker_workers,
+            gateway_workers=args.gateway_workers,
+            envoy_concurrency=args.envoy_concurrency,
+        )
+        targets = [stack.enter_context(CONFIGS[name](shared)) for name in args.configs]
+        for target in targets:
+            stacks.preflight(target)
+        script = write_script(workdir / "post.lua")
+        warm_up(targets, script, args)
+        samples = load_all(targets, script, args)
+    table = report.render(report.summarize(samples), header(args, time.monotonic() - started))
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(table, encoding="utf-8")
+    raw = args.output.with_suffix(".json")
+    raw.write_text(json.dumps([s.to_dict() for s in samples], indent=1), encoding="utf-8")
+    print(table)
+    print(f"written to {args.output} (raw samples: {raw.name})", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:
+        sys.exit("bench: interrupted; every process it started has been stopped")

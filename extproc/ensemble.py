@@ -1,0 +1,194 @@
+"""Ensembles: one body, every member model called concurrently through Envoy's egress listener.
+
+Plans are compiled once at load. `run_ensemble` fetches the union of the
+members' features in one store call, calls each member under its own timeout
+and the ensemble's deadline, and returns every member's outcome for `aggregate.py`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+from time import perf_counter
+from typing import Any, Protocol
+
+import orjson
+
+from extproc import wire
+from extproc.aggregate import Combiner, MemberFailure, MemberOutcome, MemberResult
+from extproc.body import inject_features
+from extproc.errors import BrokerError, ErrorCode, FeatureStoreUnavailable
+from extproc.features import Features, FeatureStore, pick
+from extproc.registry import Ensemble, Registry
+from extproc.routing import ModelRoute
+
+
+class MemberUnavailable(Exception):
+    """The egress listener refused or dropped the call; raised by the egress adapter only."""
+
+
+@dataclass(frozen=True, slots=True)
+class MemberReply:
+    """What Envoy answered for one member call, headers reduced to what the broker reads."""
+
+    status: int
+    body: bytes
+    version: str
+    request_id: str
+
+
+class MemberClient(Protocol):
+    async def post(self, path: str, body: bytes, parent_request_id: str) -> MemberReply:
+        """POST `body` to `path` on the egress listener; `MemberUnavailable` when no HTTP answer."""
+        ...
+
+    async def close(self) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class MemberPlan:
+    route: ModelRoute
+    # The model's public path; the egress listener serves the same path without ext_proc.
+    path: str
+    timeout_s: float
+
+
+@dataclass(frozen=True, slots=True)
+class EnsemblePlan:
+    name: str
+    members: tuple[MemberPlan, ...]
+    # Union over the members: fetched in one store call.
+    features: tuple[str, ...]
+    deadline_s: float
+    min_success: int
+    combiner: Combiner
+
+    @property
+    def join_key(self) -> str:
+        # The registry guarantees one entity for all members.
+        return self.members[0].route.join_key
+
+    def store_key(self, entity_key: str) -> str:
+        return self.members[0].route.store_key(entity_key)
+
+
+def _plan(ensemble: Ensemble, registry: Registry, routes: dict[str, ModelRoute]) -> EnsemblePlan:
+    members = []
+    for member in ensemble.members:
+        model = registry.model(member.model)
+        if model is None:  # parse_registry already rejected this; kept for the type checker
+            raise ValueError(f"ensemble {ensemble.name}: unknown model {member.model}")
+        members.append(MemberPlan(routes[model.name], model.path, member.timeout_ms / 1000))
+    union = dict.fromkeys(name for m in members for name in m.route.features)
+    return EnsemblePlan(
+        name=ensemble.name,
+        members=tuple(members),
+        features=tuple(union),
+        deadline_s=ensemble.deadline_ms / 1000,
+        min_success=ensemble.required_successes,
+        combiner=Combiner(
+            method=ensemble.aggregation.method,
+            field=ensemble.aggregation.field,
+            weights={m.model: m.weight for m in ensemble.members},
+        ),
+    )
+
+
+def compile_ensembles(registry: Registry, routes: dict[str, ModelRoute]) -> dict[str, EnsemblePlan]:
+    """Plans keyed by the route name Envoy reports for each ensemble's public route."""
+    return {wire.ensemble_route(e.name): _plan(e, registry, routes) for e in registry.ensembles}
+
+
+def _ms(seconds: float) -> float:
+    return round(seconds * 1000, 3)
+
+
+def reply_outcome(model: str, reply: MemberReply, latency_s: float, parent_request_id: str) -> MemberOutcome:
+    """A member's HTTP answer as a result or a failure: 2xx with JSON is a result, anything else is not."""
+    ids = {"request_id": reply.request_id, "parent_request_id": parent_request_id}
+    error: BrokerError | None = None
+    if reply.status == 504:
+        error = BrokerError(ErrorCode.UPSTREAM_TIMEOUT, "the model did not answer within its Envoy route timeout")
+    elif reply.status == 503:
+        error = BrokerError(ErrorCode.UPSTREAM_UNAVAILABLE, "the model is unavailable (503 from Envoy)")
+    elif not 200 <= reply.status < 300:
+        error = BrokerError(ErrorCode.UPSTREAM_ERROR, f"the model answered HTTP {reply.status}")
+    else:
+        try:
+            output: Any = orjson.loads(reply.body)
+        except orjson.JSONDecodeError:
+            error = BrokerError(ErrorCode.UPSTREAM_ERROR, f"the model answered HTTP {reply.status} without JSON")
+        else:
+            return MemberResult(model, reply.version, _ms(latency_s), output, **ids)
+    return MemberFailure(model, error, _ms(latency_s), **ids)
+
+
+async def _call(client: MemberClient, member: MemberPlan, body: bytes, parent_request_id: str) -> MemberOutcome:
+    """One member call. Failure policy: a member's failure is its error entry, never the ensemble's crash."""
+    model = member.route.model
+    started = perf_counter()
+    try:
+        async with asyncio.timeout(member.timeout_s):
+            reply = await client.post(member.path, body, parent_request_id)
+    except TimeoutError:
+        error = BrokerError(ErrorCode.UPSTREAM_TIMEOUT, f"no answer within {_ms(member.timeout_s):g} ms")
+    except MemberUnavailable as exc:
+        error = BrokerError(ErrorCode.UPSTREAM_UNAVAILABLE, str(exc))
+    else:
+        return reply_outcome(model, reply, perf_counter() - started, parent_request_id)
+    return MemberFailure(model, error, _ms(perf_counter() - started), parent_request_id=parent_request_id)
+
+
+async def _union_features(store: FeatureStore, plan: EnsemblePlan, key: str) -> tuple[Features | None, str]:
+    """The members' features in one store call, and why the store failed ("" when it did not)."""
+    try:
+        return await store.fetch(plan.store_key(key), plan.features), ""
+    except FeatureStoreUnavailable as exc:
+        return None, str(exc)
+
+
+async def run_ensemble(
+    plan: EnsemblePlan,
+    doc: dict[str, Any],
+    key: str,
+    *,
+    store: FeatureStore,
+    client: MemberClient,
+    parent_request_id: str,
+) -> list[MemberOutcome] | BrokerError:
+    """Every member's outcome in declared order, or the one feature error all members share.
+
+    The deadline counts from the body's arrival, feature fetch included.
+    """
+    deadline = perf_counter() + plan.deadline_s
+    union, unavailable = await _union_features(store, plan, key)
+    settled = [m.route.settle_features(pick(union, m.route.features), key, unavailable)[0] for m in plan.members]
+    errors = [f for f in settled if isinstance(f, BrokerError)]
+    if len(errors) == len(settled):
+        # No member can be called (store down, entity unknown): the client hears it as for a model.
+        return errors[0]
+    fanout_started = perf_counter()
+    tasks: dict[int, asyncio.Task[MemberOutcome]] = {}
+    for i, (member, features) in enumerate(zip(plan.members, settled, strict=True)):
+        if not isinstance(features, BrokerError):
+            body = inject_features(dict(doc), member.route.inject_as, features)
+            tasks[i] = asyncio.create_task(_call(client, member, body, parent_request_id))
+    try:
+        await asyncio.wait(tasks.values(), timeout=max(0.0, deadline - perf_counter()))
+    finally:
+        # Cancelled means cancelled: at the deadline, or when Envoy drops the stream, no member
+        # call outlives the request (aiohttp closes its connection, Envoy resets the model's).
+        for running in tasks.values():
+            running.cancel()
+        await asyncio.gather(*tasks.values(), return_exceptions=True)
+    cut = BrokerError(ErrorCode.DEADLINE_EXCEEDED, f"cancelled at the ensemble deadline ({_ms(plan.deadline_s):g} ms)")
+    cut_after_ms = _ms(perf_counter() - fanout_started)
+    outcomes: list[MemberOutcome] = []
+    for i, (member, features) in enumerate(zip(plan.members, settled, strict=True)):
+        if isinstance(features, BrokerError):  # never called: its own feature policy refused
+            outcomes.append(MemberFailure(member.route.model, features, 0.0, parent_request_id=parent_request_id))
+        elif not tasks[i].cancelled():
+            outcomes.append(tasks[i].result())
+        else:
+            outcomes.append(MemberFailure(member.route.model, cut, cut_after_ms, parent_request_id=parent_request_id))
+    return outcomes

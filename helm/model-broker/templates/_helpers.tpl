@@ -1,0 +1,163 @@
+{{/* Names and labels. */}}
+{{- define "model-broker.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{- define "model-broker.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 40 | trimSuffix "-" }}
+{{- else if contains (include "model-broker.name" .) .Release.Name }}
+{{- .Release.Name | trunc 40 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name (include "model-broker.name" .) | trunc 40 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+
+{{- define "model-broker.labels" -}}
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+{{ include "model-broker.selectorLabels" . }}
+{{- end }}
+
+{{/* Selector labels of one component: call with (dict "root" $ "component" "broker"). */}}
+{{- define "model-broker.componentLabels" -}}
+app.kubernetes.io/name: {{ include "model-broker.name" .root }}
+app.kubernetes.io/instance: {{ .root.Release.Name }}
+app.kubernetes.io/component: {{ .component }}
+{{- end }}
+
+{{- define "model-broker.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "model-broker.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end }}
+
+{{- define "model-broker.image" -}}
+{{ .Values.image.repository }}:{{ .Values.image.tag | default .Chart.AppVersion }}
+{{- end }}
+
+{{- define "model-broker.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create }}
+{{- default (include "model-broker.fullname" .) .Values.serviceAccount.name }}
+{{- else }}
+{{- default "default" .Values.serviceAccount.name }}
+{{- end }}
+{{- end }}
+
+{{/* The headless Service Envoy resolves: every broker pod, every worker port. */}}
+{{- define "model-broker.brokerHost" -}}
+{{ include "model-broker.fullname" . }}-broker.{{ .Release.Namespace }}.svc.{{ .Values.clusterDomain }}
+{{- end }}
+
+{{/* Which feature store: the bundled Redis, an external one, or the embedded JSON document. */}}
+{{- define "model-broker.featureStore" -}}
+{{- $store := omit (deepCopy .Values.registry.feature_store) "redis" "embedded" }}
+{{- if .Values.redis.enabled }}
+{{- $_ := set $store "redis" (dict "url" (printf "redis://%s-redis:6379/0" (include "model-broker.fullname" .))) }}
+{{- else if .Values.externalRedis.url }}
+{{- $_ := set $store "redis" (dict "url" .Values.externalRedis.url) }}
+{{- else }}
+{{- $_ := set $store "embedded" (dict "path" "features.json") }}
+{{- end }}
+{{- toYaml $store }}
+{{- end }}
+
+{{- define "model-broker.embedded" -}}
+{{- and (not .Values.redis.enabled) (not .Values.externalRedis.url) }}
+{{- end }}
+
+{{/*
+The registry the pods load: the values' registry with what the chart decides set
+(listener and admin of Envoy, the broker's bind address and port, the feature
+store). With modelSource=resources this is the reconciler's base: models come
+from Model resources.
+*/}}
+{{- define "model-broker.registry" -}}
+{{- $reg := omit (deepCopy .Values.registry) "listener" "admin" "feature_store" "metrics" }}
+{{- $_ := set $reg "metrics" (dict "address" "0.0.0.0" "port" (int .Values.broker.metricsPort)) }}
+{{- $_ := set $reg "listener" (dict "address" "0.0.0.0" "port" (int .Values.envoy.port)) }}
+{{- $_ := set $reg "admin" (dict "address" "127.0.0.1" "port" (int .Values.envoy.adminPort)) }}
+{{- $broker := deepCopy (default (dict) .Values.registry.broker) }}
+{{- $_ := set $broker "address" "0.0.0.0" }}
+{{- $_ := set $broker "port" (int .Values.broker.port) }}
+{{- $_ := set $broker "workers" (int .Values.broker.workers) }}
+{{- $_ := set $reg "broker" $broker }}
+{{- $_ := set $reg "feature_store" (include "model-broker.featureStore" . | fromYaml) }}
+{{- if eq .Values.modelSource "resources" }}
+{{- $_ := set $reg "models" (list) }}
+{{- end }}
+{{- toYaml $reg }}
+{{- end }}
+
+{{/* ConfigMap the pods read registry.yaml from: the chart's, or the reconciler's. */}}
+{{- define "model-broker.registryConfigMap" -}}
+{{ include "model-broker.fullname" . }}-registry
+{{- end }}
+
+{{/* The registry (and embedded features) as one directory, /etc/model-broker. */}}
+{{- define "model-broker.registryVolume" -}}
+- name: registry
+  projected:
+    sources:
+      - configMap:
+          name: {{ include "model-broker.registryConfigMap" . }}
+          items: [{key: registry.yaml, path: registry.yaml}]
+      {{- if eq (include "model-broker.embedded" .) "true" }}
+      - configMap:
+          name: {{ include "model-broker.fullname" . }}-features
+          items: [{key: features.json, path: features.json}]
+      {{- end }}
+- name: tmp
+  emptyDir: {}
+{{- end }}
+
+{{- define "model-broker.podSecurityContext" -}}
+runAsNonRoot: true
+runAsUser: {{ .Values.securityContext.runAsUser }}
+runAsGroup: {{ .Values.securityContext.runAsUser }}
+fsGroup: {{ .Values.securityContext.runAsUser }}
+seccompProfile:
+  type: RuntimeDefault
+{{- end }}
+
+{{- define "model-broker.containerSecurityContext" -}}
+allowPrivilegeEscalation: false
+readOnlyRootFilesystem: true
+runAsNonRoot: true
+capabilities:
+  drop: [ALL]
+{{- end }}
+
+{{/* AWS credentials: IRSA needs nothing here (the ServiceAccount carries the role); a Secret is injected as env. */}}
+{{- define "model-broker.awsEnv" -}}
+{{- if .Values.aws.region }}
+- name: AWS_REGION
+  value: {{ .Values.aws.region | quote }}
+{{- end }}
+{{- end }}
+
+{{- define "model-broker.awsEnvFrom" -}}
+{{- if .Values.aws.existingSecret }}
+- secretRef:
+    name: {{ .Values.aws.existingSecret }}
+{{- end }}
+{{- end }}
+
+{{- define "model-broker.scheduling" -}}
+{{- with .Values.nodeSelector }}
+nodeSelector:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with .Values.tolerations }}
+tolerations:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with .Values.affinity }}
+affinity:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with .Values.imagePullSecrets }}
+imagePullSecrets:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- end }}

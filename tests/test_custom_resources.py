@@ -1,0 +1,222 @@
+"""Model resources → registry, each resource's verdict and status, and the reconciler pass over a fake API."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import pytest
+import yaml
+
+from extproc.custom_resources import Verdict, convert, status_update
+from extproc.reconciler import digest, reconcile_once, registry_yaml
+from extproc.registry import load_registry, parse_registry
+from tests.conftest import ROOT
+
+EXAMPLES = ROOT / "examples" / "k8s"
+
+
+def resource(name: str, created: str = "2026-01-01T00:00:00Z", generation: int = 1) -> dict[str, Any]:
+    """An example resource as the API server returns it: metadata filled in."""
+    doc: dict[str, Any] = copy.deepcopy(yaml.safe_load((EXAMPLES / f"{name}.yaml").read_text(encoding="utf-8")))
+    doc["metadata"].update(creationTimestamp=created, generation=generation, namespace="models")
+    return doc
+
+
+def base() -> dict[str, Any]:
+    """examples/credit-risk-redis.yaml without its models: what the chart's values give the reconciler."""
+    doc: dict[str, Any] = yaml.safe_load((ROOT / "examples" / "credit-risk-redis.yaml").read_text(encoding="utf-8"))
+    doc.pop("models")
+    return doc
+
+
+def renamed(doc: dict[str, Any], name: str, created: str) -> dict[str, Any]:
+    out = copy.deepcopy(doc)
+    out["metadata"].update(name=name, creationTimestamp=created)
+    return out
+
+
+def test_resource_converts_to_the_same_model_as_the_file() -> None:
+    """examples/k8s/credit-risk.yaml yields exactly the model examples/credit-risk-redis.yaml declares."""
+    conversion = convert(base(), [resource("credit-risk")])
+    assert conversion.registry is not None
+    assert conversion.registry.models == load_registry(ROOT / "examples" / "credit-risk-redis.yaml").models
+
+
+def test_accepted_verdict_says_where_it_is_served() -> None:
+    """A valid resource is Accepted, with its path and the registry version in the message."""
+    conversion = convert(base(), [resource("credit-risk", generation=4)])
+    verdict = conversion.verdicts[("Model", "credit-risk")]
+    assert verdict == Verdict(
+        True, "Accepted", "served at /v1/models/credit-risk/predict (registry_version 2026-11-23.1)", 4
+    )
+
+
+@pytest.mark.parametrize(
+    ("change", "reason"),
+    [
+        (lambda d: d["spec"]["versions"][1].update(weight="lots"), "spec.versions[1].weight: Input should be"),
+        (lambda d: d["spec"].update(entity="merchant"), "spec.entity: unknown entity 'merchant' (known: customer)"),
+        (lambda d: d["metadata"].update(name="Credit.Risk"), "metadata.name: String should match pattern"),
+        (lambda d: d["spec"].update(path="/models"), "spec.path: '/models' is reserved for the broker"),
+        (
+            lambda d: [v.update(weight=0) for v in d["spec"]["versions"]],
+            "spec.versions: at least one version needs a weight above 0",
+        ),
+        (
+            lambda d: d["spec"]["versions"][0]["backend"].pop("service"),
+            "spec.versions[0].backend: Value error, declare exactly one of 'service' or 'sagemaker'",
+        ),
+    ],
+    ids=["field", "unknown-entity", "bad-name", "reserved-path", "no-live-version", "no-backend"],
+)
+def test_invalid_resource_is_rejected_alone_with_its_reason(change: Any, reason: str) -> None:
+    """A bad resource gets Invalid with the registry's problem at its own field path; the others still serve."""
+    bad = resource("credit-risk")
+    change(bad)
+    conversion = convert(base(), [bad, resource("fraud-sagemaker")])
+    assert conversion.registry is not None
+    assert [m.name for m in conversion.registry.models] == ["fraud"]
+    name = bad["metadata"]["name"]
+    verdict = conversion.verdicts[("Model", name)]
+    assert not verdict.accepted and verdict.reason == "Invalid"
+    assert reason in verdict.message
+    assert conversion.verdicts[("Model", "fraud")].accepted
+
+
+def test_older_resource_keeps_a_contested_path() -> None:
+    """Two resources on one path: the older keeps serving, the newer is Invalid naming the clash."""
+    older = resource("credit-risk", created="2026-01-01T00:00:00Z")
+    newer = renamed(older, "credit-risk-copy", "2026-02-01T00:00:00Z")
+    conversion = convert(base(), [newer, older])
+    assert conversion.registry is not None
+    assert [m.name for m in conversion.registry.models] == ["credit-risk"]
+    assert conversion.verdicts[("Model", "credit-risk-copy")].message == (
+        "spec.path: '/v1/models/credit-risk/predict' is already the path of Model credit-risk"
+    )
+
+
+def test_invalid_base_serves_nothing_and_judges_nothing() -> None:
+    """Problems that belong to no resource are the base's: no registry, no verdicts, the problems listed."""
+    broken = base()
+    broken["broker"]["message_timeout_ms"] = 10
+    conversion = convert(broken, [resource("credit-risk")])
+    assert conversion.registry is None and conversion.verdicts == {}
+    assert [p.path for p in conversion.base_problems] == ["broker.message_timeout_ms"]
+
+
+def test_resources_of_unknown_kinds_are_ignored() -> None:
+    """Only the kinds in crds.KINDS become registry entries or get a verdict."""
+    other = {"kind": "ConfigMap", "metadata": {"name": "x"}, "data": {}}
+    conversion = convert(base(), [other, resource("credit-risk")])
+    assert list(conversion.verdicts) == [("Model", "credit-risk")]
+
+
+def test_published_registry_round_trips() -> None:
+    """The YAML the reconciler publishes loads back into the same registry."""
+    registry = convert(base(), [resource("credit-risk"), resource("fraud-sagemaker")]).registry
+    assert registry is not None
+    assert parse_registry(yaml.safe_load(registry_yaml(registry))) == registry
+
+
+def accepted(generation: int = 1, message: str = "m") -> Verdict:
+    return Verdict(True, "Accepted", message, generation)
+
+
+def test_status_condition_follows_metav1_condition() -> None:
+    """A first verdict writes an Accepted condition stamped now, with the observed generation."""
+    status = status_update(resource("credit-risk", generation=2), accepted(2), "2026-05-01T10:00:00Z")
+    assert status == {
+        "observedGeneration": 2,
+        "conditions": [
+            {
+                "type": "Accepted",
+                "status": "True",
+                "reason": "Accepted",
+                "message": "m",
+                "observedGeneration": 2,
+                "lastTransitionTime": "2026-05-01T10:00:00Z",
+            }
+        ],
+    }
+
+
+def test_unchanged_status_is_not_rewritten() -> None:
+    """Writing an equal status would trigger the watch again forever: it is skipped."""
+    doc = resource("credit-risk")
+    doc["status"] = status_update(doc, accepted(), "2026-05-01T10:00:00Z")
+    assert status_update(doc, accepted(), "2026-05-02T10:00:00Z") is None
+
+
+def test_transition_time_moves_only_when_the_status_flips() -> None:
+    """A new message keeps lastTransitionTime; True → False stamps the new time."""
+    doc = resource("credit-risk")
+    doc["status"] = status_update(doc, accepted(), "2026-05-01T10:00:00Z")
+    same = status_update(doc, accepted(message="new"), "2026-05-02T10:00:00Z")
+    flipped = status_update(doc, Verdict(False, "Invalid", "bad", 1), "2026-05-03T10:00:00Z")
+    assert same is not None and same["conditions"][0]["lastTransitionTime"] == "2026-05-01T10:00:00Z"
+    assert flipped is not None and flipped["conditions"][0]["lastTransitionTime"] == "2026-05-03T10:00:00Z"
+
+
+class FakeCluster:
+    """The reconciler's view of the API server, in memory: resources, one ConfigMap, written statuses."""
+
+    def __init__(self, resources: list[dict[str, Any]]) -> None:
+        self.resources = resources
+        self.published: list[tuple[str, str]] = []
+        self.statuses: list[tuple[tuple[str, str], dict[str, Any]]] = []
+
+    async def list_resources(self) -> list[dict[str, Any]]:
+        return copy.deepcopy(self.resources)
+
+    async def wait_for_change(self, timeout_s: float) -> None:
+        raise NotImplementedError  # reconcile_once never waits
+
+    async def published_digest(self) -> str | None:
+        return self.published[-1][1] if self.published else None
+
+    async def publish(self, registry_yaml: str, digest: str) -> None:
+        self.published.append((registry_yaml, digest))
+
+    async def write_status(self, key: tuple[str, str], status: dict[str, Any]) -> None:
+        self.statuses.append((key, status))
+        for doc in self.resources:
+            if (doc["kind"], doc["metadata"]["name"]) == key:
+                doc["status"] = status
+
+
+async def test_reconcile_publishes_once_then_statuses_settle() -> None:
+    """First pass publishes and writes each status; a second pass with nothing changed writes nothing."""
+    bad = resource("fraud-sagemaker")
+    bad["spec"]["entity"] = "merchant"
+    cluster = FakeCluster([resource("credit-risk"), bad])
+    first = await reconcile_once(cluster, base(), None)
+    second = await reconcile_once(cluster, base(), first)
+    assert first == second == digest(cluster.published[0][0])
+    assert len(cluster.published) == 1 and "credit-risk" in cluster.published[0][0]
+    assert {key: s["conditions"][0]["status"] for key, s in cluster.statuses} == {
+        ("Model", "credit-risk"): "True",
+        ("Model", "fraud"): "False",
+    }
+    assert len(cluster.statuses) == 2
+
+
+async def test_weight_shift_republishes() -> None:
+    """Editing a resource's weights publishes a registry with the new weights."""
+    cluster = FakeCluster([resource("credit-risk")])
+    first = await reconcile_once(cluster, base(), None)
+    cluster.resources[0]["spec"]["versions"][0]["weight"] = 50
+    cluster.resources[0]["spec"]["versions"][1]["weight"] = 50
+    second = await reconcile_once(cluster, base(), first)
+    assert second != first and len(cluster.published) == 2
+    weights = [v["weight"] for v in yaml.safe_load(cluster.published[1][0])["models"][0]["versions"]]
+    assert weights == [50, 50]
+
+
+async def test_invalid_base_keeps_the_published_registry() -> None:
+    """With a broken base the reconciler publishes nothing and reports the digest it had."""
+    broken = base()
+    broken["broker"]["message_timeout_ms"] = 10
+    cluster = FakeCluster([resource("credit-risk")])
+    assert await reconcile_once(cluster, broken, "abc") == "abc"
+    assert cluster.published == [] and cluster.statuses == []
