@@ -1,17 +1,26 @@
-"""`model-broker`: check, envoy-config, serve, up, demo, crds, reconcile."""
+"""`model-broker`: check, envoy-config, serve, up, demo, audit, crds, reconcile."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
 import contextlib
+import json
 import logging
 import secrets
 import sys
+import time
+from typing import TYPE_CHECKING, Any
 
 import uvloop
 
+from extproc.audit_local import LocalAuditStore
 from extproc.registry import Registry, RegistryInvalid, load_registry
+
+if TYPE_CHECKING:
+    from extproc.adapters.aws_audit import AwsAuditStore
+
+    AuditStore = AwsAuditStore | LocalAuditStore
 
 
 def _load(path: str) -> Registry | None:
@@ -144,6 +153,72 @@ def cmd_demo_models(args: argparse.Namespace) -> int:
     return 0
 
 
+def _audit_store(args: argparse.Namespace) -> AuditStore | int:
+    """The registry's audit store, or the exit code explaining why there is none."""
+    from extproc.worker import open_audit_store
+
+    registry = _load(args.config)
+    if registry is None:
+        return 2
+    if registry.audit is None:
+        print(f"{args.config}: no 'audit' section, so nothing is audited", file=sys.stderr)
+        return 2
+    return open_audit_store(registry.audit)
+
+
+def cmd_audit(args: argparse.Namespace) -> int:
+    """`audit show|list|init`: read records back from the configured sink, printing JSON."""
+    from extproc.audit import AuditSinkUnavailable, iso_utc, parse_when
+
+    now = time.time()
+    since = parse_when(args.since, now) if args.action == "list" else ""
+    until = parse_when(args.until, now) if args.action == "list" and args.until else iso_utc(now + 1)
+    if since is None or until is None:
+        print(
+            "--since/--until: use an ISO date or time (2026-01-31, 2026-01-31T12:00Z) or an age (15m, 2h, 7d)",
+            file=sys.stderr,
+        )
+        return 2
+    store = _audit_store(args)
+    if isinstance(store, int):
+        return store
+    try:
+        if args.action == "show":
+            record = store.show(args.request_id)
+            if record is None:
+                print(f"no audit record for request id {args.request_id}", file=sys.stderr)
+                return 1
+            print(json.dumps(record, indent=2))
+        elif args.action == "list":
+            print(json.dumps(store.by_model(args.model, since, until), indent=2))
+        elif isinstance(store, LocalAuditStore):
+            print("local audit sink: nothing to create")
+        else:
+            store.create_resources()
+            print("audit bucket and table are ready")
+    except AuditSinkUnavailable as exc:
+        print(f"audit store unavailable: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        store.close()
+    return 0
+
+
+def _audit_parser(sub: Any) -> None:
+    audit = sub.add_parser("audit", help="read audit records back (JSON)", description=cmd_audit.__doc__)
+    actions = audit.add_subparsers(dest="action", required=True)
+    show = actions.add_parser("show", help="one record by request id (the x-request-id header)")
+    show.add_argument("request_id")
+    listing = actions.add_parser("list", help="summaries of a model's records in a time range, oldest first")
+    listing.add_argument("--model", required=True)
+    listing.add_argument("--since", required=True, help="ISO date/time (UTC unless an offset is given) or age: 2h")
+    listing.add_argument("--until", help="exclusive end, same forms (default: now)")
+    actions.add_parser("init", help="create the S3 bucket and DynamoDB table if missing (aws sink)")
+    for action in (show, listing, actions.choices["init"]):
+        action.add_argument("--config", "-c", required=True, help="registry YAML file")
+        action.set_defaults(func=cmd_audit)
+
+
 def parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(prog="model-broker", description="ML models behind Envoy, enriched by ext_proc.")
     sub = top.add_subparsers(dest="command", required=True)
@@ -176,6 +251,7 @@ def parser() -> argparse.ArgumentParser:
     command("demo-models", "serve the demo model on every service backend of a registry").set_defaults(
         func=cmd_demo_models
     )
+    _audit_parser(sub)
     command(
         "crds", "print the CustomResourceDefinitions generated from the registry schema", config=False
     ).set_defaults(func=cmd_crds)

@@ -7,7 +7,9 @@ are kept apart so neither grows into the other.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from time import perf_counter
+from time import perf_counter, time
+
+from extproc.audit import AuditDraft
 
 
 @dataclass(slots=True)
@@ -16,6 +18,13 @@ class RequestContext:
     route_name: str = ""
     cluster: str = ""
     content_type: str = ""
+    # From the response attributes (audited routes only): the status Envoy is
+    # sending and the version whose host answered (None when no model did).
+    response_status: int | None = None
+    version: str | None = None
+    # The execution being audited, from its request phase to its record.
+    audit: AuditDraft | None = None
+    started_at: float = field(default_factory=time)
     # The consumer Envoy verified (API key or JWT); empty in open mode. For audit and metrics.
     consumer: str = ""
     stages: list[tuple[str, float]] = field(default_factory=list)

@@ -14,7 +14,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel
 
-from extproc.registry import Model
+from extproc.registry import Ensemble, Model
 
 GROUP = "model-broker.io"
 VERSION = "v1alpha1"
@@ -50,7 +50,7 @@ class Kind:
         return f"{self.plural}.{GROUP}"
 
 
-# Every kind the broker reads from the cluster; an Ensemble CRD is one more line here.
+# Every kind the broker reads from the cluster.
 KINDS: tuple[Kind, ...] = (
     Kind(
         "Model",
@@ -61,6 +61,17 @@ KINDS: tuple[Kind, ...] = (
             Column("Path", "string", ".spec.path"),
             Column("Versions", "string", ".spec.versions[*].name"),
             Column("Weights", "string", ".spec.versions[*].weight"),
+        ),
+    ),
+    Kind(
+        "Ensemble",
+        "ensembles",
+        Ensemble,
+        "ensembles",
+        (
+            Column("Path", "string", ".spec.path"),
+            Column("Members", "string", ".spec.members[*].model"),
+            Column("Aggregation", "string", ".spec.aggregation.method"),
         ),
     ),
 )

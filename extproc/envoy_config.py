@@ -325,6 +325,7 @@ def ensemble_ext_proc_filter(registry: Registry) -> HttpFilter:
 
 
 def _ext_proc(registry: Registry, timeout_ms: int) -> ExternalProcessor:
+    audited = any(registry.audited(m) for m in registry.models)
     return ExternalProcessor(
         grpc_service=GrpcService(
             envoy_grpc=GrpcServiceEnvoyGrpc(cluster_name=wire.EXT_PROC_CLUSTER),
@@ -334,16 +335,11 @@ def _ext_proc(registry: Registry, timeout_ms: int) -> ExternalProcessor:
         failure_mode_allow=False,
         # One message per request: the buffered body. Header and response phases
         # are asked for per route, only where a feature needs them.
-        processing_mode=ProcessingMode(
-            request_header_mode=Send.SKIP,
-            request_body_mode=Body.BUFFERED,
-            response_header_mode=Send.SKIP,
-            response_body_mode=Body.NONE,
-            request_trailer_mode=Send.SKIP,
-            response_trailer_mode=Send.SKIP,
-        ),
+        processing_mode=_body_mode(response_headers=Send.SKIP, response_body=Body.NONE),
         message_timeout=_ms(timeout_ms),
         request_attributes=list(wire.REQUEST_ATTRIBUTES),
+        # Read on audited routes only (the only ones with a response phase).
+        response_attributes=list(wire.RESPONSE_ATTRIBUTES) if audited else [],
         metadata_options=MetadataOptions(
             receiving_namespaces=MetadataOptionsMetadataNamespaces(untyped=[wire.METADATA_NAMESPACE]),
             # The verified consumer, for the request context (audit, metrics).
@@ -367,6 +363,31 @@ def _header_phase_only() -> dict[str, AnyMessage]:
     return {EXT_PROC_FILTER: _any(per_route)}
 
 
+def _body_mode(response_headers: Send, response_body: Body) -> ProcessingMode:
+    """The buffered request body (the hot path) and the given response phases; no trailers."""
+    return ProcessingMode(
+        request_header_mode=Send.SKIP,
+        request_body_mode=Body.BUFFERED,
+        response_header_mode=response_headers,
+        response_body_mode=response_body,
+        request_trailer_mode=Send.SKIP,
+        response_trailer_mode=Send.SKIP,
+    )
+
+
+def _audited_phases() -> AnyMessage:
+    """Audited model routes: the request body as everywhere, plus the response headers and body.
+
+    An override replaces the whole processing mode, so every field is spelled out.
+    The response header phase is on although the broker only reads attributes
+    there: with it skipped, Envoy 1.40 sends the headers downstream before the
+    buffered body is answered (measured), and the status would leave before the
+    audit record is spooled. With it on, Envoy holds the whole response.
+    """
+    mode = _body_mode(response_headers=Send.SEND, response_body=Body.BUFFERED)
+    return _any(ExtProcPerRoute(overrides=ExtProcOverrides(processing_mode=mode)))
+
+
 def _without_broker() -> dict[str, AnyMessage]:
     """Routes Envoy answers alone (unknown path, wrong method) never cost a broker call."""
     return {EXT_PROC_FILTER: _any(ExtProcPerRoute(disabled=True))}
@@ -374,13 +395,8 @@ def _without_broker() -> dict[str, AnyMessage]:
 
 def _body_only() -> ExtProcPerRoute:
     """The filter's own mode, restated: Envoy needs a config to switch a chain-disabled filter on."""
-    return ExtProcPerRoute(
-        overrides=ExtProcOverrides(
-            processing_mode=ProcessingMode(
-                request_header_mode=Send.SKIP, request_body_mode=Body.BUFFERED, response_header_mode=Send.SKIP
-            )
-        )
-    )
+    mode = _body_mode(response_headers=Send.SKIP, response_body=Body.NONE)
+    return ExtProcPerRoute(overrides=ExtProcOverrides(processing_mode=mode))
 
 
 def _broker_route(name: str, path: str) -> Route:
@@ -446,12 +462,15 @@ def _wrong_method(name: str, path: str) -> Route:
     )
 
 
-def _model_routes(model: Model) -> list[Route]:
+def _model_routes(model: Model, audited: bool) -> list[Route]:
     metadata = f"%DYNAMIC_METADATA({wire.METADATA_NAMESPACE}:{{}})%"
     served = Route(
         name=model.name,
         match=_post(model.path),
-        typed_per_filter_config={RBAC_FILTER: _any(_broker_approved())},
+        typed_per_filter_config={
+            RBAC_FILTER: _any(_broker_approved()),
+            **({EXT_PROC_FILTER: _audited_phases()} if audited else {}),
+        },
         route=_model_action(model),
         response_headers_to_add=[
             _header(wire.HEADER_MODEL, model.name),
@@ -510,7 +529,7 @@ def route_configuration(registry: Registry) -> RouteConfiguration:
     if registry.admin_endpoints_public:
         routes.append(_broker_route(wire.ROUTE_MODELS, wire.PATH_MODELS))
     for model in registry.models:
-        routes += _model_routes(model)
+        routes += _model_routes(model, registry.audited(model))
     for ensemble in registry.ensembles:
         routes += _ensemble_routes(ensemble)
     routes.append(_unknown_route())

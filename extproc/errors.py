@@ -37,6 +37,7 @@ class ErrorCode(StrEnum):
     ENSEMBLE_FAILED = "ensemble_failed"
     ENSEMBLE_TIMEOUT = "ensemble_timeout"
     AGGREGATION_FAILED = "aggregation_failed"
+    AUDIT_UNAVAILABLE = "audit_unavailable"
 
 
 STATUS: dict[ErrorCode, int] = {
@@ -59,6 +60,7 @@ STATUS: dict[ErrorCode, int] = {
     ErrorCode.ENSEMBLE_FAILED: 502,
     ErrorCode.ENSEMBLE_TIMEOUT: 504,
     ErrorCode.AGGREGATION_FAILED: 502,
+    ErrorCode.AUDIT_UNAVAILABLE: 503,
 }
 
 

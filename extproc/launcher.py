@@ -167,7 +167,7 @@ def up(
         wait_ready(base + wire.PATH_HEALTHZ, context=_loopback_probe_context(registry))
         for port in extra_ports or []:
             wait_listening(port)
-        print(_banner(registry, base), flush=True)
+        print(_banner(registry, base, config_path), flush=True)
         return _wait_for_signal(procs)
 
 
@@ -185,7 +185,7 @@ def _loopback_probe_context(registry: Registry) -> ssl.SSLContext | None:
     return context
 
 
-def _banner(registry: Registry, base: str) -> str:
+def _banner(registry: Registry, base: str, config_path: str) -> str:
     lines = [f"Model Broker is up at {base}  (Ctrl-C stops it)", f"  GET  {base}{wire.PATH_MODELS}"]
     for model in registry.models:
         lines.append(f"  POST {base}{model.path}")
@@ -197,12 +197,14 @@ def _banner(registry: Registry, base: str) -> str:
         lines.append("Try:")
         body = json.dumps(example)
         lines += [f"  curl -s -i {base}{path} -H 'content-type: application/json' -d '{body}'" for path in paths]
+    if registry.audit is not None:
+        lines.append(f"Audit record of a request:  model-broker audit show <x-request-id> --config {config_path}")
     return "\n".join(lines)
 
 
-def demo_registry(listener_port: int, directory: Path) -> Path:
+def demo_registry_doc(listener_port: int) -> dict[str, Any]:
     """The bundled demo registry with every port but the listener's moved to a free one."""
-    doc = yaml.safe_load((DEMO_DIR / "registry.yaml").read_text(encoding="utf-8"))
+    doc: dict[str, Any] = yaml.safe_load((DEMO_DIR / "registry.yaml").read_text(encoding="utf-8"))
     doc["listener"]["port"] = listener_port
     doc["admin"]["port"] = free_port()
     doc["metrics"] = {"address": "127.0.0.1", "port": free_port()}
@@ -212,14 +214,24 @@ def demo_registry(listener_port: int, directory: Path) -> Path:
     for model in doc["models"]:
         for version in model["versions"]:
             version["backend"]["service"]["port"] = free_port()
+    return doc
+
+
+def demo_registry(listener_port: int, directory: Path) -> Path:
     path = directory / "registry.yaml"
-    path.write_text(yaml.safe_dump(doc, sort_keys=False), encoding="utf-8")
+    path.write_text(yaml.safe_dump(demo_registry_doc(listener_port), sort_keys=False), encoding="utf-8")
     return path
 
 
+# Where `demo` keeps its registry and audit trail: in the current directory, so
+# `model-broker audit show` finds the demo's records after the demo has stopped.
+DEMO_WORKDIR = "model-broker-demo"
+
+
 def demo(listener_port: int) -> int:
-    with tempfile.TemporaryDirectory(prefix="model-broker-demo-") as tmp:
-        config = str(demo_registry(listener_port, Path(tmp)))
-        registry = load_registry(config)
-        model_ports = [v.backend.service.port for m in registry.models for v in m.versions if v.backend.service]
-        return up(config, None, extra=[_python("demo-models", "--config", config)], extra_ports=model_ports)
+    workdir = Path(DEMO_WORKDIR).resolve()
+    workdir.mkdir(exist_ok=True)
+    config = str(demo_registry(listener_port, workdir))
+    registry = load_registry(config)
+    model_ports = [v.backend.service.port for m in registry.models for v in m.versions if v.backend.service]
+    return up(config, None, extra=[_python("demo-models", "--config", config)], extra_ports=model_ports)

@@ -37,6 +37,11 @@ FEATURE_CACHE = Counter(
     "Feature lookups by cache result (hit, miss).",
     ["result"],
 )
+AUDIT_DROPPED = Counter(
+    "model_broker_audit_dropped_total",
+    "Audit records not spooled because the spool was full (dropped under `when_full: drop`, else refused).",
+    ["model"],
+)
 CACHE_HIT = FEATURE_CACHE.labels("hit")
 CACHE_MISS = FEATURE_CACHE.labels("miss")
 

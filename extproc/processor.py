@@ -13,6 +13,7 @@ from envoy.service.ext_proc.v3.external_processor_pb2 import HttpBody, HttpHeade
 
 from extproc import metrics, responses, wire
 from extproc.aggregate import ensemble_answer
+from extproc.audit import AuditDraft, AuditTrail, error_body, sha256
 from extproc.body import check_content_type, entity_key, inject_features, parse_json_object
 from extproc.context import RequestContext
 from extproc.ensemble import EnsemblePlan, MemberClient, compile_ensembles, run_ensemble
@@ -37,10 +38,25 @@ class Processor:
     async def response_body(self, msg: HttpBody, ctx: RequestContext) -> ProcessingResponse:
         return responses.continue_response_body()
 
+    def finish(self, ctx: RequestContext) -> None:
+        """Once per stream, after its last message (or its cancellation)."""
+
+
+# Refusal when the audit spool is full and the policy is fail-closed.
+AUDIT_FULL = BrokerError(ErrorCode.AUDIT_UNAVAILABLE, "the audit trail cannot record this request; try again shortly")
+
 
 class BrokerProcessor(Processor):
-    def __init__(self, registry: Registry, store: FeatureStore, *, egress: MemberClient | None = None) -> None:
+    def __init__(
+        self,
+        registry: Registry,
+        store: FeatureStore,
+        *,
+        egress: MemberClient | None = None,
+        audit: AuditTrail | None = None,
+    ) -> None:
         self._registry = registry
+        self._audit = audit
         self._routes = compile_routes(registry)
         self._store = store
         self._ensembles = compile_ensembles(registry, self._routes)
@@ -70,13 +86,30 @@ class BrokerProcessor(Processor):
         route = resolve_route(self._routes, ctx.route_name)
         if isinstance(route, BrokerError):
             return self._reject(route, ctx)
-        parsed = self._parse(msg.body, route.join_key, ctx)
-        if isinstance(parsed, BrokerError):
-            return self._reject(parsed, ctx)
-        doc, key = parsed
+        return await self._model_body(msg.body, route, ctx)
+
+    async def _model_body(self, raw: bytes, route: ModelRoute, ctx: RequestContext) -> ProcessingResponse:
+        """Enrich the body and let Envoy's weighted split pick the version."""
+        if self._audit is not None and self._audit.covers(route.model):
+            if self._audit.refuses():  # nothing runs that cannot be audited
+                return self._reject(AUDIT_FULL, ctx)
+            ctx.audit = AuditDraft(
+                route.model, ctx.started_at, request_sha256=sha256(raw), consumer=ctx.consumer or None
+            )
+        doc = self._document(raw, ctx)
+        if isinstance(doc, BrokerError):
+            return self._reject(doc, ctx)
+        key = entity_key(doc, route.join_key)
+        if ctx.audit is not None:
+            # A shallow copy: injection replaces one top-level key of `doc`.
+            ctx.audit.input, ctx.audit.entity_key = dict(doc), key if isinstance(key, str) else None
+        if isinstance(key, BrokerError):
+            return self._reject(key, ctx)
         ctx.lap("route")
         features, degraded = await self._features(route, key)
         ctx.lap("features")
+        if ctx.audit is not None and not isinstance(features, BrokerError):
+            ctx.audit.features, ctx.audit.feature_status = features, degraded or "ok"
         if isinstance(features, BrokerError):
             return self._reject(features, ctx)
         body = inject_features(doc, route.inject_as, features)
@@ -85,16 +118,19 @@ class BrokerProcessor(Processor):
         if degraded:
             metadata[wire.META_DEGRADED] = degraded
         metrics.record_request(route.model, ctx.stages, degraded or "ok", ctx.consumer)
-        ctx.finished = True  # model routes ask for the request body only
+        # Model routes ask for the request body only; audited ones also send the response.
+        ctx.finished = ctx.audit is None
         return responses.continue_request_body(body, metadata)
 
     async def _ensemble_body(self, raw: bytes, plan: EnsemblePlan, ctx: RequestContext) -> ProcessingResponse:
         """Always an immediate response: the members were called here, through Envoy's egress listener."""
         assert self._egress is not None  # __init__ refuses ensembles without one
-        parsed = self._parse(raw, plan.join_key, ctx)
-        if isinstance(parsed, BrokerError):
-            return self._reject(parsed, ctx)
-        doc, key = parsed
+        doc = self._document(raw, ctx)
+        if isinstance(doc, BrokerError):
+            return self._reject(doc, ctx)
+        key = entity_key(doc, plan.join_key)
+        if isinstance(key, BrokerError):
+            return self._reject(key, ctx)
         ctx.lap("route")
         outcomes = await run_ensemble(
             plan, doc, key, store=self._store, client=self._egress, parent_request_id=ctx.request_id
@@ -114,18 +150,14 @@ class BrokerProcessor(Processor):
             status, answer, details="ensemble", headers=[(wire.HEADER_SERVER_TIMING, ctx.server_timing())]
         )
 
-    def _parse(self, raw: bytes, join_key: str, ctx: RequestContext) -> tuple[dict[str, Any], str] | BrokerError:
-        """The body as a JSON object, and the entity key in it."""
+    def _document(self, raw: bytes, ctx: RequestContext) -> dict[str, Any] | BrokerError:
+        """The body as a JSON object, if it is JSON, within the size limit and well formed."""
         unsupported = check_content_type(ctx.content_type)
         if unsupported is not None:
             return unsupported
         if len(raw) > self._max_body:
             return BrokerError(ErrorCode.BODY_TOO_LARGE, f"the request body is larger than {self._max_body} bytes")
-        doc = parse_json_object(raw, self._max_depth)
-        if isinstance(doc, BrokerError):
-            return doc
-        key = entity_key(doc, join_key)
-        return key if isinstance(key, BrokerError) else (doc, key)
+        return parse_json_object(raw, self._max_depth)
 
     async def _features(self, route: ModelRoute, key: str) -> tuple[Features | BrokerError, str]:
         """The features to inject, and why they are missing when a policy let that pass."""
@@ -139,6 +171,46 @@ class BrokerProcessor(Processor):
         ctx.lap("reject")
         ctx.finished = True
         metrics.record_request(ctx.route_name, ctx.stages, error.code.value, ctx.consumer)
+        if ctx.audit is not None:
+            ctx.audit.error_code = error.code.value
+            if not self._write_audit(ctx, error.status, error_body(error, ctx.request_id)):
+                error = AUDIT_FULL
         return responses.error_response(
             error, ctx.request_id, headers=[(wire.HEADER_SERVER_TIMING, ctx.server_timing())]
+        )
+
+    async def response_headers(self, msg: HttpHeaders, ctx: RequestContext) -> ProcessingResponse:
+        """Audited routes only: Envoy holds these headers until the body phase is answered."""
+        ctx.lap("upstream")
+        if ctx.audit is None and self._audit is not None and self._audit.covers(ctx.route_name):
+            # Envoy refused the request before any body phase (it had no body): audit that answer too.
+            ctx.audit = AuditDraft(ctx.route_name, ctx.started_at, consumer=ctx.consumer or None)
+        return responses.continue_response_headers()
+
+    async def response_body(self, msg: HttpBody, ctx: RequestContext) -> ProcessingResponse:
+        """The record reaches the spool before the response is released to the client."""
+        ctx.finished = True  # the last phase any route asks for
+        if ctx.audit is None or ctx.audit.written:
+            return responses.continue_response_body()
+        if not self._write_audit(ctx, ctx.response_status, msg.body):
+            return responses.error_response(AUDIT_FULL, ctx.request_id)
+        return responses.continue_response_body()
+
+    def finish(self, ctx: RequestContext) -> None:
+        """An audited request whose response the broker never saw still gets a record (status null)."""
+        if ctx.audit is not None and not ctx.audit.written:
+            self._write_audit(ctx, None, b"")
+
+    def _write_audit(self, ctx: RequestContext, status: int | None, body: bytes) -> bool:
+        # Only called for audited requests, which exist only when a trail does.
+        assert self._audit is not None
+        assert ctx.audit is not None
+        return self._audit.write(
+            ctx.audit,
+            request_id=ctx.request_id,
+            route=ctx.route_name,
+            version=ctx.version,
+            stages=ctx.stages,
+            status=status,
+            body=body,
         )

@@ -175,6 +175,8 @@ class Model(Strict):
     # reject: unknown entity → 404 unknown_entity. forward: send with empty features.
     unknown_entity: Literal["reject", "forward"] = "reject"
     timeout_ms: Annotated[int, Field(ge=1, le=600_000)] = 15_000
+    # None follows `audit.enabled`; true/false overrides it for this model.
+    audit: bool | None = None
     versions: tuple[Version, ...]
 
     @property
@@ -293,6 +295,63 @@ class Ensemble(Strict):
         return self.min_success if self.min_success is not None else len(self.members)
 
 
+class Spool(Strict):
+    """The local append-only spool every audit record reaches before its response is released."""
+
+    dir: str
+    # The whole spool; each worker owns an equal share (its own subdirectory).
+    max_bytes: Annotated[int, Field(ge=4096, le=1 << 40)] = 1 << 30
+    segment_bytes: Annotated[int, Field(ge=1024, le=1 << 30)] = 4 << 20
+    # A non-empty segment is sealed (and so becomes shippable) after this long.
+    seal_after_ms: Annotated[int, Field(ge=10, le=3_600_000)] = 2000
+    fsync_interval_ms: Annotated[int, Field(ge=10, le=60_000)] = 1000
+    # fail_closed: no room for the record → 503 audit_unavailable. drop: answer, count the loss.
+    when_full: Literal["fail_closed", "drop"] = "fail_closed"
+
+
+class LocalAuditSink(Strict):
+    """JSONL files in a directory: the embedded default, no AWS needed."""
+
+    dir: str
+
+
+class AwsAuditSink(Strict):
+    """Payloads to S3, metadata to DynamoDB; credentials from the standard AWS chain."""
+
+    bucket: Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")]
+    prefix: Annotated[str, Field(pattern=r"^[A-Za-z0-9!_.*'()/-]{0,200}$")] = "audit"
+    table: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]{3,255}$")]
+    region: Annotated[str, Field(pattern=r"^[a-z]{2}(-[a-z]+)+-\d$")] = "us-east-1"
+    # moto, MinIO or LocalStack; None means AWS itself.
+    endpoint_url: Annotated[str, Field(pattern=r"^https?://")] | None = None
+    # Time budget of one S3/DynamoDB call; a slower call counts as an outage.
+    timeout_ms: Annotated[int, Field(ge=100, le=120_000)] = 5000
+
+
+class AuditSinks(Strict):
+    local: LocalAuditSink | None = None
+    aws: AwsAuditSink | None = None
+
+    @model_validator(mode="after")
+    def _one_sink(self) -> AuditSinks:
+        if (self.local is None) == (self.aws is None):
+            raise ValueError("declare exactly one of 'local' or 'aws'")
+        return self
+
+
+class Audit(Strict):
+    """Audit trail: spool first, then shipped to the sink in the background."""
+
+    # The default for every model; `models[].audit` overrides it.
+    enabled: bool = True
+    spool: Spool
+    sink: AuditSinks
+    # Dotted field paths (`ssn`, `customer.email`) removed from input, features and
+    # response before anything is written; a path matches at any depth.
+    redact: tuple[Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*$")], ...] = ()
+    ship_interval_ms: Annotated[int, Field(ge=10, le=600_000)] = 1000
+
+
 class Limits(Strict):
     max_body_bytes: Annotated[int, Field(ge=64, le=64 * 1024 * 1024)] = 1024 * 1024
     # Envoy buffers client body + injected features: its limit is the sum.
@@ -313,6 +372,7 @@ class Registry(Strict):
     # Envoy's loopback listener the broker calls ensemble members through; generated only with ensembles.
     egress: Address = Address(port=8081)
     limits: Limits = Limits()
+    audit: Audit | None = None
     # None declared: open mode, anyone who reaches the listener may call any model.
     consumers: tuple[Consumer, ...] = ()
 
@@ -338,6 +398,12 @@ class Registry(Strict):
 
     def ensemble(self, name: str) -> Ensemble | None:
         return next((e for e in self.ensembles if e.name == name), None)
+
+    def audited(self, model: Model) -> bool:
+        """Whether `model`'s executions are audited (its own flag, else `audit.enabled`)."""
+        if self.audit is None:
+            return False
+        return self.audit.enabled if model.audit is None else model.audit
 
 
 @dataclass(frozen=True, slots=True)
@@ -513,6 +579,20 @@ def _consumer_references(reg: Registry) -> Iterator[Problem]:
         yield Problem("admin.public_endpoints", "no consumer has 'admin: true', so nobody could call them")
 
 
+def _audit_references(reg: Registry) -> Iterator[Problem]:
+    if reg.audit is None:
+        for i, model in enumerate(reg.models):
+            if model.audit:
+                yield Problem(f"models[{i}].audit", "audit is on but the registry has no 'audit' section")
+        return
+    share = reg.audit.spool.max_bytes // reg.broker.workers
+    if reg.audit.spool.segment_bytes > share:
+        yield Problem(
+            "audit.spool.segment_bytes",
+            f"must not exceed each worker's share of max_bytes ({share} bytes for {reg.broker.workers} workers)",
+        )
+
+
 def _cross_references(reg: Registry) -> Iterator[Problem]:
     """What field validation cannot see: names that must exist, be unique or not collide."""
     yield from _unique_names(reg)
@@ -523,6 +603,7 @@ def _cross_references(reg: Registry) -> Iterator[Problem]:
     if not _is_loopback(reg.admin.address):
         # Envoy's admin interface has no authentication and can stop Envoy or rewrite its runtime.
         yield Problem("admin.address", f"'{reg.admin.address}' is not loopback; Envoy's admin interface must not be")
+    yield from _audit_references(reg)
 
 
 def parse_registry(data: Any) -> Registry:
@@ -548,29 +629,27 @@ def load_registry(path: str | Path) -> Registry:
         raise RegistryInvalid([Problem("", f"cannot read {file}: {exc.strerror}")]) from None
     except yaml.YAMLError as exc:
         raise RegistryInvalid([Problem("", f"not valid YAML: {exc}")]) from None
-    reg = _resolve_files(parse_registry(data), file.parent)
+    reg = _resolve_files(parse_registry(data), file)
     problems = list(_file_problems(reg))
     if problems:
         raise RegistryInvalid(problems)
     return reg
 
 
-def _resolve_files(reg: Registry, base: Path) -> Registry:
-    """Every file the registry names, made absolute relative to the registry's directory."""
-
-    def absolute(path: str) -> str:
-        return path if Path(path).is_absolute() else str((base / path).resolve())
-
+def _resolve_files(reg: Registry, file: Path) -> Registry:
+    """Every path the registry names, made absolute relative to the registry's directory."""
     embedded = reg.feature_store.embedded
     if embedded is not None:
-        store = reg.feature_store.model_copy(update={"embedded": EmbeddedStore(path=absolute(embedded.path))})
+        store = reg.feature_store.model_copy(update={"embedded": EmbeddedStore(path=_beside(file, embedded.path))})
         reg = reg.model_copy(update={"feature_store": store})
+    if reg.audit is not None:
+        reg = reg.model_copy(update={"audit": _audit_paths_beside(file, reg.audit)})
     tls = reg.listener.tls
     if tls is not None:
-        files = TLS(certificate_chain=absolute(tls.certificate_chain), private_key=absolute(tls.private_key))
+        files = TLS(certificate_chain=_beside(file, tls.certificate_chain), private_key=_beside(file, tls.private_key))
         reg = reg.model_copy(update={"listener": reg.listener.model_copy(update={"tls": files})})
     consumers = [
-        c.model_copy(update={"jwt": c.jwt.model_copy(update={"jwks_file": absolute(c.jwt.jwks_file)})})
+        c.model_copy(update={"jwt": c.jwt.model_copy(update={"jwks_file": _beside(file, c.jwt.jwks_file)})})
         if c.jwt is not None and c.jwt.jwks_file is not None
         else c
         for c in reg.consumers
@@ -602,3 +681,16 @@ def _jwks_problem(path: Path) -> str:
     if not isinstance(doc, dict) or not isinstance(doc.get("keys"), list) or not doc["keys"]:
         return f"{path} is not a JWKS (a JSON object with a non-empty 'keys' list)"
     return ""
+
+
+def _beside(file: Path, path: str) -> str:
+    return str((file.parent / path).resolve())
+
+
+def _audit_paths_beside(file: Path, audit: Audit) -> Audit:
+    """The spool and local sink directories, relative paths resolved next to the registry file."""
+    spool = audit.spool.model_copy(update={"dir": _beside(file, audit.spool.dir)})
+    sink = audit.sink
+    if sink.local is not None:
+        sink = sink.model_copy(update={"local": LocalAuditSink(dir=_beside(file, sink.local.dir))})
+    return audit.model_copy(update={"spool": spool, "sink": sink})

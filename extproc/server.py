@@ -17,15 +17,29 @@ Handler = Callable[[Any, RequestContext], Awaitable[ProcessingResponse]]
 
 
 def read_attributes(request: ProcessingRequest, ctx: RequestContext) -> None:
-    """Envoy sends the request attributes once, with the first message of the stream."""
+    """Envoy sends the attributes with the first message of each direction."""
     attrs = request.attributes.get(wire.ATTRIBUTES_FILTER_KEY)
     if attrs is None:
         return
     fields = attrs.fields
+    if wire.ATTR_RESPONSE_CODE in fields:
+        read_response_attributes(fields, ctx)
+        return
     ctx.route_name = fields[wire.ATTR_ROUTE_NAME].string_value if wire.ATTR_ROUTE_NAME in fields else ""
     ctx.cluster = fields[wire.ATTR_CLUSTER_NAME].string_value if wire.ATTR_CLUSTER_NAME in fields else ""
     ctx.request_id = fields[wire.ATTR_REQUEST_ID].string_value if wire.ATTR_REQUEST_ID in fields else ""
     ctx.content_type = fields[wire.ATTR_CONTENT_TYPE].string_value if wire.ATTR_CONTENT_TYPE in fields else ""
+
+
+def read_response_attributes(fields: Any, ctx: RequestContext) -> None:
+    """Status and serving version; route and id too, for responses whose request the broker never saw."""
+    ctx.response_status = int(fields[wire.ATTR_RESPONSE_CODE].number_value)
+    if wire.ATTR_UPSTREAM_VERSION in fields:
+        ctx.version = fields[wire.ATTR_UPSTREAM_VERSION].string_value
+    if not ctx.route_name and wire.ATTR_ROUTE_NAME in fields:
+        ctx.route_name = fields[wire.ATTR_ROUTE_NAME].string_value
+    if not ctx.request_id and wire.ATTR_REQUEST_ID in fields:
+        ctx.request_id = fields[wire.ATTR_REQUEST_ID].string_value
 
 
 def read_consumer(request: ProcessingRequest, ctx: RequestContext) -> None:
@@ -37,6 +51,7 @@ def read_consumer(request: ProcessingRequest, ctx: RequestContext) -> None:
 
 class ExtProcService(ext_proc_grpc.ExternalProcessorServicer):  # type: ignore[misc]  # generated, untyped
     def __init__(self, processor: Processor) -> None:
+        self._finish = processor.finish
         self._handlers: dict[str, Handler] = {
             "request_headers": lambda r, c: processor.request_headers(r.request_headers, c),
             "request_body": lambda r, c: processor.request_body(r.request_body, c),
@@ -48,21 +63,25 @@ class ExtProcService(ext_proc_grpc.ExternalProcessorServicer):  # type: ignore[m
         self, request_iterator: AsyncIterator[ProcessingRequest], context: grpc.aio.ServicerContext[Any, Any]
     ) -> None:
         ctx = RequestContext()
-        while (request := await context.read()) is not grpc.aio.EOF:
-            if request.attributes:
-                read_attributes(request, ctx)
-            if request.HasField("metadata_context"):
-                read_consumer(request, ctx)
-            handler = self._handlers.get(request.WhichOneof("request") or "")
-            if handler is None:
-                # Trailers are never requested by the generated config; refuse loudly if they come.
-                await context.abort(grpc.StatusCode.UNIMPLEMENTED, "trailers are not processed")
-                return
-            await context.write(await handler(request, ctx))
-            if ctx.finished:
-                # Envoy expects nothing more on this stream. Closing now instead of waiting
-                # for its half-close measured ~28% less server CPU per stream.
-                return
+        try:
+            while (request := await context.read()) is not grpc.aio.EOF:
+                if request.attributes:
+                    read_attributes(request, ctx)
+                if request.HasField("metadata_context"):
+                    read_consumer(request, ctx)
+                handler = self._handlers.get(request.WhichOneof("request") or "")
+                if handler is None:
+                    # Trailers are never requested by the generated config; refuse loudly if they come.
+                    await context.abort(grpc.StatusCode.UNIMPLEMENTED, "trailers are not processed")
+                    return
+                await context.write(await handler(request, ctx))
+                if ctx.finished:
+                    # Envoy expects nothing more on this stream. Closing now instead of waiting
+                    # for its half-close measured ~28% less server CPU per stream.
+                    return
+        finally:
+            # Exactly once per stream, also when Envoy or the client cancels it.
+            self._finish(ctx)
 
 
 def add_service(server: grpc.aio.Server, processor: Processor) -> None:

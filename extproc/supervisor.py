@@ -35,7 +35,7 @@ def supervise(config_path: str, registry: Registry, workers: int) -> int:
     stopping = False
 
     def start(port: int) -> BaseProcess:
-        proc = spawn.Process(target=run_worker, args=(config_path, address, port), name=f"broker-{port}")
+        proc = spawn.Process(target=run_worker, args=(config_path, address, port, workers), name=f"broker-{port}")
         proc.start()
         return proc
 

@@ -40,6 +40,15 @@ ATTR_CLUSTER_NAME: Final = "xds.cluster_name"
 ATTR_REQUEST_ID: Final = "request.id"
 ATTR_CONTENT_TYPE: Final = "request.headers['content-type']"
 REQUEST_ATTRIBUTES: Final = (ATTR_ROUTE_NAME, ATTR_CLUSTER_NAME, ATTR_REQUEST_ID, ATTR_CONTENT_TYPE)
+# Response attributes, sent with the response headers message on audited routes only.
+# The status Envoy is about to send (the model's, or Envoy's own local reply's).
+ATTR_RESPONSE_CODE: Final = "response.code"
+# The version that served, from the answering upstream host's metadata (see
+# `envoy_config._endpoints`); absent when no model answered.
+ATTR_UPSTREAM_VERSION: Final = f"xds.upstream_host_metadata.filter_metadata['{METADATA_NAMESPACE}']['{META_VERSION}']"
+# Route and id again: a request refused by Envoy before the broker's body phase
+# (no body) still reaches the response phase, and is audited from these.
+RESPONSE_ATTRIBUTES: Final = (ATTR_RESPONSE_CODE, ATTR_UPSTREAM_VERSION, ATTR_ROUTE_NAME, ATTR_REQUEST_ID)
 # The key under which Envoy files the attributes in `ProcessingRequest.attributes`.
 ATTRIBUTES_FILTER_KEY: Final = "envoy.filters.http.ext_proc"
 

@@ -6,21 +6,32 @@ import asyncio
 import logging
 import os
 import signal
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import grpc
 import uvloop
 
 from extproc.adapters.egress import EgressClient
 from extproc.adapters.redis_store import RedisFeatureStore
+from extproc.audit import AuditTrail
+from extproc.audit_local import LocalAuditStore
+
+if TYPE_CHECKING:
+    from extproc.adapters.aws_audit import AwsAuditStore
 from extproc.features import CachedFeatureStore, EmbeddedFeatureStore, FeatureStore
 from extproc.processor import BrokerProcessor
-from extproc.registry import Registry, load_registry
+from extproc.registry import Audit, Registry, load_registry
 from extproc.server import add_service
+from extproc.shipper import Shipper, ShipTiming
+from extproc.spool import Spool
 
 log = logging.getLogger("model_broker.worker")
 
 # In-flight streams get this long to finish after SIGTERM.
 DRAIN_SECONDS = 10.0
+# Then the shipper gets this long to ship the spool; what is left ships on the next start.
+SHIP_ON_STOP_SECONDS = 5.0
 
 
 def open_feature_store(registry: Registry) -> CachedFeatureStore:
@@ -37,6 +48,47 @@ def open_feature_store(registry: Registry) -> CachedFeatureStore:
     )
 
 
+def open_audit_store(conf: Audit) -> AwsAuditStore | LocalAuditStore:
+    """The configured sink, which is also what `audit show|list` reads."""
+    if conf.sink.aws is not None:
+        from extproc.adapters.aws_audit import AwsAuditStore  # boto3 loads only where AWS is configured
+
+        return AwsAuditStore(conf.sink.aws)
+    assert conf.sink.local is not None  # the registry guarantees one of the two
+    return LocalAuditStore(Path(conf.sink.local.dir))
+
+
+def open_audit(registry: Registry, port: int, workers: int) -> tuple[AuditTrail, Shipper] | None:
+    """This worker's spool (its own directory and share of the bound), trail and shipper."""
+    conf = registry.audit
+    if conf is None:
+        return None
+    spool = Spool(
+        Path(conf.spool.dir) / f"worker-{port}",
+        max_bytes=conf.spool.max_bytes // workers,
+        segment_bytes=conf.spool.segment_bytes,
+    )
+    spool.open()
+    entities = {}
+    for model in registry.models:
+        entity = registry.entity(model.entity)
+        if registry.audited(model) and entity is not None:
+            entities[model.name] = (entity.name, entity.join_key)
+    trail = AuditTrail(
+        spool,
+        entities=entities,
+        redact_paths=conf.redact,
+        registry_version=registry.registry_version,
+        fail_closed=conf.spool.when_full == "fail_closed",
+    )
+    timing = ShipTiming(
+        interval_s=conf.ship_interval_ms / 1000,
+        seal_after_s=conf.spool.seal_after_ms / 1000,
+        fsync_interval_s=conf.spool.fsync_interval_ms / 1000,
+    )
+    return trail, Shipper(spool, open_audit_store(conf), timing)
+
+
 async def _orphan_watch(parent: int, stop: asyncio.Event) -> None:
     """A worker whose supervisor died (even by SIGKILL) stops instead of serving on alone."""
     while not stop.is_set():
@@ -45,10 +97,11 @@ async def _orphan_watch(parent: int, stop: asyncio.Event) -> None:
         await asyncio.sleep(1.0)
 
 
-async def serve_worker(registry: Registry, address: str, port: int) -> None:
+async def serve_worker(registry: Registry, address: str, port: int, workers: int) -> None:
     store = open_feature_store(registry)
     # One pooled session per worker for every ensemble member call; none without ensembles.
     egress = EgressClient(f"http://{registry.egress.address}:{registry.egress.port}") if registry.ensembles else None
+    audit = open_audit(registry, port, workers)
     server = grpc.aio.server(
         options=[
             ("grpc.so_reuseport", 0),  # one port per worker; a second bind must fail loudly
@@ -56,7 +109,7 @@ async def serve_worker(registry: Registry, address: str, port: int) -> None:
             ("grpc.http2.max_concurrent_streams", 1024),
         ]
     )
-    add_service(server, BrokerProcessor(registry, store, egress=egress))
+    add_service(server, BrokerProcessor(registry, store, egress=egress, audit=audit[0] if audit else None))
     server.add_insecure_port(f"{address}:{port}")
     await server.start()
     log.info("worker %d serving ext_proc on %s:%d", os.getpid(), address, port)
@@ -65,15 +118,19 @@ async def serve_worker(registry: Registry, address: str, port: int) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     watch = asyncio.create_task(_orphan_watch(os.getppid(), stop))
+    shipping = asyncio.create_task(audit[1].run(stop)) if audit else None
     await stop.wait()
     watch.cancel()
     await server.stop(DRAIN_SECONDS)
     if egress is not None:
         await egress.close()
     await store.close()
+    if audit is not None and shipping is not None:
+        await shipping
+        await audit[1].drain(SHIP_ON_STOP_SECONDS)
 
 
-def run_worker(config_path: str, address: str, port: int) -> None:
-    """Process entry point (the supervisor spawns this)."""
+def run_worker(config_path: str, address: str, port: int, workers: int) -> None:
+    """Process entry point (the supervisor spawns this); `workers` sizes this worker's spool share."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    uvloop.run(serve_worker(load_registry(config_path), address, port))
+    uvloop.run(serve_worker(load_registry(config_path), address, port, workers))

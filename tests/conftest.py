@@ -22,7 +22,8 @@ from typing import Any
 import pytest
 import yaml
 
-from extproc.launcher import envoy_binary, free_port, free_port_run, wait_listening, wait_ready
+from extproc import launcher
+from extproc.launcher import envoy_binary, free_port, wait_listening, wait_ready
 from extproc.registry import load_registry
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -132,16 +133,7 @@ def demo_rows() -> dict[str, dict[str, Any]]:
 
 def demo_registry_doc(**overrides: Any) -> dict[str, Any]:
     """The demo registry with free ports; `overrides` replace top-level sections."""
-    doc: dict[str, Any] = yaml.safe_load((DEMO_DIR / "registry.yaml").read_text())
-    doc["listener"]["port"] = free_port()
-    doc["admin"]["port"] = free_port()
-    doc["metrics"] = {"address": "127.0.0.1", "port": free_port()}
-    doc["broker"]["port"] = free_port_run(doc["broker"]["workers"])
-    doc["egress"]["port"] = free_port()
-    doc["feature_store"]["embedded"]["path"] = str(DEMO_DIR / "features.json")
-    for model in doc["models"]:
-        for version in model["versions"]:
-            version["backend"]["service"]["port"] = free_port()
+    doc = launcher.demo_registry_doc(free_port())
     doc.update(copy.deepcopy(overrides))
     return doc
 

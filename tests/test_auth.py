@@ -13,10 +13,11 @@ from typing import Any
 import aiohttp
 import pytest
 
+from extproc.audit_local import LocalAuditStore
 from extproc.registry import hash_api_key
 from tests.conftest import Stack, demo_registry_doc, run_stack
 from tests.credentials import Signer, self_signed_pair
-from tests.http import JSON_HEADERS, call
+from tests.http import JSON_HEADERS, Reply, call
 
 CREDIT = "/v1/models/credit-risk/predict"
 FRAUD = "/v1/models/fraud/predict"
@@ -40,6 +41,14 @@ def auth_registry(workdir: Path, signer: Signer) -> dict[str, Any]:
     """The demo (two models, one ensemble) plus six consumers (keys, JWT, admin, rate-limited) and TLS."""
     doc = demo_registry_doc()
     doc["broker"]["workers"] = 1
+    # Only fraud is audited: on audited routes even refusals reach the broker (response phase).
+    doc["models"][1]["audit"] = True
+    doc["audit"] = {
+        "enabled": False,
+        "spool": {"dir": str(workdir / "spool"), "seal_after_ms": 200},
+        "sink": {"local": {"dir": str(workdir / "audit")}},
+        "ship_interval_ms": 100,
+    }
     jwks = workdir / "jwks.json"
     jwks.write_text(json.dumps(signer.jwks()))
     cert, private_key = self_signed_pair(workdir)
@@ -100,7 +109,6 @@ REFUSED: list[tuple[str, str, dict[str, str], int, str]] = [
     ("empty-key", CREDIT, {**JSON_HEADERS, "x-api-key": ""}, 401, "unauthenticated"),
     ("spoofed-consumer-header-alone", CREDIT, {**JSON_HEADERS, "x-broker-consumer": "alice"}, 401, "unauthenticated"),
     ("other-model", CREDIT, key("bob"), 403, "forbidden"),
-    ("model-not-listed", FRAUD, key("alice"), 403, "forbidden"),
     ("ensemble-not-listed", UNDERWRITING, key("bob"), 403, "forbidden"),
     ("admin-is-not-a-model-caller", CREDIT, key("ops"), 403, "forbidden"),
 ]
@@ -231,6 +239,27 @@ async def test_tls_handshake_and_plaintext_refused(auth_stack: Stack) -> None:
                 return b""
 
     assert not (await asyncio.to_thread(plaintext)).startswith(b"HTTP/")
+
+
+async def test_audit_record_names_the_verified_consumer(auth_stack: Stack, session: aiohttp.ClientSession) -> None:
+    """Audit records carry the consumer Envoy verified (not the one claimed), also for refusals on audited routes."""
+    store = LocalAuditStore(Path(auth_stack.doc["audit"]["sink"]["local"]["dir"]))
+
+    async def record_of(reply: Reply) -> dict[str, Any]:
+        deadline = asyncio.get_running_loop().time() + 10
+        while (record := store.show(reply.headers["x-request-id"])) is None:
+            assert asyncio.get_running_loop().time() < deadline, "no audit record"
+            await asyncio.sleep(0.1)
+        return record
+
+    served = await call(session, auth_stack.base + FRAUD, BODY, headers={**key("bob"), "x-broker-consumer": "ops"})
+    forbidden = await call(session, auth_stack.base + FRAUD, BODY, headers=key("alice"))
+    anonymous = await call(session, auth_stack.base + FRAUD, BODY)
+    assert (served.status, forbidden.status, anonymous.status) == (200, 403, 401)
+    assert (await record_of(served))["consumer"] == "bob"
+    refused = await record_of(forbidden)
+    assert (refused["consumer"], refused["response"]["status"]) == ("alice", 403)
+    assert (await record_of(anonymous))["consumer"] is None
 
 
 async def test_broker_counts_requests_by_verified_consumer(auth_stack: Stack, session: aiohttp.ClientSession) -> None:

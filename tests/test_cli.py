@@ -158,3 +158,29 @@ def test_check_names_bad_ensemble_fields(tmp_path: Path) -> None:
     assert "ensembles[0].members[2].model: unknown model 'affordability' (models: credit-risk, fraud)" in result.stderr
     assert "ensembles[0].deadline_ms: 500 ms is shorter than members[0].timeout_ms (2000 ms)" in result.stderr
     assert "ensembles[0].min_success: 4 exceeds the 3 member(s) declared" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "audit", "expected"),
+    [
+        (["audit", "show", "r-1"], False, "no 'audit' section, so nothing is audited"),
+        (["audit", "list", "--model", "credit-risk", "--since", "last tuesday"], True, "--since/--until: use an ISO"),
+        (["audit", "list", "--model", "credit-risk", "--since", "1h", "--until", "soon"], True, "--since/--until"),
+    ],
+    ids=["no-audit-section", "bad-since", "bad-until"],
+)
+def test_audit_commands_refuse_bad_input(tmp_path: Path, args: list[str], audit: bool, expected: str) -> None:
+    """`audit show|list` explain a missing audit section or an unreadable time, exit 2, no traceback."""
+    doc = demo_registry_doc()
+    if not audit:
+        del doc["audit"]
+    result = run_cli(*args, "--config", write(tmp_path, doc))
+    assert result.returncode == 2
+    assert expected in result.stderr and "Traceback" not in result.stderr
+
+
+def test_audit_show_unknown_id_exits_1(tmp_path: Path) -> None:
+    """An id with no record (local sink, nothing shipped yet) is exit 1 with a message, not an empty JSON."""
+    result = run_cli("audit", "show", "no-such-request", "--config", write(tmp_path, demo_registry_doc()))
+    assert result.returncode == 1
+    assert result.stdout == "" and "no audit record for request id no-such-request" in result.stderr

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -23,8 +24,20 @@ def run_curl(line: str) -> tuple[str, Any]:
     return head, orjson.loads(body)
 
 
-def test_demo_prints_curl_lines_that_work_and_stops_cleanly() -> None:
-    """The printed curls get an enriched model answer and an ensemble answer; SIGTERM stops everything."""
+def audit_show(request_id: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    config = "model-broker-demo/registry.yaml"
+    return subprocess.run(
+        [sys.executable, "-m", "extproc.cli", "audit", "show", request_id, "--config", config],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        timeout=30,
+        check=False,
+    )
+
+
+def test_demo_prints_curl_lines_that_work_and_stops_cleanly(tmp_path: Path) -> None:
+    """The printed curls get an enriched answer that `audit show` finds and an ensemble answer; SIGTERM stops all."""
     port = free_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "extproc.cli", "demo", "--port", str(port)],
@@ -32,6 +45,7 @@ def test_demo_prints_curl_lines_that_work_and_stops_cleanly() -> None:
         stderr=subprocess.DEVNULL,
         text=True,
         start_new_session=True,
+        cwd=tmp_path,
     )
     try:
         assert proc.stdout is not None
@@ -47,6 +61,14 @@ def test_demo_prints_curl_lines_that_work_and_stops_cleanly() -> None:
         assert answer["model"] == "credit-risk" and answer["version"] in {"v1", "v2"}
         assert set(answer["features"]) >= {"income", "debt_ratio", "tenure_months"}
         assert "x-broker-version: " + answer["version"] in head.lower()
+        request_id = next(h.split(":", 1)[1].strip() for h in head.splitlines() if h.lower().startswith("x-request-id"))
+        deadline = time.monotonic() + 20
+        while (shown := audit_show(request_id, tmp_path)).returncode != 0:  # shipped within about a second
+            assert time.monotonic() < deadline, shown.stderr
+            time.sleep(0.3)
+        record = orjson.loads(shown.stdout)
+        assert record["response"] == {"status": 200, "body": answer}
+        assert record["version"] == answer["version"]
         head, answer = run_curl(ensemble_curl)
         assert head.startswith("HTTP/1.1 200"), answer
         assert set(answer["results"]) == {"credit-risk", "fraud"} and answer["errors"] == {}

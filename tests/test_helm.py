@@ -116,8 +116,8 @@ def test_only_the_reconciler_talks_to_the_api_server() -> None:
     }
     prefix = f"{RELEASE}-model-broker"
     assert allowed == {
-        (("model-broker.io",), ("models",), (), ("get", "list", "watch")),
-        (("model-broker.io",), ("models/status",), (), ("patch",)),
+        (("model-broker.io",), ("models", "ensembles"), (), ("get", "list", "watch")),
+        (("model-broker.io",), ("models/status", "ensembles/status"), (), ("patch",)),
         (("",), ("configmaps",), (), ("create",)),
         (("",), ("configmaps",), (f"{prefix}-registry",), ("get", "update")),
         (("apps",), ("deployments",), (f"{prefix}-broker", f"{prefix}-envoy"), ("get", "patch")),

@@ -1,0 +1,186 @@
+"""Audit records to AWS: the payload to S3, the metadata to DynamoDB (the only module importing boto3).
+
+S3 key: `<prefix>/date=YYYY-MM-DD/model=<model>/<request_id>.json` (the whole record).
+
+DynamoDB table: partition key `request_id` (S), no sort key → get by request id.
+Global secondary index `model-timestamp`: partition key `model` (S), sort key
+`timestamp` (S, fixed-width ISO UTC, so string order is time order), projection
+ALL → list by model and time range. Items hold `audit.summary` plus `s3_key`.
+
+Both keys are deterministic, so re-shipping a segment overwrites and never
+duplicates. S3 is written before DynamoDB: an item never points at a missing object.
+botocore errors become `AuditSinkUnavailable` here and nowhere else.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING, Any
+
+import boto3
+import orjson
+from botocore.config import Config
+from botocore.exceptions import BotoCoreError, ClientError
+
+from extproc.audit import AuditSinkUnavailable, Record, s3_key, summary
+from extproc.registry import AwsAuditSink
+
+if TYPE_CHECKING:
+    from mypy_boto3_dynamodb.client import DynamoDBClient
+    from mypy_boto3_s3.client import S3Client
+
+GSI_MODEL_TIME = "model-timestamp"
+BATCH_LIMIT = 25  # batch_write_item's maximum
+UNPROCESSED_ATTEMPTS = 8
+UNPROCESSED_BACKOFF_S = 0.05
+S3_PARALLEL = 8
+
+NUMERIC = ("status", "latency_ms")
+
+
+def dynamo_item(meta: dict[str, Any], key: str) -> dict[str, dict[str, str]]:
+    """A summary as a DynamoDB item; absent values are left out (DynamoDB has no use for nulls)."""
+    item = {name: {"N": str(value)} if name in NUMERIC else {"S": str(value)} for name, value in meta.items()}
+    item = {name: value for name, value in item.items() if meta[name] is not None}
+    item["s3_key"] = {"S": key}
+    return item
+
+
+def from_dynamo_item(item: dict[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for name, typed in item.items():
+        ((kind, value),) = typed.items()
+        out[name] = orjson.loads(value) if kind == "N" else value  # "200" → 200, "1.5" → 1.5
+    return out
+
+
+def chunks(items: Sequence[dict[str, Any]], size: int) -> Iterator[Sequence[dict[str, Any]]]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+class AwsAuditStore:
+    """Sink and reader; boto3 clients are thread-safe, and every call has the configured time budget."""
+
+    def __init__(self, conf: AwsAuditSink) -> None:
+        seconds = conf.timeout_ms / 1000
+        # Few retries inside a call: the shipper's own backoff handles outages.
+        config = Config(
+            connect_timeout=seconds,
+            read_timeout=seconds,
+            retries={"max_attempts": 2, "mode": "standard"},
+            max_pool_connections=S3_PARALLEL * 2,
+        )
+        session = boto3.session.Session()
+        self._s3: S3Client = session.client(
+            "s3", region_name=conf.region, endpoint_url=conf.endpoint_url, config=config
+        )
+        self._ddb: DynamoDBClient = session.client(
+            "dynamodb", region_name=conf.region, endpoint_url=conf.endpoint_url, config=config
+        )
+        self._conf = conf
+        self._pool = ThreadPoolExecutor(S3_PARALLEL, thread_name_prefix="audit-s3")
+
+    def put(self, batch_id: str, records: Sequence[Record]) -> None:
+        # One item per request id: batch_write_item refuses duplicate keys in one call.
+        unique = list({r["request_id"]: r for r in records}.values())
+        keyed = [(s3_key(self._conf.prefix, r), r) for r in unique]
+        try:
+            list(self._pool.map(self._put_object, keyed))
+            self._write_items([dynamo_item(summary(r), key) for key, r in keyed])
+        except (BotoCoreError, ClientError) as exc:
+            raise AuditSinkUnavailable(f"aws: {exc}") from None
+
+    def _put_object(self, keyed: tuple[str, Record]) -> None:
+        key, record = keyed
+        self._s3.put_object(
+            Bucket=self._conf.bucket, Key=key, Body=orjson.dumps(record), ContentType="application/json"
+        )
+
+    def _write_items(self, items: list[dict[str, Any]]) -> None:
+        """batch_write_item in 25s; unprocessed items retried with exponential backoff."""
+        table = self._conf.table
+        for chunk in chunks(items, BATCH_LIMIT):
+            pending: list[Any] = [{"PutRequest": {"Item": item}} for item in chunk]
+            for attempt in range(UNPROCESSED_ATTEMPTS):
+                answer = self._ddb.batch_write_item(RequestItems={table: pending})
+                pending = list(answer.get("UnprocessedItems", {}).get(table, []))
+                if not pending:
+                    break
+                time.sleep(UNPROCESSED_BACKOFF_S * 2**attempt)
+            else:
+                raise AuditSinkUnavailable(f"dynamodb left {len(pending)} item(s) unprocessed")
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False)
+
+    def show(self, request_id: str) -> Record | None:
+        try:
+            found = self._ddb.get_item(TableName=self._conf.table, Key={"request_id": {"S": request_id}})
+            if "Item" not in found:
+                return None
+            key = found["Item"]["s3_key"]["S"]
+            body = self._s3.get_object(Bucket=self._conf.bucket, Key=key)["Body"].read()
+        except (BotoCoreError, ClientError) as exc:
+            raise AuditSinkUnavailable(f"aws: {exc}") from None
+        record: Record = orjson.loads(body)
+        return record
+
+    def by_model(self, model: str, since: str, until: str) -> list[dict[str, Any]]:
+        query: dict[str, Any] = {
+            "TableName": self._conf.table,
+            "IndexName": GSI_MODEL_TIME,
+            # BETWEEN is inclusive; `until` is exclusive, filtered below.
+            "KeyConditionExpression": "#m = :m AND #t BETWEEN :since AND :until",
+            "ExpressionAttributeNames": {"#m": "model", "#t": "timestamp"},
+            "ExpressionAttributeValues": {":m": {"S": model}, ":since": {"S": since}, ":until": {"S": until}},
+        }
+        found: list[dict[str, Any]] = []
+        try:
+            while True:
+                page = self._ddb.query(**query)
+                found += [from_dynamo_item(item) for item in page["Items"]]
+                if "LastEvaluatedKey" not in page:
+                    break
+                query["ExclusiveStartKey"] = page["LastEvaluatedKey"]
+        except (BotoCoreError, ClientError) as exc:
+            raise AuditSinkUnavailable(f"aws: {exc}") from None
+        return [item for item in found if item["timestamp"] < until]
+
+    def create_resources(self) -> None:
+        """The bucket and the table with its index, if missing (`model-broker audit init`)."""
+        try:
+            with contextlib.suppress(self._s3.exceptions.BucketAlreadyOwnedByYou):
+                self._s3.create_bucket(Bucket=self._conf.bucket, **_bucket_location(self._conf.region))
+            with contextlib.suppress(self._ddb.exceptions.ResourceInUseException):
+                self._ddb.create_table(
+                    TableName=self._conf.table,
+                    BillingMode="PAY_PER_REQUEST",
+                    AttributeDefinitions=[
+                        {"AttributeName": "request_id", "AttributeType": "S"},
+                        {"AttributeName": "model", "AttributeType": "S"},
+                        {"AttributeName": "timestamp", "AttributeType": "S"},
+                    ],
+                    KeySchema=[{"AttributeName": "request_id", "KeyType": "HASH"}],
+                    GlobalSecondaryIndexes=[
+                        {
+                            "IndexName": GSI_MODEL_TIME,
+                            "KeySchema": [
+                                {"AttributeName": "model", "KeyType": "HASH"},
+                                {"AttributeName": "timestamp", "KeyType": "RANGE"},
+                            ],
+                            "Projection": {"ProjectionType": "ALL"},
+                        }
+                    ],
+                )
+            self._ddb.get_waiter("table_exists").wait(TableName=self._conf.table)
+        except (BotoCoreError, ClientError) as exc:
+            raise AuditSinkUnavailable(f"aws: {exc}") from None
+
+
+def _bucket_location(region: str) -> dict[str, Any]:
+    """us-east-1 is the one region that refuses an explicit location constraint."""
+    return {} if region == "us-east-1" else {"CreateBucketConfiguration": {"LocationConstraint": region}}

@@ -1,0 +1,278 @@
+"""The audit record: what one model execution was, built from the request and response phases.
+
+Pure builders (record, redaction, S3 key, summary) plus the `AuditSink` protocol
+the shipper writes through; `AuditTrail` is the thin edge that spools a record
+before the response is released.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, Protocol
+
+import orjson
+
+from extproc import metrics
+from extproc.errors import BrokerError
+from extproc.spool import Spool
+
+log = logging.getLogger("model_broker.audit")
+
+SCHEMA_VERSION = 1
+REDACTED = "[REDACTED]"
+
+Record = dict[str, Any]
+RedactRule = tuple[str, ...]
+
+
+@dataclass(slots=True)
+class AuditDraft:
+    """What the request phase learned about one execution, kept until its response is seen."""
+
+    model: str
+    started_at: float
+    request_sha256: str = ""
+    input: Any = None
+    entity_key: str | None = None
+    features: dict[str, Any] | None = None
+    feature_status: str | None = None
+    error_code: str | None = None
+    # Set by ensembles for each member call; a single call has none.
+    parent_request_id: str | None = None
+    # The consumer Envoy verified (API key or JWT); None in open mode.
+    consumer: str | None = None
+    written: bool = False
+
+
+def sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def iso_utc(epoch_seconds: float) -> str:
+    """Fixed-width UTC timestamps sort as strings: DynamoDB's sort key relies on it."""
+    return datetime.fromtimestamp(epoch_seconds, UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def compile_redaction(paths: Iterable[str]) -> tuple[RedactRule, ...]:
+    return tuple(tuple(path.split(".")) for path in paths)
+
+
+def _matches(trail: tuple[str, ...], rules: tuple[RedactRule, ...]) -> bool:
+    return any(trail[-len(rule) :] == rule for rule in rules if len(rule) <= len(trail))
+
+
+def redact(value: Any, rules: tuple[RedactRule, ...], trail: tuple[str, ...] = ()) -> Any:
+    """A copy of `value` with every key whose path ends with a rule replaced by a marker.
+
+    A rule matches at any depth (`email` hits `customer.email` and `email`), so a
+    field the model echoes back in its answer is caught as well as the input's.
+    """
+    if not rules:
+        return value
+    if isinstance(value, dict):
+        out = {}
+        for key, item in value.items():
+            path = (*trail, str(key))
+            out[key] = REDACTED if _matches(path, rules) else redact(item, rules, path)
+        return out
+    if isinstance(value, list):
+        return [redact(item, rules, trail) for item in value]
+    return value
+
+
+def parse_json_or_none(raw: bytes) -> Any:
+    """Bodies are stored parsed; what does not parse is stored as null (only its hash remains).
+
+    Unparsed text could not be redacted, so it is never written.
+    """
+    if not raw:
+        return None
+    try:
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return None
+
+
+def response_error_code(status: int, body: Any) -> str | None:
+    """The error code a failed response carried (the broker's JSON shape), else `http_<status>`."""
+    if status < 400:
+        return None
+    if isinstance(body, dict) and isinstance(body.get("error"), dict):
+        code = body["error"].get("code")
+        if isinstance(code, str):
+            return code
+    return f"http_{status}"
+
+
+@dataclass(frozen=True, slots=True)
+class RecordContext:
+    """What Envoy told the broker about the request: ids, route, version, timings."""
+
+    request_id: str
+    route: str
+    version: str | None
+    registry_version: str
+    entity: str | None
+    join_key: str | None
+    stages: Sequence[tuple[str, float]]
+
+
+def build_record(
+    draft: AuditDraft, where: RecordContext, status: int | None, body: bytes, rules: tuple[RedactRule, ...]
+) -> Record:
+    """The record of one execution, redacted; `status` None means no response was seen."""
+    answer = parse_json_or_none(body)
+    latency = {name: round(seconds * 1000, 3) for name, seconds in where.stages}
+    latency["total"] = round(sum(seconds for _, seconds in where.stages) * 1000, 3)
+    key_hidden = where.join_key is not None and _matches((where.join_key,), rules)
+    error_code = draft.error_code or (response_error_code(status, answer) if status is not None else "incomplete")
+    return {
+        "schema": SCHEMA_VERSION,
+        "request_id": where.request_id,
+        "parent_request_id": draft.parent_request_id,
+        "timestamp": iso_utc(draft.started_at),
+        "consumer": draft.consumer,
+        "route": where.route,
+        "model": draft.model,
+        "version": where.version,
+        "registry_version": where.registry_version,
+        "entity": {
+            "name": where.entity,
+            "key": REDACTED if key_hidden and draft.entity_key is not None else draft.entity_key,
+        },
+        "input": redact(draft.input, rules),
+        "features": redact(draft.features, rules),
+        "feature_status": draft.feature_status,
+        "response": {"status": status, "body": redact(answer, rules)},
+        "sha256": {"request": draft.request_sha256, "response": sha256(body) if status is not None else ""},
+        "latency_ms": latency,
+        "error_code": error_code,
+    }
+
+
+def error_body(error: BrokerError, request_id: str) -> bytes:
+    return orjson.dumps(error.to_json(request_id))
+
+
+def s3_key(prefix: str, record: Record) -> str:
+    """`<prefix>/date=YYYY-MM-DD/model=<model>/<request_id>.json`: deterministic, so re-shipping overwrites."""
+    date = record["timestamp"][:10]
+    key = f"date={date}/model={record['model']}/{record['request_id']}.json"
+    return f"{prefix.strip('/')}/{key}" if prefix.strip("/") else key
+
+
+def summary(record: Record) -> dict[str, Any]:
+    """The metadata kept beside the payload (the DynamoDB item, the `audit list` line)."""
+    return {
+        "request_id": record["request_id"],
+        "timestamp": record["timestamp"],
+        "model": record["model"],
+        "version": record["version"],
+        "route": record["route"],
+        "status": record["response"]["status"],
+        "error_code": record["error_code"],
+        "latency_ms": record["latency_ms"]["total"],
+        "registry_version": record["registry_version"],
+        "entity_key": record["entity"]["key"],
+        "parent_request_id": record["parent_request_id"],
+        "request_sha256": record["sha256"]["request"],
+        "response_sha256": record["sha256"]["response"],
+    }
+
+
+class AuditSinkUnavailable(Exception):
+    """The sink did not take a batch (AWS down, disk full); raised by sinks, retried by the shipper."""
+
+
+class AuditSink(Protocol):
+    """Where shipped records end up. Blocking: the shipper calls it in a thread."""
+
+    def put(self, batch_id: str, records: Sequence[Record]) -> None:
+        """Store every record idempotently (storing one twice leaves one copy); raise AuditSinkUnavailable."""
+        ...
+
+    def close(self) -> None: ...
+
+
+class AuditReader(Protocol):
+    """What `model-broker audit show|list` reads."""
+
+    def show(self, request_id: str) -> Record | None: ...
+
+    def by_model(self, model: str, since: str, until: str) -> list[dict[str, Any]]:
+        """Summaries of `model`'s records with `since <= timestamp < until` (ISO strings), oldest first."""
+        ...
+
+
+class AuditTrail:
+    """One worker's audit edge: which models are audited, and the spool each record reaches first."""
+
+    def __init__(
+        self,
+        spool: Spool,
+        *,
+        entities: dict[str, tuple[str, str]],
+        redact_paths: Iterable[str],
+        registry_version: str,
+        fail_closed: bool,
+    ) -> None:
+        self._spool = spool
+        # Audited model name → (entity name, join key).
+        self._entities = entities
+        self._rules = compile_redaction(redact_paths)
+        self._registry_version = registry_version
+        self.fail_closed = fail_closed
+
+    def covers(self, route_name: str) -> bool:
+        return route_name in self._entities
+
+    def refuses(self) -> bool:
+        """True when the spool is full and the policy is fail-closed: run nothing that cannot be audited."""
+        return self.fail_closed and not self._spool.has_room()
+
+    def write(
+        self,
+        draft: AuditDraft,
+        *,
+        request_id: str,
+        route: str,
+        version: str | None,
+        stages: Sequence[tuple[str, float]],
+        status: int | None,
+        body: bytes,
+    ) -> bool:
+        """Spool the record; False means it was not written and the policy is fail-closed."""
+        entity, join_key = self._entities.get(draft.model, (None, None))
+        where = RecordContext(request_id, route, version, self._registry_version, entity, join_key, stages)
+        record = build_record(draft, where, status, body, self._rules)
+        draft.written = True
+        if self._spool.append(orjson.dumps(record) + b"\n"):
+            return True
+        metrics.AUDIT_DROPPED.labels(draft.model).inc()
+        if not self.fail_closed:
+            log.warning("audit spool full: record %s dropped (when_full: drop)", request_id)
+        return not self.fail_closed
+
+
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_when(text: str, now: float) -> str | None:
+    """`--since`/`--until` as an ISO timestamp: ISO date/time (naive = UTC) or an age like `15m`, `2h`, `7d`.
+
+    None when the text is neither.
+    """
+    text = text.strip()
+    if len(text) > 1 and text[-1] in _UNITS and text[:-1].isdigit():
+        return iso_utc(now - int(text[:-1]) * _UNITS[text[-1]])
+    try:
+        when = datetime.fromisoformat(text)
+    except ValueError:
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    return iso_utc(when.timestamp())

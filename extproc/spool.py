@@ -1,0 +1,149 @@
+"""The local append-only spool: JSONL segment files in one worker's own directory.
+
+A record is one `write(2)` to the active segment before its response is released:
+in the page cache, it survives the process being killed the next instant; a
+periodic fsync bounds what a power loss can take. Full segments (or old ones)
+are sealed, `<name>.open` → `<name>.jsonl`, and only sealed ones are shipped.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+log = logging.getLogger("model_broker.spool")
+
+OPEN_SUFFIX = ".open"
+SEALED_SUFFIX = ".jsonl"
+
+
+@dataclass(slots=True)
+class Segment:
+    """A segment being written (or waiting to be sealed): its file, descriptor, size, birth."""
+
+    path: Path
+    fd: int
+    size: int = 0
+    opened_at: float = 0.0
+
+
+def segment_name(epoch_ms: int, pid: int, seq: int) -> str:
+    """Names sort by creation time, and never repeat across processes or restarts."""
+    return f"{epoch_ms:013d}-{pid}-{seq:06d}"
+
+
+def parse_lines(data: bytes) -> tuple[list[dict[str, Any]], int]:
+    """Records of a segment, and how many lines were unreadable (a torn last write after power loss)."""
+    records, torn = [], 0
+    for line in data.splitlines():
+        if not line.strip():
+            continue
+        try:
+            records.append(orjson.loads(line))
+        except orjson.JSONDecodeError:
+            torn += 1
+    return records, torn
+
+
+class Spool:
+    """One worker's spool: appends on the event loop, sealing and fsync in the shipper's thread.
+
+    `used` counts every byte in the directory, sealed or not, so the bound holds
+    across restarts and however far the shipper has fallen behind.
+    """
+
+    def __init__(
+        self,
+        directory: Path,
+        *,
+        max_bytes: int,
+        segment_bytes: int,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.directory = directory
+        self.max_bytes = max_bytes
+        self.segment_bytes = segment_bytes
+        self._clock = clock
+        self._seq = itertools.count()
+        self._active: Segment | None = None
+        self._rotated: list[Segment] = []
+        self.used = 0
+
+    def open(self) -> None:
+        """Create the directory; seal what a killed process left open, so it ships."""
+        self.directory.mkdir(parents=True, exist_ok=True)
+        for leftover in sorted(self.directory.glob("*" + OPEN_SUFFIX)):
+            leftover.rename(leftover.with_suffix(SEALED_SUFFIX))
+        self.used = sum(p.stat().st_size for p in self.directory.iterdir() if p.is_file())
+
+    def has_room(self, size: int = 1) -> bool:
+        return self.used + size <= self.max_bytes
+
+    def append(self, line: bytes) -> bool:
+        """Write one record line; False (nothing written) when it would pass the bound or the disk refuses."""
+        if not self.has_room(len(line)):
+            return False
+        try:
+            segment = self._active or self._start()
+            view = memoryview(line)
+            while view:
+                written = os.write(segment.fd, view)
+                view = view[written:]
+        except OSError as exc:
+            log.error("spool append failed: %s", exc)
+            return False
+        segment.size += len(line)
+        self.used += len(line)
+        if segment.size >= self.segment_bytes:
+            self.rotate()
+        return True
+
+    def _start(self) -> Segment:
+        name = segment_name(int(time.time() * 1000), os.getpid(), next(self._seq))
+        path = self.directory / (name + OPEN_SUFFIX)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND, 0o600)
+        self._active = Segment(path, fd, opened_at=self._clock())
+        return self._active
+
+    def rotate(self) -> None:
+        """Stop appending to the active segment; the next `seal_rotated` makes it shippable."""
+        if self._active is not None:
+            self._rotated.append(self._active)
+            self._active = None
+
+    def rotate_if_older(self, seconds: float) -> None:
+        if self._active is not None and self._clock() - self._active.opened_at >= seconds:
+            self.rotate()
+
+    def take_rotated(self) -> list[Segment]:
+        """Hand the rotated segments to the sealing thread (called on the loop, so no list is shared)."""
+        taken, self._rotated = self._rotated, []
+        return taken
+
+    @staticmethod
+    def seal(segments: list[Segment]) -> None:
+        """fsync, close and rename each segment; blocking, run in a thread."""
+        for segment in segments:
+            os.fsync(segment.fd)
+            os.close(segment.fd)
+            segment.path.rename(segment.path.with_suffix(SEALED_SUFFIX))
+
+    def active_fd(self) -> int | None:
+        return self._active.fd if self._active is not None else None
+
+    def sealed(self) -> Iterator[Path]:
+        """Sealed segments, oldest first."""
+        yield from sorted(self.directory.glob("*" + SEALED_SUFFIX))
+
+    def remove(self, path: Path, size: int) -> None:
+        """Delete a shipped segment and give its bytes back to the bound."""
+        path.unlink(missing_ok=True)
+        self.used = max(0, self.used - size)
