@@ -36,6 +36,9 @@ class MemberResult:
     output: Any
     request_id: str = ""
     parent_request_id: str = ""
+    # What the audit records: the member's HTTP status and the features it received.
+    status: int | None = None
+    features: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,6 +48,10 @@ class MemberFailure:
     latency_ms: float
     request_id: str = ""
     parent_request_id: str = ""
+    # None when no answer came (timeout, cut at the deadline, never called).
+    status: int | None = None
+    features: dict[str, Any] | None = None
+    version: str = ""
 
 
 MemberOutcome = MemberResult | MemberFailure

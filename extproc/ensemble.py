@@ -8,7 +8,7 @@ and the ensemble's deadline, and returns every member's outcome for `aggregate.p
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from time import perf_counter
 from typing import Any, Protocol
 
@@ -105,7 +105,6 @@ def _ms(seconds: float) -> float:
 
 def reply_outcome(model: str, reply: MemberReply, latency_s: float, parent_request_id: str) -> MemberOutcome:
     """A member's HTTP answer as a result or a failure: 2xx with JSON is a result, anything else is not."""
-    ids = {"request_id": reply.request_id, "parent_request_id": parent_request_id}
     error: BrokerError | None = None
     if reply.status == 504:
         error = BrokerError(ErrorCode.UPSTREAM_TIMEOUT, "the model did not answer within its Envoy route timeout")
@@ -119,8 +118,12 @@ def reply_outcome(model: str, reply: MemberReply, latency_s: float, parent_reque
         except orjson.JSONDecodeError:
             error = BrokerError(ErrorCode.UPSTREAM_ERROR, f"the model answered HTTP {reply.status} without JSON")
         else:
-            return MemberResult(model, reply.version, _ms(latency_s), output, **ids)
-    return MemberFailure(model, error, _ms(latency_s), **ids)
+            return MemberResult(
+                model, reply.version, _ms(latency_s), output, reply.request_id, parent_request_id, reply.status
+            )
+    return MemberFailure(
+        model, error, _ms(latency_s), reply.request_id, parent_request_id, reply.status, version=reply.version
+    )
 
 
 async def _call(client: MemberClient, member: MemberPlan, body: bytes, parent_request_id: str) -> MemberOutcome:
@@ -188,7 +191,8 @@ async def run_ensemble(
         if isinstance(features, BrokerError):  # never called: its own feature policy refused
             outcomes.append(MemberFailure(member.route.model, features, 0.0, parent_request_id=parent_request_id))
         elif not tasks[i].cancelled():
-            outcomes.append(tasks[i].result())
+            outcomes.append(replace(tasks[i].result(), features=features))
         else:
-            outcomes.append(MemberFailure(member.route.model, cut, cut_after_ms, parent_request_id=parent_request_id))
+            cut_off = MemberFailure(member.route.model, cut, cut_after_ms, parent_request_id=parent_request_id)
+            outcomes.append(replace(cut_off, features=features))
     return outcomes

@@ -12,7 +12,7 @@ import orjson
 from envoy.service.ext_proc.v3.external_processor_pb2 import HttpBody, HttpHeaders, ProcessingResponse
 
 from extproc import metrics, responses, wire
-from extproc.aggregate import ensemble_answer
+from extproc.aggregate import MemberFailure, MemberOutcome, ensemble_answer
 from extproc.audit import AuditDraft, AuditTrail, error_body, sha256
 from extproc.body import check_content_type, entity_key, inject_features, parse_json_object
 from extproc.context import RequestContext
@@ -131,6 +131,9 @@ class BrokerProcessor(Processor):
         key = entity_key(doc, plan.join_key)
         if isinstance(key, BrokerError):
             return self._reject(key, ctx)
+        audited = self._audit is not None and any(self._audit.covers(m.route.model) for m in plan.members)
+        if audited and self._audit is not None and self._audit.refuses():  # nothing runs that cannot be audited
+            return self._reject(AUDIT_FULL, ctx)
         ctx.lap("route")
         outcomes = await run_ensemble(
             plan, doc, key, store=self._store, client=self._egress, parent_request_id=ctx.request_id
@@ -142,13 +145,49 @@ class BrokerProcessor(Processor):
             plan.name, outcomes, min_success=plan.min_success, combiner=plan.combiner, request_id=ctx.request_id
         )
         ctx.finished = True  # an immediate response: Envoy sends nothing more
+        if audited:
+            self._audit_members(outcomes, doc, key, sha256(raw), ctx)
         # Labelled by route name, as `_reject` labels this ensemble's early errors.
-        # TODO(issue 4): per-member records, from the outcomes' request and parent ids.
         outcome = answer["error"]["code"] if "error" in answer else "ok"
         metrics.record_request(ctx.route_name, ctx.stages, outcome, ctx.consumer)
         return responses.immediate_json(
             status, answer, details="ensemble", headers=[(wire.HEADER_SERVER_TIMING, ctx.server_timing())]
         )
+
+    def _audit_members(
+        self, outcomes: list[MemberOutcome], doc: dict[str, Any], key: str, request_sha256: str, ctx: RequestContext
+    ) -> None:
+        """One record per audited member call, linked to the client's request by parent_request_id."""
+        assert self._audit is not None  # only called when a trail covers a member
+        for outcome in outcomes:
+            if not self._audit.covers(outcome.model):
+                continue
+            draft = AuditDraft(
+                outcome.model,
+                ctx.started_at,
+                request_sha256=request_sha256,
+                input=doc,
+                entity_key=key,
+                features=outcome.features,
+                feature_status="ok" if outcome.features is not None else None,
+                parent_request_id=ctx.request_id,
+                consumer=ctx.consumer or None,
+            )
+            if isinstance(outcome, MemberFailure):
+                draft.error_code = outcome.error.code.value
+                body = error_body(outcome.error, outcome.request_id or ctx.request_id)
+            else:
+                body = orjson.dumps(outcome.output)
+            self._audit.write(
+                draft,
+                # Envoy's id of the member call; a call that never got one is named after its parent.
+                request_id=outcome.request_id or f"{ctx.request_id}.{outcome.model}",
+                route=ctx.route_name,
+                version=outcome.version or None,
+                stages=[("upstream", outcome.latency_ms / 1000)],
+                status=outcome.status,
+                body=body,
+            )
 
     def _document(self, raw: bytes, ctx: RequestContext) -> dict[str, Any] | BrokerError:
         """The body as a JSON object, if it is JSON, within the size limit and well formed."""

@@ -242,7 +242,7 @@ async def test_tls_handshake_and_plaintext_refused(auth_stack: Stack) -> None:
 
 
 async def test_audit_record_names_the_verified_consumer(auth_stack: Stack, session: aiohttp.ClientSession) -> None:
-    """Audit records carry the consumer Envoy verified (not the one claimed), also for refusals on audited routes."""
+    """Audit records carry the consumer Envoy verified (not the one claimed): calls, refusals, ensemble members."""
     store = LocalAuditStore(Path(auth_stack.doc["audit"]["sink"]["local"]["dir"]))
 
     async def record_of(reply: Reply) -> dict[str, Any]:
@@ -260,6 +260,15 @@ async def test_audit_record_names_the_verified_consumer(auth_stack: Stack, sessi
     refused = await record_of(forbidden)
     assert (refused["consumer"], refused["response"]["status"]) == ("alice", 403)
     assert (await record_of(anonymous))["consumer"] is None
+    ensemble = await call(session, auth_stack.base + UNDERWRITING, BODY, headers=key("alice"))
+    assert ensemble.status == 200, ensemble.raw
+    parent = ensemble.headers["x-request-id"]
+    deadline = asyncio.get_running_loop().time() + 10
+    while not (members := [s for s in store.by_model("fraud", "2000", "9999") if s["parent_request_id"] == parent]):
+        assert asyncio.get_running_loop().time() < deadline, "no member record"
+        await asyncio.sleep(0.1)
+    member = store.show(members[0]["request_id"])
+    assert member is not None and member["consumer"] == "alice"
 
 
 async def test_broker_counts_requests_by_verified_consumer(auth_stack: Stack, session: aiohttp.ClientSession) -> None:

@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import aiohttp
+import orjson
 import pytest
 
 from extproc.launcher import free_port
@@ -267,3 +268,30 @@ async def test_bad_ensemble_request_is_json_error_without_member_calls(
     assert reply.status == status, reply.raw
     assert reply.error_code() == code
     assert await envoy_counter(session, stack, calls) == before
+
+
+async def test_each_member_call_is_audited_under_the_clients_request_id(
+    stack: Stack, session: aiohttp.ClientSession
+) -> None:
+    """One audit record per member, linked by parent_request_id, with its version, features and outcome."""
+    reply = await ask(session, stack, "partial", fraud={"delay_ms": 600})
+    assert reply.status == 200, reply.raw
+    parent = reply.headers["x-request-id"]
+    records: dict[str, dict[str, Any]] = {}
+    deadline = time.monotonic() + 20
+    while len(records) < 2:
+        assert time.monotonic() < deadline, records
+        await asyncio.sleep(0.3)
+        for path in (stack.workdir / "audit-records").glob("date=*/model=*/*.jsonl"):
+            for line in path.read_text().splitlines():
+                record = orjson.loads(line)
+                if record["parent_request_id"] == parent:
+                    records[record["model"]] = record
+    credit, fraud = records["credit-risk"], records["fraud"]
+    assert credit["version"] == reply.body["results"]["credit-risk"]["version"]
+    assert credit["response"]["status"] == 200 and credit["error_code"] is None
+    assert credit["response"]["body"] == reply.body["results"]["credit-risk"]["output"]
+    assert credit["features"] == credit["response"]["body"]["features"]
+    assert credit["request_id"] != parent and credit["entity"]["key"] == "c-7"
+    assert fraud["error_code"] == reply.body["errors"]["fraud"]["code"] == "upstream_timeout"
+    assert fraud["response"]["status"] is None
