@@ -16,7 +16,6 @@ from extproc.audit import AuditDraft
 class RequestContext:
     request_id: str = ""
     route_name: str = ""
-    cluster: str = ""
     content_type: str = ""
     # From the response attributes (audited routes only): the status Envoy is
     # sending and the version whose host answered (None when no model did).

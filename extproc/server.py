@@ -26,7 +26,6 @@ def read_attributes(request: ProcessingRequest, ctx: RequestContext) -> None:
         read_response_attributes(fields, ctx)
         return
     ctx.route_name = fields[wire.ATTR_ROUTE_NAME].string_value if wire.ATTR_ROUTE_NAME in fields else ""
-    ctx.cluster = fields[wire.ATTR_CLUSTER_NAME].string_value if wire.ATTR_CLUSTER_NAME in fields else ""
     ctx.request_id = fields[wire.ATTR_REQUEST_ID].string_value if wire.ATTR_REQUEST_ID in fields else ""
     ctx.content_type = fields[wire.ATTR_CONTENT_TYPE].string_value if wire.ATTR_CONTENT_TYPE in fields else ""
 

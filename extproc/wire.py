@@ -36,10 +36,9 @@ JWT_AUTHN_NAMESPACE: Final = "envoy.filters.http.jwt_authn"
 # Request attributes the ext_proc filter sends with the first message (CEL names).
 # With the header phase skipped they are the broker's only view of the request.
 ATTR_ROUTE_NAME: Final = "xds.route_name"
-ATTR_CLUSTER_NAME: Final = "xds.cluster_name"
 ATTR_REQUEST_ID: Final = "request.id"
 ATTR_CONTENT_TYPE: Final = "request.headers['content-type']"
-REQUEST_ATTRIBUTES: Final = (ATTR_ROUTE_NAME, ATTR_CLUSTER_NAME, ATTR_REQUEST_ID, ATTR_CONTENT_TYPE)
+REQUEST_ATTRIBUTES: Final = (ATTR_ROUTE_NAME, ATTR_REQUEST_ID, ATTR_CONTENT_TYPE)
 # Response attributes, sent with the response headers message on audited routes only.
 # The status Envoy is about to send (the model's, or Envoy's own local reply's).
 ATTR_RESPONSE_CODE: Final = "response.code"
