@@ -25,7 +25,7 @@ DNS_LABEL = r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$"
 FEATURE_NAME = r"^[A-Za-z_][A-Za-z0-9_.:-]{0,127}$"
 # What `model-broker hash-key` prints: the algorithm is named so it can change later.
 API_KEY_HASH = r"^sha256:[0-9a-f]{64}$"
-# In a consumer's allow-list: every model (and, later, every ensemble).
+# In a consumer's allow-list: every model and every ensemble.
 ALL_ROUTES = "*"
 JSON_KEY = r"^[A-Za-z_][A-Za-z0-9_-]{0,63}$"
 
