@@ -43,6 +43,8 @@ class AuditDraft:
     error_code: str | None = None
     # Set by ensembles for each member call; a single call has none.
     parent_request_id: str | None = None
+    # The consumer Envoy verified (API key or JWT); None in open mode.
+    consumer: str | None = None
     written: bool = False
 
 
@@ -133,8 +135,7 @@ def build_record(
         "request_id": where.request_id,
         "parent_request_id": draft.parent_request_id,
         "timestamp": iso_utc(draft.started_at),
-        # TODO(#7): the consumer identity, once authentication puts it in Envoy's metadata.
-        "consumer": None,
+        "consumer": draft.consumer,
         "route": where.route,
         "model": draft.model,
         "version": where.version,

@@ -5,6 +5,8 @@ Pure functions; each returns a value or a `BrokerError`, never raises on bad inp
 
 from __future__ import annotations
 
+import json
+import re
 from typing import Any
 
 import orjson
@@ -14,6 +16,12 @@ from extproc.errors import BrokerError, ErrorCode
 JSONObject = dict[str, Any]
 
 _JSON_TYPES = ("application/json",)
+
+# orjson silently turns integers outside [-2**63, 2**64) into floats, so the model would
+# get a different number than the client sent. Such integers have at least 19 digits;
+# only bodies with a run that long pay for the exact (stdlib) second look.
+_LONG_DIGIT_RUN = re.compile(rb"\d{19}")
+_INT_RANGE = range(-(2**63), 2**64)
 
 
 def check_content_type(content_type: str) -> BrokerError | None:
@@ -55,7 +63,29 @@ def parse_json_object(raw: bytes, max_depth: int) -> JSONObject | BrokerError:
     # Counting brackets is C-speed and bounds the depth from above: most bodies stop here.
     if raw.count(b"{") + raw.count(b"[") > max_depth and _depth_exceeds(doc, max_depth):
         return BrokerError(ErrorCode.INVALID_BODY, f"the request body nests deeper than {max_depth} levels")
+    if _LONG_DIGIT_RUN.search(raw) and (huge := _integer_out_of_range(raw)):
+        return BrokerError(
+            ErrorCode.INVALID_BODY, f"an integer ({huge[:40]}) is outside the 64-bit range; send it as a string"
+        )
     return doc
+
+
+def _integer_out_of_range(raw: bytes) -> str:
+    """The first integer literal orjson would have turned into a float, or ''.
+
+    Runs after the depth check, so the stdlib parser's recursion is bounded.
+    """
+    found: list[str] = []
+
+    def exact(literal: str) -> int:
+        if not found and int(literal) not in _INT_RANGE:
+            found.append(literal)
+        return 0
+
+    # Cannot fail where orjson succeeded: the stdlib accepts a superset of JSON, and its
+    # 4300-digit integer limit is unreachable (orjson refused anything past 1e308 already).
+    json.loads(raw, parse_int=exact)
+    return found[0] if found else ""
 
 
 def entity_key(doc: JSONObject, join_key: str) -> str | BrokerError:

@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import secrets
 import sys
 import time
 from typing import TYPE_CHECKING, Any
@@ -101,6 +102,22 @@ def cmd_up(args: argparse.Namespace) -> int:
     if _load(args.config) is None:
         return 2
     return up(args.config, args.workers)
+
+
+def cmd_hash_key(args: argparse.Namespace) -> int:
+    """Keys come from stdin, never argv: a key on the command line ends up in shell history."""
+    from extproc.registry import hash_api_key
+
+    if args.generate:
+        key = secrets.token_urlsafe(32)
+        print(f"key:  {key}\nhash: {hash_api_key(key)}")
+        return 0
+    key = sys.stdin.readline().rstrip("\r\n")
+    if not key:
+        print("hash-key: no key on stdin (or use --generate)", file=sys.stderr)
+        return 2
+    print(hash_api_key(key))
+    return 0
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -236,6 +253,9 @@ def parser() -> argparse.ArgumentParser:
     p = command("up", "run the broker and Envoy together until Ctrl-C")
     p.add_argument("--workers", type=int, help="worker processes (default: broker.workers)")
     p.set_defaults(func=cmd_up)
+    p = command("hash-key", "print the registry form (sha256:…) of an API key read from stdin", config=False)
+    p.add_argument("--generate", action="store_true", help="make a new random key; print it and its hash")
+    p.set_defaults(func=cmd_hash_key)
     p = command("demo", "run the bundled demo: Envoy, broker, demo models; no Redis, no AWS", config=False)
     p.add_argument("--port", type=int, default=8080, help="public listener port (default 8080)")
     p.set_defaults(func=cmd_demo)

@@ -24,6 +24,8 @@ class RequestContext:
     # The execution being audited, from its request phase to its record.
     audit: AuditDraft | None = None
     started_at: float = field(default_factory=time)
+    # The consumer Envoy verified (API key or JWT); empty in open mode. For audit and metrics.
+    consumer: str = ""
     stages: list[tuple[str, float]] = field(default_factory=list)
     # Set by the processor once Envoy will send nothing more on this stream (an
     # immediate response, or the answer to the last phase the route asks for).

@@ -1,19 +1,23 @@
 """The Envoy bootstrap, generated from the registry with typed messages (envoy-data-plane).
 
-Filter chain on the public listener: ext_proc (request body only, buffered) →
-buffer (holds the request until the broker has answered; its limit is the body
-limit) → router (weighted clusters per model). With ensembles, a second ext_proc
-(longer timeout, enabled on ensemble routes only) and a loopback egress listener
-the broker calls members through. See `envoy/README.md`.
+Filter chain on the public listener: [jwt_authn → authenticate (Lua) → authorize
+(RBAC) → rate limit, when consumers are declared] → ext_proc (request body only,
+buffered) → buffer (holds the request until the broker has answered; its limit is
+the body limit) → rbac → router (weighted clusters per model). With ensembles, a
+second ext_proc (longer timeout, enabled on ensemble routes only) and a loopback
+egress listener the broker calls members through. See `envoy/README.md`.
 """
 
 from __future__ import annotations
 
 import ipaddress
 import json
+import math
 from dataclasses import dataclass
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import betterproto2
 import yaml
@@ -50,8 +54,10 @@ from envoy_data_plane.envoy.config.core.v3 import (
     HeaderValueOptionHeaderAppendAction,
     Http1ProtocolOptions,
     Http2ProtocolOptions,
+    HttpUri,
     Metadata,
     Node,
+    RuntimeFractionalPercent,
     RuntimeUInt32,
     SocketAddress,
     SubstitutionFormatString,
@@ -61,12 +67,22 @@ from envoy_data_plane.envoy.config.core.v3 import (
 from envoy_data_plane.envoy.config.endpoint.v3 import ClusterLoadAssignment, Endpoint, LbEndpoint, LocalityLbEndpoints
 from envoy_data_plane.envoy.config.listener.v3 import Filter, FilterChain, Listener, ListenerInternalListenerConfig
 from envoy_data_plane.envoy.config.metrics.v3 import StatsSink
-from envoy_data_plane.envoy.config.rbac.v3 import Permission, Policy, Principal, RbacAction, SourcedMetadata
+from envoy_data_plane.envoy.config.rbac.v3 import (
+    Permission,
+    Policy,
+    Principal,
+    PrincipalSet,
+    RbacAction,
+    SourcedMetadata,
+)
 from envoy_data_plane.envoy.config.rbac.v3 import Rbac as Rules
 from envoy_data_plane.envoy.config.route.v3 import (
     DirectResponseAction,
     FilterConfig,
     HeaderMatcher,
+    RateLimitAction,
+    RateLimitActionMetaData,
+    RateLimitActionMetaDataSource,
     Route,
     RouteAction,
     RouteActionHashPolicy,
@@ -78,6 +94,9 @@ from envoy_data_plane.envoy.config.route.v3 import (
     WeightedCluster,
     WeightedClusterClusterWeight,
 )
+from envoy_data_plane.envoy.config.route.v3 import (
+    RateLimit as RateLimitConfig,
+)
 from envoy_data_plane.envoy.extensions.access_loggers.filters.cel.v3 import ExpressionFilter
 from envoy_data_plane.envoy.extensions.bootstrap.internal_listener.v3 import InternalListener
 from envoy_data_plane.envoy.extensions.common.aws.v3 import (
@@ -86,6 +105,11 @@ from envoy_data_plane.envoy.extensions.common.aws.v3 import (
     CredentialsFileCredentialProvider,
     EnvironmentCredentialProvider,
     InstanceProfileCredentialProvider,
+)
+from envoy_data_plane.envoy.extensions.common.ratelimit.v3 import (
+    LocalRateLimitDescriptor,
+    RateLimitDescriptorEntry,
+    XRateLimitHeadersRfcVersion,
 )
 from envoy_data_plane.envoy.extensions.filters.http.aws_request_signing.v3 import AwsRequestSigning
 from envoy_data_plane.envoy.extensions.filters.http.buffer.v3 import Buffer
@@ -99,7 +123,18 @@ from envoy_data_plane.envoy.extensions.filters.http.ext_proc.v3 import (
 )
 from envoy_data_plane.envoy.extensions.filters.http.ext_proc.v3 import ProcessingModeBodySendMode as Body
 from envoy_data_plane.envoy.extensions.filters.http.ext_proc.v3 import ProcessingModeHeaderSendMode as Send
-from envoy_data_plane.envoy.extensions.filters.http.lua.v3 import Lua
+from envoy_data_plane.envoy.extensions.filters.http.jwt_authn.v3 import (
+    JwksAsyncFetch,
+    JwtAuthentication,
+    JwtProvider,
+    JwtRequirement,
+    JwtRequirementOrList,
+    PerRouteConfig,
+    RemoteJwks,
+    RequirementRule,
+)
+from envoy_data_plane.envoy.extensions.filters.http.local_ratelimit.v3 import LocalRateLimit
+from envoy_data_plane.envoy.extensions.filters.http.lua.v3 import Lua, LuaPerRoute
 from envoy_data_plane.envoy.extensions.filters.http.rbac.v3 import Rbac, RbacPerRoute
 from envoy_data_plane.envoy.extensions.filters.http.router.v3 import Router
 from envoy_data_plane.envoy.extensions.filters.http.upstream_codec.v3 import UpstreamCodec
@@ -113,8 +148,10 @@ from envoy_data_plane.envoy.extensions.stat_sinks.open_telemetry.v3 import SinkC
 from envoy_data_plane.envoy.extensions.transport_sockets.tls.v3 import (
     CertificateValidationContext,
     CommonTlsContext,
+    DownstreamTlsContext,
     SubjectAltNameMatcher,
     SubjectAltNameMatcherSanType,
+    TlsCertificate,
     UpstreamTlsContext,
 )
 from envoy_data_plane.envoy.extensions.upstreams.http.v3 import (
@@ -129,12 +166,19 @@ from envoy_data_plane.envoy.type.matcher.v3 import (
     StringMatcher,
     ValueMatcher,
 )
-from envoy_data_plane.envoy.type.v3 import HttpStatus, StatusCode
+from envoy_data_plane.envoy.type.metadata.v3 import MetadataKey, MetadataKeyPathSegment
+from envoy_data_plane.envoy.type.v3 import (
+    FractionalPercent,
+    FractionalPercentDenominatorType,
+    HttpStatus,
+    StatusCode,
+    TokenBucket,
+)
 from envoy_data_plane.google.protobuf import Any as AnyMessage
-from envoy_data_plane.google.protobuf import Struct
+from envoy_data_plane.google.protobuf import Empty, Struct
 
 from extproc import wire
-from extproc.registry import Ensemble, Model, Registry, SageMakerBackend, ServiceBackend, Version
+from extproc.registry import Consumer, Ensemble, Model, RateLimit, Registry, SageMakerBackend, ServiceBackend, Version
 
 EXT_PROC_FILTER = "envoy.filters.http.ext_proc"
 # A second ext_proc instance for ensemble routes: same broker, a timeout covering the fan-out.
@@ -151,6 +195,17 @@ SYSTEM_CA_BUNDLE = "/etc/ssl/certs/ca-certificates.crt"
 # the broker's answers (details start with responses.DETAILS_PREFIX) and the generated
 # direct responses, which already have it.
 NOT_BROKER = "!(response.code_details.startsWith('model_broker_') || response.code_details == 'direct_response')"
+JWT_FILTER = "envoy.filters.http.jwt_authn"
+LUA_FILTER = "envoy.filters.http.lua"
+# A second RBAC instance, before ext_proc: which consumer may call which route.
+AUTHZ_FILTER = "model_broker.authorize"
+# Its denials read `rbac_access_denied_matched_policy[model_broker_forbidden]`, which
+# tells a 403 apart from the broker-approved gate's denials (a 400, empty body).
+FORBIDDEN_POLICY = "model_broker_forbidden"
+AUTHENTICATE_LUA = Path(__file__).with_name("authenticate.lua")
+TLS_SOCKET = "envoy.transport_sockets.tls"
+# Rate-limit descriptor key of the consumer, filled from the auth metadata.
+RATE_LIMIT_KEY = "consumer"
 ADMIN_CLUSTER = "model_broker_admin"
 # Read-only admin paths the stats listener forwards; everything else on the admin stays on loopback.
 STATS_PATHS = ("/stats/prometheus", "/ready")
@@ -226,10 +281,41 @@ def _mapper(condition: str, status: int, code: str, message: str) -> ResponseMap
     )
 
 
-def local_reply_config() -> LocalReplyConfig:
+def _auth_mappers() -> list[ResponseMapper]:
+    """401/403/429 from the authentication, authorization and rate-limit filters."""
+    too_many = _mapper(
+        "response.code_details == 'local_rate_limited'",
+        429,
+        "rate_limited",
+        "too many requests for this consumer; retry after the number of seconds in retry-after",
+    )
+    # Per consumer, set by the authentication filter: the rate-limit filter's own
+    # x-ratelimit-reset is added after local_reply_config runs, so it cannot be copied.
+    retry_after = f"%DYNAMIC_METADATA({wire.AUTH_NAMESPACE}:{wire.META_RETRY_AFTER})%"
+    too_many.headers_to_add = [_header("retry-after", retry_after)]
+    return [
+        _mapper(
+            # jwt_authn answers a token for another audience with 403: still not authenticated here.
+            "response.code == 401 || response.code_details.startsWith('jwt_authn_access_denied')",
+            401,
+            "unauthenticated",
+            f"send a valid API key in {wire.HEADER_API_KEY} or a valid bearer token in authorization",
+        ),
+        _mapper(
+            f"response.code_details == 'rbac_access_denied_matched_policy[{FORBIDDEN_POLICY}]'",
+            403,
+            "forbidden",
+            "this consumer may not call this route",
+        ),
+        too_many,
+    ]
+
+
+def local_reply_config(auth: bool = False) -> LocalReplyConfig:
     """Envoy's own replies (body too large, broker down, model down) as JSON, details hidden."""
     return LocalReplyConfig(
         mappers=[
+            *(_auth_mappers() if auth else []),
             _mapper("response.code == 413", 413, "body_too_large", "the request body is too large"),
             _mapper(
                 "response.code_details.startsWith('rbac_access_denied')",
@@ -293,7 +379,11 @@ def _ext_proc(registry: Registry, timeout_ms: int) -> ExternalProcessor:
         # Read on audited routes only (the only ones with a response phase).
         response_attributes=list(wire.RESPONSE_ATTRIBUTES) if audited else [],
         metadata_options=MetadataOptions(
-            receiving_namespaces=MetadataOptionsMetadataNamespaces(untyped=[wire.METADATA_NAMESPACE])
+            receiving_namespaces=MetadataOptionsMetadataNamespaces(untyped=[wire.METADATA_NAMESPACE]),
+            # The verified consumer, for the request context (audit, metrics).
+            forwarding_namespaces=(
+                MetadataOptionsMetadataNamespaces(untyped=[wire.AUTH_NAMESPACE]) if registry.consumers else None
+            ),
         ),
         status_on_error=HttpStatus(code=StatusCode.ServiceUnavailable),
     )
@@ -618,19 +708,201 @@ def _rewrite_to(path: str) -> RegexMatchAndSubstitute:
 
 
 def route_configuration(registry: Registry) -> RouteConfiguration:
-    routes = [
-        _broker_route(wire.ROUTE_HEALTHZ, wire.PATH_HEALTHZ),
-        _broker_route(wire.ROUTE_MODELS, wire.PATH_MODELS),
-    ]
+    routes = [_broker_route(wire.ROUTE_HEALTHZ, wire.PATH_HEALTHZ)]
+    if registry.admin_endpoints_public:
+        routes.append(_broker_route(wire.ROUTE_MODELS, wire.PATH_MODELS))
     for model in registry.models:
         routes += _model_routes(model, registry.audited(model))
     for ensemble in registry.ensembles:
         routes += _ensemble_routes(ensemble)
     routes.append(_unknown_route())
+    if registry.consumers:
+        _authorize_routes(routes, registry)
     return RouteConfiguration(
         name="models",
         virtual_hosts=[VirtualHost(name="models", domains=["*"], routes=routes)],
     )
+
+
+def _consumer_is(name: str) -> Principal:
+    verified = MetadataMatcher(
+        filter=wire.AUTH_NAMESPACE,
+        path=[MetadataMatcherPathSegment(key=wire.META_CONSUMER)],
+        value=ValueMatcher(string_match=StringMatcher(exact=name)),
+    )
+    return Principal(sourced_metadata=SourcedMetadata(metadata_matcher=verified))
+
+
+def _only_consumers(allowed: list[str]) -> RbacPerRoute:
+    """Deny (by the named policy, so the reply maps to 403) every consumer not in `allowed`."""
+    outsider = (
+        Principal(not_id=Principal(or_ids=PrincipalSet(ids=[_consumer_is(n) for n in allowed])))
+        if allowed
+        else Principal(any=True)
+    )
+    policy = Policy(permissions=[Permission(any=True)], principals=[outsider])
+    return RbacPerRoute(rbac=Rbac(rules=Rules(action=RbacAction.DENY, policies={FORBIDDEN_POLICY: policy})))
+
+
+def _authorize_routes(routes: list[Route], registry: Registry) -> None:
+    """Per route: who may call it (allow-lists name models and ensembles); /healthz stays open for probes."""
+    allowed = {
+        route: [c.name for c in registry.consumers if c.may_call(name)] for name, route in registry.route_names()
+    }
+    allowed[wire.ROUTE_MODELS] = [c.name for c in registry.consumers if c.admin]
+    for route in routes:
+        if route.name == wire.ROUTE_HEALTHZ:
+            route.typed_per_filter_config[JWT_FILTER] = _any(PerRouteConfig(disabled=True))
+            route.typed_per_filter_config[LUA_FILTER] = _any(LuaPerRoute(disabled=True))
+        elif route.name in allowed:
+            route.typed_per_filter_config[AUTHZ_FILTER] = _any(_only_consumers(allowed[route.name]))
+
+
+def _lua_string(value: str) -> str:
+    """A Lua string literal; the registry's patterns keep names and hashes plain ASCII."""
+    return json.dumps(value, ensure_ascii=True)
+
+
+def authentication_lua(registry: Registry) -> str:
+    """The Lua authentication filter: `authenticate.lua` behind the registry's tables."""
+    keys = {h.removeprefix("sha256:"): c.name for c in registry.consumers for h in c.api_keys}
+    names = [c.name for c in registry.consumers if c.jwt is not None]
+    settings = {
+        "NAMESPACE": wire.AUTH_NAMESPACE,
+        "CONSUMER_KEY": wire.META_CONSUMER,
+        "RETRY_AFTER_KEY": wire.META_RETRY_AFTER,
+        "JWT_NAMESPACE": wire.JWT_AUTHN_NAMESPACE,
+        "HEADER_API_KEY": wire.HEADER_API_KEY,
+        "HEADER_CONSUMER": wire.HEADER_CONSUMER,
+        "WWW_AUTHENTICATE": f'Bearer, ApiKey header="{wire.HEADER_API_KEY}"',
+    }
+    lines = [f"local {name} = {_lua_string(value)}" for name, value in settings.items()]
+    lines.append(
+        "local API_KEYS = {" + ", ".join(f"[{_lua_string(h)}] = {_lua_string(n)}" for h, n in keys.items()) + "}"
+    )
+    lines.append("local JWT_NAMES = {" + ", ".join(map(_lua_string, names)) + "}")
+    retry = {c.name: str(retry_after_seconds(c.rate_limit)) for c in registry.consumers if c.rate_limit is not None}
+    lines.append(
+        "local RETRY_AFTER = {" + ", ".join(f"[{_lua_string(n)}] = {_lua_string(s)}" for n, s in retry.items()) + "}"
+    )
+    return "\n".join(lines) + "\n" + AUTHENTICATE_LUA.read_text(encoding="utf-8")
+
+
+def retry_after_seconds(limit: RateLimit) -> int:
+    """Whole seconds until an empty bucket holds one token again (Envoy refills continuously)."""
+    return max(1, math.ceil(limit.seconds / limit.requests))
+
+
+def jwks_cluster_name(uri: str) -> str:
+    parts = urlsplit(uri)
+    return f"jwks--{parts.hostname}--{parts.port or (443 if parts.scheme == 'https' else 80)}"
+
+
+def _jwt_provider(consumer: Consumer) -> JwtProvider:
+    jwt = consumer.jwt
+    assert jwt is not None  # only consumers with a jwt credential get a provider
+    provider = JwtProvider(
+        issuer=jwt.issuer,
+        audiences=list(jwt.audiences),
+        # The payload lands under the consumer's name: the Lua filter reads who was verified.
+        payload_in_metadata=consumer.name,
+    )
+    if jwt.subject is not None:
+        provider.subjects = StringMatcher(exact=jwt.subject)
+    if jwt.jwks_file is not None:
+        provider.local_jwks = DataSource(filename=jwt.jwks_file)
+    else:
+        assert jwt.jwks_uri is not None  # the registry guarantees one JWKS source
+        provider.remote_jwks = RemoteJwks(
+            http_uri=HttpUri(uri=jwt.jwks_uri, cluster=jwks_cluster_name(jwt.jwks_uri), timeout=_ms(2000)),
+            cache_duration=timedelta(minutes=10),
+            # Fetched at start and refreshed in the background, never on a request's path.
+            async_fetch=JwksAsyncFetch(),
+        )
+    return provider
+
+
+def jwt_filter(registry: Registry) -> HttpFilter:
+    """Verify bearer tokens of every JWT consumer; a request without one goes on to the API-key check."""
+    providers = {c.name: _jwt_provider(c) for c in registry.consumers if c.jwt is not None}
+    # A token that is presented must verify (else 401 here); a missing one is left to the Lua filter.
+    alternatives = [JwtRequirement(provider_name=name) for name in providers]
+    alternatives.append(JwtRequirement(allow_missing=Empty()))
+    config = JwtAuthentication(
+        providers=providers,
+        rules=[
+            RequirementRule(
+                match=RouteMatch(prefix="/"),
+                requires=JwtRequirement(requires_any=JwtRequirementOrList(requirements=alternatives)),
+            )
+        ],
+    )
+    return HttpFilter(name=JWT_FILTER, typed_config=_any(config))
+
+
+def _all_of_the_time() -> RuntimeFractionalPercent:
+    return RuntimeFractionalPercent(
+        default_value=FractionalPercent(numerator=100, denominator=FractionalPercentDenominatorType.HUNDRED)
+    )
+
+
+def rate_limit_filter(consumers: list[Consumer]) -> HttpFilter:
+    """One token bucket per consumer, keyed by the verified consumer name (local to this Envoy)."""
+    consumer = RateLimitActionMetaData(
+        descriptor_key=RATE_LIMIT_KEY,
+        metadata_key=MetadataKey(key=wire.AUTH_NAMESPACE, path=[MetadataKeyPathSegment(key=wire.META_CONSUMER)]),
+        source=RateLimitActionMetaDataSource.DYNAMIC,
+        skip_if_absent=True,
+    )
+    descriptors = []
+    for c in consumers:
+        assert c.rate_limit is not None  # the caller passes limited consumers only
+        limit = c.rate_limit
+        bucket = TokenBucket(
+            max_tokens=limit.burst or limit.requests,
+            tokens_per_fill=limit.requests,
+            fill_interval=timedelta(seconds=limit.seconds),
+        )
+        entries = [RateLimitDescriptorEntry(key=RATE_LIMIT_KEY, value=c.name)]
+        descriptors.append(LocalRateLimitDescriptor(entries=entries, token_bucket=bucket))
+    config = LocalRateLimit(
+        stat_prefix="consumer_rate_limit",
+        filter_enabled=_all_of_the_time(),
+        filter_enforced=_all_of_the_time(),
+        descriptors=descriptors,
+        rate_limits=[RateLimitConfig(actions=[RateLimitAction(metadata=consumer)])],
+        # x-ratelimit-* on every limited route's response; local_reply turns -reset into retry-after.
+        enable_x_ratelimit_headers=XRateLimitHeadersRfcVersion.DRAFT_VERSION_03,
+    )
+    return HttpFilter(name="envoy.filters.http.local_ratelimit", typed_config=_any(config))
+
+
+def auth_filters(registry: Registry) -> list[HttpFilter]:
+    """Authenticate, authorize, rate-limit: all in Envoy, before ext_proc; none without consumers."""
+    if not registry.consumers:
+        return []
+    filters = [jwt_filter(registry)] if any(c.jwt is not None for c in registry.consumers) else []
+    lua = Lua(default_source_code=DataSource(inline_string=authentication_lua(registry)))
+    filters.append(HttpFilter(name=LUA_FILTER, typed_config=_any(lua)))
+    filters.append(HttpFilter(name=AUTHZ_FILTER, typed_config=_any(Rbac())))
+    limited = [c for c in registry.consumers if c.rate_limit is not None]
+    if limited:
+        filters.append(rate_limit_filter(limited))
+    return filters
+
+
+def _downstream_tls(registry: Registry) -> TransportSocket | None:
+    tls = registry.listener.tls
+    if tls is None:
+        return None
+    certificate = TlsCertificate(
+        certificate_chain=DataSource(filename=tls.certificate_chain),
+        private_key=DataSource(filename=tls.private_key),
+    )
+    context = DownstreamTlsContext(
+        common_tls_context=CommonTlsContext(tls_certificates=[certificate], alpn_protocols=["h2", "http/1.1"])
+    )
+    return TransportSocket(name=TLS_SOCKET, typed_config=_any(context))
 
 
 def _unknown_route() -> Route:
@@ -648,6 +920,7 @@ def public_listener(registry: Registry) -> Listener:
         stat_prefix="public",
         route_config=route_configuration(registry),
         http_filters=[
+            *auth_filters(registry),
             ext_proc_filter(registry),
             *([ensemble_ext_proc_filter(registry)] if registry.ensembles else []),
             *([shadow_recorder_filter(registry, disabled=True)] if _shadowed(registry) else []),
@@ -659,21 +932,26 @@ def public_listener(registry: Registry) -> Listener:
             HttpFilter(name=RBAC_FILTER, typed_config=_any(Rbac())),
             HttpFilter(name="envoy.filters.http.router", typed_config=_any(Router())),
         ],
-        local_reply_config=local_reply_config(),
+        local_reply_config=local_reply_config(auth=bool(registry.consumers)),
         # Clients are external: Envoy sets x-forwarded-for and its own x-request-id.
         use_remote_address=True,
         # The id in every error body and (later) audit record; clients quote it to support.
         always_set_request_id_in_response=True,
     )
-    return _listener("public", registry.listener.address, registry.listener.port, hcm)
+    return _listener("public", registry.listener.address, registry.listener.port, hcm, _downstream_tls(registry))
 
 
-def _listener(name: str, address: str, port: int, hcm: HttpConnectionManager) -> Listener:
+def _listener(
+    name: str, address: str, port: int, hcm: HttpConnectionManager, tls: TransportSocket | None = None
+) -> Listener:
     return Listener(
         name=name,
         address=_socket(address, port),
         filter_chains=[
-            FilterChain(filters=[Filter(name="envoy.filters.network.http_connection_manager", typed_config=_any(hcm))])
+            FilterChain(
+                filters=[Filter(name="envoy.filters.network.http_connection_manager", typed_config=_any(hcm))],
+                transport_socket=tls,
+            )
         ],
     )
 
@@ -814,9 +1092,7 @@ def version_cluster(model: Model, version: Version) -> Cluster:
         typed_extension_protocol_options={HTTP_PROTOCOL_OPTIONS: _any(options)},
     )
     if sagemaker is not None and sagemaker.tls:
-        cluster.transport_socket = TransportSocket(
-            name="envoy.transport_sockets.tls", typed_config=_any(_verified_tls(host))
-        )
+        cluster.transport_socket = TransportSocket(name=TLS_SOCKET, typed_config=_any(_verified_tls(host)))
     return cluster
 
 
@@ -894,6 +1170,28 @@ def stats_sink() -> StatsSink:
     return StatsSink(name="envoy.stat_sinks.open_telemetry", typed_config=_any(sink))
 
 
+def jwks_clusters(registry: Registry) -> list[Cluster]:
+    """One cluster per host that serves a JWKS URL (HTTPS unless the URL says http)."""
+    clusters: dict[str, Cluster] = {}
+    for consumer in registry.consumers:
+        uri = consumer.jwt.jwks_uri if consumer.jwt is not None else None
+        if uri is None:
+            continue
+        parts = urlsplit(uri)
+        host = parts.hostname or ""
+        name = jwks_cluster_name(uri)
+        cluster = Cluster(
+            name=name,
+            type=ClusterDiscoveryType.STATIC if _is_ip(host) else ClusterDiscoveryType.STRICT_DNS,
+            connect_timeout=_ms(1000),
+            load_assignment=_endpoints(name, [(host, parts.port or (443 if parts.scheme == "https" else 80))]),
+        )
+        if parts.scheme == "https":
+            cluster.transport_socket = TransportSocket(name=TLS_SOCKET, typed_config=_any(UpstreamTlsContext(sni=host)))
+        clusters[name] = cluster
+    return list(clusters.values())
+
+
 def stats_listener(registry: Registry, port: int) -> Listener:
     """Prometheus metrics and readiness from the admin, without exposing the admin itself."""
     routes = [Route(match=RouteMatch(path=path), route=RouteAction(cluster=ADMIN_CLUSTER)) for path in STATS_PATHS]
@@ -925,6 +1223,7 @@ def bootstrap(registry: Registry, workers: int | None = None, placement: Placeme
     clusters = [ext_proc_cluster(registry, count, placement.broker_host)]
     clusters.append(control_plane_cluster(registry, placement.broker_host))
     clusters += [version_cluster(m, v) for m in registry.models for v in m.versions]
+    clusters += jwks_clusters(registry)
     if placement.stats_port is not None:
         listeners.append(stats_listener(registry, placement.stats_port))
         clusters.append(admin_cluster(registry))

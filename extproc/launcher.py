@@ -8,6 +8,7 @@ import random
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -83,13 +84,13 @@ def free_port(host: str = "127.0.0.1") -> int:
     return free_port_run(1, host)
 
 
-def wait_ready(url: str, timeout_s: float = READY_TIMEOUT_S) -> None:
+def wait_ready(url: str, timeout_s: float = READY_TIMEOUT_S, context: ssl.SSLContext | None = None) -> None:
     """Until `url` answers 200 (Envoy up, routes loaded, broker answering)."""
     deadline = time.monotonic() + timeout_s
     last = ""
     while time.monotonic() < deadline:
         try:
-            with urllib.request.urlopen(url, timeout=2) as resp:
+            with urllib.request.urlopen(url, timeout=2, context=context) as resp:
                 if resp.status == 200:
                     return
         except OSError as exc:
@@ -162,12 +163,26 @@ def up(
                 running([envoy_binary(), "-c", str(envoy_yaml), "--log-level", "warn", "--disable-hot-restart"])
             )
         )
-        base = f"http://{registry.listener.address}:{registry.listener.port}"
-        wait_ready(base + wire.PATH_HEALTHZ)
+        base = f"{listener_scheme(registry)}://{registry.listener.address}:{registry.listener.port}"
+        wait_ready(base + wire.PATH_HEALTHZ, context=_loopback_probe_context(registry))
         for port in extra_ports or []:
             wait_listening(port)
         print(_banner(registry, base, config_path), flush=True)
         return _wait_for_signal(procs)
+
+
+def listener_scheme(registry: Registry) -> str:
+    return "https" if registry.listener.tls is not None else "http"
+
+
+def _loopback_probe_context(registry: Registry) -> ssl.SSLContext | None:
+    """The readiness probe talks to our own Envoy, whose certificate names the public host, not the address."""
+    if registry.listener.tls is None:
+        return None
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    return context
 
 
 def _banner(registry: Registry, base: str, config_path: str) -> str:

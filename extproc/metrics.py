@@ -28,8 +28,9 @@ STAGE_SECONDS = Histogram(
 )
 REQUESTS = Counter(
     "model_broker_requests_total",
-    "Requests the broker answered, by model and outcome (ok, degraded reason, or error code).",
-    ["model", "outcome"],
+    "Requests the broker answered, by model, outcome (ok, degraded reason, or error code) and consumer.",
+    # The consumer Envoy verified ("" in open mode): a bounded set, declared in the registry.
+    ["model", "outcome", "consumer"],
 )
 FEATURE_CACHE = Counter(
     "model_broker_feature_cache_total",
@@ -52,10 +53,10 @@ VERSION_WEIGHT = Gauge(
 )
 
 
-def record_request(model: str, stages: Iterable[tuple[str, float]], outcome: str) -> None:
+def record_request(model: str, stages: Iterable[tuple[str, float]], outcome: str, consumer: str = "") -> None:
     for stage, seconds in stages:
         STAGE_SECONDS.labels(model, stage).observe(seconds)
-    REQUESTS.labels(model, outcome).inc()
+    REQUESTS.labels(model, outcome, consumer).inc()
 
 
 ROLLBACKS = Counter(

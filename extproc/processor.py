@@ -96,7 +96,9 @@ class BrokerProcessor(Processor):
         if self._audit is not None and self._audit.covers(route.model):
             if self._audit.refuses():  # nothing runs that cannot be audited
                 return self._reject(AUDIT_FULL, ctx)
-            ctx.audit = AuditDraft(route.model, ctx.started_at, request_sha256=sha256(raw))
+            ctx.audit = AuditDraft(
+                route.model, ctx.started_at, request_sha256=sha256(raw), consumer=ctx.consumer or None
+            )
         doc = self._document(raw, ctx)
         if isinstance(doc, BrokerError):
             return self._reject(doc, ctx)
@@ -118,7 +120,7 @@ class BrokerProcessor(Processor):
         metadata: dict[str, Any] = {wire.META_APPROVED: True, wire.META_SERVER_TIMING: ctx.server_timing()}
         if degraded:
             metadata[wire.META_DEGRADED] = degraded
-        metrics.record_request(route.model, ctx.stages, degraded or "ok")
+        metrics.record_request(route.model, ctx.stages, degraded or "ok", ctx.consumer)
         # Model routes ask for the request body only (sticky ones send the headers first);
         # audited ones also send the response.
         ctx.finished = ctx.audit is None
@@ -154,7 +156,8 @@ class BrokerProcessor(Processor):
         if audited:
             self._audit_members(outcomes, doc, key, sha256(raw), ctx)
         # Labelled by route name, as `_reject` labels this ensemble's early errors.
-        metrics.record_request(ctx.route_name, ctx.stages, answer["error"]["code"] if "error" in answer else "ok")
+        outcome = answer["error"]["code"] if "error" in answer else "ok"
+        metrics.record_request(ctx.route_name, ctx.stages, outcome, ctx.consumer)
         return responses.immediate_json(
             status, answer, details="ensemble", headers=[(wire.HEADER_SERVER_TIMING, ctx.server_timing())]
         )
@@ -176,6 +179,7 @@ class BrokerProcessor(Processor):
                 features=outcome.features,
                 feature_status="ok" if outcome.features is not None else None,
                 parent_request_id=ctx.request_id,
+                consumer=ctx.consumer or None,
             )
             if isinstance(outcome, MemberFailure):
                 draft.error_code = outcome.error.code.value
@@ -213,7 +217,7 @@ class BrokerProcessor(Processor):
     def _reject(self, error: BrokerError, ctx: RequestContext) -> ProcessingResponse:
         ctx.lap("reject")
         ctx.finished = True
-        metrics.record_request(ctx.route_name, ctx.stages, error.code.value)
+        metrics.record_request(ctx.route_name, ctx.stages, error.code.value, ctx.consumer)
         if ctx.audit is not None:
             ctx.audit.error_code = error.code.value
             if not self._write_audit(ctx, error.status, error_body(error, ctx.request_id)):
@@ -227,7 +231,7 @@ class BrokerProcessor(Processor):
         ctx.lap("upstream")
         if ctx.audit is None and self._audit is not None and self._audit.covers(ctx.route_name):
             # Envoy refused the request before any body phase (it had no body): audit that answer too.
-            ctx.audit = AuditDraft(ctx.route_name, ctx.started_at)
+            ctx.audit = AuditDraft(ctx.route_name, ctx.started_at, consumer=ctx.consumer or None)
         return responses.continue_response_headers()
 
     async def response_body(self, msg: HttpBody, ctx: RequestContext) -> ProcessingResponse:

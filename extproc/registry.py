@@ -6,7 +6,9 @@ Validated at load; every problem is reported with its field path so
 
 from __future__ import annotations
 
+import hashlib
 import ipaddress
+import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +24,10 @@ from extproc import wire
 # later, a Kubernetes object name: keep it a DNS label.
 DNS_LABEL = r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$"
 FEATURE_NAME = r"^[A-Za-z_][A-Za-z0-9_.:-]{0,127}$"
+# What `model-broker hash-key` prints: the algorithm is named so it can change later.
+API_KEY_HASH = r"^sha256:[0-9a-f]{64}$"
+# In a consumer's allow-list: every model and every ensemble.
+ALL_ROUTES = "*"
 JSON_KEY = r"^[A-Za-z_][A-Za-z0-9_-]{0,63}$"
 
 Port = Annotated[int, Field(ge=1, le=65535)]
@@ -37,6 +43,24 @@ class Strict(BaseModel):
 class Address(Strict):
     address: str = "127.0.0.1"
     port: Port
+
+
+class TLS(Strict):
+    """PEM files for the public listener; relative paths resolve next to the registry."""
+
+    certificate_chain: str
+    private_key: str
+
+
+class Listener(Address):
+    # Declared certificate files switch the public listener to HTTPS only.
+    tls: TLS | None = None
+
+
+class Admin(Address):
+    # Serve the broker's admin endpoints (GET /models) on the public listener.
+    # Default: yes in open mode (no consumers), no once consumers are declared.
+    public_endpoints: bool | None = None
 
 
 class Broker(Strict):
@@ -287,6 +311,62 @@ class Model(Strict):
         return tuple(names)
 
 
+def hash_api_key(key: str) -> str:
+    """The registry form of an API key: what `consumers[].api_keys` holds instead of the key."""
+    return "sha256:" + hashlib.sha256(key.encode()).hexdigest()
+
+
+class RateLimit(Strict):
+    """A token bucket: `requests` tokens per `unit`, holding at most `burst` (default `requests`)."""
+
+    requests: Annotated[int, Field(ge=1, le=1_000_000_000)]
+    unit: Literal["second", "minute", "hour"] = "second"
+    burst: Annotated[int, Field(ge=1, le=1_000_000_000)] | None = None
+
+    @property
+    def seconds(self) -> int:
+        return {"second": 1, "minute": 60, "hour": 3600}[self.unit]
+
+
+class JwtCredential(Strict):
+    """Tokens from `issuer` (optionally only for `subject`) verified against a JWKS file or URL."""
+
+    issuer: Annotated[str, Field(min_length=1)]
+    audiences: tuple[Annotated[str, Field(min_length=1)], ...] = ()
+    subject: Annotated[str, Field(min_length=1)] | None = None
+    jwks_file: str | None = None
+    jwks_uri: Annotated[str, Field(pattern=r"^https?://[^/:]+(:\d+)?(/.*)?$")] | None = None
+
+    @model_validator(mode="after")
+    def _one_source(self) -> JwtCredential:
+        if (self.jwks_file is None) == (self.jwks_uri is None):
+            raise ValueError("declare exactly one of 'jwks_file' or 'jwks_uri'")
+        return self
+
+
+class Consumer(Strict):
+    """Who may call: credentials, the routes it may call, and its rate limit."""
+
+    name: Annotated[str, Field(pattern=DNS_LABEL)]
+    # SHA-256 of each API key (`model-broker hash-key`); several allow rotation without downtime.
+    api_keys: tuple[Annotated[str, Field(pattern=API_KEY_HASH)], ...] = ()
+    jwt: JwtCredential | None = None
+    # Models and ensembles it may call, by name, or "*" for all of them.
+    models: tuple[str, ...] = ()
+    # May call the admin endpoints (GET /models) when they are on the public listener.
+    admin: bool = False
+    rate_limit: RateLimit | None = None
+
+    @model_validator(mode="after")
+    def _has_credential(self) -> Consumer:
+        if not self.api_keys and self.jwt is None:
+            raise ValueError("declare 'api_keys', 'jwt' or both")
+        return self
+
+    def may_call(self, route: str) -> bool:
+        return route in self.models or ALL_ROUTES in self.models
+
+
 AggregationMethod = Literal["all", "mean", "weighted_mean", "majority_vote", "first_success"]
 # Methods that read one field of every member's answer.
 FIELD_METHODS = frozenset({"mean", "weighted_mean", "majority_vote"})
@@ -400,8 +480,8 @@ class Limits(Strict):
 
 class Registry(Strict):
     registry_version: str = "0"
-    listener: Address = Address(port=8080)
-    admin: Address = Address(port=9901)
+    listener: Listener = Listener(port=8080)
+    admin: Admin = Admin(port=9901)
     broker: Broker = Broker()
     metrics: Metrics = Metrics()
     control_plane: ControlPlane = ControlPlane()
@@ -413,6 +493,22 @@ class Registry(Strict):
     egress: Address = Address(port=8081)
     limits: Limits = Limits()
     audit: Audit | None = None
+    # None declared: open mode, anyone who reaches the listener may call any model.
+    consumers: tuple[Consumer, ...] = ()
+
+    @property
+    def admin_endpoints_public(self) -> bool:
+        """Whether GET /models is served on the public listener (see `Admin.public_endpoints`)."""
+        if self.admin.public_endpoints is None:
+            return not self.consumers
+        return self.admin.public_endpoints
+
+    def route_names(self) -> tuple[tuple[str, str], ...]:
+        """(name in an allow-list, route name Envoy reports) for every model and ensemble."""
+        return (
+            *((m.name, m.name) for m in self.models),
+            *((e.name, wire.ensemble_route(e.name)) for e in self.ensembles),
+        )
 
     def model(self, name: str) -> Model | None:
         return next((m for m in self.models if m.name == name), None)
@@ -455,11 +551,13 @@ def _loc(parts: tuple[int | str, ...]) -> str:
 
 
 def _unique_names(reg: Registry) -> Iterator[Problem]:
-    for kind, names in (
+    kinds = (
         ("entities", [e.name for e in reg.entities]),
         ("models", [m.name for m in reg.models]),
         ("ensembles", [e.name for e in reg.ensembles]),
-    ):
+        ("consumers", [c.name for c in reg.consumers]),
+    )
+    for kind, names in kinds:
         seen: set[str] = set()
         for i, name in enumerate(names):
             if name in seen:
@@ -579,6 +677,34 @@ def _ports_and_budgets(reg: Registry) -> Iterator[Problem]:
         )
 
 
+def _consumer_references(reg: Registry) -> Iterator[Problem]:
+    """Allow-lists name real routes; a key or a token identifies exactly one consumer."""
+    routes = {*(name for name, _ in reg.route_names()), ALL_ROUTES}
+    keys: dict[str, str] = {}
+    tokens: dict[tuple[str, str | None], str] = {}
+    for i, consumer in enumerate(reg.consumers):
+        here = f"consumers[{i}]"
+        for j, name in enumerate(consumer.models):
+            if name not in routes:
+                known = ", ".join(n for n, _ in reg.route_names()) or "none declared"
+                yield Problem(f"{here}.models[{j}]", f"unknown model or ensemble '{name}' (known: {known}, or '*')")
+        for j, key in enumerate(consumer.api_keys):
+            if key in keys:
+                yield Problem(f"{here}.api_keys[{j}]", f"the same key hash is already {keys[key]}")
+            keys.setdefault(key, f"{here}.api_keys[{j}]")
+        if consumer.jwt is not None:
+            issuer, subject = consumer.jwt.issuer, consumer.jwt.subject
+            # A consumer without a subject takes every token of its issuer: sharing it would be ambiguous.
+            clash = tokens.get((issuer, subject)) or tokens.get((issuer, None))
+            if clash is None and subject is None:
+                clash = next((where for (i, _), where in tokens.items() if i == issuer), None)
+            if clash is not None:
+                yield Problem(f"{here}.jwt", f"a token could match both this consumer and {clash} (same issuer)")
+            tokens.setdefault((issuer, subject), here)
+    if reg.admin.public_endpoints and reg.consumers and not any(c.admin for c in reg.consumers):
+        yield Problem("admin.public_endpoints", "no consumer has 'admin: true', so nobody could call them")
+
+
 def _audit_references(reg: Registry) -> Iterator[Problem]:
     if reg.audit is None:
         for i, model in enumerate(reg.models):
@@ -599,6 +725,10 @@ def _cross_references(reg: Registry) -> Iterator[Problem]:
     yield from _model_references(reg)
     yield from _ensemble_references(reg)
     yield from _ports_and_budgets(reg)
+    yield from _consumer_references(reg)
+    if not _is_loopback(reg.admin.address):
+        # Envoy's admin interface has no authentication and can stop Envoy or rewrite its runtime.
+        yield Problem("admin.address", f"'{reg.admin.address}' is not loopback; Envoy's admin interface must not be")
     yield from _audit_references(reg)
 
 
@@ -625,17 +755,62 @@ def load_registry(path: str | Path) -> Registry:
         raise RegistryInvalid([Problem("", f"cannot read {file}: {exc.strerror}")]) from None
     except yaml.YAMLError as exc:
         raise RegistryInvalid([Problem("", f"not valid YAML: {exc}")]) from None
-    reg = parse_registry(data)
+    reg = _resolve_files(parse_registry(data), file)
+    problems = list(_file_problems(reg))
+    if problems:
+        raise RegistryInvalid(problems)
+    return reg
+
+
+def _resolve_files(reg: Registry, file: Path) -> Registry:
+    """Every path the registry names, made absolute relative to the registry's directory."""
     embedded = reg.feature_store.embedded
-    if embedded is not None and not Path(embedded.path).is_absolute():
-        absolute = EmbeddedStore(path=_beside(file, embedded.path))
-        reg = reg.model_copy(update={"feature_store": reg.feature_store.model_copy(update={"embedded": absolute})})
-    if not Path(reg.control_plane.state_file).is_absolute():
-        state_file = str((file.parent / reg.control_plane.state_file).resolve())
-        reg = reg.model_copy(update={"control_plane": reg.control_plane.model_copy(update={"state_file": state_file})})
+    if embedded is not None:
+        store = reg.feature_store.model_copy(update={"embedded": EmbeddedStore(path=_beside(file, embedded.path))})
+        reg = reg.model_copy(update={"feature_store": store})
+    plane = reg.control_plane
+    reg = reg.model_copy(
+        update={"control_plane": plane.model_copy(update={"state_file": _beside(file, plane.state_file)})}
+    )
     if reg.audit is not None:
         reg = reg.model_copy(update={"audit": _audit_paths_beside(file, reg.audit)})
-    return reg
+    tls = reg.listener.tls
+    if tls is not None:
+        files = TLS(certificate_chain=_beside(file, tls.certificate_chain), private_key=_beside(file, tls.private_key))
+        reg = reg.model_copy(update={"listener": reg.listener.model_copy(update={"tls": files})})
+    consumers = [
+        c.model_copy(update={"jwt": c.jwt.model_copy(update={"jwks_file": _beside(file, c.jwt.jwks_file)})})
+        if c.jwt is not None and c.jwt.jwks_file is not None
+        else c
+        for c in reg.consumers
+    ]
+    return reg.model_copy(update={"consumers": tuple(consumers)})
+
+
+def _file_problems(reg: Registry) -> Iterator[Problem]:
+    """Files Envoy reads at start: missing or malformed ones are reported now, not as an Envoy crash."""
+    tls = reg.listener.tls
+    if tls is not None:
+        for name in ("certificate_chain", "private_key"):
+            if not Path(getattr(tls, name)).is_file():
+                yield Problem(f"listener.tls.{name}", f"no such file: {getattr(tls, name)}")
+    for i, consumer in enumerate(reg.consumers):
+        if consumer.jwt is not None and consumer.jwt.jwks_file is not None:
+            problem = _jwks_problem(Path(consumer.jwt.jwks_file))
+            if problem:
+                yield Problem(f"consumers[{i}].jwt.jwks_file", problem)
+
+
+def _jwks_problem(path: Path) -> str:
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        return f"cannot read {path}: {exc.strerror}"
+    except ValueError:
+        return f"{path} is not JSON"
+    if not isinstance(doc, dict) or not isinstance(doc.get("keys"), list) or not doc["keys"]:
+        return f"{path} is not a JWKS (a JSON object with a non-empty 'keys' list)"
+    return ""
 
 
 def _beside(file: Path, path: str) -> str:

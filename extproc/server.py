@@ -41,6 +41,13 @@ def read_response_attributes(fields: Any, ctx: RequestContext) -> None:
         ctx.request_id = fields[wire.ATTR_REQUEST_ID].string_value
 
 
+def read_consumer(request: ProcessingRequest, ctx: RequestContext) -> None:
+    """The consumer Envoy's authentication filter verified, forwarded as metadata clients cannot write."""
+    auth = request.metadata_context.filter_metadata.get(wire.AUTH_NAMESPACE)
+    if auth is not None and wire.META_CONSUMER in auth.fields:
+        ctx.consumer = auth.fields[wire.META_CONSUMER].string_value
+
+
 class ExtProcService(ext_proc_grpc.ExternalProcessorServicer):  # type: ignore[misc]  # generated, untyped
     def __init__(self, processor: Processor) -> None:
         self._finish = processor.finish
@@ -59,6 +66,8 @@ class ExtProcService(ext_proc_grpc.ExternalProcessorServicer):  # type: ignore[m
             while (request := await context.read()) is not grpc.aio.EOF:
                 if request.attributes:
                     read_attributes(request, ctx)
+                if request.HasField("metadata_context"):
+                    read_consumer(request, ctx)
                 handler = self._handlers.get(request.WhichOneof("request") or "")
                 if handler is None:
                     # Trailers are never requested by the generated config; refuse loudly if they come.

@@ -21,6 +21,18 @@ META_VERSION: Final = "version"
 # Set when a fail-open model was forwarded without features; becomes a response header.
 META_DEGRADED: Final = "degraded"
 
+# Who the caller is, written by Envoy's authentication (Lua) filter after it
+# verified an API key or a JWT. A namespace of its own: ext_proc accepts only
+# `model_broker` from the broker, so not even the broker can write this one, and
+# clients cannot write dynamic metadata at all. Forwarded to the broker as
+# `ProcessingRequest.metadata_context`.
+AUTH_NAMESPACE: Final = "model_broker_auth"
+META_CONSUMER: Final = "consumer"
+# Seconds until a rate-limited consumer's bucket has a token again: the 429's retry-after.
+META_RETRY_AFTER: Final = "retry_after"
+# Where jwt_authn writes verified payloads, one key per consumer (`payload_in_metadata`).
+JWT_AUTHN_NAMESPACE: Final = "envoy.filters.http.jwt_authn"
+
 # Request attributes the ext_proc filter sends with the first message (CEL names).
 # With the header phase skipped they are the broker's only view of the request.
 ATTR_ROUTE_NAME: Final = "xds.route_name"
@@ -50,6 +62,12 @@ HEADER_SERVER_TIMING: Final = "server-timing"
 # by the broker from the body in the body phase, overwriting any client copy.
 HEADER_STICKY_KEY: Final = "x-broker-sticky-key"
 HEADER_REQUEST_ID: Final = "x-request-id"
+
+# Request headers of the authentication filter. The client's API key; removed
+# before anything goes upstream, so no model ever sees it.
+HEADER_API_KEY: Final = "x-api-key"
+# The verified consumer, for the model; Envoy removes any client copy first.
+HEADER_CONSUMER: Final = "x-broker-consumer"
 
 # Route names: a model route is named after the model; the broker's own
 # endpoints carry a prefix no model name can have (model names are DNS labels).

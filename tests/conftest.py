@@ -11,6 +11,7 @@ import copy
 import os
 import shutil
 import signal
+import ssl
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -151,7 +152,13 @@ class Stack:
 
     @property
     def base(self) -> str:
-        return f"http://127.0.0.1:{self.doc['listener']['port']}"
+        scheme = "https" if self.doc["listener"].get("tls") else "http"
+        return f"{scheme}://127.0.0.1:{self.doc['listener']['port']}"
+
+    def ssl_context(self) -> ssl.SSLContext | None:
+        """Trusts the listener's (self-signed) certificate when TLS is declared."""
+        tls = self.doc["listener"].get("tls")
+        return ssl.create_default_context(cafile=tls["certificate_chain"]) if tls else None
 
     @property
     def admin(self) -> str:
@@ -180,7 +187,7 @@ class Stack:
             for version in model.versions:
                 if version.backend.service is not None:
                     wait_listening(version.backend.service.port)
-        wait_ready(self.base + "/healthz")
+        wait_ready(self.base + "/healthz", context=self.ssl_context())
         return self
 
     def start_broker(self) -> None:

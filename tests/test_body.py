@@ -95,3 +95,25 @@ def test_injected_features_replace_the_consumers_copy() -> None:
     doc = {"customer_id": "c-1", "features": {"income": 1, "vip": True}}
     out = orjson.loads(inject_features(doc, "features", {"income": 52000}))
     assert out == {"customer_id": "c-1", "features": {"income": 52000}}
+
+
+@pytest.mark.parametrize(
+    ("literal", "accepted"),
+    [
+        (b"-9223372036854775808", True),
+        (b"18446744073709551615", True),
+        (b"-9223372036854775809", False),
+        (b"18446744073709551616", False),
+        (b"123456789012345678901234567890", False),
+        (b'"123456789012345678901234567890"', True),
+    ],
+    ids=["int64-min", "uint64-max", "below-int64", "above-uint64", "30-digits", "30-digit-string"],
+)
+def test_integers_beyond_64_bits_are_refused_not_rounded(literal: bytes, accepted: bool) -> None:
+    """orjson would turn them into floats silently; the client gets a 400 instead of a different number."""
+    result = parse_json_object(b'{"customer_id": "c-1", "n": ' + literal + b"}", 32)
+    if accepted:
+        assert isinstance(result, dict) and orjson.dumps(result["n"]) == literal
+    else:
+        assert isinstance(result, BrokerError) and result.code == ErrorCode.INVALID_BODY
+        assert "64-bit" in result.message

@@ -11,6 +11,7 @@ import pytest
 import yaml
 
 from extproc.launcher import envoy_binary
+from extproc.registry import hash_api_key
 from tests.conftest import DEMO_DIR, ROOT, demo_registry_doc
 
 
@@ -103,6 +104,46 @@ def test_committed_envoy_configs_are_current() -> None:
         result = run_cli("envoy-config", "--config", str(example))
         assert result.returncode == 0, result.stderr
         assert result.stdout == committed.read_text(), f"regenerate {committed.name}: see envoy/README.md"
+
+
+def test_hash_key_reads_stdin_and_generates() -> None:
+    """`hash-key` hashes a key from stdin (never argv); `--generate` prints a new key and its hash."""
+    hashed = subprocess.run(
+        [sys.executable, "-m", "extproc.cli", "hash-key"], input="hello\n", capture_output=True, text=True, check=True
+    )
+    assert hashed.stdout.strip() == hash_api_key("hello")
+    generated = run_cli("hash-key", "--generate")
+    key_line, hash_line = generated.stdout.splitlines()
+    assert hash_line.split()[1] == hash_api_key(key_line.split()[1])
+    empty = subprocess.run(
+        [sys.executable, "-m", "extproc.cli", "hash-key"], input="", capture_output=True, text=True, check=False
+    )
+    assert empty.returncode == 2
+
+
+def test_secured_config_filter_order_and_private_admin(tmp_path: Path) -> None:
+    """With consumers: auth filters run before ext_proc, /models is not routed unless declared, Envoy loads it."""
+    doc = yaml.safe_load((ROOT / "examples" / "secured-consumers.yaml").read_text())
+    del doc["admin"]["public_endpoints"]
+    result = run_cli("envoy-config", "--config", write(tmp_path, doc))
+    assert result.returncode == 0, result.stderr
+    config = yaml.safe_load(result.stdout)
+    hcm = config["staticResources"]["listeners"][0]["filterChains"][0]["filters"][0]["typedConfig"]
+    assert [f["name"] for f in hcm["httpFilters"]] == [
+        "envoy.filters.http.jwt_authn",
+        "envoy.filters.http.lua",
+        "model_broker.authorize",
+        "envoy.filters.http.local_ratelimit",
+        "envoy.filters.http.ext_proc",
+        "envoy.filters.http.buffer",
+        "envoy.filters.http.rbac",
+        "envoy.filters.http.router",
+    ]
+    routes = [r["name"] for r in hcm["routeConfig"]["virtualHosts"][0]["routes"]]
+    assert "broker:models" not in routes and "broker:healthz" in routes
+    assert "plain-api-key" not in result.stdout  # only hashes reach Envoy's config
+    checked = validate_with_envoy(result.stdout, tmp_path)
+    assert checked.returncode == 0, checked.stdout + checked.stderr
 
 
 def test_check_names_bad_ensemble_fields(tmp_path: Path) -> None:

@@ -18,11 +18,12 @@ from google.protobuf.struct_pb2 import Struct
 
 from extproc import wire
 from extproc.adapters.egress import EgressClient
+from extproc.context import RequestContext
 from extproc.features import CachedFeatureStore, EmbeddedFeatureStore
 from extproc.launcher import free_port
 from extproc.processor import BrokerProcessor
 from extproc.registry import parse_registry
-from extproc.server import add_service
+from extproc.server import add_service, read_consumer
 from tests.conftest import DEMO_DIR, demo_registry_doc
 
 
@@ -119,3 +120,15 @@ async def test_trailers_are_refused_loudly(stub: ext_proc_grpc.ExternalProcessor
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await exchange(stub, ProcessingRequest(request_trailers={}))
     assert caught.value.code() == grpc.StatusCode.UNIMPLEMENTED
+
+
+def test_consumer_is_read_from_the_auth_namespace_only() -> None:
+    """The request context takes the consumer from Envoy's auth metadata, never from another namespace."""
+    request = ProcessingRequest()
+    request.metadata_context.filter_metadata[wire.METADATA_NAMESPACE].update({wire.META_CONSUMER: "mallory"})
+    ctx = RequestContext()
+    read_consumer(request, ctx)
+    assert ctx.consumer == ""
+    request.metadata_context.filter_metadata[wire.AUTH_NAMESPACE].update({wire.META_CONSUMER: "alice"})
+    read_consumer(request, ctx)
+    assert ctx.consumer == "alice"

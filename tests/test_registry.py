@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
-from extproc.registry import RegistryInvalid, parse_registry
+from extproc.registry import RegistryInvalid, hash_api_key, load_registry, parse_registry
 
 BASE: dict[str, Any] = {
     "feature_store": {"embedded": {"path": "f.json"}},
@@ -129,6 +131,130 @@ def test_cross_reference_problems() -> None:
 def test_not_a_mapping(doc: Any) -> None:
     """An empty or non-mapping file gets one clear message."""
     assert problems(doc) == ["the registry must be a YAML mapping"]
+
+
+KEY_HASH = hash_api_key("a-key")
+
+
+def with_consumers(*consumers: dict[str, Any], **top: Any) -> dict[str, Any]:
+    doc = copy.deepcopy(BASE)
+    doc["consumers"] = list(consumers)
+    doc.update(top)
+    return doc
+
+
+CONSUMER_PROBLEMS: list[tuple[str, dict[str, Any], str]] = [
+    (
+        "unknown-model",
+        with_consumers({"name": "a", "api_keys": [KEY_HASH], "models": ["fraud"]}),
+        "consumers[0].models[0]: unknown model or ensemble 'fraud' (known: credit-risk, or '*')",
+    ),
+    (
+        "duplicate-key-hash",
+        with_consumers({"name": "a", "api_keys": [KEY_HASH]}, {"name": "b", "api_keys": [KEY_HASH]}),
+        "consumers[1].api_keys[0]: the same key hash is already consumers[0].api_keys[0]",
+    ),
+    (
+        "malformed-hash",
+        with_consumers({"name": "a", "api_keys": ["sha256:ABC"]}),
+        "consumers[0].api_keys[0]: String should match pattern",
+    ),
+    (
+        "plaintext-key",
+        with_consumers({"name": "a", "api_keys": ["my-secret-key"]}),
+        "consumers[0].api_keys[0]: String should match pattern",
+    ),
+    ("no-credential", with_consumers({"name": "a", "models": ["*"]}), "consumers[0]: Value error, declare 'api_keys'"),
+    (
+        "two-jwks-sources",
+        with_consumers({"name": "a", "jwt": {"issuer": "i", "jwks_file": "j", "jwks_uri": "https://x/j"}}),
+        "consumers[0].jwt: Value error, declare exactly one of 'jwks_file' or 'jwks_uri'",
+    ),
+    (
+        "same-issuer-and-subject",
+        with_consumers(
+            {"name": "a", "jwt": {"issuer": "i", "jwks_uri": "https://x/j"}},
+            {"name": "b", "jwt": {"issuer": "i", "jwks_uri": "https://x/j"}},
+        ),
+        "consumers[1].jwt: a token could match both this consumer and consumers[0] (same issuer)",
+    ),
+    (
+        "issuer-wide-and-subject",
+        with_consumers(
+            {"name": "a", "jwt": {"issuer": "i", "subject": "s", "jwks_uri": "https://x/j"}},
+            {"name": "b", "jwt": {"issuer": "i", "jwks_uri": "https://x/j"}},
+        ),
+        "consumers[1].jwt: a token could match both this consumer and consumers[0] (same issuer)",
+    ),
+    (
+        "duplicate-consumer",
+        with_consumers({"name": "a", "api_keys": [KEY_HASH]}, {"name": "a", "api_keys": [hash_api_key("other")]}),
+        "consumers[1].name: duplicate name 'a'",
+    ),
+    (
+        "zero-rate",
+        with_consumers({"name": "a", "api_keys": [KEY_HASH], "rate_limit": {"requests": 0}}),
+        "consumers[0].rate_limit.requests: Input should be greater than or equal to 1",
+    ),
+    (
+        "public-admin-without-admin",
+        with_consumers({"name": "a", "api_keys": [KEY_HASH]}, admin={"port": 9901, "public_endpoints": True}),
+        "admin.public_endpoints: no consumer has 'admin: true'",
+    ),
+    (
+        "admin-not-loopback",
+        with_consumers(admin={"address": "0.0.0.0", "port": 9901}),
+        "admin.address: '0.0.0.0' is not loopback",
+    ),
+]
+
+
+@pytest.mark.parametrize(("case", "doc", "expected"), CONSUMER_PROBLEMS, ids=[c[0] for c in CONSUMER_PROBLEMS])
+def test_consumer_problems(case: str, doc: dict[str, Any], expected: str) -> None:
+    """Consumer mistakes (names, keys, allow-lists, admin exposure) are reported at their field path."""
+    found = problems(doc)
+    assert any(p.startswith(expected) for p in found), (case, found)
+
+
+def test_files_named_by_the_registry_must_exist(tmp_path: Path) -> None:
+    """A missing JWKS or certificate file, or a JWKS that is not one, fails `check`, not Envoy's start."""
+    (tmp_path / "not-jwks.json").write_text('{"keys": []}')
+    doc = with_consumers(
+        {"name": "a", "jwt": {"issuer": "i", "jwks_file": "missing.json"}},
+        {"name": "b", "jwt": {"issuer": "j", "jwks_file": "not-jwks.json"}},
+        listener={"port": 8080, "tls": {"certificate_chain": "cert.pem", "private_key": "key.pem"}},
+    )
+    path = tmp_path / "registry.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    with pytest.raises(RegistryInvalid) as caught:
+        load_registry(path)
+    found = [str(p) for p in caught.value.problems]
+    assert f"listener.tls.certificate_chain: no such file: {tmp_path / 'cert.pem'}" in found
+    assert any(p.startswith("consumers[0].jwt.jwks_file: cannot read") for p in found)
+    assert any(p.startswith("consumers[1].jwt.jwks_file:") and "not a JWKS" in p for p in found)
+
+
+def test_one_issuer_serves_consumers_told_apart_by_subject() -> None:
+    """Two consumers may share an issuer when each names its own subject."""
+    doc = with_consumers(
+        {"name": "a", "jwt": {"issuer": "i", "subject": "s1", "jwks_uri": "https://x/j"}},
+        {"name": "b", "jwt": {"issuer": "i", "subject": "s2", "jwks_uri": "https://x/j"}},
+    )
+    assert [c.name for c in parse_registry(doc).consumers] == ["a", "b"]
+
+
+def test_admin_endpoints_default_follows_open_mode() -> None:
+    """/models is public while the registry is open, private once consumers exist, unless declared."""
+    assert parse_registry(BASE).admin_endpoints_public
+    secured = with_consumers({"name": "a", "api_keys": [KEY_HASH], "admin": True})
+    assert not parse_registry(secured).admin_endpoints_public
+    secured["admin"] = {"port": 9901, "public_endpoints": True}
+    assert parse_registry(secured).admin_endpoints_public
+
+
+def test_hash_api_key_is_prefixed_sha256() -> None:
+    """The registry form names its algorithm and is hashlib's SHA-256 of the UTF-8 key."""
+    assert hash_api_key("hello") == "sha256:2cf24dba5fb0a30e26e83b2ac5b9e29e1b161e5c1fa7425e73043362938b9824"
 
 
 def with_ensemble(**changes: Any) -> dict[str, Any]:

@@ -18,6 +18,8 @@ from typing import Any
 import orjson
 from aiohttp import web
 
+from extproc import wire
+
 JSON = "application/json"
 
 
@@ -67,6 +69,10 @@ def model_app(model: str, version: str, path: str = "/predict") -> web.Applicati
             "features": features,
             **(steer.get("answer") or {}),
         }
+        # Set by Envoy's authentication filter (client copies are dropped); absent in open mode.
+        consumer = request.headers.get(wire.HEADER_CONSUMER)
+        if consumer is not None:
+            answer["consumer"] = consumer
         return web.Response(body=orjson.dumps(answer), content_type=JSON)
 
     app = web.Application()
