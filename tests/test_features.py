@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 from typing import Any
 
+import orjson
 import pytest
 
 from extproc.adapters.redis_store import RedisFeatureStore
@@ -110,3 +112,12 @@ async def test_slow_store_times_out_within_budget() -> None:
     with pytest.raises(FeatureStoreUnavailable, match="50 ms"):
         await cached.fetch("k", ("a",))
     assert asyncio.get_running_loop().time() - started < 1.0
+
+
+async def test_embedded_store_values_survive_reserialisation(tmp_path: Path) -> None:
+    """An integer too large for JSON serialisation loads as a number the broker can still send."""
+    path = tmp_path / "features.json"
+    path.write_text('{"customer:x": {"big": 123456789012345678901234567890}}')
+    found = await EmbeddedFeatureStore.from_file(path).fetch("customer:x", ("big",))
+    assert found is not None
+    assert orjson.loads(orjson.dumps(found))["big"] == pytest.approx(1.2345678901234568e29)
