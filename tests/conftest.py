@@ -235,8 +235,11 @@ def run_stack(doc: dict[str, Any], workdir: Path) -> Iterator[Stack]:
 def redis_stack(redis_server: RedisServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     """The demo registry on the real Redis, with a short cache so outages show quickly."""
     doc = demo_registry_doc(
-        feature_store={"redis": {"url": redis_server.url}, "timeout_ms": 100, "cache": {"ttl_seconds": 0.5}}
+        feature_store={"redis": {"url": redis_server.url}, "timeout_ms": 1000, "cache": {"ttl_seconds": 0.5}}
     )
+    # A generous store budget: a loaded CI box must not turn a slow HMGET into a 503
+    # (outages are tested on a stack of their own, by stopping Redis).
+    doc["broker"]["message_timeout_ms"] = 1500
     with run_stack(doc, tmp_path_factory.mktemp("redis-stack")) as stack:
         yield stack
 

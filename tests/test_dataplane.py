@@ -156,7 +156,11 @@ async def test_healthz_and_models_through_envoy(redis_stack: Stack, session: aio
 
 def outage_registry(redis_url: str) -> dict[str, Any]:
     """The demo model (fail-closed) plus a fail-open twin that forwards unknown entities."""
-    doc = demo_registry_doc(feature_store={"redis": {"url": redis_url}, "timeout_ms": 200, "cache": {"ttl_seconds": 0}})
+    # A stopped Redis refuses at once; the generous budget only keeps a loaded box from timing out.
+    doc = demo_registry_doc(
+        feature_store={"redis": {"url": redis_url}, "timeout_ms": 1000, "cache": {"ttl_seconds": 0}}
+    )
+    doc["broker"]["message_timeout_ms"] = 1500
     open_model = {
         **doc["models"][0],
         "name": "credit-risk-open",
