@@ -1,4 +1,5 @@
-"""Config files for the bench: the broker registry, the plain-Envoy bootstrap and the header-phase variant.
+"""Config files for the bench: the broker registry (with its audit and ensemble variants), the plain-Envoy
+bootstrap and the header-phase variant.
 
 The plain Envoy is built from the same `extproc.envoy_config` pieces as the
 broker's (same routes, same clusters, same local replies) minus ext_proc, the
@@ -7,6 +8,8 @@ buffer and the RBAC gate, so the difference between them is the broker's cost.
 
 from __future__ import annotations
 
+import copy
+from pathlib import Path
 from typing import Any
 
 import yaml
@@ -38,6 +41,8 @@ def registry_doc(
     listener: int,
     admin: int,
     metrics: int,
+    control_plane: int,
+    control_plane_admin: int,
     broker: int,
     workers: int,
     backend: int,
@@ -51,6 +56,8 @@ def registry_doc(
         "admin": {"address": "127.0.0.1", "port": admin},
         # Several brokers run at once: none may keep the default metrics port.
         "metrics": {"address": "127.0.0.1", "port": metrics},
+        # Likewise the rollout control plane (RTDS and its admin API); its state file lands beside the registry.
+        "control_plane": {"port": control_plane, "admin_port": control_plane_admin},
         "broker": {"address": "127.0.0.1", "port": broker, "workers": workers, "message_timeout_ms": 500},
         "feature_store": {
             "redis": {"url": redis_url},
@@ -78,6 +85,45 @@ def registry_doc(
         ],
         "limits": {"max_body_bytes": 65536, "feature_headroom_bytes": 16384},
     }
+
+
+def audit_section(spool_dir: Path, sink: dict[str, Any]) -> dict[str, Any]:
+    """The registry's `audit` section: every model audited, spooled under `spool_dir`, shipped to `sink`.
+
+    Defaults (1 GiB spool, 4 MiB segments, fsync every second, fail closed)
+    except sealing and shipping, which run more often so a run's records are
+    shipped soon after it and the next run starts with an empty spool.
+    """
+    return {"spool": {"dir": str(spool_dir), "seal_after_ms": 500}, "sink": sink, "ship_interval_ms": 250}
+
+
+def aws_sink(*, endpoint_url: str, bucket: str, table: str) -> dict[str, Any]:
+    return {"aws": {"bucket": bucket, "table": table, "prefix": "audit", "endpoint_url": endpoint_url}}
+
+
+def local_sink(directory: Path) -> dict[str, Any]:
+    return {"local": {"dir": str(directory)}}
+
+
+def add_ensemble(doc: dict[str, Any], *, members: int, egress: int) -> None:
+    """`members` copies of the bench model (same backend, same features) and one ensemble over all of them.
+
+    The first member is the model itself; the copies differ only in name and
+    path. Timeouts are the demo's (2 s per member, 3 s overall), aggregation
+    is `all` (every member's answer, nothing combined).
+    """
+    base = doc["models"][0]
+    copies = [f"{base['name']}-{n}" for n in range(2, members + 1)]
+    doc["models"] += [{**copy.deepcopy(base), "name": name, "path": f"/v1/models/{name}/predict"} for name in copies]
+    doc["egress"] = {"address": "127.0.0.1", "port": egress}
+    doc["ensembles"] = [
+        {
+            "name": workload.ENSEMBLE,
+            "path": workload.ENSEMBLE_PATH,
+            "members": [{"model": name, "timeout_ms": 2000} for name in [base["name"], *copies]],
+            "deadline_ms": 3000,
+        }
+    ]
 
 
 def _socket(port: int) -> Address:

@@ -19,6 +19,14 @@ GOAL_VS_FASTAPI = 6.0
 GOAL_P99_VS_PLAIN_AT_16 = 3.0
 GOAL_BROKER_CPU_US = 150.0
 BROKERS = ("broker", "broker-nocache", "broker-headers")
+# Side by side: (variant, baseline, what the ratio prices); a row appears when both ran.
+COMPARISONS = (
+    ("broker-audit-moto", "broker", "audit to moto ÷ no audit"),
+    ("broker-audit-jsonl", "broker", "audit to JSONL ÷ no audit"),
+    ("ensemble-3", "broker", "ensemble of 3 ÷ single call"),
+    ("ensemble-1", "broker", "ensemble of 1 ÷ single call"),
+    ("ensemble-3", "ensemble-1", "ensemble of 3 ÷ ensemble of 1"),
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,9 +42,18 @@ class Sample:
     cpu_us: dict[str, float] = field(default_factory=dict)
     # Cores kept busy by processes outside the bench during the run (a shared box's noise).
     foreign_cores: float = 0.0
+    # Audited configurations: seconds after wrk stopped until the run's records were all shipped.
+    settle_s: float | None = None
+
+    @property
+    def shipped_rps(self) -> float | None:
+        """Audited: requests over the run plus the wait for its records to ship (what the box sustains)."""
+        if self.settle_s is None:
+            return None
+        return self.wrk.requests / (self.wrk.duration_s + self.settle_s)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self) | {"rps": self.wrk.rps}
+        return asdict(self) | {"rps": self.wrk.rps, "shipped_rps": self.shipped_rps}
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,6 +70,13 @@ class Row:
     socket_errors: int
     cpu_us: dict[str, float]
     foreign_cores: float
+    settle_s: float | None
+    shipped_rps: float | None
+
+    @property
+    def total_cpu_us(self) -> float:
+        """Every tier's CPU per request: the whole box's cost of one request in this configuration."""
+        return sum(self.cpu_us.values())
 
 
 def summarize(samples: Iterable[Sample]) -> list[Row]:
@@ -75,9 +99,16 @@ def summarize(samples: Iterable[Sample]) -> list[Row]:
                 socket_errors=sum(s.wrk.socket_errors for s in group),
                 cpu_us={r: statistics.median(s.cpu_us[r] for s in group if r in s.cpu_us) for r in sorted(roles)},
                 foreign_cores=statistics.median(s.foreign_cores for s in group),
+                settle_s=_median_or_none([s.settle_s for s in group]),
+                shipped_rps=_median_or_none([s.shipped_rps for s in group]),
             )
         )
     return rows
+
+
+def _median_or_none(values: Sequence[float | None]) -> float | None:
+    present = [v for v in values if v is not None]
+    return statistics.median(present) if present else None
 
 
 def _cpu(row: Row, role: str) -> str:
@@ -93,14 +124,15 @@ def _proxy_cpu(row: Row) -> str:
 def results_table(rows: Sequence[Row]) -> list[str]:
     lines = [
         "| config | conns | req/s | p50 ms | p99 ms | non-2xx | socket errors "
-        "| Envoy CPU µs/req | Python CPU µs/req | Redis CPU µs/req | model CPU µs/req | foreign load, cores |",
-        "|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
+        "| Envoy CPU µs/req | Python CPU µs/req | Redis CPU µs/req | model CPU µs/req | moto CPU µs/req "
+        "| foreign load, cores |",
+        "|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
     ]
     for row in sorted(rows, key=lambda r: (r.connections, r.label)):
         lines.append(
             f"| {row.label} | {row.connections} | {row.rps:,.0f} | {row.p50_ms:.2f} | {row.p99_ms:.2f} "
             f"| {row.non_2xx} | {row.socket_errors} | {_cpu(row, 'envoy')} | {_proxy_cpu(row)} | {_cpu(row, 'redis')} "
-            f"| {_cpu(row, 'model')} | {row.foreign_cores:.2f} |"
+            f"| {_cpu(row, 'model')} | {_cpu(row, 'aws')} | {row.foreign_cores:.2f} |"
         )
     return lines
 
@@ -110,15 +142,16 @@ def _ratio(numerator: float, denominator: float | None) -> str:
 
 
 def ratios_table(rows: Sequence[Row]) -> list[str]:
-    """Each broker variant against its neighbours at the same concurrency."""
+    """Each broker variant against its neighbours at the same concurrency; empty if no broker variant ran."""
     by_key = {(r.config, r.connections): r for r in rows}
-    lines = [
+    header = [
         f"| broker config | conns | req/s ÷ plain Envoy (goal ≥ {GOAL_VS_PLAIN}) "
         f"| ÷ aiohttp (goal ≥ {GOAL_VS_AIOHTTP}) | ÷ FastAPI (goal ≥ {GOAL_VS_FASTAPI:g}) "
         f"| p99 ÷ plain Envoy (goal ≤ {GOAL_P99_VS_PLAIN_AT_16:g} at 16) "
         f"| broker CPU µs/req (goal ≤ {GOAL_BROKER_CPU_US:.0f}) | Envoy CPU µs/req: plain → with broker |",
         "|---|--:|--:|--:|--:|--:|--:|--:|",
     ]
+    lines = []
     for connections in sorted({r.connections for r in rows}):
         plain, aio, fast = (by_key.get((c, connections)) for c in ("envoy", "aiohttp", "fastapi"))
         for name in BROKERS:
@@ -131,8 +164,42 @@ def ratios_table(rows: Sequence[Row]) -> list[str]:
                 f"| {_ratio(row.rps, aio.rps if aio else None)} | {_ratio(row.rps, fast.rps if fast else None)} "
                 f"| {_ratio(row.p99_ms, plain.p99_ms if plain else None)} | {_cpu(row, 'broker')} | {envoy_cpu} |"
             )
-    return lines
+    return [*header, *lines] if lines else []
+
+
+def comparisons_table(rows: Sequence[Row]) -> list[str]:
+    """Audit and ensembles against the plain broker (and each other) at the same concurrency; empty if none ran."""
+    by_key = {(r.config, r.connections): r for r in rows}
+    lines = []
+    for connections in sorted({r.connections for r in rows}):
+        for variant, baseline, what in COMPARISONS:
+            row, base = by_key.get((variant, connections)), by_key.get((baseline, connections))
+            if row is not None and base is not None:
+                lines.append(_comparison(what, row, base))
+    if not lines:
+        return []
+    return [
+        "| comparison | conns | req/s: baseline -> variant | ratio | p99 ms: baseline -> variant | ratio "
+        "| Python CPU µs/req | all tiers CPU µs/req | added CPU µs/req | spool empty after, s "
+        "| req/s incl. shipping |",
+        "|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
+        *lines,
+    ]
+
+
+def _comparison(what: str, row: Row, base: Row) -> str:
+    """One ratio row: baseline → variant for each number, the variant's over the baseline's."""
+    settled = "-" if row.settle_s is None else f"{row.settle_s:.1f}"
+    shipped = "-" if row.shipped_rps is None else f"{row.shipped_rps:,.0f}"
+    return (
+        f"| {what} | {row.connections} | {base.rps:,.0f} -> {row.rps:,.0f} | {_ratio(row.rps, base.rps)} "
+        f"| {base.p99_ms:.2f} -> {row.p99_ms:.2f} | {_ratio(row.p99_ms, base.p99_ms)} "
+        f"| {_cpu(base, 'broker')} -> {_cpu(row, 'broker')} "
+        f"| {base.total_cpu_us:.0f} -> {row.total_cpu_us:.0f} | {row.total_cpu_us - base.total_cpu_us:+.0f} "
+        f"| {settled} | {shipped} |"
+    )
 
 
 def render(rows: Sequence[Row], header: Sequence[str]) -> str:
-    return "\n".join([*header, "", *results_table(rows), "", *ratios_table(rows), ""])
+    tables = [table for table in (results_table(rows), ratios_table(rows), comparisons_table(rows)) if table]
+    return "\n".join([*header, *(line for table in tables for line in ["", *table]), ""])

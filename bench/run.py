@@ -18,7 +18,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager
 from pathlib import Path
 from types import FrameType
@@ -30,6 +30,10 @@ from bench.stacks import Shared, Target
 from bench.wrk import run_wrk, write_script
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
+AUDIT_NOTE = (
+    " Audited runs last until their spool is empty: their CPU includes shipping the run's records"
+    " (boto3 in the broker, and moto)."
+)
 PAUSE_BETWEEN_RUNS_S = 0.5
 
 Starter = Callable[[Shared], AbstractContextManager[Target]]
@@ -46,7 +50,18 @@ CONFIGS: dict[str, Starter] = {
     ),
     "aiohttp": stacks.aiohttp_gateway,
     "fastapi": stacks.fastapi_gateway,
+    # (b) with every execution audited (issue 4): to S3 + DynamoDB on moto, or to local JSONL files.
+    "broker-audit-moto": lambda s: stacks.broker_audit(s, "broker-audit-moto", "(b) + audit to moto", sink="moto"),
+    "broker-audit-jsonl": lambda s: stacks.broker_audit(
+        s, "broker-audit-jsonl", "(b) + audit to JSONL files", sink="jsonl"
+    ),
+    # One request, several copies of the model called concurrently through Envoy (issue 5).
+    "ensemble-3": lambda s: stacks.ensemble(s, "ensemble-3", "(e3) ensemble of 3", members=3),
+    "ensemble-1": lambda s: stacks.ensemble(s, "ensemble-1", "(e1) ensemble of 1", members=1),
 }
+# Opt-in (--configs): they explain the default comparisons but would push the default run past ~8 min.
+OPT_IN = ("broker-audit-jsonl", "ensemble-1")
+DEFAULT_CONFIGS = tuple(name for name in CONFIGS if name not in OPT_IN)
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -56,7 +71,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--rounds", type=int, default=2, help="interleaved rounds; the median is reported")
     parser.add_argument("--connections", default="16,64", help="comma-separated wrk concurrencies (e.g. 16,64,256)")
     parser.add_argument("--threads", type=int, default=2, help="wrk threads")
-    parser.add_argument("--configs", default=",".join(CONFIGS), help=f"subset of {','.join(CONFIGS)}")
+    parser.add_argument(
+        "--configs",
+        "--only",
+        default=",".join(DEFAULT_CONFIGS),
+        help=f"which to run, in this order (default: all but {', '.join(OPT_IN)}); any of {','.join(CONFIGS)}",
+    )
     parser.add_argument("--broker-workers", type=int, default=2, help="ext_proc worker processes")
     parser.add_argument("--gateway-workers", type=int, default=2, help="worker processes per Python gateway")
     parser.add_argument("--envoy-concurrency", type=int, default=2, help="Envoy worker threads, both Envoys")
@@ -69,7 +89,15 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         parser.error(f"unknown configs: {', '.join(sorted(unknown))}")
     if not 1 <= args.duration <= 120 or not 1 <= args.rounds <= 10 or not 0 <= args.warmup <= 30:
         parser.error("keep runs bounded: --duration 1..120, --rounds 1..10, --warmup 0..30")
+    warn_missing_baselines(args.configs)
     return args
+
+
+def warn_missing_baselines(selected: Sequence[str]) -> None:
+    """A comparison row needs its baseline in the same run (same box, same moment)."""
+    for variant, baseline, what in report.COMPARISONS:
+        if variant in selected and baseline not in selected:
+            print(f"bench: no '{what}' row without {baseline} in --configs", file=sys.stderr)
 
 
 def require_tools() -> None:
@@ -96,36 +124,54 @@ def stop_on_sigterm() -> Iterator[None]:
 def measure(target: Target, script: Path, connections: int, round_no: int, args: argparse.Namespace) -> Sample:
     """One wrk run with the CPU of every process charged to the target read before and after.
 
-    Whatever the box burned beyond those processes and wrk is "foreign" load
-    (other jobs on a shared machine): reported, so a noisy sample can be seen as such.
+    An audited target's window lasts until its spool is empty, so the CPU of
+    shipping the run's records (broker and moto) is charged to the run and
+    none is left to load the next one. Whatever the box burned beyond those
+    processes and wrk is "foreign" load (other jobs on a shared machine):
+    reported, so a noisy sample can be seen as such.
     """
     pids = {role: tuple(p for root in roots for p in process_tree(root)) for role, roots in target.cpu_roots.items()}
     before = {role: cpu_seconds(p) for role, p in pids.items()}
     busy_before, wrk_before, started = system_busy_seconds(), children_cpu_seconds(), time.monotonic()
     result = run_wrk(target.url, script, connections=connections, threads=args.threads, duration_s=args.duration)
+    settle_s = target.audit.settle() if target.audit is not None else None
     elapsed = time.monotonic() - started
     spent = {role: cpu_seconds(p) - before[role] for role, p in pids.items()}
     ours = sum(spent.values()) + children_cpu_seconds() - wrk_before
     foreign_cores = max(0.0, system_busy_seconds() - busy_before - ours) / elapsed
     cpu_us = {role: seconds * 1e6 / max(result.requests, 1) for role, seconds in spent.items()}
-    return Sample(target.name, target.label, connections, round_no, result, cpu_us, foreign_cores)
+    return Sample(target.name, target.label, connections, round_no, result, cpu_us, foreign_cores, settle_s)
 
 
-def warm_up(targets: Sequence[Target], script: Path, args: argparse.Namespace) -> None:
-    """Fill connection pools, caches and lazy imports before anything is measured."""
+def write_scripts(targets: Sequence[Target], workdir: Path) -> dict[str, Path]:
+    """One wrk script per request path (models and ensembles have their own), by target name."""
+    by_path = {path: write_script(workdir / f"post-{i}.lua", path) for i, path in enumerate({t.path for t in targets})}
+    return {target.name: by_path[target.path] for target in targets}
+
+
+def warm_up(targets: Sequence[Target], scripts: Mapping[str, Path], args: argparse.Namespace) -> None:
+    """Fill connection pools, caches and lazy imports before anything is measured (and ship what that audited)."""
     if args.warmup <= 0:
         return
     for target in targets:
-        run_wrk(target.url, script, connections=max(args.connections), threads=args.threads, duration_s=args.warmup)
+        run_wrk(
+            target.url,
+            scripts[target.name],
+            connections=max(args.connections),
+            threads=args.threads,
+            duration_s=args.warmup,
+        )
+        if target.audit is not None:
+            target.audit.settle()
 
 
-def load_all(targets: Sequence[Target], script: Path, args: argparse.Namespace) -> list[Sample]:
+def load_all(targets: Sequence[Target], scripts: Mapping[str, Path], args: argparse.Namespace) -> list[Sample]:
     samples = []
     for round_no in range(1, args.rounds + 1):
         for connections in args.connections:
             for target in targets:
                 time.sleep(PAUSE_BETWEEN_RUNS_S)
-                sample = measure(target, script, connections, round_no, args)
+                sample = measure(target, scripts[target.name], connections, round_no, args)
                 samples.append(sample)
                 print(_progress(sample, args.rounds), file=sys.stderr, flush=True)
     return samples
@@ -134,10 +180,11 @@ def load_all(targets: Sequence[Target], script: Path, args: argparse.Namespace) 
 def _progress(sample: Sample, rounds: int) -> str:
     cpu = ", ".join(f"{role} {us:.0f}" for role, us in sample.cpu_us.items())
     errors = f", non-2xx {sample.wrk.non_2xx}" if sample.wrk.non_2xx or sample.wrk.socket_errors else ""
+    shipped = "" if sample.settle_s is None else f"; spool empty after {sample.settle_s:.1f} s"
     return (
-        f"  round {sample.round}/{rounds} c={sample.connections:<3} {sample.config:<15} "
+        f"  round {sample.round}/{rounds} c={sample.connections:<3} {sample.config:<18} "
         f"{sample.wrk.rps:8,.0f} req/s  p50 {sample.wrk.p50_ms:6.2f} ms  p99 {sample.wrk.p99_ms:6.2f} ms"
-        f"{errors}  (CPU µs/req: {cpu}; foreign load {sample.foreign_cores:.2f} cores)"
+        f"{errors}  (CPU µs/req: {cpu}; foreign load {sample.foreign_cores:.2f} cores{shipped})"
     )
 
 
@@ -151,7 +198,8 @@ def header(args: argparse.Namespace, elapsed_s: float) -> list[str]:
         f"(non-2xx and socket errors summed over rounds). Broker: {args.broker_workers} workers; gateways: "
         f"{args.gateway_workers} workers; Envoy: {args.envoy_concurrency} worker threads. "
         f"Requests vary over 1000 customers; features from one local redis-server. Run took {elapsed_s:.0f} s.",
-        "CPU µs/req: user + system time of that tier's processes over the run, divided by requests.",
+        "CPU µs/req: user + system time of that tier's processes over the run, divided by requests."
+        + (AUDIT_NOTE if any(c.startswith("broker-audit") for c in args.configs) else ""),
     ]
 
 
@@ -160,7 +208,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     require_tools()
     started = time.monotonic()
     budget = len(args.configs) * (args.warmup + args.rounds * len(args.connections) * (args.duration + 0.6))
-    print(f"bench: {', '.join(args.configs)}; about {budget / 60:.1f} min of load", file=sys.stderr)
+    shipping = " plus the wait for audit shipping" if any(c.startswith("broker-audit") for c in args.configs) else ""
+    print(f"bench: {', '.join(args.configs)}; about {budget / 60:.1f} min of load{shipping}", file=sys.stderr)
     with (
         stop_on_sigterm(),
         tempfile.TemporaryDirectory(prefix="model-broker-bench-") as tmp,
@@ -182,9 +231,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         targets = [stack.enter_context(CONFIGS[name](shared)) for name in args.configs]
         for target in targets:
             stacks.preflight(target)
-        script = write_script(workdir / "post.lua")
-        warm_up(targets, script, args)
-        samples = load_all(targets, script, args)
+        scripts = write_scripts(targets, workdir)
+        warm_up(targets, scripts, args)
+        samples = load_all(targets, scripts, args)
     table = report.render(report.summarize(samples), header(args, time.monotonic() - started))
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(table, encoding="utf-8")

@@ -14,19 +14,22 @@ import subprocess
 import sys
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, Literal, NoReturn
 
 import redis
 import yaml
 
 from bench import configs, workload
+from bench.audit import AWS_ENV, BUCKET, TABLE, AuditTrail, moto_server
 from bench.procs import log_tail, process_group, wait_for_line
 from extproc.launcher import envoy_binary, free_port, free_port_run, wait_ready
 from extproc.registry import Registry, load_registry
+from extproc.rollout.discovery import RUNTIME_DIR_ENV
 
 ROOT = Path(__file__).resolve().parent.parent
 START_TIMEOUT_S = 30.0
@@ -43,6 +46,16 @@ class Target:
     cpu_roots: Mapping[str, tuple[int, ...]] = field(default_factory=dict)
     # Whether the model should see injected features (plain Envoy does not enrich).
     enriches: bool = True
+    # Ensembles: how many members answer, each with its own output (0: a single model call).
+    members: int = 0
+    # Audited configurations: the spool each run waits on, and the sink the preflight reads back.
+    audit: AuditTrail | None = None
+    # Shown when the preflight fails (the work directory is deleted on exit).
+    logs: tuple[Path, ...] = ()
+
+    @property
+    def path(self) -> str:
+        return urllib.parse.urlsplit(self.url).path
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,13 +107,20 @@ def wait_listening(ports: list[int], timeout_s: float = START_TIMEOUT_S) -> None
                 time.sleep(0.1)
 
 
-def post(url: str, body: bytes, timeout_s: float = 5.0) -> tuple[int, bytes]:
+@dataclass(frozen=True, slots=True)
+class Reply:
+    status: int
+    body: bytes
+    request_id: str | None
+
+
+def post(url: str, body: bytes, timeout_s: float = 5.0) -> Reply:
     request = urllib.request.Request(url, data=body, headers={"content-type": workload.JSON}, method="POST")
     try:
         with urllib.request.urlopen(request, timeout=timeout_s) as resp:
-            return resp.status, resp.read()
+            return Reply(resp.status, resp.read(), resp.headers.get("x-request-id"))
     except urllib.error.HTTPError as exc:
-        return exc.code, exc.read()
+        return Reply(exc.code, exc.read(), exc.headers.get("x-request-id"))
 
 
 @contextlib.contextmanager
@@ -138,19 +158,34 @@ def _seed(client: redis.Redis) -> None:
     pipe.execute()
 
 
+# Adds a variant's sections (audit, ensembles) to the bench registry document, in place.
+Extend = Callable[[dict[str, Any]], None]
+
+
 def write_registry(
-    workdir: Path, name: str, *, redis_url: str, backend_port: int, workers: int, cache_ttl_s: float
+    workdir: Path,
+    name: str,
+    *,
+    redis_url: str,
+    backend_port: int,
+    workers: int,
+    cache_ttl_s: float,
+    extend: Extend | None = None,
 ) -> Path:
     doc = configs.registry_doc(
         listener=free_port(),
         admin=free_port(),
         metrics=free_port(),
+        control_plane=free_port(),
+        control_plane_admin=free_port(),
         broker=free_port_run(workers),
         workers=workers,
         backend=backend_port,
         redis_url=redis_url,
         cache_ttl_s=cache_ttl_s,
     )
+    if extend is not None:
+        extend(doc)
     path = workdir / f"{name}.registry.yaml"
     path.write_text(yaml.safe_dump(doc, sort_keys=False), encoding="utf-8")
     return path
@@ -206,22 +241,30 @@ def plain_envoy(shared: Shared) -> Iterator[Target]:
             url=f"http://127.0.0.1:{listener}{workload.MODEL_PATH}",
             cpu_roots={"envoy": (envoy.pid,), **shared.common_roots},
             enriches=False,
+            logs=(log,),
         )
 
 
+@dataclass(frozen=True, slots=True)
+class RunningBroker:
+    """Envoy + broker up and answering: the public base URL and the CPU roots of both."""
+
+    base: str
+    cpu_roots: dict[str, tuple[int, ...]]
+    logs: tuple[Path, ...]
+
+
 @contextlib.contextmanager
-def broker(
-    shared: Shared, name: str, label: str, *, cache_ttl_s: float, header_phase: bool = False
-) -> Iterator[Target]:
-    """(b) Envoy + broker workers → model, features from Redis through the broker's TTL cache."""
-    config = write_registry(
-        shared.workdir,
-        name,
-        redis_url=shared.redis_url,
-        backend_port=shared.backend_port,
-        workers=shared.broker_workers,
-        cache_ttl_s=cache_ttl_s,
-    )
+def run_broker(
+    shared: Shared,
+    name: str,
+    label: str,
+    config: Path,
+    *,
+    header_phase: bool = False,
+    env: Mapping[str, str] | None = None,
+) -> Iterator[RunningBroker]:
+    """The broker supervisor and its Envoy for the registry at `config`, until the block ends."""
     registry: Registry = load_registry(config)
     envoy_yaml = shared.workdir / f"{name}.envoy.yaml"
     envoy_yaml.write_text(
@@ -238,8 +281,10 @@ def broker(
         str(shared.broker_workers),
     ]
     broker_log, envoy_log = shared.workdir / f"{name}.broker.log", shared.workdir / f"{name}.envoy.log"
+    # The control plane announces itself (admin URL and token) there: inside the work dir, deleted on exit.
+    runtime = {RUNTIME_DIR_ENV: str(shared.workdir / "runtime")}
     with (
-        process_group(serve, broker_log, env=child_env(), cwd=ROOT) as supervisor,
+        process_group(serve, broker_log, env=child_env(**runtime, **(env or {})), cwd=ROOT) as supervisor,
         process_group(_envoy_cmd(envoy_yaml, shared.envoy_concurrency), envoy_log) as envoy,
     ):
         base = f"http://{registry.listener.address}:{registry.listener.port}"
@@ -249,11 +294,87 @@ def broker(
             wait_ready(base + "/healthz", START_TIMEOUT_S)
         except RuntimeError:
             _not_started(label, broker_log, envoy_log)
+        yield RunningBroker(base, {"envoy": (envoy.pid,), "broker": (supervisor.pid,)}, (broker_log, envoy_log))
+
+
+def _registry(shared: Shared, name: str, *, cache_ttl_s: float = 5, extend: Extend | None = None) -> Path:
+    return write_registry(
+        shared.workdir,
+        name,
+        redis_url=shared.redis_url,
+        backend_port=shared.backend_port,
+        workers=shared.broker_workers,
+        cache_ttl_s=cache_ttl_s,
+        extend=extend,
+    )
+
+
+@contextlib.contextmanager
+def broker(
+    shared: Shared, name: str, label: str, *, cache_ttl_s: float, header_phase: bool = False
+) -> Iterator[Target]:
+    """(b) Envoy + broker workers → model, features from Redis through the broker's TTL cache."""
+    config = _registry(shared, name, cache_ttl_s=cache_ttl_s)
+    with run_broker(shared, name, label, config, header_phase=header_phase) as running:
         yield Target(
             name=name,
             label=label,
-            url=base + workload.MODEL_PATH,
-            cpu_roots={"envoy": (envoy.pid,), "broker": (supervisor.pid,), **shared.common_roots},
+            url=running.base + workload.MODEL_PATH,
+            cpu_roots={**running.cpu_roots, **shared.common_roots},
+            logs=running.logs,
+        )
+
+
+@contextlib.contextmanager
+def broker_audit(shared: Shared, name: str, label: str, *, sink: Literal["moto", "jsonl"]) -> Iterator[Target]:
+    """(b) with every execution audited: spooled before release, shipped to moto (S3 + DynamoDB) or JSONL files."""
+    with contextlib.ExitStack() as stack:
+        sink_doc, sink_roots = _audit_sink(stack, shared, name, sink)
+        spool = shared.workdir / f"{name}.spool"
+        section = configs.audit_section(spool, sink_doc)
+        config = _registry(shared, name, extend=lambda doc: doc.update(audit=section))
+        trail = AuditTrail(spool, config, child_env(**AWS_ENV))
+        if sink == "moto":
+            trail.init()
+        running = stack.enter_context(run_broker(shared, name, label, config, env=AWS_ENV))
+        yield Target(
+            name=name,
+            label=label,
+            url=running.base + workload.MODEL_PATH,
+            cpu_roots={**running.cpu_roots, **shared.common_roots, **sink_roots},
+            audit=trail,
+            logs=running.logs,
+        )
+
+
+def _audit_sink(
+    stack: contextlib.ExitStack, shared: Shared, name: str, sink: Literal["moto", "jsonl"]
+) -> tuple[dict[str, Any], dict[str, tuple[int, ...]]]:
+    """The registry's `audit.sink` and the CPU roots it adds: moto runs, on its own port, for "moto" only."""
+    if sink == "jsonl":
+        return configs.local_sink(shared.workdir / f"{name}.records"), {}
+    port, log = free_port(), shared.workdir / "moto.log"
+    moto = stack.enter_context(moto_server(log, port, child_env(**AWS_ENV)))
+    try:
+        wait_listening([port])
+    except RuntimeError:
+        _not_started("moto_server", log)
+    return configs.aws_sink(endpoint_url=moto.url, bucket=BUCKET, table=TABLE), {"aws": (moto.pid,)}
+
+
+@contextlib.contextmanager
+def ensemble(shared: Shared, name: str, label: str, *, members: int) -> Iterator[Target]:
+    """(e) One POST, `members` copies of the model called concurrently through Envoy's egress listener."""
+    egress = free_port()
+    config = _registry(shared, name, extend=lambda doc: configs.add_ensemble(doc, members=members, egress=egress))
+    with run_broker(shared, name, label, config) as running:
+        yield Target(
+            name=name,
+            label=label,
+            url=running.base + workload.ENSEMBLE_PATH,
+            cpu_roots={**running.cpu_roots, **shared.common_roots},
+            members=members,
+            logs=running.logs,
         )
 
 
@@ -286,6 +407,7 @@ def aiohttp_gateway(shared: Shared) -> Iterator[Target]:
             label="(c) aiohttp gateway",
             url=f"http://127.0.0.1:{port}{workload.MODEL_PATH}",
             cpu_roots={"gateway": tuple(w.pid for w in workers), **shared.common_roots},
+            logs=(log,),
         )
 
 
@@ -318,16 +440,48 @@ def fastapi_gateway(shared: Shared) -> Iterator[Target]:
             label="(d) FastAPI + httpx gateway",
             url=f"http://127.0.0.1:{port}{workload.MODEL_PATH}",
             cpu_roots={"gateway": (uvicorn.pid,), **shared.common_roots},
+            logs=(log,),
         )
 
 
 def preflight(target: Target) -> None:
-    """One request before any load: 200, and the model saw exactly the seeded features (or none)."""
+    """One request before any load: 200, the model saw exactly the seeded features (or none), and,
+    when audited, that request's record reached the sink with those features. A failure shows the logs.
+    """
+    try:
+        _preflight(target)
+    except RuntimeError as exc:
+        tails = "".join(f"\n--- last lines of {log.name}:\n{log_tail(log)}" for log in target.logs)
+        raise RuntimeError(f"{target.label}: {exc}{tails}") from None
+
+
+def _preflight(target: Target) -> None:
     index = 7
-    status, body = post(target.url, workload.request_body(index))
-    if status != 200:
-        raise RuntimeError(f"{target.label}: preflight got {status}: {body[:300]!r}")
-    seen = json.loads(body).get(workload.INJECT_AS)
+    reply = post(target.url, workload.request_body(index))
+    if reply.status != 200:
+        raise RuntimeError(f"preflight got {reply.status}: {reply.body[:300]!r}")
     expected = workload.customer_features(index) if target.enriches else {}
-    if seen != expected:
-        raise RuntimeError(f"{target.label}: the model saw features {seen!r}, expected {expected!r}")
+    for seen in _features_seen(target, json.loads(reply.body)):
+        if seen != expected:
+            raise RuntimeError(f"the model saw features {seen!r}, expected {expected!r}")
+    if target.audit is not None:
+        _check_audited(target.audit, reply.request_id, expected)
+
+
+def _features_seen(target: Target, answer: dict[str, Any]) -> list[Any]:
+    """What each model call echoed back: the answer itself, or every ensemble member's output."""
+    if not target.members:
+        return [answer.get(workload.INJECT_AS)]
+    results, errors = answer.get("results") or {}, answer.get("errors")
+    if len(results) != target.members or errors:
+        raise RuntimeError(f"expected {target.members} results and no errors, got {answer!r}")
+    return [result["output"].get(workload.INJECT_AS) for result in results.values()]
+
+
+def _check_audited(trail: AuditTrail, request_id: str | None, expected: dict[str, Any]) -> None:
+    if request_id is None:
+        raise RuntimeError("no x-request-id on the preflight answer")
+    trail.settle()
+    record = trail.show(request_id)
+    if record.get("features") != expected or (record.get("response") or {}).get("status") != 200:
+        raise RuntimeError(f"unexpected audit record for the preflight request: {record!r}")

@@ -12,6 +12,9 @@ import orjson
 
 MODEL: Final = "credit-risk"
 MODEL_PATH: Final = "/v1/models/credit-risk/predict"
+# The ensemble configurations: members are copies of MODEL on the same backend, so only the fan-out differs.
+ENSEMBLE: Final = "underwriting"
+ENSEMBLE_PATH: Final = "/v1/ensembles/underwriting/predict"
 BACKEND_PATH: Final = "/predict"
 JOIN_KEY: Final = "customer_id"
 INJECT_AS: Final = "features"

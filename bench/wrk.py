@@ -71,10 +71,10 @@ class WrkResult:
         return self.requests / self.duration_s if self.duration_s else 0.0
 
 
-def write_script(path: Path) -> Path:
+def write_script(path: Path, request_path: str = workload.MODEL_PATH) -> Path:
     """The Lua body formula is `workload.request_body`'s, so the preflight sends what wrk sends."""
     path.write_text(
-        LUA_TEMPLATE.format(path=workload.MODEL_PATH, customers=workload.CUSTOMERS, marker=MARKER), encoding="utf-8"
+        LUA_TEMPLATE.format(path=request_path, customers=workload.CUSTOMERS, marker=MARKER), encoding="utf-8"
     )
     return path
 
