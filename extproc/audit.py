@@ -198,16 +198,6 @@ class AuditSink(Protocol):
     def close(self) -> None: ...
 
 
-class AuditReader(Protocol):
-    """What `model-broker audit show|list` reads."""
-
-    def show(self, request_id: str) -> Record | None: ...
-
-    def by_model(self, model: str, since: str, until: str) -> list[dict[str, Any]]:
-        """Summaries of `model`'s records with `since <= timestamp < until` (ISO strings), oldest first."""
-        ...
-
-
 class AuditTrail:
     """One worker's audit edge: which models are audited, and the spool each record reaches first."""
 

@@ -18,7 +18,6 @@ from extproc.registry import Ensemble, Model
 
 GROUP = "model-broker.io"
 VERSION = "v1alpha1"
-API_VERSION = f"{GROUP}/{VERSION}"
 # The status condition the broker writes on every resource it has looked at.
 CONDITION_ACCEPTED = "Accepted"
 

@@ -23,10 +23,7 @@ import betterproto2
 import yaml
 from envoy_data_plane.envoy.config.accesslog.v3 import (
     AccessLogFilter,
-    ComparisonFilter,
-    ComparisonFilterOp,
     ExtensionFilter,
-    StatusCodeFilter,
 )
 from envoy_data_plane.envoy.config.bootstrap.v3 import (
     Admin,
@@ -58,7 +55,6 @@ from envoy_data_plane.envoy.config.core.v3 import (
     Metadata,
     Node,
     RuntimeFractionalPercent,
-    RuntimeUInt32,
     SocketAddress,
     SubstitutionFormatString,
     TransportSocket,
@@ -259,16 +255,6 @@ def _cel(expression: str) -> AccessLogFilter:
         extension_filter=ExtensionFilter(
             name="envoy.access_loggers.extension_filters.cel",
             typed_config=_any(ExpressionFilter(expression=expression)),
-        )
-    )
-
-
-def _status_at_least(code: int) -> AccessLogFilter:
-    return AccessLogFilter(
-        status_code_filter=StatusCodeFilter(
-            comparison=ComparisonFilter(
-                op=ComparisonFilterOp.GE, value=RuntimeUInt32(default_value=code, runtime_key="unused")
-            )
         )
     )
 

@@ -79,7 +79,6 @@ class CachedFeatureStore:
         self._cache: TTLCache[tuple[str, tuple[str, ...]], Features | None] | None = (
             TTLCache(maxsize=max_entries, ttl=ttl_seconds) if ttl_seconds > 0 else None
         )
-        self.store_calls = 0
 
     async def fetch(self, key: str, names: tuple[str, ...]) -> Features | None:
         cache_key = (key, names)
@@ -91,7 +90,6 @@ class CachedFeatureStore:
             else:
                 CACHE_HIT.inc()
                 return found
-        self.store_calls += 1
         try:
             # Fail policy is the caller's (per model); here a slow store is simply unavailable.
             async with asyncio.timeout(self._timeout_s):

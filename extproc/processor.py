@@ -62,7 +62,6 @@ class BrokerProcessor(Processor):
 
     def use_registry(self, registry: Registry) -> None:
         """Compile what the hot path reads; called again when live weights change the registry."""
-        self._registry = registry
         self._routes = compile_routes(registry)
         self._ensembles = compile_ensembles(registry, self._routes)
         if self._ensembles and self._egress is None:
