@@ -94,6 +94,15 @@ def _not_started(what: str, *logs: Path) -> NoReturn:
     raise RuntimeError(f"{what} did not start{tails}")
 
 
+@contextlib.contextmanager
+def starting(what: str, *logs: Path) -> Iterator[None]:
+    """A readiness wait whose failure becomes `_not_started`: one error, with the children's logs."""
+    try:
+        yield
+    except RuntimeError:
+        _not_started(what, *logs)
+
+
 def wait_listening(ports: list[int], timeout_s: float = START_TIMEOUT_S) -> None:
     deadline = time.monotonic() + timeout_s
     for port in ports:
@@ -199,10 +208,8 @@ def model_backend(workdir: Path, redis_url: str) -> Iterator[tuple[int, int]]:
     log = workdir / "backend.log"
     cmd = [sys.executable, "-m", "extproc.cli", "demo-models", "--config", str(config)]
     with process_group(cmd, log, env=child_env(), cwd=ROOT) as proc:
-        try:
+        with starting("the model backend", log):
             wait_listening([port])
-        except RuntimeError:
-            _not_started("the model backend", log)
         yield port, proc.pid
 
 
@@ -231,10 +238,8 @@ def plain_envoy(shared: Shared) -> Iterator[Target]:
     envoy_yaml.write_text(configs.plain_envoy_yaml(registry, listener, admin), encoding="utf-8")
     log = shared.workdir / "plain.envoy.log"
     with process_group(_envoy_cmd(envoy_yaml, shared.envoy_concurrency), log) as envoy:
-        try:
+        with starting("plain Envoy", log):
             wait_ready(f"http://127.0.0.1:{admin}/ready", START_TIMEOUT_S)
-        except RuntimeError:
-            _not_started("plain Envoy", log)
         yield Target(
             name="envoy",
             label="(a) plain Envoy",
@@ -288,12 +293,10 @@ def run_broker(
         process_group(_envoy_cmd(envoy_yaml, shared.envoy_concurrency), envoy_log) as envoy,
     ):
         base = f"http://{registry.listener.address}:{registry.listener.port}"
-        try:
+        with starting(label, broker_log, envoy_log):
             # Every worker listening, not just the one that answers the health check.
             wait_listening([registry.broker.port + i for i in range(shared.broker_workers)])
             wait_ready(base + "/healthz", START_TIMEOUT_S)
-        except RuntimeError:
-            _not_started(label, broker_log, envoy_log)
         yield RunningBroker(base, {"envoy": (envoy.pid,), "broker": (supervisor.pid,)}, (broker_log, envoy_log))
 
 
@@ -355,10 +358,8 @@ def _audit_sink(
         return configs.local_sink(shared.workdir / f"{name}.records"), {}
     port, log = free_port(), shared.workdir / "moto.log"
     moto = stack.enter_context(moto_server(log, port, child_env(**AWS_ENV)))
-    try:
+    with starting("moto_server", log):
         wait_listening([port])
-    except RuntimeError:
-        _not_started("moto_server", log)
     return configs.aws_sink(endpoint_url=moto.url, bucket=BUCKET, table=TABLE), {"aws": (moto.pid,)}
 
 
@@ -396,12 +397,10 @@ def aiohttp_gateway(shared: Shared) -> Iterator[Target]:
             stack.enter_context(process_group(cmd, log, stdout=subprocess.PIPE, env=child_env(), cwd=ROOT))
             for _ in range(shared.gateway_workers)
         ]
-        try:
+        with starting("the aiohttp gateway", log):
             for worker in workers:
                 assert worker.stdout is not None
                 wait_for_line(worker.stdout, b"ready", START_TIMEOUT_S)
-        except RuntimeError:
-            _not_started("the aiohttp gateway", log)
         yield Target(
             name="aiohttp",
             label="(c) aiohttp gateway",
@@ -431,10 +430,8 @@ def fastapi_gateway(shared: Shared) -> Iterator[Target]:
     env = child_env(BENCH_REDIS_URL=shared.redis_url, BENCH_BACKEND_URL=shared.backend_url)
     log = shared.workdir / "fastapi.log"
     with process_group(cmd, log, env=env, cwd=ROOT) as uvicorn:
-        try:
+        with starting("the FastAPI gateway", log):
             wait_ready(f"http://127.0.0.1:{port}/healthz", START_TIMEOUT_S)
-        except RuntimeError:
-            _not_started("the FastAPI gateway", log)
         yield Target(
             name="fastapi",
             label="(d) FastAPI + httpx gateway",
