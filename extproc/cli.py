@@ -23,9 +23,9 @@ if TYPE_CHECKING:
     AuditStore = AwsAuditStore | LocalAuditStore
 
 
-def _load(path: str) -> Registry | None:
+def _load(path: str, *, envoy_files: bool = True) -> Registry | None:
     try:
-        return load_registry(path)
+        return load_registry(path, envoy_files=envoy_files)
     except RegistryInvalid as exc:
         print(f"{path}: {len(exc.problems)} problem(s)", file=sys.stderr)
         for problem in exc.problems:
@@ -50,7 +50,7 @@ def cmd_envoy_config(args: argparse.Namespace) -> int:
     registry = _load(args.config)
     if registry is None:
         return 2
-    text = render_yaml(registry, args.workers, Placement(args.broker_host, args.stats_port))
+    text = render_yaml(registry, args.workers, Placement(args.broker_host, args.stats_port, args.control_plane_host))
     if args.output:
         # For an init container: the image runs no shell to redirect with.
         with open(args.output, "w", encoding="utf-8") as file:
@@ -90,10 +90,20 @@ def cmd_reconcile(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     from extproc.supervisor import supervise
 
-    registry = _load(args.config)
+    registry = _load(args.config, envoy_files=False)
     if registry is None:
         return 2
-    return supervise(args.config, registry, args.workers or registry.broker.workers)
+    return supervise(args.config, registry, args.workers or registry.broker.workers, args.control_plane)
+
+
+def cmd_control_plane(args: argparse.Namespace) -> int:
+    """Only the rollout control plane (its own pod on Kubernetes; `serve` runs one beside the workers)."""
+    from extproc.supervisor import supervise
+
+    registry = _load(args.config, envoy_files=False)
+    if registry is None:
+        return 2
+    return supervise(args.config, registry, 0)
 
 
 def cmd_up(args: argparse.Namespace) -> int:
@@ -245,11 +255,20 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, help="broker workers (default: broker.workers)")
     p.add_argument("--broker-host", help="DNS name Envoy resolves for the broker, e.g. a headless Service")
     p.add_argument("--stats-port", type=int, help="serve /stats/prometheus and /ready on this port")
+    p.add_argument("--control-plane-host", help="DNS name of the rollout control plane, e.g. its Service")
     p.add_argument("--output", "-o", help="write to this file instead of stdout")
     p.set_defaults(func=cmd_envoy_config)
     p = command("serve", "run the ext_proc server: one process per worker, one port each")
     p.add_argument("--workers", type=int, help="worker processes (default: broker.workers)")
+    p.add_argument(
+        "--control-plane",
+        metavar="HOST:PORT",
+        help="follow the rollout control plane running there instead of running one beside the workers",
+    )
     p.set_defaults(func=cmd_serve)
+    command("control-plane", "run only the rollout control plane (live weights, rollback, shadow)").set_defaults(
+        func=cmd_control_plane
+    )
     p = command("up", "run the broker and Envoy together until Ctrl-C")
     p.add_argument("--workers", type=int, help="worker processes (default: broker.workers)")
     p.set_defaults(func=cmd_up)

@@ -34,7 +34,12 @@ from envoy_data_plane.envoy.config.bootstrap.v3 import (
     RuntimeLayerAdminLayer,
     RuntimeLayerRtdsLayer,
 )
-from envoy_data_plane.envoy.config.cluster.v3 import Cluster, ClusterDiscoveryType, ClusterLbPolicy
+from envoy_data_plane.envoy.config.cluster.v3 import (
+    Cluster,
+    ClusterDiscoveryType,
+    ClusterDnsLookupFamily,
+    ClusterLbPolicy,
+)
 from envoy_data_plane.envoy.config.common.mutation_rules.v3 import HeaderMutation
 from envoy_data_plane.envoy.config.core.v3 import (
     Address,
@@ -214,11 +219,14 @@ class Placement:
     On Kubernetes the broker's pods come and go behind a headless Service, so
     Envoy resolves `broker_host` by DNS (every pod, every worker port), and
     kubelet probes and Prometheus need the admin's read-only paths on a pod
-    port while the admin itself stays on loopback.
+    port while the admin itself stays on loopback. The control plane is one
+    pod of its own there (`control_plane_host`, its Service), shared by every
+    Envoy and broker pod.
     """
 
     broker_host: str | None = None
     stats_port: int | None = None
+    control_plane_host: str | None = None
 
 
 def _any(message: betterproto2.Message) -> AnyMessage:
@@ -992,10 +1000,14 @@ def ext_proc_cluster(registry: Registry, workers: int, host: str | None = None) 
 
 
 def _broker_grpc_cluster(name: str, target: str, ports: list[int], lb_policy: ClusterLbPolicy) -> Cluster:
-    """HTTP/2 to the broker's processes: loopback, or every pod behind a headless Service's DNS name."""
+    """HTTP/2 to the broker's processes: loopback, or every pod behind a headless Service's DNS name.
+
+    IPv4 first, as the broker binds it by default (Envoy's AUTO would try `::1` for localhost).
+    """
     return Cluster(
         name=name,
         type=ClusterDiscoveryType.STATIC if _is_ip(target) else ClusterDiscoveryType.STRICT_DNS,
+        dns_lookup_family=ClusterDnsLookupFamily.V4_PREFERRED,
         connect_timeout=_ms(250),
         lb_policy=lb_policy,
         load_assignment=_endpoints(name, [(target, port) for port in ports]),
@@ -1104,10 +1116,9 @@ def _http2_options() -> dict[str, AnyMessage]:
 
 
 def control_plane_cluster(registry: Registry, host: str | None = None) -> Cluster:
-    """The broker's control plane (gRPC): live weights, stats and shadow answers for this Envoy.
+    """The rollout control plane (gRPC): live weights, stats and shadow answers for this Envoy.
 
-    On Kubernetes (`host`: the broker's headless Service) every broker pod runs one; they
-    agree when they share the state file.
+    Beside the broker on one machine; on Kubernetes `host` is its own Service.
     """
     plane = registry.control_plane
     return _broker_grpc_cluster(
@@ -1207,7 +1218,7 @@ def bootstrap(registry: Registry, workers: int | None = None, placement: Placeme
     if registry.ensembles:
         listeners.append(egress_listener(registry))
     clusters = [ext_proc_cluster(registry, count, placement.broker_host)]
-    clusters.append(control_plane_cluster(registry, placement.broker_host))
+    clusters.append(control_plane_cluster(registry, placement.control_plane_host))
     clusters += [version_cluster(m, v) for m in registry.models for v in m.versions]
     clusters += jwks_clusters(registry)
     if placement.stats_port is not None:

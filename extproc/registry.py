@@ -746,8 +746,12 @@ def parse_registry(data: Any) -> Registry:
     return reg
 
 
-def load_registry(path: str | Path) -> Registry:
-    """Read and validate a registry file; relative store paths resolve next to it."""
+def load_registry(path: str | Path, *, envoy_files: bool = True) -> Registry:
+    """Read and validate a registry file; relative store paths resolve next to it.
+
+    `envoy_files=False` skips checking the files only Envoy reads (TLS, JWKS): broker
+    and control-plane pods on Kubernetes do not mount them.
+    """
     file = Path(path)
     try:
         data = yaml.safe_load(file.read_text(encoding="utf-8"))
@@ -756,7 +760,7 @@ def load_registry(path: str | Path) -> Registry:
     except yaml.YAMLError as exc:
         raise RegistryInvalid([Problem("", f"not valid YAML: {exc}")]) from None
     reg = _resolve_files(parse_registry(data), file)
-    problems = list(_file_problems(reg))
+    problems = list(_file_problems(reg)) if envoy_files else []
     if problems:
         raise RegistryInvalid(problems)
     return reg

@@ -1,7 +1,11 @@
-"""`model-broker serve`: N worker processes, one port each, restarted if one dies.
+"""`model-broker serve` / `control-plane`: worker processes (one port each) and the
+rollout control plane, each restarted if it dies.
 
 One port per worker rather than SO_REUSEPORT: Envoy keeps only a few long-lived
 HTTP/2 connections, and per-connection balancing starved workers in measurements.
+On one machine the control plane runs beside the workers; on Kubernetes it is one
+pod of its own (`control-plane`) and every broker pod's workers follow it
+(`serve --control-plane HOST:PORT`).
 """
 
 from __future__ import annotations
@@ -28,20 +32,30 @@ def worker_ports(registry: Registry, workers: int) -> list[int]:
     return [registry.broker.port + i for i in range(workers)]
 
 
-def supervise(config_path: str, registry: Registry, workers: int) -> int:
-    """Run until SIGTERM/SIGINT, then drain every worker; returns the exit code."""
+def local_control_plane(registry: Registry) -> str:
+    """host:port the workers reach a control plane running beside them at (a wildcard bind is local)."""
+    plane = registry.control_plane
+    host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(plane.address, plane.address)
+    return f"[{host}]:{plane.port}" if ":" in host else f"{host}:{plane.port}"
+
+
+def supervise(config_path: str, registry: Registry, workers: int, control_plane: str | None = None) -> int:
+    """Run until SIGTERM/SIGINT, then drain every process; returns the exit code.
+
+    `control_plane` (host:port) names one running elsewhere; without it one runs here.
+    """
     spawn = multiprocessing.get_context("spawn")
     address = registry.broker.address
-    ports = worker_ports(registry, workers)
     stopping = False
-
     plane_port = registry.control_plane.port
+    follow = control_plane or local_control_plane(registry)
 
     def start(port: int) -> BaseProcess:
         if port == plane_port:  # the control plane is supervised like a worker, under its own port
             proc = spawn.Process(target=run_control_plane, args=(config_path,), name="control-plane")
         else:
-            proc = spawn.Process(target=run_worker, args=(config_path, address, port, workers), name=f"broker-{port}")
+            args = (config_path, address, port, workers, follow)
+            proc = spawn.Process(target=run_worker, args=args, name=f"broker-{port}")
         proc.start()
         return proc
 
@@ -53,11 +67,14 @@ def supervise(config_path: str, registry: Registry, workers: int) -> int:
     signal.signal(signal.SIGINT, stop)
     metrics_dir = prepare_multiprocess_dir()  # before the workers start: they inherit it
     serve_aggregate(registry.metrics.address, registry.metrics.port)
-    ports = [plane_port, *ports]
+    ports = worker_ports(registry, workers)
+    if ports:
+        log.info("broker serving ext_proc on %s ports %s", address, ", ".join(map(str, ports)))
+    if control_plane is None:
+        ports.insert(0, plane_port)
     procs = {port: start(port) for port in ports}
     started = {port: time.monotonic() for port in ports}
     quick_deaths = dict.fromkeys(ports, 0)
-    log.info("broker serving ext_proc on %s ports %s", address, ", ".join(map(str, ports[1:])))
     code = 0
     while not stopping:
         time.sleep(0.2)

@@ -89,6 +89,8 @@ EXT_PROC_CLUSTER: Final = "model_broker_ext_proc"
 # to, and the runtime key prefix of `weighted_clusters` (key = prefix + "." + cluster).
 CONTROL_PLANE_CLUSTER: Final = "model_broker_control_plane"
 RUNTIME_LAYER: Final = "model_broker_weights"
+# The xDS node cluster broker workers subscribe to RTDS under; every other node is an Envoy.
+BROKER_NODE_CLUSTER: Final = "model-broker-workers"
 RUNTIME_WEIGHTS_PREFIX: Final = "model_broker.weights"
 
 # Shadow traffic: Envoy mirrors a shadowed model's enriched request to an internal listener

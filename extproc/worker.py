@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import signal
+import socket
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -22,18 +25,18 @@ if TYPE_CHECKING:
 from extproc.features import CachedFeatureStore, EmbeddedFeatureStore, FeatureStore
 from extproc.processor import BrokerProcessor
 from extproc.registry import Audit, Registry, load_registry
-from extproc.rollout.state import StateFileInvalid, load_state, state_signature
-from extproc.rollout.weights import apply_weights, merge_overrides
+from extproc.rollout.follow import Layer, follow
+from extproc.rollout.weights import apply_weights, weights_of_layer
 from extproc.server import add_service
 from extproc.shipper import Shipper, ShipTiming
 from extproc.spool import Spool
 
 log = logging.getLogger("model_broker.worker")
 
+# A starting worker waits this long for the live weights before serving the registry's.
+FIRST_WEIGHTS_SECONDS = 5.0
 # In-flight streams get this long to finish after SIGTERM.
 DRAIN_SECONDS = 10.0
-# How often a worker checks the rollout state file (one stat call); see control_plane.WORKER_SYNC_SECONDS.
-STATE_POLL_SECONDS = 0.25
 # Then the shipper gets this long to ship the spool; what is left ships on the next start.
 SHIP_ON_STOP_SECONDS = 5.0
 
@@ -101,26 +104,31 @@ async def _orphan_watch(parent: int, stop: asyncio.Event) -> None:
         await asyncio.sleep(1.0)
 
 
-async def _follow_live_weights(registry: Registry, processor: BrokerProcessor, stop: asyncio.Event) -> None:
-    """Re-read the control plane's state file when it changes, so `/models` and the features to
-    fetch follow the live weights (the control plane waits for this before a version gets traffic)."""
-    path = registry.control_plane.state_file
-    seen: tuple[int, int, int] | None = None
-    while not stop.is_set():
-        signature = state_signature(path)
-        if signature != seen:
-            try:
-                state = load_state(path)
-            except (OSError, StateFileInvalid) as exc:
-                log.error("keeping the current weights: cannot read %s: %s", path, exc)
-            else:
-                live, _ = merge_overrides(registry, state.overrides)
-                processor.use_registry(apply_weights(registry, live))
-            seen = signature
-        await asyncio.sleep(STATE_POLL_SECONDS)
+def _live_weights_applier(
+    registry: Registry, processor: BrokerProcessor, applied: asyncio.Event
+) -> Callable[[Layer], None]:
+    """So `/models` and the features to fetch follow the live weights the control plane publishes."""
+
+    def apply(layer: Layer) -> None:
+        processor.use_registry(apply_weights(registry, weights_of_layer(registry, layer)))
+        applied.set()
+
+    return apply
 
 
-async def serve_worker(registry: Registry, address: str, port: int, workers: int) -> None:
+async def _wait_for_live_weights(applied: asyncio.Event, control_plane: str) -> None:
+    """Serve the live split from the first request; a control plane that is away only delays the start."""
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(applied.wait(), FIRST_WEIGHTS_SECONDS)
+    if not applied.is_set():
+        log.warning(
+            "no live weights from the control plane at %s within %.0f s; serving the registry's until it answers",
+            control_plane,
+            FIRST_WEIGHTS_SECONDS,
+        )
+
+
+async def serve_worker(registry: Registry, address: str, port: int, workers: int, control_plane: str) -> None:
     store = open_feature_store(registry)
     # One pooled session per worker for every ensemble member call; none without ensembles.
     egress = EgressClient(f"http://{registry.egress.address}:{registry.egress.port}") if registry.ensembles else None
@@ -133,6 +141,10 @@ async def serve_worker(registry: Registry, address: str, port: int, workers: int
         ]
     )
     processor = BrokerProcessor(registry, store, egress=egress, audit=audit[0] if audit else None)
+    applied = asyncio.Event()
+    node_id = f"broker-{socket.gethostname()}-{port}"
+    following = asyncio.create_task(follow(control_plane, node_id, _live_weights_applier(registry, processor, applied)))
+    await _wait_for_live_weights(applied, control_plane)
     add_service(server, processor)
     server.add_insecure_port(f"{address}:{port}")
     await server.start()
@@ -142,11 +154,10 @@ async def serve_worker(registry: Registry, address: str, port: int, workers: int
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     watch = asyncio.create_task(_orphan_watch(os.getppid(), stop))
-    follow = asyncio.create_task(_follow_live_weights(registry, processor, stop))
     shipping = asyncio.create_task(audit[1].run(stop)) if audit else None
     await stop.wait()
     watch.cancel()
-    follow.cancel()
+    following.cancel()
     await server.stop(DRAIN_SECONDS)
     if egress is not None:
         await egress.close()
@@ -156,7 +167,9 @@ async def serve_worker(registry: Registry, address: str, port: int, workers: int
         await audit[1].drain(SHIP_ON_STOP_SECONDS)
 
 
-def run_worker(config_path: str, address: str, port: int, workers: int) -> None:
-    """Process entry point (the supervisor spawns this); `workers` sizes this worker's spool share."""
+def run_worker(config_path: str, address: str, port: int, workers: int, control_plane: str) -> None:
+    """Process entry point (the supervisor spawns this); `workers` sizes this worker's spool share,
+    `control_plane` (host:port) is where the live weights come from."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    uvloop.run(serve_worker(load_registry(config_path), address, port, workers))
+    registry = load_registry(config_path, envoy_files=False)
+    uvloop.run(serve_worker(registry, address, port, workers, control_plane))

@@ -131,7 +131,8 @@ async def test_weights_change_under_load_on_both_envoys(
     await asyncio.gather(*tasks)
 
     assert result.returncode == 0, result.stderr
-    assert "applied on 2/2 Envoys" in result.stdout
+    workers = stack.doc["broker"]["workers"]
+    assert f"applied on 2/2 Envoys and {workers}/{workers} broker workers" in result.stdout
     for base, seen in outcomes.items():
         assert {status for _, status, _ in seen} == {200}, (base, collections.Counter(s for _, s, _ in seen))
         after = collections.Counter(v for t, _, v in seen if t > changed_at)
@@ -158,10 +159,9 @@ async def test_live_weights_survive_envoy_and_broker_restarts(
 
 
 async def test_models_endpoint_shows_live_weights(fleet: tuple[Stack, Envoy], session: aiohttp.ClientSession) -> None:
-    """`GET /models` through either Envoy reports the weights just set, within a second."""
+    """`GET /models` through either Envoy reports the weights just set, as soon as `set` returns."""
     stack, envoy2 = fleet
     assert weights_cli("set", "credit-risk", "v1=55", "v2=45").returncode == 0
-    await asyncio.sleep(1.0)
     for base in (stack.base, envoy2.base):
         models = await call(session, base + "/models", method="GET")
         model = next(m for m in models.body["models"] if m["name"] == "credit-risk")

@@ -9,6 +9,7 @@ import pytest
 
 from extproc.errors import BrokerError
 from extproc.registry import parse_registry
+from extproc.rollout.follow import layer_of
 from extproc.rollout.state import RolloutState, StateFileInvalid, load_state, save_state
 from extproc.rollout.weights import (
     apply_weights,
@@ -17,6 +18,7 @@ from extproc.rollout.weights import (
     newly_live,
     parse_assignments,
     runtime_layer,
+    weights_of_layer,
 )
 from extproc.rollout.xds import RUNTIME_TYPE_URL, runtime_response
 from extproc.routing import describe_models
@@ -77,6 +79,17 @@ def test_stale_override_falls_back_to_the_registry() -> None:
     assert len(dropped) == 1 and "v3" in dropped[0]
 
 
+def test_newer_declared_split_beats_an_older_override() -> None:
+    """An override made while the registry declared 80/20 gives way once it declares another split;
+    while it still declares 80/20 the override holds (old state files, without `declared`, too)."""
+    override = {"credit-risk": {"v1": 0, "v2": 100}}
+    live, dropped = merge_overrides(REGISTRY, override, {"credit-risk": {"v1": 50, "v2": 50}})
+    assert live == {"credit-risk": {"v1": 80, "v2": 20}}
+    assert dropped == ["credit-risk: the registry's declared split changed since this live change"]
+    for declared_then in ({"credit-risk": {"v1": 80, "v2": 20}}, {}, None):
+        assert merge_overrides(REGISTRY, override, declared_then) == (override, [])
+
+
 def test_live_weights_drive_features_and_models_document() -> None:
     """A version taken to 0 stops needing its features, and `/models` shows the live split."""
     live, _ = merge_overrides(REGISTRY, {"credit-risk": {"v1": 100, "v2": 0}})
@@ -95,6 +108,18 @@ def test_runtime_layer_and_response() -> None:
     assert response.resources[0].type_url == RUNTIME_TYPE_URL
 
 
+def test_a_broker_reads_back_the_layer_envoy_gets() -> None:
+    """What a broker worker takes from an RTDS answer is the split the control plane published;
+    a version the layer leaves out keeps its declared weight, as in Envoy."""
+    live = {"credit-risk": {"v1": 3, "v2": 97}}
+    layer = layer_of(runtime_response(runtime_layer(live), revision=2, nonce="1"))
+    assert layer is not None
+    assert weights_of_layer(REGISTRY, layer) == live
+    assert weights_of_layer(REGISTRY, {"model_broker.weights.credit-risk--v2": 5.0}) == {
+        "credit-risk": {"v1": 80, "v2": 5}
+    }
+
+
 def test_newly_live_versions() -> None:
     """Only a version going from 0 to some traffic needs the workers' features first."""
     assert newly_live({"m": {"a": 1, "b": 0}}, {"m": {"a": 1, "b": 5}}) == ["m--b"]
@@ -105,9 +130,13 @@ def test_state_round_trip_and_corruption(tmp_path: Path) -> None:
     """The state file round-trips; a missing file is empty state; a corrupt one is refused, not guessed."""
     path = tmp_path / "state.json"
     assert load_state(path) == RolloutState()
-    save_state(path, RolloutState(3, {"credit-risk": {"v1": 1, "v2": 2}}))
-    assert load_state(path) == RolloutState(3, {"credit-risk": {"v1": 1, "v2": 2}})
-    for text in ("{", '{"revision": "x", "weights": {}}', '{"revision": 1, "weights": {"m": {"v": "a"}}}'):
+    state = RolloutState(3, {"credit-risk": {"v1": 1, "v2": 2}}, {"credit-risk": {"v1": 80, "v2": 20}})
+    save_state(path, state)
+    assert load_state(path) == state
+    path.write_text('{"revision": 2, "weights": {"m": {"v": 1}}}')  # written before `declared` existed
+    assert load_state(path) == RolloutState(2, {"m": {"v": 1}})
+    bad = ("{", '{"revision": "x", "weights": {}}', '{"revision": 1, "weights": {"m": {"v": "a"}}}', '{"revision": 1}')
+    for text in (*bad, '{"revision": 1, "weights": {}, "declared": []}'):
         path.write_text(text)
         with pytest.raises(StateFileInvalid):
             load_state(path)

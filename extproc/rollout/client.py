@@ -64,7 +64,7 @@ def _print_error(status: int, doc: Any) -> int:
 
 
 def set_weights(admin: str | None, model: str, assignments: list[str]) -> int:
-    """Exit 0 when every connected Envoy took the new split, 2 on bad input, 1 otherwise."""
+    """Exit 0 when every connected Envoy and broker worker took the new split, 2 on bad input, 1 otherwise."""
     weights = parse_assignments(assignments)
     if isinstance(weights, BrokerError):
         print(f"error ({weights.code.value}): {weights.message}", file=sys.stderr)
@@ -77,8 +77,9 @@ def set_weights(admin: str | None, model: str, assignments: list[str]) -> int:
     if status != 200:
         return _print_error(status, doc)
     split = " ".join(f"{v}={w}" for v, w in doc["weights"].items())
-    print(f"{model}: {split} (revision {doc['revision']}, applied on {doc['envoys_acked']}/{doc['envoys']} Envoys)")
-    return 0 if doc["envoys_acked"] == doc["envoys"] else 1
+    envoys, brokers = f"{doc['envoys_acked']}/{doc['envoys']}", f"{doc['brokers_acked']}/{doc['brokers']}"
+    print(f"{model}: {split} (revision {doc['revision']}, applied on {envoys} Envoys and {brokers} broker workers)")
+    return 0 if doc["envoys_acked"] == doc["envoys"] and doc["brokers_acked"] == doc["brokers"] else 1
 
 
 def show_weights(admin: str | None) -> int:

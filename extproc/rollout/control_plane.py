@@ -1,8 +1,9 @@
-"""The rollout control plane: one process per broker, source of truth for live weights.
+"""The rollout control plane: one per deployment, the source of truth for live weights.
 
-It serves RTDS to every Envoy (gRPC), the authenticated admin API (HTTP), and
-persists each change to the state file before any Envoy hears of it, so a
-restarted Envoy or broker comes back with the changed split.
+It serves RTDS to every Envoy and every broker worker (gRPC), the authenticated
+admin API (HTTP), and persists each change to the state file before anyone hears
+of it, so a restarted Envoy, broker or control plane comes back with the changed
+split. Beside the workers of `serve` on one machine; its own pod on Kubernetes.
 """
 
 from __future__ import annotations
@@ -45,15 +46,19 @@ from extproc.rollout.health import (
 )
 from extproc.rollout.shadow import Answer, Comparison, ShadowPairs, add_shadow_recorder, compare_answers
 from extproc.rollout.state import RolloutState, load_state, save_state
-from extproc.rollout.weights import LiveWeights, change_weights, merge_overrides, newly_live, runtime_layer
+from extproc.rollout.weights import (
+    LiveWeights,
+    change_weights,
+    declared_weights,
+    merge_overrides,
+    newly_live,
+    runtime_layer,
+)
 from extproc.rollout.xds import RuntimeHub, add_runtime_service
 
 log = logging.getLogger("model_broker.control_plane")
 
-# Workers poll the state file every `worker.STATE_POLL_SECONDS`; a version that starts
-# taking traffic waits this long so every worker fetches its features first.
-WORKER_SYNC_SECONDS = 1.0
-# How long a change waits for every connected Envoy to acknowledge it.
+# How long a change waits for every connected Envoy (and, first, broker) to acknowledge it.
 ACK_TIMEOUT_SECONDS = 5.0
 # The `source` of a change made by automatic rollback (operators' changes say "admin").
 ROLLBACK = "rollback"
@@ -77,10 +82,16 @@ class ControlPlane:
     def __init__(self, registry: Registry, state: RolloutState) -> None:
         self.registry = registry
         self._state = state
-        self._live, dropped = merge_overrides(registry, state.overrides)
+        self._live, dropped = merge_overrides(registry, state.overrides, state.declared)
         for reason in dropped:
             log.warning("ignoring a saved weight override that no longer fits the registry: %s", reason)
+        if dropped:  # a new revision, so nobody mistakes the new split for the one it acknowledged
+            kept = {model: weights for model, weights in state.overrides.items() if self._live.get(model) == weights}
+            state = RolloutState(state.revision + 1, kept, {m: state.declared[m] for m in kept if m in state.declared})
+            save_state(registry.control_plane.state_file, state)
+        self._declared = declared_weights(registry)
         self.hub = RuntimeHub(runtime_layer(self._live), state.revision)
+        self.brokers = RuntimeHub(runtime_layer(self._live), state.revision)
         self._lock = asyncio.Lock()
         self._policies = {m.name: m.rollout for m in registry.models if m.rollout is not None}
         self._versions = {
@@ -105,12 +116,21 @@ class ControlPlane:
         return {model: dict(weights) for model, weights in self._live.items()}
 
     def describe(self) -> dict[str, Any]:
-        return {"revision": self.hub.revision, "models": self.live, "envoys": self.hub.envoys()}
+        return {
+            "revision": self.hub.revision,
+            "models": self.live,
+            "envoys": self.hub.subscribers(),
+            "brokers": self.brokers.subscribers(),
+        }
 
     async def set_weights(
         self, model: str, proposed: Mapping[str, object], source: str, detail: Mapping[str, Any] | None = None
     ) -> dict[str, Any] | BrokerError:
-        """Validate, persist, push to every Envoy, then wait (bounded) for their acknowledgements."""
+        """Validate, persist, push to every broker and Envoy, then wait (bounded) for their acknowledgements.
+
+        A version that had no traffic reaches the brokers first: Envoy sends it
+        requests only once every broker fetches its features.
+        """
         checked = change_weights(self.registry, model, proposed)
         if isinstance(checked, BrokerError):
             return checked
@@ -118,18 +138,30 @@ class ControlPlane:
             before = self.live
             after = {**before, model: checked}
             revision = self._state.revision + 1
-            state = RolloutState(revision, {**self._state.overrides, model: checked})
+            declared = {**self._state.declared, model: self._declared[model]}
+            state = RolloutState(revision, {**self._state.overrides, model: checked}, declared)
             await asyncio.to_thread(save_state, self.registry.control_plane.state_file, state)
             self._state, self._live = state, after
+            self.brokers.publish(runtime_layer(after), revision)
             if newly_live(before, after):
-                await asyncio.sleep(WORKER_SYNC_SECONDS)
+                await self.brokers.wait_acked(revision, ACK_TIMEOUT_SECONDS)
             self.hub.publish(runtime_layer(after), revision)
             metrics.set_weights(model, checked)
             self._forget_outcomes(model)
             event = {ROLLBACK: "rollback", PROMOTION: "promotion"}.get(source, "weights_changed")
             self.record_event(event, model, source, before=before[model], after=checked, **(detail or {}))
-        acked, connected = await self.hub.wait_acked(revision, ACK_TIMEOUT_SECONDS)
-        return {"model": model, "weights": checked, "revision": revision, "envoys_acked": acked, "envoys": connected}
+        (acked, connected), (brokers_acked, brokers) = await asyncio.gather(
+            self.hub.wait_acked(revision, ACK_TIMEOUT_SECONDS), self.brokers.wait_acked(revision, ACK_TIMEOUT_SECONDS)
+        )
+        return {
+            "model": model,
+            "weights": checked,
+            "revision": revision,
+            "envoys_acked": acked,
+            "envoys": connected,
+            "brokers_acked": brokers_acked,
+            "brokers": brokers,
+        }
 
     def _forget_outcomes(self, model: str) -> None:
         """A new split starts a new judgement: errors from before it must not roll it back."""
@@ -285,7 +317,7 @@ async def serve_control_plane(registry_file: str, registry: Registry) -> None:
     conf = registry.control_plane
     plane = ControlPlane(registry, load_state(conf.state_file))
     server = grpc.aio.server()
-    add_runtime_service(server, plane.hub)
+    add_runtime_service(server, plane.hub, plane.brokers)
     add_metrics_service(server, plane)
     add_shadow_recorder(server, plane.record_answer)
     server.add_insecure_port(f"{conf.address}:{conf.port}")
@@ -315,4 +347,5 @@ async def serve_control_plane(registry_file: str, registry: Registry) -> None:
 def run_control_plane(config_path: str) -> None:
     """Process entry point (the supervisor spawns this beside the workers)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    uvloop.run(serve_control_plane(str(Path(config_path).resolve()), load_registry(config_path)))
+    registry = load_registry(config_path, envoy_files=False)
+    uvloop.run(serve_control_plane(str(Path(config_path).resolve()), registry))

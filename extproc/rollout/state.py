@@ -1,7 +1,7 @@
 """The rollout state file: the live weight overrides, the source of truth across restarts.
 
-The control plane is its only writer (atomic replace); broker workers poll it so
-`GET /models` and the features to fetch follow the live weights.
+The control plane is its only writer (atomic replace) and reader; brokers and
+Envoys hear of the live weights from it over RTDS.
 """
 
 from __future__ import annotations
@@ -25,22 +25,34 @@ class RolloutState:
     # Bumped on every change; also the RTDS version Envoy acknowledges.
     revision: int = 0
     overrides: LiveWeights = field(default_factory=dict)
+    # The registry's declared split of each overridden model when the override was made:
+    # a registry that declares another split since then wins over the override.
+    declared: LiveWeights = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
-        return {"revision": self.revision, "weights": self.overrides}
+        return {"revision": self.revision, "weights": self.overrides, "declared": self.declared}
+
+
+SHAPE = "expected {'revision': int, 'weights': {model: {version: weight}}, 'declared': {...}}"
+
+
+def _live_weights(doc: Any, key: str) -> LiveWeights:
+    found = doc.get(key, {})
+    if not isinstance(found, dict):
+        raise StateFileInvalid(SHAPE)
+    out: LiveWeights = {}
+    for model, weights in found.items():
+        if not isinstance(weights, dict) or not all(isinstance(w, int) for w in weights.values()):
+            raise StateFileInvalid(f"{key} of {model!r} must map version names to integers")
+        out[str(model)] = {str(v): int(w) for v, w in weights.items()}
+    return out
 
 
 def parse_state(doc: Any) -> RolloutState:
-    if not isinstance(doc, dict) or not isinstance(doc.get("revision"), int):
-        raise StateFileInvalid("expected {'revision': int, 'weights': {model: {version: weight}}}")
-    if not isinstance(doc.get("weights"), dict):
-        raise StateFileInvalid("expected {'revision': int, 'weights': {model: {version: weight}}}")
-    overrides: LiveWeights = {}
-    for model, weights in doc["weights"].items():
-        if not isinstance(weights, dict) or not all(isinstance(w, int) for w in weights.values()):
-            raise StateFileInvalid(f"weights of {model!r} must map version names to integers")
-        overrides[str(model)] = {str(v): int(w) for v, w in weights.items()}
-    return RolloutState(doc["revision"], overrides)
+    """`declared` may be absent: state files written before it existed still load."""
+    if not isinstance(doc, dict) or not isinstance(doc.get("revision"), int) or "weights" not in doc:
+        raise StateFileInvalid(SHAPE)
+    return RolloutState(doc["revision"], _live_weights(doc, "weights"), _live_weights(doc, "declared"))
 
 
 def load_state(path: str | Path) -> RolloutState:
@@ -69,12 +81,3 @@ def save_state(path: str | Path, state: RolloutState) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-
-
-def state_signature(path: str | Path) -> tuple[int, int, int] | None:
-    """(inode, size, mtime) of the file, cheap to poll; None while it does not exist."""
-    try:
-        st = os.stat(path)
-    except FileNotFoundError:
-        return None
-    return st.st_ino, st.st_size, st.st_mtime_ns

@@ -79,15 +79,26 @@ def declared_weights(registry: Registry) -> LiveWeights:
     return {m.name: {v.name: v.weight for v in m.versions} for m in registry.models}
 
 
-def merge_overrides(registry: Registry, overrides: Mapping[str, Mapping[str, object]]) -> tuple[LiveWeights, list[str]]:
+def merge_overrides(
+    registry: Registry,
+    overrides: Mapping[str, Mapping[str, object]],
+    declared_then: Mapping[str, Mapping[str, int]] | None = None,
+) -> tuple[LiveWeights, list[str]]:
     """The registry's weights with every still-valid override applied, and why any was dropped.
 
-    An override goes stale when the registry changed under it (a version renamed
-    or added); the registry's own weights then apply for that model.
+    An override goes stale when the registry changed under it: a version renamed
+    or added, or the declared split itself changed since the override was made
+    (`declared_then`), because a newer declaration (a `helm upgrade`, an edited
+    Model resource) is what its author wants live. The registry's own weights
+    then apply for that model.
     """
     live = declared_weights(registry)
     dropped: list[str] = []
     for model_name, proposed in overrides.items():
+        then = (declared_then or {}).get(model_name)
+        if then is not None and model_name in live and dict(then) != live[model_name]:
+            dropped.append(f"{model_name}: the registry's declared split changed since this live change")
+            continue
         checked = change_weights(registry, model_name, proposed)
         if isinstance(checked, BrokerError):
             dropped.append(f"{model_name}: {checked.message}")
@@ -113,6 +124,21 @@ def runtime_layer(live: Mapping[str, Weights]) -> dict[str, int]:
         for model, weights in live.items()
         for version, weight in weights.items()
     }
+
+
+def weights_of_layer(registry: Registry, layer: Mapping[str, object]) -> LiveWeights:
+    """The inverse of `runtime_layer` for this registry's models: what a broker reads from RTDS.
+
+    A version missing from the layer keeps its declared weight, as it does in Envoy.
+    """
+    live: LiveWeights = {}
+    for model in registry.models:
+        weights: Weights = {}
+        for version in model.versions:
+            value = layer.get(wire.weight_runtime_key(model.name, version.name))
+            weights[version.name] = int(value) if isinstance(value, int | float) else version.weight
+        live[model.name] = weights
+    return live
 
 
 def newly_live(before: Mapping[str, Weights], after: Mapping[str, Weights]) -> list[str]:

@@ -1,7 +1,9 @@
-"""Runtime discovery (RTDS): the live weights as one runtime layer pushed to every Envoy.
+"""Runtime discovery (RTDS): the live weights as one runtime layer pushed to every Envoy and broker.
 
 `runtime_response` is a pure builder; `RuntimeHub` keeps the current layer and one
-queue per connected Envoy, and knows which revision each Envoy acknowledged.
+queue per subscriber, and knows which revision each acknowledged. Envoys and
+broker workers speak the same protocol but get separate hubs, so a version's
+features can reach every broker before any Envoy sends it traffic.
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ def runtime_response(layer: Mapping[str, int], revision: int, nonce: str) -> Dis
 
 @dataclass(eq=False)
 class Subscriber:
-    """One Envoy's RTDS stream."""
+    """One Envoy's (or broker worker's) RTDS stream."""
 
     node: str
     updates: asyncio.Queue[DiscoveryResponse] = field(default_factory=asyncio.Queue)
@@ -46,7 +48,7 @@ class Subscriber:
 
 
 class RuntimeHub:
-    """The current runtime layer and every Envoy subscribed to it."""
+    """The current runtime layer and every subscriber of one kind (Envoys, or brokers)."""
 
     def __init__(self, layer: Mapping[str, int], revision: int) -> None:
         self._layer = dict(layer)
@@ -59,7 +61,7 @@ class RuntimeHub:
     def revision(self) -> int:
         return self._revision
 
-    def envoys(self) -> list[dict[str, Any]]:
+    def subscribers(self) -> list[dict[str, Any]]:
         return [{"node": s.node, "acked_revision": s.acked} for s in self._subscribers]
 
     def publish(self, layer: Mapping[str, int], revision: int) -> None:
@@ -68,7 +70,7 @@ class RuntimeHub:
             sub.updates.put_nowait(self._response())
 
     async def wait_acked(self, revision: int, timeout_s: float) -> tuple[int, int]:
-        """Until every connected Envoy acknowledged `revision` (or the time is up): (acked, connected)."""
+        """Until every subscriber acknowledged `revision` (or the time is up): (acked, connected)."""
 
         def count() -> int:
             return sum(s.acked >= revision for s in self._subscribers)
@@ -89,8 +91,8 @@ class RuntimeHub:
             if request.node.id:
                 sub.node = request.node.id
             if request.HasField("error_detail"):
-                # A NACK: Envoy keeps its previous layer. Loud, because weights did not change there.
-                log.error("envoy %s rejected runtime %s: %s", sub.node, request.version_info, request.error_detail)
+                # A NACK: the subscriber keeps its previous layer. Loud, because weights did not change there.
+                log.error("%s rejected runtime %s: %s", sub.node, request.version_info, request.error_detail)
             elif request.version_info:
                 sub.acked = int(request.version_info)
                 async with self._acked:
@@ -118,17 +120,30 @@ class RuntimeHub:
                 self._acked.notify_all()
 
 
+async def _chain(first: DiscoveryRequest, rest: AsyncIterator[DiscoveryRequest]) -> AsyncIterator[DiscoveryRequest]:
+    yield first
+    async for request in rest:
+        yield request
+
+
 class RuntimeDiscovery(rtds_pb2_grpc.RuntimeDiscoveryServiceServicer):  # type: ignore[misc]  # generated, untyped
-    def __init__(self, hub: RuntimeHub) -> None:
-        self._hub = hub
+    """One RTDS service; the first request's node says which hub the stream joins."""
+
+    def __init__(self, envoys: RuntimeHub, brokers: RuntimeHub) -> None:
+        self._envoys = envoys
+        self._brokers = brokers
 
     async def StreamRuntime(  # noqa: N802  (the gRPC method name is fixed by the proto)
         self, request_iterator: AsyncIterator[DiscoveryRequest], context: grpc.aio.ServicerContext[Any, Any]
     ) -> AsyncIterator[DiscoveryResponse]:
+        first = await anext(aiter(request_iterator), None)
+        if first is None:
+            return
+        hub = self._brokers if first.node.cluster == wire.BROKER_NODE_CLUSTER else self._envoys
         # grpc.aio serves a stream only from an async generator function, not a returned iterator.
-        async for response in self._hub.stream(request_iterator):
+        async for response in hub.stream(_chain(first, request_iterator)):
             yield response
 
 
-def add_runtime_service(server: grpc.aio.Server, hub: RuntimeHub) -> None:
-    rtds_pb2_grpc.add_RuntimeDiscoveryServiceServicer_to_server(RuntimeDiscovery(hub), server)
+def add_runtime_service(server: grpc.aio.Server, envoys: RuntimeHub, brokers: RuntimeHub) -> None:
+    rtds_pb2_grpc.add_RuntimeDiscoveryServiceServicer_to_server(RuntimeDiscovery(envoys, brokers), server)
