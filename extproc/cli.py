@@ -73,14 +73,16 @@ def cmd_reconcile(args: argparse.Namespace) -> int:
 
     from extproc.adapters.kube import Target, in_cluster
     from extproc.reconciler import reconcile_forever
+    from extproc.rollout.client import AdminApi, resolve_admin
 
     with open(args.base, encoding="utf-8") as file:
         base = yaml.safe_load(file)
     target = Target(args.namespace, args.config_map, args.roll)
+    plane = AdminApi(resolve_admin(args.admin)) if args.admin else None
 
     async def run() -> None:
         async with in_cluster(target) as cluster:
-            await reconcile_forever(cluster, base)
+            await reconcile_forever(cluster, base, plane)
 
     with contextlib.suppress(KeyboardInterrupt):
         uvloop.run(run())
@@ -290,6 +292,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--namespace", required=True, help="namespace of the resources, ConfigMap and Deployments")
     p.add_argument("--config-map", required=True, help="ConfigMap to write registry.yaml into")
     p.add_argument("--roll", action="append", default=[], help="Deployment to roll when the registry changes")
+    p.add_argument(
+        "--admin",
+        metavar="URL",
+        help="control plane admin API: weight-only changes go live there, no roll; token: $MODEL_BROKER_ADMIN_TOKEN",
+    )
     p.set_defaults(func=cmd_reconcile)
     p = command("weights", "show or change live traffic weights on every Envoy (no restart)", config=False)
     p.add_argument("action", choices=["show", "set"])

@@ -1,9 +1,11 @@
 """`model-broker reconcile`: custom resources in, the registry ConfigMap and statuses out.
 
-The broker and Envoy read a registry file at start; this loop keeps that file
-(a ConfigMap both mount) equal to base config + the cluster's resources, and
-rolls their Deployments when it changes. Kubernetes replaces pods one at a
-time, so a new model or a weight shift goes live without dropping requests.
+The broker, Envoy and the control plane read a registry file at start; this loop
+keeps that file (a ConfigMap they mount) equal to base config + the cluster's
+resources. A change of weights only goes live at once through the control
+plane's admin API, which every Envoy and broker follows; any other change (a new
+model, version or path) rolls their Deployments, which Kubernetes replaces one
+pod at a time, so it goes live without dropping requests.
 """
 
 from __future__ import annotations
@@ -11,13 +13,15 @@ from __future__ import annotations
 import hashlib
 import logging
 from collections.abc import Mapping
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
 import yaml
 
 from extproc.custom_resources import ResourceKey, convert, resource_key, status_update
-from extproc.registry import Registry
+from extproc.registry import Registry, RegistryInvalid, parse_registry
+from extproc.rollout.weights import LiveWeights, apply_weights, declared_weights
 
 log = logging.getLogger("model_broker.reconciler")
 
@@ -36,15 +40,29 @@ class Cluster(Protocol):
         """Return when a watched resource changed, or after `timeout_s` (the resync)."""
         ...
 
-    async def published_digest(self) -> str | None:
-        """The digest of the registry currently published, if any."""
+    async def published(self) -> Published | None:
+        """The registry currently published, if any."""
         ...
 
-    async def publish(self, registry_yaml: str, digest: str) -> None:
-        """Write the registry ConfigMap and roll the pods that read it."""
+    async def publish(self, registry_yaml: str, digest: str, *, roll: bool) -> None:
+        """Write the registry ConfigMap; with `roll`, roll the pods that read it."""
         ...
 
     async def write_status(self, key: ResourceKey, status: dict[str, Any]) -> None: ...
+
+
+class WeightSetter(Protocol):
+    """The control plane's admin API as the reconciler needs it; `rollout/client.py` has the real one."""
+
+    async def set_weights(self, model: str, weights: Mapping[str, int]) -> str | None:
+        """None once the control plane took the split, else why it did not."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class Published:
+    digest: str
+    registry_yaml: str
 
 
 def registry_yaml(registry: Registry) -> str:
@@ -56,16 +74,45 @@ def digest(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
+def weight_changes(before: str, after: Registry) -> LiveWeights | None:
+    """The models whose split alone changed from the `before` registry (YAML) to `after`;
+    None when anything else changed too (or `before` is unreadable), which needs new pods."""
+    try:
+        old = parse_registry(yaml.safe_load(before))
+    except (RegistryInvalid, yaml.YAMLError):
+        return None
+    wanted = declared_weights(after)
+    if apply_weights(old, wanted) != after:
+        return None
+    current = declared_weights(old)
+    return {model: weights for model, weights in wanted.items() if current.get(model) != weights}
+
+
+async def _apply_live(plane: WeightSetter, changes: LiveWeights) -> bool:
+    """Every changed split through the control plane; False at the first it did not take."""
+    for model, weights in changes.items():
+        problem = await plane.set_weights(model, weights)
+        if problem is not None:
+            log.warning("could not change %s's weights live (%s); rolling the pods instead", model, problem)
+            return False
+        log.info("weights of %s changed live: %s", model, weights)
+    return True
+
+
 def _now() -> str:
     return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-async def reconcile_once(cluster: Cluster, base: Mapping[str, Any], published: str | None) -> str | None:
-    """One pass; returns the digest now published.
+async def reconcile_once(
+    cluster: Cluster, base: Mapping[str, Any], published: Published | None, plane: WeightSetter | None = None
+) -> Published | None:
+    """One pass; returns the registry now published.
 
     The registry is published before any status says Accepted, so a resource
     never claims to be served by a registry nobody can read yet. An invalid
-    base publishes nothing: the last good registry keeps serving.
+    base publishes nothing: the last good registry keeps serving. Rolling is
+    always correct, even for weights: a control plane starting on a registry
+    that declares another split drops its older live change.
     """
     resources = await cluster.list_resources()
     conversion = convert(base, resources)
@@ -74,9 +121,12 @@ async def reconcile_once(cluster: Cluster, base: Mapping[str, Any], published: s
         return published
     text = registry_yaml(conversion.registry)
     wanted = digest(text)
-    if wanted != published:
-        await cluster.publish(text, wanted)
-        log.info("published registry %s (%d models)", wanted, len(conversion.registry.models))
+    if published is None or wanted != published.digest:
+        changes = None if published is None else weight_changes(published.registry_yaml, conversion.registry)
+        live = plane is not None and changes is not None and await _apply_live(plane, changes)
+        await cluster.publish(text, wanted, roll=not live)
+        how = "weights applied live" if live else "pods rolling"
+        log.info("published registry %s (%d models; %s)", wanted, len(conversion.registry.models), how)
     now = _now()
     for resource in resources:
         key = resource_key(resource)
@@ -84,15 +134,17 @@ async def reconcile_once(cluster: Cluster, base: Mapping[str, Any], published: s
         update = None if verdict is None else status_update(resource, verdict, now)
         if update is not None:
             await cluster.write_status(key, update)
-    return wanted
+    return Published(wanted, text)
 
 
-async def reconcile_forever(cluster: Cluster, base: Mapping[str, Any], resync_s: float = RESYNC_SECONDS) -> None:
+async def reconcile_forever(
+    cluster: Cluster, base: Mapping[str, Any], plane: WeightSetter | None, resync_s: float = RESYNC_SECONDS
+) -> None:
     """Reconcile on every change and at least every `resync_s`; one failed pass is retried, not fatal."""
-    published = await cluster.published_digest()
+    published = await cluster.published()
     while True:
         try:
-            published = await reconcile_once(cluster, base, published)
+            published = await reconcile_once(cluster, base, published, plane)
         except Exception:
             # The API server may be briefly away (upgrades); the next change or resync retries.
             log.exception("reconcile pass failed")

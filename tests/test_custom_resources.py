@@ -1,17 +1,24 @@
-"""Model resources → registry, each resource's verdict and status, and the reconciler pass over a fake API."""
+"""Model resources → registry, each resource's verdict and status, and the reconciler pass over an in-memory API
+(no cluster here) with the real control plane process for live weights."""
 
 from __future__ import annotations
 
 import copy
+import sys
+from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
 
 from extproc.custom_resources import Verdict, convert, status_update
-from extproc.reconciler import digest, reconcile_once, registry_yaml
-from extproc.registry import load_registry, parse_registry
-from tests.conftest import ROOT
+from extproc.launcher import free_port, wait_ready
+from extproc.reconciler import Published, digest, reconcile_once, registry_yaml, weight_changes
+from extproc.registry import Registry, load_registry, parse_registry
+from extproc.rollout.client import AdminApi
+from extproc.rollout.client import request as admin_request
+from extproc.rollout.discovery import RUNTIME_DIR_ENV, TOKEN_ENV, AdminEndpoint
+from tests.conftest import ROOT, Proc
 
 EXAMPLES = ROOT / "examples" / "k8s"
 
@@ -159,11 +166,15 @@ def test_transition_time_moves_only_when_the_status_flips() -> None:
 
 
 class FakeCluster:
-    """The reconciler's view of the API server, in memory: resources, one ConfigMap, written statuses."""
+    """The reconciler's view of the API server, in memory: resources, one ConfigMap, written statuses.
+
+    There is no cluster here; the control plane it talks to in the tests below is the real process.
+    """
 
     def __init__(self, resources: list[dict[str, Any]]) -> None:
         self.resources = resources
         self.published: list[tuple[str, str]] = []
+        self.rolls = 0
         self.statuses: list[tuple[tuple[str, str], dict[str, Any]]] = []
 
     async def list_resources(self) -> list[dict[str, Any]]:
@@ -172,11 +183,12 @@ class FakeCluster:
     async def wait_for_change(self, timeout_s: float) -> None:
         raise NotImplementedError  # reconcile_once never waits
 
-    async def published_digest(self) -> str | None:
-        return self.published[-1][1] if self.published else None
+    async def published(self) -> Published | None:
+        return Published(self.published[-1][1], self.published[-1][0]) if self.published else None
 
-    async def publish(self, registry_yaml: str, digest: str) -> None:
+    async def publish(self, registry_yaml: str, digest: str, *, roll: bool) -> None:
         self.published.append((registry_yaml, digest))
+        self.rolls += roll
 
     async def write_status(self, key: tuple[str, str], status: dict[str, Any]) -> None:
         self.statuses.append((key, status))
@@ -192,8 +204,9 @@ async def test_reconcile_publishes_once_then_statuses_settle() -> None:
     cluster = FakeCluster([resource("credit-risk"), bad])
     first = await reconcile_once(cluster, base(), None)
     second = await reconcile_once(cluster, base(), first)
-    assert first == second == digest(cluster.published[0][0])
+    assert first == second == Published(digest(cluster.published[0][0]), cluster.published[0][0])
     assert len(cluster.published) == 1 and "credit-risk" in cluster.published[0][0]
+    assert cluster.rolls == 1
     assert {key: s["conditions"][0]["status"] for key, s in cluster.statuses} == {
         ("Model", "credit-risk"): "True",
         ("Model", "fraud"): "False",
@@ -201,14 +214,14 @@ async def test_reconcile_publishes_once_then_statuses_settle() -> None:
     assert len(cluster.statuses) == 2
 
 
-async def test_weight_shift_republishes() -> None:
-    """Editing a resource's weights publishes a registry with the new weights."""
+async def test_weight_shift_without_a_control_plane_rolls() -> None:
+    """Without `--admin`, editing a resource's weights publishes the new weights and rolls the pods."""
     cluster = FakeCluster([resource("credit-risk")])
     first = await reconcile_once(cluster, base(), None)
     cluster.resources[0]["spec"]["versions"][0]["weight"] = 50
     cluster.resources[0]["spec"]["versions"][1]["weight"] = 50
     second = await reconcile_once(cluster, base(), first)
-    assert second != first and len(cluster.published) == 2
+    assert second != first and len(cluster.published) == 2 and cluster.rolls == 2
     weights = [v["weight"] for v in yaml.safe_load(cluster.published[1][0])["models"][0]["versions"]]
     assert weights == [50, 50]
 
@@ -218,5 +231,112 @@ async def test_invalid_base_keeps_the_published_registry() -> None:
     broken = base()
     broken["broker"]["message_timeout_ms"] = 10
     cluster = FakeCluster([resource("credit-risk")])
-    assert await reconcile_once(cluster, broken, "abc") == "abc"
+    kept = Published("abc", "models: []")
+    assert await reconcile_once(cluster, broken, kept) == kept
     assert cluster.published == [] and cluster.statuses == []
+
+
+def _edited(change: Any) -> Registry:
+    doc = resource("credit-risk")
+    change(doc["spec"])
+    conversion = convert(base(), [doc])
+    assert conversion.registry is not None
+    return conversion.registry
+
+
+WEIGHT_CASES: list[tuple[str, Any, dict[str, dict[str, int]] | None]] = [
+    (
+        "weights",
+        lambda s: [v.update(weight=w) for v, w in zip(s["versions"], (5, 95), strict=True)],
+        {"credit-risk": {"v1": 5, "v2": 95}},
+    ),
+    ("nothing", lambda s: None, {}),
+    ("a version added", lambda s: s["versions"].append({**s["versions"][1], "name": "v3", "weight": 1}), None),
+    ("weights and timeout", lambda s: (s["versions"][0].update(weight=5), s.update(timeout_ms=900)), None),
+]
+
+
+@pytest.mark.parametrize(("case", "change", "expected"), WEIGHT_CASES, ids=[c[0] for c in WEIGHT_CASES])
+def test_weight_only_changes_are_told_apart(case: str, change: Any, expected: dict[str, dict[str, int]] | None) -> None:
+    """Only a change of weights alone can skip new pods; anything more (or an unreadable old registry) cannot."""
+    before = registry_yaml(_edited(lambda s: None))
+    assert weight_changes(before, _edited(change)) == expected
+    assert weight_changes("{not: [yaml", _edited(change)) is None
+
+
+ADMIN_TOKEN = "reconciler-test-token"
+
+
+@pytest.fixture
+def live_base(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
+    """The base with free control-plane ports, its state file in tmp_path."""
+    monkeypatch.setenv(TOKEN_ENV, ADMIN_TOKEN)
+    monkeypatch.setenv(RUNTIME_DIR_ENV, str(tmp_path / "runtime"))
+    doc = base()
+    doc["control_plane"] = {"port": free_port(), "admin_port": free_port(), "state_file": str(tmp_path / "state.json")}
+    doc["metrics"] = {"address": "127.0.0.1", "port": free_port()}
+    return doc
+
+
+def start_control_plane(published: Published, directory: Path) -> tuple[Proc, AdminEndpoint]:
+    """The control-plane pod, started on the registry the reconciler published (real process)."""
+    config = directory / "registry.yaml"
+    config.write_text(published.registry_yaml)
+    plane = yaml.safe_load(published.registry_yaml)["control_plane"]
+    cmd = [sys.executable, "-m", "extproc.cli", "control-plane", "--config", str(config)]
+    proc = Proc("control-plane", cmd, directory / "control-plane.log").start()
+    url = f"http://127.0.0.1:{plane['admin_port']}"
+    wait_ready(url + "/healthz")
+    return proc, AdminEndpoint(url, ADMIN_TOKEN, 0, "")
+
+
+def live_split(endpoint: AdminEndpoint) -> dict[str, int]:
+    status, doc = admin_request(endpoint, "GET", "/weights")
+    assert status == 200, doc
+    split: dict[str, int] = doc["models"]["credit-risk"]
+    return split
+
+
+def set_resource_weights(cluster: FakeCluster, v1: int, v2: int) -> None:
+    cluster.resources[0]["spec"]["versions"][0]["weight"] = v1
+    cluster.resources[0]["spec"]["versions"][1]["weight"] = v2
+
+
+async def test_weight_only_edit_goes_live_without_new_pods(live_base: dict[str, Any], tmp_path: Path) -> None:
+    """kubectl-editing a Model's weights: the control plane serves the split, nothing rolls;
+    adding a version rolls the pods instead and leaves the live split alone."""
+    cluster = FakeCluster([resource("credit-risk")])
+    first = await reconcile_once(cluster, live_base, None)
+    proc, endpoint = start_control_plane(first, tmp_path)
+    try:
+        plane = AdminApi(endpoint)
+        set_resource_weights(cluster, 5, 95)
+        second = await reconcile_once(cluster, live_base, first, plane)
+        assert second is not None and second != first
+        assert cluster.rolls == 1 and len(cluster.published) == 2
+        assert live_split(endpoint) == {"v1": 5, "v2": 95}
+        cluster.resources[0]["spec"]["versions"].append({**cluster.resources[0]["spec"]["versions"][1], "name": "v3"})
+        await reconcile_once(cluster, live_base, second, plane)
+        assert cluster.rolls == 2 and live_split(endpoint) == {"v1": 5, "v2": 95}
+    finally:
+        proc.stop()
+
+
+async def test_weights_roll_the_pods_when_the_control_plane_refuses_or_is_away(
+    live_base: dict[str, Any], tmp_path: Path
+) -> None:
+    """A wrong token or a control plane that is down: the edit still lands, by rolling the pods."""
+    cluster = FakeCluster([resource("credit-risk")])
+    first = await reconcile_once(cluster, live_base, None)
+    proc, endpoint = start_control_plane(first, tmp_path)
+    try:
+        set_resource_weights(cluster, 10, 90)
+        wrong = AdminApi(AdminEndpoint(endpoint.url, "wrong-token", 0, ""))
+        second = await reconcile_once(cluster, live_base, first, wrong)
+        assert cluster.rolls == 2 and live_split(endpoint) != {"v1": 10, "v2": 90}
+    finally:
+        proc.stop()
+    set_resource_weights(cluster, 20, 80)
+    await reconcile_once(cluster, live_base, second, AdminApi(endpoint))
+    assert cluster.rolls == 3
+    assert [v["weight"] for v in yaml.safe_load(cluster.published[-1][0])["models"][0]["versions"]] == [20, 80]

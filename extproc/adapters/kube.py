@@ -18,11 +18,13 @@ from kubernetes_asyncio.client.exceptions import ApiException
 
 from extproc.crds import GROUP, KINDS, VERSION, kind_named
 from extproc.custom_resources import ResourceKey
+from extproc.reconciler import Published
 
 log = logging.getLogger("model_broker.kube")
 
 REGISTRY_KEY = "registry.yaml"
-# On the ConfigMap (what is published) and on pod templates (a change rolls the pods).
+# On the ConfigMap (what is published) and on pod templates (a change rolls the pods;
+# a weight-only change leaves them, it goes live through the control plane).
 DIGEST_ANNOTATION = f"{GROUP}/registry-digest"
 # One watch call lasts at most this long before it is reopened; the server caps it anyway.
 WATCH_SECONDS = 240
@@ -91,18 +93,18 @@ class KubeCluster:
                 await self._changed.wait()
         self._changed.clear()
 
-    async def published_digest(self) -> str | None:
+    async def published(self) -> Published | None:
         try:
             current = await self._core.read_namespaced_config_map(self._target.config_map, self._target.namespace)
         except ApiException as exc:
             if exc.status == NOT_FOUND:
                 return None
             raise
-        annotations = current.metadata.annotations or {}
-        found: str | None = annotations.get(DIGEST_ANNOTATION)
-        return found
+        found = (current.metadata.annotations or {}).get(DIGEST_ANNOTATION)
+        text = (current.data or {}).get(REGISTRY_KEY)
+        return Published(found, text) if found and text else None
 
-    async def publish(self, registry_yaml: str, digest: str) -> None:
+    async def publish(self, registry_yaml: str, digest: str, *, roll: bool) -> None:
         name, namespace = self._target.config_map, self._target.namespace
         body = client.V1ConfigMap(
             metadata=client.V1ObjectMeta(name=name, annotations={DIGEST_ANNOTATION: digest}),
@@ -114,9 +116,11 @@ class KubeCluster:
             if exc.status != NOT_FOUND:
                 raise
             await self._core.create_namespaced_config_map(namespace, body)
-        roll = {"spec": {"template": {"metadata": {"annotations": {DIGEST_ANNOTATION: digest}}}}}
+        if not roll:
+            return
+        patch = {"spec": {"template": {"metadata": {"annotations": {DIGEST_ANNOTATION: digest}}}}}
         for deployment in self._target.deployments:
-            await self._apps.patch_namespaced_deployment(deployment, namespace, roll)
+            await self._apps.patch_namespaced_deployment(deployment, namespace, patch)
 
     async def write_status(self, key: ResourceKey, status: dict[str, Any]) -> None:
         kind = kind_named(key[0])

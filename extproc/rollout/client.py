@@ -1,12 +1,14 @@
-"""`model-broker weights`: the admin API's client, finding the local broker when no URL is given."""
+"""The admin API's client: `model-broker weights` (finding the local broker when no URL is given) and the reconciler."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import sys
 import urllib.error
 import urllib.request
+from collections.abc import Mapping
 from typing import Any
 
 from extproc.errors import BrokerError
@@ -92,3 +94,22 @@ def show_weights(admin: str | None) -> int:
         return _print_error(status, doc)
     print(json.dumps(doc, indent=2, sort_keys=True))
     return 0
+
+
+class AdminApi:
+    """The admin API for the reconciler (`reconciler.WeightSetter`): a split in, None or why not out."""
+
+    def __init__(self, endpoint: discovery.AdminEndpoint) -> None:
+        self._endpoint = endpoint
+
+    async def set_weights(self, model: str, weights: Mapping[str, int]) -> str | None:
+        try:
+            status, doc = await asyncio.to_thread(
+                request, self._endpoint, "PUT", f"/weights/{model}", {"weights": dict(weights)}
+            )
+        except AdminUnreachable as exc:
+            return str(exc)
+        if status != 200:
+            error = doc.get("error", {}) if isinstance(doc, dict) else {}
+            return f"{status} {error.get('code', '?')}: {error.get('message', doc)}"
+        return None  # persisted: an Envoy or broker that missed the push gets it when it reconnects
