@@ -217,6 +217,10 @@ class AuditTrail:
         self._registry_version = registry_version
         self.fail_closed = fail_closed
 
+    def use_registry(self, entities: dict[str, tuple[str, str]], registry_version: str) -> None:
+        """A reloaded registry: models audited from now on, and the version records name."""
+        self._entities, self._registry_version = entities, registry_version
+
     def covers(self, route_name: str) -> bool:
         return route_name in self._entities
 

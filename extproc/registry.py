@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import ipaddress
 import json
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -744,6 +745,26 @@ def parse_registry(data: Any) -> Registry:
     if problems:
         raise RegistryInvalid(problems)
     return reg
+
+
+# What a running broker applies from a rewritten registry file; any other section is read at start.
+LIVE_SECTIONS = frozenset({"registry_version", "entities", "models", "ensembles"})
+
+
+def restart_only_changes(old: Registry, new: Registry) -> list[str]:
+    """The sections `new` changes that a running broker cannot apply (ports, store, audit, …)."""
+    return [
+        name for name in Registry.model_fields if name not in LIVE_SECTIONS and getattr(old, name) != getattr(new, name)
+    ]
+
+
+def file_signature(path: str | Path) -> tuple[int, int, int] | None:
+    """(inode, size, mtime) of a file, cheap to poll (a ConfigMap's symlink swap changes the inode)."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return st.st_ino, st.st_size, st.st_mtime_ns
 
 
 def load_registry(path: str | Path, *, envoy_files: bool = True) -> Registry:

@@ -8,7 +8,6 @@ import logging
 import os
 import signal
 import socket
-from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -25,6 +24,7 @@ if TYPE_CHECKING:
 from extproc.features import CachedFeatureStore, EmbeddedFeatureStore, FeatureStore
 from extproc.processor import BrokerProcessor
 from extproc.registry import Audit, Registry, load_registry
+from extproc.reload import follow_registry_file
 from extproc.rollout.follow import Layer, follow
 from extproc.rollout.weights import apply_weights, weights_of_layer
 from extproc.server import add_service
@@ -65,6 +65,16 @@ def open_audit_store(conf: Audit) -> AwsAuditStore | LocalAuditStore:
     return LocalAuditStore(Path(conf.sink.local.dir))
 
 
+def audited_entities(registry: Registry) -> dict[str, tuple[str, str]]:
+    """Audited model → (entity name, join key), what each record names the caller by."""
+    entities = {}
+    for model in registry.models:
+        entity = registry.entity(model.entity)
+        if registry.audited(model) and entity is not None:
+            entities[model.name] = (entity.name, entity.join_key)
+    return entities
+
+
 def open_audit(registry: Registry, port: int, workers: int) -> tuple[AuditTrail, Shipper] | None:
     """This worker's spool (its own directory and share of the bound), trail and shipper."""
     conf = registry.audit
@@ -76,14 +86,9 @@ def open_audit(registry: Registry, port: int, workers: int) -> tuple[AuditTrail,
         segment_bytes=conf.spool.segment_bytes,
     )
     spool.open()
-    entities = {}
-    for model in registry.models:
-        entity = registry.entity(model.entity)
-        if registry.audited(model) and entity is not None:
-            entities[model.name] = (entity.name, entity.join_key)
     trail = AuditTrail(
         spool,
-        entities=entities,
+        entities=audited_entities(registry),
         redact_paths=conf.redact,
         registry_version=registry.registry_version,
         fail_closed=conf.spool.when_full == "fail_closed",
@@ -104,16 +109,35 @@ async def _orphan_watch(parent: int, stop: asyncio.Event) -> None:
         await asyncio.sleep(1.0)
 
 
-def _live_weights_applier(
-    registry: Registry, processor: BrokerProcessor, applied: asyncio.Event
-) -> Callable[[Layer], None]:
-    """So `/models` and the features to fetch follow the live weights the control plane publishes."""
+class LiveRegistry:
+    """What a worker serves: the registry file's models, at the control plane's live weights.
 
-    def apply(layer: Layer) -> None:
-        processor.use_registry(apply_weights(registry, weights_of_layer(registry, layer)))
-        applied.set()
+    Both change at run time: a new runtime layer (weights) and a rewritten
+    registry file (models, ensembles, entities; on Kubernetes the ConfigMap
+    kubelet updates in place) are applied without a restart.
+    """
 
-    return apply
+    def __init__(self, registry: Registry, processor: BrokerProcessor, audit: AuditTrail | None) -> None:
+        self.registry = registry
+        self._processor = processor
+        self._audit = audit
+        self._layer: Layer = {}
+        self.weights_applied = asyncio.Event()
+
+    def apply_layer(self, layer: Layer) -> None:
+        self._layer = layer
+        self._use()
+        self.weights_applied.set()
+
+    async def replace(self, new: Registry) -> None:
+        """Serve `new` (checked by `reload.refusal`) from the next request."""
+        self.registry = new
+        self._use()
+        if self._audit is not None:
+            self._audit.use_registry(audited_entities(new), new.registry_version)
+
+    def _use(self) -> None:
+        self._processor.use_registry(apply_weights(self.registry, weights_of_layer(self.registry, self._layer)))
 
 
 async def _wait_for_live_weights(applied: asyncio.Event, control_plane: str) -> None:
@@ -128,10 +152,13 @@ async def _wait_for_live_weights(applied: asyncio.Event, control_plane: str) -> 
         )
 
 
-async def serve_worker(registry: Registry, address: str, port: int, workers: int, control_plane: str) -> None:
+async def serve_worker(
+    config_path: str, registry: Registry, *, address: str, port: int, workers: int, control_plane: str
+) -> None:
     store = open_feature_store(registry)
-    # One pooled session per worker for every ensemble member call; none without ensembles.
-    egress = EgressClient(f"http://{registry.egress.address}:{registry.egress.port}") if registry.ensembles else None
+    # One pooled session per worker for every ensemble member call (connections open on first use,
+    # so it costs nothing until a reloaded registry brings the first ensemble).
+    egress = EgressClient(f"http://{registry.egress.address}:{registry.egress.port}")
     audit = open_audit(registry, port, workers)
     server = grpc.aio.server(
         options=[
@@ -140,11 +167,13 @@ async def serve_worker(registry: Registry, address: str, port: int, workers: int
             ("grpc.http2.max_concurrent_streams", 1024),
         ]
     )
-    processor = BrokerProcessor(registry, store, egress=egress, audit=audit[0] if audit else None)
-    applied = asyncio.Event()
+    trail = audit[0] if audit else None
+    processor = BrokerProcessor(registry, store, egress=egress, audit=trail)
+    live = LiveRegistry(registry, processor, trail)
     node_id = f"broker-{socket.gethostname()}-{port}"
-    following = asyncio.create_task(follow(control_plane, node_id, _live_weights_applier(registry, processor, applied)))
-    await _wait_for_live_weights(applied, control_plane)
+    following = asyncio.create_task(follow(control_plane, node_id, live.apply_layer))
+    reloading = asyncio.create_task(follow_registry_file(config_path, lambda: live.registry, live.replace))
+    await _wait_for_live_weights(live.weights_applied, control_plane)
     add_service(server, processor)
     server.add_insecure_port(f"{address}:{port}")
     await server.start()
@@ -158,9 +187,9 @@ async def serve_worker(registry: Registry, address: str, port: int, workers: int
     await stop.wait()
     watch.cancel()
     following.cancel()
+    reloading.cancel()
     await server.stop(DRAIN_SECONDS)
-    if egress is not None:
-        await egress.close()
+    await egress.close()
     await store.close()
     if audit is not None and shipping is not None:
         await shipping
@@ -172,4 +201,7 @@ def run_worker(config_path: str, address: str, port: int, workers: int, control_
     `control_plane` (host:port) is where the live weights come from."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     registry = load_registry(config_path, envoy_files=False)
-    uvloop.run(serve_worker(registry, address, port, workers, control_plane))
+    serving = serve_worker(
+        config_path, registry, address=address, port=port, workers=workers, control_plane=control_plane
+    )
+    uvloop.run(serving)

@@ -18,6 +18,7 @@ import secrets
 import signal
 import time
 from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +34,7 @@ from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import (
 from extproc import metrics, wire
 from extproc.errors import BrokerError, ErrorCode
 from extproc.registry import Registry, RolloutPolicy, load_registry
+from extproc.reload import follow_registry_file
 from extproc.rollout import discovery
 from extproc.rollout.health import (
     Breach,
@@ -80,36 +82,60 @@ class ControlPlane:
     """Live weights: validated, persisted, then pushed; changes are serialised by one lock."""
 
     def __init__(self, registry: Registry, state: RolloutState) -> None:
-        self.registry = registry
         self._state = state
-        self._live, dropped = merge_overrides(registry, state.overrides, state.declared)
+        self._lock = asyncio.Lock()
+        # Models with an automatic change in flight: exports from other Envoys must not start another.
+        self._changing: set[str] = set()
+        # When each model's split last changed: promotion waits `promote_after_seconds` from there.
+        self._stage_since: dict[str, float] = {}
+        self._windows: dict[str, OutcomeWindow] = {}
+        self._events = events_path(registry.control_plane.state_file)
+        self._shadow_log = shadow_path(registry.control_plane.state_file)
+        self._shadow_pairs = ShadowPairs()
+        if self._adopt(registry):  # a new revision, so nobody mistakes the new split for one it acknowledged
+            self._state = replace(self._state, revision=self._state.revision + 1)
+            save_state(registry.control_plane.state_file, self._state)
+        self.hub = RuntimeHub(runtime_layer(self._live), self._state.revision)
+        self.brokers = RuntimeHub(runtime_layer(self._live), self._state.revision)
+
+    def _adopt(self, registry: Registry) -> bool:
+        """Serve `registry`: its weights with every still-fitting override; True if one was dropped."""
+        live, dropped = merge_overrides(registry, self._state.overrides, self._state.declared)
         for reason in dropped:
             log.warning("ignoring a saved weight override that no longer fits the registry: %s", reason)
-        if dropped:  # a new revision, so nobody mistakes the new split for the one it acknowledged
-            kept = {model: weights for model, weights in state.overrides.items() if self._live.get(model) == weights}
-            state = RolloutState(state.revision + 1, kept, {m: state.declared[m] for m in kept if m in state.declared})
-            save_state(registry.control_plane.state_file, state)
-        self._declared = declared_weights(registry)
-        self.hub = RuntimeHub(runtime_layer(self._live), state.revision)
-        self.brokers = RuntimeHub(runtime_layer(self._live), state.revision)
-        self._lock = asyncio.Lock()
+        if dropped:
+            kept = {model: weights for model, weights in self._state.overrides.items() if live.get(model) == weights}
+            declared = {model: self._state.declared[model] for model in kept if model in self._state.declared}
+            self._state = RolloutState(self._state.revision, kept, declared)
+        self.registry, self._live, self._declared = registry, live, declared_weights(registry)
         self._policies = {m.name: m.rollout for m in registry.models if m.rollout is not None}
         self._versions = {
             wire.version_cluster(m.name, v.name): (m.name, v.name) for m in registry.models for v in m.versions
         }
-        # Models with an automatic change in flight: exports from other Envoys must not start another.
-        self._changing: set[str] = set()
-        # When each model's split last changed: promotion waits `promote_after_seconds` from there.
-        self._stage_since = dict.fromkeys(self._policies, time.monotonic())
-        self._windows = {
-            wire.version_cluster(model, policy.canary): OutcomeWindow(policy.window_seconds)
-            for model, policy in self._policies.items()
-        }
-        self._events = events_path(registry.control_plane.state_file)
-        self._shadow_log = shadow_path(registry.control_plane.state_file)
-        self._shadow_pairs = ShadowPairs()
-        for model, weights in self._live.items():
+        now = time.monotonic()
+        self._stage_since = {model: self._stage_since.get(model, now) for model in self._policies}
+        windows = {wire.version_cluster(m, p.canary): p.window_seconds for m, p in self._policies.items()}
+        self._windows = {c: self._windows.get(c) or OutcomeWindow(seconds) for c, seconds in windows.items()}
+        for model, weights in live.items():
             metrics.set_weights(model, weights)
+        return bool(dropped)
+
+    async def use_registry(self, registry: Registry) -> None:
+        """An edited registry file: new models and versions go live at their declared weights."""
+        async with self._lock:
+            before = self.live
+            self._adopt(registry)
+            self._state = replace(self._state, revision=self._state.revision + 1)
+            await asyncio.to_thread(save_state, registry.control_plane.state_file, self._state)
+            await self._publish(before, self._state.revision)
+
+    async def _publish(self, before: LiveWeights, revision: int) -> None:
+        """Brokers first; a version that had no traffic reaches Envoy once every broker has it."""
+        layer = runtime_layer(self._live)
+        self.brokers.publish(layer, revision)
+        if newly_live(before, self._live):
+            await self.brokers.wait_acked(revision, ACK_TIMEOUT_SECONDS)
+        self.hub.publish(layer, revision)
 
     @property
     def live(self) -> LiveWeights:
@@ -131,10 +157,10 @@ class ControlPlane:
         A version that had no traffic reaches the brokers first: Envoy sends it
         requests only once every broker fetches its features.
         """
-        checked = change_weights(self.registry, model, proposed)
-        if isinstance(checked, BrokerError):
-            return checked
-        async with self._lock:
+        async with self._lock:  # checked inside: a registry reload may change the versions
+            checked = change_weights(self.registry, model, proposed)
+            if isinstance(checked, BrokerError):
+                return checked
             before = self.live
             after = {**before, model: checked}
             revision = self._state.revision + 1
@@ -142,10 +168,7 @@ class ControlPlane:
             state = RolloutState(revision, {**self._state.overrides, model: checked}, declared)
             await asyncio.to_thread(save_state, self.registry.control_plane.state_file, state)
             self._state, self._live = state, after
-            self.brokers.publish(runtime_layer(after), revision)
-            if newly_live(before, after):
-                await self.brokers.wait_acked(revision, ACK_TIMEOUT_SECONDS)
-            self.hub.publish(runtime_layer(after), revision)
+            await self._publish(before, revision)
             metrics.set_weights(model, checked)
             self._forget_outcomes(model)
             event = {ROLLBACK: "rollback", PROMOTION: "promotion"}.get(source, "weights_changed")
@@ -334,11 +357,13 @@ async def serve_control_plane(registry_file: str, registry: Registry) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     parent = os.getppid()
+    reloading = asyncio.create_task(follow_registry_file(registry_file, lambda: plane.registry, plane.use_registry))
     try:
         while not stop.is_set() and os.getppid() == parent:  # stop with the supervisor, even if it was killed
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), 1.0)
     finally:
+        reloading.cancel()
         announced.unlink(missing_ok=True)
         await runner.cleanup()
         await server.stop(1.0)
