@@ -317,6 +317,47 @@ def test_network_policy_guards_the_control_plane() -> None:
     }
 
 
+def test_only_envoy_mounts_the_certificate_and_key_sets() -> None:
+    """The listener's TLS files and each consumer's JWKS file come from the Secret and ConfigMap the values
+    name, mounted where Envoy's config step and Envoy look for them; no other pod mounts either."""
+    docs = render("full")
+    registry = registry_doc(docs)
+    tls = registry["listener"]["tls"]
+    wanted = {
+        tls["certificate_chain"]: ("secret", FULL_VALUES["envoy"]["tls"]["secretName"]),
+        tls["private_key"]: ("secret", FULL_VALUES["envoy"]["tls"]["secretName"]),
+    }
+    for consumer in registry["consumers"]:
+        if "jwks_file" in consumer.get("jwt", {}):
+            wanted[consumer["jwt"]["jwks_file"]] = ("configMap", FULL_VALUES["envoy"]["jwksConfigMap"])
+    assert len(wanted) == 3
+    spec = pod_spec(docs, "envoy")
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    for reader in spec["initContainers"] + spec["containers"]:
+        for file, (kind, source) in wanted.items():
+            mount = next(m for m in reader["volumeMounts"] if file.startswith(m["mountPath"] + "/"))
+            volume = volumes[mount["name"]]
+            assert mount["readOnly"] is True
+            assert volume[kind].get("secretName", volume[kind].get("name")) == source
+            key = file.removeprefix(mount["mountPath"] + "/")
+            assert key in [i["path"] for i in volume[kind].get("items", [{"path": key}])]
+    sources = {source for _, source in wanted.values()}
+    for other in pod_specs(docs):
+        if other["containers"][0]["name"] != "envoy":
+            assert not any(source in json.dumps(other["volumes"]) for source in sources)
+
+
+def test_a_jwks_file_the_envoy_pod_cannot_see_fails_the_render() -> None:
+    """A consumer's jwks_file outside envoy.jwksConfigMap's mount is refused by `helm install`, not by a crash loop."""
+    consumer = {
+        "name": "app",
+        "jwt": {"issuer": "https://login.example.com/", "jwks_file": "jwks.json"},
+        "models": ["*"],
+    }
+    with pytest.raises(helm.HelmError, match=r"consumers\[0\]\.jwt\.jwks_file: set envoy\.jwksConfigMap"):
+        render_values({"registry": {"consumers": [consumer]}})
+
+
 def envoy_config_from_chart(docs: list[dict[str, Any]], tmp_path: Path) -> str:
     """Run the Envoy pod's init container command as the pod would, each of its mounts a local directory
     holding what the chart puts there (registry, TLS pair, JWKS files)."""
@@ -355,9 +396,13 @@ def envoy_config_from_chart(docs: list[dict[str, Any]], tmp_path: Path) -> str:
 
 @pytest.mark.parametrize("values", ["default", "full"])
 def test_envoy_config_of_the_chart_passes_envoy_validate(values: str, tmp_path: Path) -> None:
-    """The Envoy config the chart's init container generates from the chart's registry is accepted by Envoy."""
+    """The Envoy config the chart's init container generates from the chart's registry is accepted by Envoy
+    (with the full values: HTTPS from the TLS Secret, an API-key and a JWT consumer)."""
     docs = render(values)
     config = envoy_config_from_chart(docs, tmp_path)
+    if values == "full":
+        assert "transportSocket" in json.dumps(yaml.safe_load(config)["staticResources"]["listeners"][0])
+        assert "localJwks" in config
     result = validate_with_envoy(config, tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr
 
@@ -388,7 +433,7 @@ def test_reconciler_base_accepts_the_example_resources() -> None:
     conversion = convert(base, [r for r in resources if r.get("kind") in {"Model", "Ensemble"}])
     assert conversion.registry is not None, conversion.base_problems
     assert all(v.accepted for v in conversion.verdicts.values()), conversion.verdicts
-    assert base["models"] == []
+    assert base["models"] == [] and conversion.registry.consumers
 
 
 def test_committed_crds_ship_with_the_chart() -> None:
