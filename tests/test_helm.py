@@ -253,6 +253,24 @@ def test_control_plane_service_reaches_what_it_binds(values: str) -> None:
         assert probe["httpGet"] == {"path": "/healthz", "port": "admin"}
 
 
+def test_every_envoy_and_broker_finds_the_control_plane(tmp_path: Path) -> None:
+    """Envoy's control-plane cluster and every broker's --control-plane name the control-plane Service
+    on the gRPC port it exposes; each Envoy reports its own pod name as its node id."""
+    docs = render("full")
+    grpc = service_ports(docs, "control-plane")["grpc"]
+    assert arg_after(container(docs, "broker")["args"], "--control-plane") == [f"{CONTROL_PLANE_HOST}:{grpc}"]
+    envoy = yaml.safe_load(envoy_config_from_chart(docs, tmp_path))
+    cluster = next(c for c in envoy["staticResources"]["clusters"] if c["name"] == "model_broker_control_plane")
+    endpoints = [
+        e["endpoint"]["address"]["socketAddress"] for e in cluster["loadAssignment"]["endpoints"][0]["lbEndpoints"]
+    ]
+    assert cluster["type"] == "STRICT_DNS"
+    assert endpoints == [{"address": CONTROL_PLANE_HOST, "portValue": grpc}]
+    proxy = container(docs, "envoy")
+    assert arg_after(proxy["args"], "--service-node") == ["$(POD_NAME)"]
+    assert {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}} in proxy["env"]
+
+
 TOKEN_CASES = {
     "generated": {},
     "generated-resources": {"modelSource": "resources"},
