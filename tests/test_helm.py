@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import base64
 import copy
 import functools
+import itertools
+import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -14,8 +18,8 @@ import yaml
 
 from extproc import cli
 from extproc.custom_resources import convert
-from extproc.registry import parse_registry
 from tests.conftest import ROOT
+from tests.credentials import Signer, self_signed_pair
 from tests.test_cli import run_cli, validate_with_envoy
 from tests.test_crds import KUBERNETES_VERSION
 
@@ -26,13 +30,19 @@ VALUE_SETS = {"default": {}, "full": FULL_VALUES, "full-resources": RESOURCES_VA
 # Prometheus Operator's kind: not part of Kubernetes, so there is no schema to check it against.
 NOT_IN_KUBERNETES = {"ServiceMonitor"}
 RELEASE, NAMESPACE = "mb", "models"
+PREFIX = f"{RELEASE}-model-broker"
+CONTROL_PLANE_HOST = f"{PREFIX}-control-plane.{NAMESPACE}.svc.cluster.local"
+
+
+def render_values(values: dict[str, Any]) -> list[dict[str, Any]]:
+    """The chart's manifests for these values, as `helm install` would render them (no cluster: `lookup` is empty)."""
+    rendered = helm.Chart.load(CHART).render(values, name=RELEASE, namespace=NAMESPACE, is_install=True)
+    return [d for path, text in rendered.items() if path.endswith(".yaml") for d in yaml.safe_load_all(text) if d]
 
 
 @functools.cache
 def _render(name: str) -> tuple[dict[str, Any], ...]:
-    rendered = helm.Chart.load(CHART).render(VALUE_SETS[name], name=RELEASE, namespace=NAMESPACE, is_install=True)
-    docs = [d for path, text in rendered.items() if path.endswith(".yaml") for d in yaml.safe_load_all(text) if d]
-    return tuple(docs)
+    return tuple(render_values(VALUE_SETS[name]))
 
 
 def render(name: str) -> list[dict[str, Any]]:
@@ -48,7 +58,39 @@ def pod_specs(docs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [d["spec"]["template"]["spec"] for d in docs if d["kind"] == "Deployment"]
 
 
-@pytest.mark.parametrize("values", ["default", "full"])
+def pod_spec(docs: list[dict[str, Any]], component: str) -> dict[str, Any]:
+    spec: dict[str, Any] = find(docs, "Deployment", f"{PREFIX}-{component}")["spec"]["template"]["spec"]
+    return spec
+
+
+def container(docs: list[dict[str, Any]], component: str) -> dict[str, Any]:
+    """The main container of a component's pod."""
+    found: dict[str, Any] = pod_spec(docs, component)["containers"][0]
+    return found
+
+
+def arg_after(args: list[str], flag: str) -> list[str]:
+    """Every value given to `flag` in an argument list."""
+    return [value for option, value in itertools.pairwise(args) if option == flag]
+
+
+def service_ports(docs: list[dict[str, Any]], component: str) -> dict[str, int]:
+    return {p["name"]: p["port"] for p in find(docs, "Service", f"{PREFIX}-{component}")["spec"]["ports"]}
+
+
+def registry_doc(docs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The registry the pods load: the chart's ConfigMap, or with modelSource=resources the reconciler's base."""
+    found = [
+        d
+        for d in docs
+        if d["kind"] == "ConfigMap" and d["metadata"]["name"] in {f"{PREFIX}-registry", f"{PREFIX}-base"}
+    ]
+    data = found[0]["data"]
+    doc: dict[str, Any] = yaml.safe_load(data.get("registry.yaml") or data["base.yaml"])
+    return doc
+
+
+@pytest.mark.parametrize("values", VALUE_SETS)
 def test_helm_lint_is_clean(values: str) -> None:
     """`helm lint --strict` for the stated Kubernetes version reports no warning or error."""
     report = helm.lint(CHART, VALUE_SETS[values], strict=True, kube_version=f"v{KUBERNETES_VERSION}.0")
@@ -74,8 +116,11 @@ def test_full_values_render_every_component() -> None:
         ("Deployment", "-redis"),
         ("NetworkPolicy", "-broker"),
         ("NetworkPolicy", "-redis"),
+        ("NetworkPolicy", "-control-plane"),
         ("ServiceMonitor", "-envoy"),
         ("ServiceMonitor", "-broker"),
+        ("ServiceMonitor", "-control-plane"),
+        ("PersistentVolumeClaim", "-control-plane"),
         ("HorizontalPodAutoscaler", "-broker"),
         ("PodDisruptionBudget", "-envoy"),
     ]:
@@ -98,51 +143,284 @@ def test_pods_are_locked_down(values: str) -> None:
 
 
 @pytest.mark.parametrize("values", VALUE_SETS)
-def test_broker_and_envoy_have_probes(values: str) -> None:
-    """Broker and Envoy containers declare readiness and liveness probes."""
+def test_serving_pods_have_probes(values: str) -> None:
+    """Broker, Envoy and control-plane containers declare readiness and liveness probes."""
+    probed = set()
     for spec in pod_specs(render(values)):
-        for container in spec["containers"]:
-            if container["name"] in {"broker", "envoy"}:
-                assert "readinessProbe" in container and "livenessProbe" in container
+        for main in spec["containers"]:
+            if main["name"] in {"broker", "envoy", "control-plane"}:
+                assert "readinessProbe" in main and "livenessProbe" in main
+                probed.add(main["name"])
+    assert probed == {"broker", "envoy", "control-plane"}
 
 
 def test_only_the_reconciler_talks_to_the_api_server() -> None:
     """Its Role reads the model resources, patches their status, and touches only named objects otherwise."""
     docs = render("full-resources")
-    role = find(docs, "Role", f"{RELEASE}-model-broker-reconciler")
+    role = find(docs, "Role", f"{PREFIX}-reconciler")
     allowed = {
         (tuple(r["apiGroups"]), tuple(r["resources"]), tuple(r.get("resourceNames", ())), tuple(r["verbs"]))
         for r in role["rules"]
     }
-    prefix = f"{RELEASE}-model-broker"
     assert allowed == {
         (("model-broker.io",), ("models", "ensembles"), (), ("get", "list", "watch")),
         (("model-broker.io",), ("models/status", "ensembles/status"), (), ("patch",)),
         (("",), ("configmaps",), (), ("create",)),
-        (("",), ("configmaps",), (f"{prefix}-registry",), ("get", "update")),
-        (("apps",), ("deployments",), (f"{prefix}-broker", f"{prefix}-envoy"), ("get", "patch")),
+        (("",), ("configmaps",), (f"{PREFIX}-registry",), ("get", "update")),
+        (
+            ("apps",),
+            ("deployments",),
+            (f"{PREFIX}-broker", f"{PREFIX}-envoy", f"{PREFIX}-control-plane"),
+            ("get", "patch"),
+        ),
     }
     assert not any(d["kind"].startswith("Cluster") for d in docs)
     for spec in pod_specs(docs):
-        if spec.get("serviceAccountName") != f"{prefix}-reconciler":
+        if spec.get("serviceAccountName") != f"{PREFIX}-reconciler":
             assert spec["automountServiceAccountToken"] is False
 
 
-def envoy_config_from_chart(docs: list[dict[str, Any]], registry_yaml: str, tmp_path: Path) -> str:
-    """Run the Envoy pod's init container command, with the chart's registry, as the pod would."""
-    (tmp_path / "registry.yaml").write_text(registry_yaml)
-    init = pod_specs([find(docs, "Deployment", f"{RELEASE}-model-broker-envoy")])[0]["initContainers"][0]
-    args = [str(tmp_path / Path(a).name) if a.startswith("/etc/") else a for a in init["args"]]
-    assert cli.main(args) == 0
-    return (tmp_path / "envoy.yaml").read_text()
+def test_reconciler_rolls_every_reader_of_the_registry_and_reaches_the_control_plane() -> None:
+    """It rolls exactly the Deployments that mount the registry it publishes (its Role may patch them),
+    and sends weight-only changes to the control plane's admin port."""
+    docs = render("full-resources")
+    args = container(docs, "reconciler")["args"]
+    readers = {
+        d["metadata"]["name"]
+        for d in docs
+        if d["kind"] == "Deployment"
+        and any(
+            source.get("configMap", {}).get("name") == f"{PREFIX}-registry"
+            for volume in d["spec"]["template"]["spec"]["volumes"]
+            for source in volume.get("projected", {}).get("sources", [])
+        )
+    }
+    assert readers == {f"{PREFIX}-broker", f"{PREFIX}-envoy", f"{PREFIX}-control-plane"}
+    assert set(arg_after(args, "--roll")) == readers
+    patchable = next(r for r in find(docs, "Role", f"{PREFIX}-reconciler")["rules"] if "deployments" in r["resources"])
+    assert set(patchable["resourceNames"]) == readers and "patch" in patchable["verbs"]
+    admin_port = service_ports(docs, "control-plane")["admin"]
+    assert arg_after(args, "--admin") == [f"http://{CONTROL_PLANE_HOST}:{admin_port}"]
+
+
+@pytest.mark.parametrize(
+    ("values", "persistent"),
+    [({}, True), ({"controlPlane": {"persistence": {"enabled": False}}}, False)],
+    ids=["persistent", "emptydir"],
+)
+def test_control_plane_is_one_writer_with_its_state_on_a_volume(values: dict[str, Any], persistent: bool) -> None:
+    """One replica, replaced with Recreate (never two writers), its state file on the state volume:
+    a claim of its own when persistence is on, an emptyDir otherwise."""
+    docs = render_values(values)
+    deployment = find(docs, "Deployment", f"{PREFIX}-control-plane")
+    assert deployment["spec"]["replicas"] == 1 and deployment["spec"]["strategy"] == {"type": "Recreate"}
+    spec = deployment["spec"]["template"]["spec"]
+    state_file = registry_doc(docs)["control_plane"]["state_file"]
+    mount = next(m for m in spec["containers"][0]["volumeMounts"] if state_file.startswith(m["mountPath"] + "/"))
+    assert not mount.get("readOnly")
+    volume = next(v for v in spec["volumes"] if v["name"] == mount["name"])
+    claims = [d for d in docs if d["kind"] == "PersistentVolumeClaim"]
+    if persistent:
+        assert [c["metadata"]["name"] for c in claims] == [volume["persistentVolumeClaim"]["claimName"]]
+    else:
+        assert "emptyDir" in volume and claims == []
+
+
+def test_full_values_claim_storage_as_asked() -> None:
+    """The claim gets the storage class, size and access modes of the values."""
+    claim = find(render("full"), "PersistentVolumeClaim", f"{PREFIX}-control-plane")["spec"]
+    wanted = FULL_VALUES["controlPlane"]["persistence"]
+    assert claim["storageClassName"] == wanted["storageClassName"]
+    assert claim["accessModes"] == wanted["accessModes"]
+    assert claim["resources"]["requests"]["storage"] == wanted["size"]
+
+
+@pytest.mark.parametrize("values", VALUE_SETS)
+def test_control_plane_service_reaches_what_it_binds(values: str) -> None:
+    """The Service's grpc, admin and metrics ports lead to the ports the registry tells the control plane
+    to bind, on every interface, and the probes ask the admin port's unauthenticated /healthz."""
+    docs = render(values)
+    registry = registry_doc(docs)
+    main = container(docs, "control-plane")
+    assert main["args"] == ["control-plane", "--config", "/etc/model-broker/registry.yaml"]
+    named = {p["name"]: p["containerPort"] for p in main["ports"]}
+    service = find(docs, "Service", f"{PREFIX}-control-plane")["spec"]
+    targets = {p["name"]: named[p["targetPort"]] for p in service["ports"]}
+    plane = registry["control_plane"]
+    assert plane["address"] == "0.0.0.0"
+    assert targets == {"grpc": plane["port"], "admin": plane["admin_port"], "metrics": registry["metrics"]["port"]}
+    for probe in (main["readinessProbe"], main["livenessProbe"]):
+        assert probe["httpGet"] == {"path": "/healthz", "port": "admin"}
+
+
+def test_every_envoy_and_broker_finds_the_control_plane(tmp_path: Path) -> None:
+    """Envoy's control-plane cluster and every broker's --control-plane name the control-plane Service
+    on the gRPC port it exposes; each Envoy reports its own pod name as its node id."""
+    docs = render("full")
+    grpc = service_ports(docs, "control-plane")["grpc"]
+    assert arg_after(container(docs, "broker")["args"], "--control-plane") == [f"{CONTROL_PLANE_HOST}:{grpc}"]
+    envoy = yaml.safe_load(envoy_config_from_chart(docs, tmp_path))
+    cluster = next(c for c in envoy["staticResources"]["clusters"] if c["name"] == "model_broker_control_plane")
+    endpoints = [
+        e["endpoint"]["address"]["socketAddress"] for e in cluster["loadAssignment"]["endpoints"][0]["lbEndpoints"]
+    ]
+    assert cluster["type"] == "STRICT_DNS"
+    assert endpoints == [{"address": CONTROL_PLANE_HOST, "portValue": grpc}]
+    proxy = container(docs, "envoy")
+    assert arg_after(proxy["args"], "--service-node") == ["$(POD_NAME)"]
+    assert {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}} in proxy["env"]
+
+
+TOKEN_CASES = {
+    "generated": {},
+    "generated-resources": {"modelSource": "resources"},
+    "existing-resources": RESOURCES_VALUES,
+}
+
+
+@pytest.mark.parametrize("values", TOKEN_CASES.values(), ids=TOKEN_CASES.keys())
+def test_control_plane_and_reconciler_share_the_admin_token(values: dict[str, Any]) -> None:
+    """The token the control plane checks is the one the reconciler sends: one Secret, key `token`,
+    generated (40 random characters) unless an existing Secret is named; no other pod gets it."""
+    docs = render_values(values)
+    refs = {
+        c["name"]: e["valueFrom"]["secretKeyRef"]
+        for spec in pod_specs(docs)
+        for c in spec["containers"] + spec.get("initContainers", [])
+        for e in c.get("env", [])
+        if e["name"] == "MODEL_BROKER_ADMIN_TOKEN"
+    }
+    readers = {"control-plane", "reconciler"} if values.get("modelSource") == "resources" else {"control-plane"}
+    assert set(refs) == readers
+    existing = values.get("controlPlane", {}).get("adminToken", {}).get("existingSecret")
+    secrets = [d for d in docs if d["kind"] == "Secret"]
+    name = existing or f"{PREFIX}-admin-token"
+    assert all(ref == {"name": name, "key": "token"} for ref in refs.values())
+    if existing:
+        assert secrets == []
+    else:
+        assert [s["metadata"]["name"] for s in secrets] == [name]
+        assert re.fullmatch(r"[A-Za-z0-9]{40}", base64.b64decode(secrets[0]["data"]["token"]).decode())
+
+
+def admits(policy: dict[str, Any], labels: dict[str, str], port: int) -> bool:
+    """Whether a NetworkPolicy's ingress rules let a pod with these labels (same namespace) reach `port`."""
+    for rule in policy["spec"]["ingress"]:
+        if port not in [p["port"] for p in rule.get("ports", [])]:
+            continue
+        peers = rule.get("from")
+        if peers is None or any(labels.items() >= p["podSelector"]["matchLabels"].items() for p in peers):
+            return True
+    return False
+
+
+def test_network_policy_guards_the_control_plane() -> None:
+    """gRPC only from Envoy and broker pods, the admin API only from the reconciler, metrics from anyone."""
+    docs = render("full-resources")
+    policy = find(docs, "NetworkPolicy", f"{PREFIX}-control-plane")
+    labels = {
+        d["metadata"]["name"].removeprefix(f"{PREFIX}-"): d["spec"]["template"]["metadata"]["labels"]
+        for d in docs
+        if d["kind"] == "Deployment"
+    }
+    assert labels["control-plane"].items() >= policy["spec"]["podSelector"]["matchLabels"].items()
+    labels["elsewhere"] = {"app.kubernetes.io/name": "something-else"}
+    ports = service_ports(docs, "control-plane")
+    reached = {(pod, name) for pod in labels for name, port in ports.items() if admits(policy, labels[pod], port)}
+    assert reached == {
+        ("envoy", "grpc"),
+        ("broker", "grpc"),
+        ("reconciler", "admin"),
+        *((pod, "metrics") for pod in labels),
+    }
+
+
+def test_only_envoy_mounts_the_certificate_and_key_sets() -> None:
+    """The listener's TLS files and each consumer's JWKS file come from the Secret and ConfigMap the values
+    name, mounted where Envoy's config step and Envoy look for them; no other pod mounts either."""
+    docs = render("full")
+    registry = registry_doc(docs)
+    tls = registry["listener"]["tls"]
+    wanted = {
+        tls["certificate_chain"]: ("secret", FULL_VALUES["envoy"]["tls"]["secretName"]),
+        tls["private_key"]: ("secret", FULL_VALUES["envoy"]["tls"]["secretName"]),
+    }
+    for consumer in registry["consumers"]:
+        if "jwks_file" in consumer.get("jwt", {}):
+            wanted[consumer["jwt"]["jwks_file"]] = ("configMap", FULL_VALUES["envoy"]["jwksConfigMap"])
+    assert len(wanted) == 3
+    spec = pod_spec(docs, "envoy")
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    for reader in spec["initContainers"] + spec["containers"]:
+        for file, (kind, source) in wanted.items():
+            mount = next(m for m in reader["volumeMounts"] if file.startswith(m["mountPath"] + "/"))
+            volume = volumes[mount["name"]]
+            assert mount["readOnly"] is True
+            assert volume[kind].get("secretName", volume[kind].get("name")) == source
+            key = file.removeprefix(mount["mountPath"] + "/")
+            assert key in [i["path"] for i in volume[kind].get("items", [{"path": key}])]
+    sources = {source for _, source in wanted.values()}
+    for other in pod_specs(docs):
+        if other["containers"][0]["name"] != "envoy":
+            assert not any(source in json.dumps(other["volumes"]) for source in sources)
+
+
+def test_a_jwks_file_the_envoy_pod_cannot_see_fails_the_render() -> None:
+    """A consumer's jwks_file outside envoy.jwksConfigMap's mount is refused by `helm install`, not by a crash loop."""
+    consumer = {
+        "name": "app",
+        "jwt": {"issuer": "https://login.example.com/", "jwks_file": "jwks.json"},
+        "models": ["*"],
+    }
+    with pytest.raises(helm.HelmError, match=r"consumers\[0\]\.jwt\.jwks_file: set envoy\.jwksConfigMap"):
+        render_values({"registry": {"consumers": [consumer]}})
+
+
+def envoy_config_from_chart(docs: list[dict[str, Any]], tmp_path: Path) -> str:
+    """Run the Envoy pod's init container command as the pod would, each of its mounts a local directory
+    holding what the chart puts there (registry, TLS pair, JWKS files)."""
+    spec = pod_spec(docs, "envoy")
+    init = spec["initContainers"][0]
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    local = {m["mountPath"]: tmp_path / m["name"] for m in init["volumeMounts"]}
+
+    def here(text: str) -> str:
+        for mount_path, directory in sorted(local.items(), key=lambda item: -len(item[0])):
+            text = re.sub(re.escape(mount_path) + r"(?![\w-])", str(directory), text)
+        return text
+
+    registry_yaml = here(yaml.safe_dump(registry_doc(docs)))
+    registry = yaml.safe_load(registry_yaml)
+    for mount in init["volumeMounts"]:
+        directory = local[mount["mountPath"]]
+        directory.mkdir()
+        if mount["name"] == "registry":
+            (directory / "registry.yaml").write_text(registry_yaml)
+            features = [d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"] == f"{PREFIX}-features"]
+            for doc in features:
+                (directory / "features.json").write_text(doc["data"]["features.json"])
+        elif "secret" in volumes[mount["name"]]:
+            cert, key = self_signed_pair(directory)
+            cert.rename(directory / "tls.crt")
+            key.rename(directory / "tls.key")
+        elif "configMap" in volumes[mount["name"]]:
+            for consumer in registry.get("consumers", []):
+                jwks_file = Path(consumer.get("jwt", {}).get("jwks_file", "/"))
+                if jwks_file.parent == directory:
+                    jwks_file.write_text(json.dumps(Signer.new(consumer["name"]).jwks()))
+    assert cli.main([here(a) for a in init["args"]]) == 0
+    return next(p for p in local.values() if p.name == "envoy-config").joinpath("envoy.yaml").read_text()
 
 
 @pytest.mark.parametrize("values", ["default", "full"])
 def test_envoy_config_of_the_chart_passes_envoy_validate(values: str, tmp_path: Path) -> None:
-    """The Envoy config the chart's init container generates from the chart's registry is accepted by Envoy."""
+    """The Envoy config the chart's init container generates from the chart's registry is accepted by Envoy
+    (with the full values: HTTPS from the TLS Secret, an API-key and a JWT consumer)."""
     docs = render(values)
-    registry_yaml = find(docs, "ConfigMap", f"{RELEASE}-model-broker-registry")["data"]["registry.yaml"]
-    config = envoy_config_from_chart(docs, registry_yaml, tmp_path)
+    config = envoy_config_from_chart(docs, tmp_path)
+    if values == "full":
+        assert "transportSocket" in json.dumps(yaml.safe_load(config)["staticResources"]["listeners"][0])
+        assert "localJwks" in config
     result = validate_with_envoy(config, tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr
 
@@ -150,30 +428,30 @@ def test_envoy_config_of_the_chart_passes_envoy_validate(values: str, tmp_path: 
 def test_envoy_finds_every_broker_pod_and_worker(tmp_path: Path) -> None:
     """Envoy's ext_proc cluster resolves the headless broker Service on exactly the ports the Service exposes."""
     docs = render("full")
-    registry_yaml = find(docs, "ConfigMap", f"{RELEASE}-model-broker-registry")["data"]["registry.yaml"]
-    envoy = yaml.safe_load(envoy_config_from_chart(docs, registry_yaml, tmp_path))
+    envoy = yaml.safe_load(envoy_config_from_chart(docs, tmp_path))
     cluster = next(c for c in envoy["staticResources"]["clusters"] if c["name"] == "model_broker_ext_proc")
     endpoints = [
         e["endpoint"]["address"]["socketAddress"] for e in cluster["loadAssignment"]["endpoints"][0]["lbEndpoints"]
     ]
-    service = find(docs, "Service", f"{RELEASE}-model-broker-broker")
+    service = find(docs, "Service", f"{PREFIX}-broker")
     assert cluster["type"] == "STRICT_DNS" and service["spec"]["clusterIP"] == "None"
-    assert {e["address"] for e in endpoints} == {f"{RELEASE}-model-broker-broker.{NAMESPACE}.svc.cluster.local"}
+    assert {e["address"] for e in endpoints} == {f"{PREFIX}-broker.{NAMESPACE}.svc.cluster.local"}
     assert [e["portValue"] for e in endpoints] == [
         p["port"] for p in service["spec"]["ports"] if p["name"] != "metrics"
     ]
 
 
 def test_reconciler_base_accepts_the_example_resources() -> None:
-    """The base the chart gives the reconciler plus examples/k8s resources convert into a valid registry."""
-    base = yaml.safe_load(
-        find(render("full-resources"), "ConfigMap", f"{RELEASE}-model-broker-base")["data"]["base.yaml"]
-    )
+    """The base the chart gives the reconciler plus examples/k8s resources convert into a valid registry.
+
+    The base alone declares no models; its consumers' allow-lists may name models the resources bring.
+    """
+    base = registry_doc(render("full-resources"))
     resources = [yaml.safe_load(p.read_text()) for p in sorted((ROOT / "examples" / "k8s").glob("*.yaml"))]
-    conversion = convert(base, [r for r in resources if r.get("kind") == "Model"])
-    assert conversion.registry is not None
+    conversion = convert(base, [r for r in resources if r.get("kind") in {"Model", "Ensemble"}])
+    assert conversion.registry is not None, conversion.base_problems
     assert all(v.accepted for v in conversion.verdicts.values()), conversion.verdicts
-    assert parse_registry(base).models == ()
+    assert base["models"] == [] and conversion.registry.consumers
 
 
 def test_committed_crds_ship_with_the_chart() -> None:

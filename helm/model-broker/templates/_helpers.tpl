@@ -49,6 +49,38 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{ include "model-broker.fullname" . }}-broker.{{ .Release.Namespace }}.svc.{{ .Values.clusterDomain }}
 {{- end }}
 
+{{/* The control plane's Service: every Envoy and broker pod connects to this one pod. */}}
+{{- define "model-broker.controlPlaneHost" -}}
+{{ include "model-broker.fullname" . }}-control-plane.{{ .Release.Namespace }}.svc.{{ .Values.clusterDomain }}
+{{- end }}
+
+{{/* The Secret holding the control plane's admin token (key `token`): yours, or the one the chart generates. */}}
+{{- define "model-broker.adminTokenSecret" -}}
+{{- .Values.controlPlane.adminToken.existingSecret | default (printf "%s-admin-token" (include "model-broker.fullname" .)) }}
+{{- end }}
+
+{{- define "model-broker.adminTokenEnv" -}}
+- name: MODEL_BROKER_ADMIN_TOKEN
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "model-broker.adminTokenSecret" . }}
+      key: token
+{{- end }}
+
+{{/* Where the Envoy pod mounts the listener's TLS Secret and the JWKS ConfigMap (no other pod does). */}}
+{{- define "model-broker.tlsDir" -}}
+/etc/model-broker-tls
+{{- end }}
+
+{{- define "model-broker.jwksDir" -}}
+/etc/model-broker-jwks
+{{- end }}
+
+{{/* The control plane's volume: live weights, and its events and shadow logs beside them. */}}
+{{- define "model-broker.stateDir" -}}
+/var/lib/model-broker
+{{- end }}
+
 {{/* Which feature store: the bundled Redis, an external one, or the embedded JSON document. */}}
 {{- define "model-broker.featureStore" -}}
 {{- $store := omit (deepCopy .Values.registry.feature_store) "redis" "embedded" }}
@@ -68,14 +100,30 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 
 {{/*
 The registry the pods load: the values' registry with what the chart decides set
-(listener and admin of Envoy, the broker's bind address and port, the feature
-store). With modelSource=resources this is the reconciler's base: models come
-from Model resources.
+(listener and admin of Envoy, the broker's bind address and port, the control
+plane's ports and state file, the feature store). With modelSource=resources
+this is the reconciler's base: models come from Model resources.
 */}}
 {{- define "model-broker.registry" -}}
-{{- $reg := omit (deepCopy .Values.registry) "listener" "admin" "feature_store" "metrics" }}
+{{- $reg := omit (deepCopy .Values.registry) "listener" "admin" "feature_store" "metrics" "control_plane" }}
 {{- $_ := set $reg "metrics" (dict "address" "0.0.0.0" "port" (int .Values.broker.metricsPort)) }}
-{{- $_ := set $reg "listener" (dict "address" "0.0.0.0" "port" (int .Values.envoy.port)) }}
+{{- $listener := dict "address" "0.0.0.0" "port" (int .Values.envoy.port) }}
+{{- with .Values.envoy.tls.secretName }}
+{{- $tls := include "model-broker.tlsDir" $ }}
+{{- $_ := set $listener "tls" (dict "certificate_chain" (printf "%s/tls.crt" $tls) "private_key" (printf "%s/tls.key" $tls)) }}
+{{- end }}
+{{- $_ := set $reg "listener" $listener }}
+{{- $plane := dict "address" "0.0.0.0" "port" (int .Values.controlPlane.port) "admin_port" (int .Values.controlPlane.adminPort) }}
+{{- $_ := set $plane "state_file" (printf "%s/rollout-state.json" (include "model-broker.stateDir" .)) }}
+{{- $_ := set $reg "control_plane" $plane }}
+{{- /* A JWKS file can only come from the ConfigMap the Envoy pod mounts: say so now, not as a crash-looping init container. */}}
+{{- $jwks := printf "%s/" (include "model-broker.jwksDir" .) }}
+{{- range $i, $consumer := .Values.registry.consumers }}
+{{- $file := dig "jwt" "jwks_file" "" $consumer }}
+{{- if and $file (or (not $.Values.envoy.jwksConfigMap) (not (hasPrefix $jwks $file))) }}
+{{- fail (printf "registry.consumers[%d].jwt.jwks_file: set envoy.jwksConfigMap and name one of its keys as %s<key> (got %q)" $i $jwks $file) }}
+{{- end }}
+{{- end }}
 {{- $_ := set $reg "admin" (dict "address" "127.0.0.1" "port" (int .Values.envoy.adminPort)) }}
 {{- $broker := deepCopy (default (dict) .Values.registry.broker) }}
 {{- $_ := set $broker "address" "0.0.0.0" }}
@@ -109,6 +157,19 @@ from Model resources.
       {{- end }}
 - name: tmp
   emptyDir: {}
+{{- end }}
+
+{{/*
+The listener's certificate and the JWT consumers' key sets: only Envoy reads them, so
+only the Envoy pod mounts them (the private key is in no other pod).
+*/}}
+{{- define "model-broker.envoyFileMounts" -}}
+{{- if .Values.envoy.tls.secretName }}
+- {name: tls, mountPath: {{ include "model-broker.tlsDir" . }}, readOnly: true}
+{{- end }}
+{{- if .Values.envoy.jwksConfigMap }}
+- {name: jwks, mountPath: {{ include "model-broker.jwksDir" . }}, readOnly: true}
+{{- end }}
 {{- end }}
 
 {{- define "model-broker.podSecurityContext" -}}
