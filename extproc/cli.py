@@ -311,7 +311,15 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    args = parser().parse_args(argv)
+    top = parser()
+    args, extra = top.parse_known_args(argv)
+    if extra and args.func is cmd_weights and not any(word.startswith("-") for word in extra):
+        # argparse fills positionals before the first option: `weights set --admin URL m v1=1`
+        # leaves the model and split over. Take them in the order given.
+        words = [word for word in (args.model, *args.assignments) if word] + extra
+        args.model, args.assignments = words[0], words[1:]
+    elif extra:
+        top.error(f"unrecognized arguments: {' '.join(extra)}")
     code: int = args.func(args)
     return code
 

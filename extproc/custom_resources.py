@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from extproc.crds import CONDITION_ACCEPTED, KINDS, Kind, kind_named
-from extproc.registry import Problem, Registry, RegistryInvalid, parse_registry
+from extproc.registry import ALL_ROUTES, Problem, Registry, RegistryInvalid, parse_registry
 
 # Conditions are read by people in `kubectl describe`; a long list of problems is cut here.
 MAX_MESSAGE = 4096
@@ -42,6 +42,8 @@ class Conversion:
     registry: Registry | None
     verdicts: dict[ResourceKey, Verdict]
     base_problems: tuple[Problem, ...]
+    # Consumers' allow-list entries naming nothing served now (see `_allowed_now`).
+    ignored: tuple[str, ...] = ()
 
 
 def resource_key(resource: Resource) -> ResourceKey:
@@ -106,6 +108,26 @@ def _document(
     return doc, owners
 
 
+def _allowed_now(doc: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
+    """Consumers may only call what is served: entries naming no model or ensemble are left out.
+
+    The base's consumers name models that live as resources, which come and go
+    (a deleted or rejected Model); one missing name must not stop everything
+    from being served, as it would in a hand-written registry (where it is a typo).
+    """
+    served = {str(e.get("name")) for kind in KINDS for e in doc.get(kind.registry_field) or [] if isinstance(e, dict)}
+    served.add(ALL_ROUTES)
+    consumers, ignored = [], []
+    for consumer in doc.get("consumers") or []:
+        if not isinstance(consumer, dict) or not isinstance(consumer.get("models"), list):
+            consumers.append(consumer)  # malformed: parsing reports it
+            continue
+        missing = [name for name in consumer["models"] if name not in served]
+        ignored += [f"consumer {consumer.get('name')!r} may call {name!r}, which is not served" for name in missing]
+        consumers.append({**consumer, "models": [name for name in consumer["models"] if name in served]})
+    return ({**doc, "consumers": consumers} if "consumers" in doc else doc), ignored
+
+
 def _generation(resource: Resource) -> int:
     return int(resource.get("metadata", {}).get("generation", 0))
 
@@ -128,8 +150,10 @@ def convert(base: Mapping[str, Any], resources: Sequence[Resource]) -> Conversio
     serving = list(known)
     rejected: dict[ResourceKey, list[str]] = {}
     registry: Registry | None = None
+    ignored: list[str] = []
     while registry is None:
         doc, owners = _document(base, serving)
+        doc, ignored = _allowed_now(doc)
         try:
             registry = parse_registry(doc)
         except RegistryInvalid as exc:
@@ -149,7 +173,7 @@ def convert(base: Mapping[str, Any], resources: Sequence[Resource]) -> Conversio
             assert kind is not None  # `known` holds only known kinds
             message = _accepted_message(kind, registry, key[1])
             verdicts[key] = Verdict(True, CONDITION_ACCEPTED, message, _generation(resource))
-    return Conversion(registry, verdicts, ())
+    return Conversion(registry, verdicts, (), tuple(ignored))
 
 
 def _condition(verdict: Verdict, transition_time: str) -> dict[str, Any]:

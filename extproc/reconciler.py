@@ -127,6 +127,8 @@ async def reconcile_once(
         await cluster.publish(text, wanted, roll=not live)
         how = "weights applied live" if live else "pods rolling"
         log.info("published registry %s (%d models; %s)", wanted, len(conversion.registry.models), how)
+        for note in conversion.ignored:
+            log.warning("%s: left out of its allow-list", note)
     now = _now()
     for resource in resources:
         key = resource_key(resource)

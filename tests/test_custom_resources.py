@@ -340,3 +340,19 @@ async def test_weights_roll_the_pods_when_the_control_plane_refuses_or_is_away(
     await reconcile_once(cluster, live_base, second, AdminApi(endpoint))
     assert cluster.rolls == 3
     assert [v["weight"] for v in yaml.safe_load(cluster.published[-1][0])["models"][0]["versions"]] == [20, 80]
+
+
+def test_an_allow_list_naming_a_deleted_model_does_not_stop_the_rest() -> None:
+    """The base's consumer may call credit-risk and fraud; with only credit-risk as a resource,
+    credit-risk is served and callable, and the missing name is reported, not fatal."""
+    with_consumer = base()
+    with_consumer["consumers"] = [
+        {"name": "app", "api_keys": ["sha256:" + "a" * 64], "models": ["credit-risk", "fraud"]}
+    ]
+    conversion = convert(with_consumer, [resource("credit-risk")])
+    assert conversion.registry is not None, conversion.base_problems
+    assert conversion.registry.consumers[0].models == ("credit-risk",)
+    assert conversion.ignored == ("consumer 'app' may call 'fraud', which is not served",)
+    typo = base()
+    typo["consumers"] = [{"name": "app", "api_keys": ["sha256:" + "a" * 64], "models": ["credit-risk"], "admin": "x"}]
+    assert convert(typo, [resource("credit-risk")]).registry is None  # other base problems still stop it

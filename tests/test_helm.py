@@ -18,6 +18,7 @@ import yaml
 
 from extproc import cli
 from extproc.custom_resources import convert
+from extproc.registry import load_registry
 from tests.conftest import ROOT
 from tests.credentials import Signer, self_signed_pair
 from tests.test_cli import run_cli, validate_with_envoy
@@ -374,6 +375,31 @@ def test_a_jwks_file_the_envoy_pod_cannot_see_fails_the_render() -> None:
     }
     with pytest.raises(helm.HelmError, match=r"consumers\[0\]\.jwt\.jwks_file: set envoy\.jwksConfigMap"):
         render_values({"registry": {"consumers": [consumer]}})
+
+
+def test_audit_spools_on_the_broker_volume_and_ships_to_aws(tmp_path: Path) -> None:
+    """With registry.audit, each broker pod spools on its own writable volume and the registry
+    the broker loads (checked by the broker's own loader) points the spool there."""
+    docs = render("full")
+    registry = registry_doc(docs)
+    spool = registry["audit"]["spool"]["dir"]
+    broker = container(docs, "broker")
+    mount = next(m for m in broker["volumeMounts"] if m["mountPath"] == spool)
+    assert not mount.get("readOnly")
+    volume = next(v for v in pod_spec(docs, "broker")["volumes"] if v["name"] == mount["name"])
+    assert volume["emptyDir"]["sizeLimit"] == "2Gi"
+    config = tmp_path / "registry.yaml"
+    config.write_text(yaml.safe_dump(registry))
+    loaded = load_registry(config, envoy_files=False)
+    assert loaded.audit is not None and loaded.audit.sink.aws is not None and loaded.audit.spool.dir == spool
+    assert not any("audit-spool" in json.dumps(spec["volumes"]) for spec in pod_specs(render("default")))
+
+
+def test_a_local_audit_sink_fails_the_render() -> None:
+    """JSONL files inside one pod are no audit trail on Kubernetes: `helm install` says to use aws."""
+    audit = {"spool": {"dir": "spool"}, "sink": {"local": {"dir": "records"}}}
+    with pytest.raises(helm.HelmError, match=r"registry\.audit\.sink: on Kubernetes use the aws sink"):
+        render_values({"registry": {"audit": audit}})
 
 
 def envoy_config_from_chart(docs: list[dict[str, Any]], tmp_path: Path) -> str:

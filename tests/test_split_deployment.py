@@ -175,7 +175,7 @@ async def answered_by(session: aiohttp.ClientSession, base: str, count: int) -> 
 
 
 def set_split(fleet: Fleet, v1: int, v2: int) -> str:
-    result = weights("set", "credit-risk", f"v1={v1}", f"v2={v2}", "--admin", fleet.admin_url)
+    result = weights("set", "--admin", fleet.admin_url, "credit-risk", f"v1={v1}", f"v2={v2}")
     assert result.returncode == 0, result.stdout + result.stderr
     return result.stdout
 

@@ -105,7 +105,7 @@ plane's ports and state file, the feature store). With modelSource=resources
 this is the reconciler's base: models come from Model resources.
 */}}
 {{- define "model-broker.registry" -}}
-{{- $reg := omit (deepCopy .Values.registry) "listener" "admin" "feature_store" "metrics" "control_plane" }}
+{{- $reg := omit (deepCopy .Values.registry) "listener" "admin" "feature_store" "metrics" "control_plane" "audit" }}
 {{- $_ := set $reg "metrics" (dict "address" "0.0.0.0" "port" (int .Values.broker.metricsPort)) }}
 {{- $listener := dict "address" "0.0.0.0" "port" (int .Values.envoy.port) }}
 {{- with .Values.envoy.tls.secretName }}
@@ -131,10 +131,26 @@ this is the reconciler's base: models come from Model resources.
 {{- $_ := set $broker "workers" (int .Values.broker.workers) }}
 {{- $_ := set $reg "broker" $broker }}
 {{- $_ := set $reg "feature_store" (include "model-broker.featureStore" . | fromYaml) }}
+{{- with .Values.registry.audit }}
+{{- /* Per-pod JSONL files would scatter the trail over pods that come and go: AWS only here. */}}
+{{- if not (dig "sink" "aws" "" .) }}
+{{- fail "registry.audit.sink: on Kubernetes use the aws sink (S3 + DynamoDB); the local sink writes inside one pod" }}
+{{- end }}
+{{- $audit := deepCopy . }}
+{{- $spool := deepCopy (default (dict) $audit.spool) }}
+{{- $_ := set $spool "dir" (include "model-broker.spoolDir" $) }}
+{{- $_ := set $audit "spool" $spool }}
+{{- $_ := set $reg "audit" $audit }}
+{{- end }}
 {{- if eq .Values.modelSource "resources" }}
 {{- $_ := set $reg "models" (list) }}
 {{- end }}
 {{- toYaml $reg }}
+{{- end }}
+
+{{/* The broker's audit spool: every record lands here before its response is released. */}}
+{{- define "model-broker.spoolDir" -}}
+/var/spool/model-broker
 {{- end }}
 
 {{/* ConfigMap the pods read registry.yaml from: the chart's, or the reconciler's. */}}
