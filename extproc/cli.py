@@ -19,6 +19,7 @@ from extproc.registry import Registry, RegistryInvalid, load_registry
 
 if TYPE_CHECKING:
     from extproc.adapters.aws_audit import AwsAuditStore
+    from extproc.envoy_config import Placement
 
     AuditStore = AwsAuditStore | LocalAuditStore
 
@@ -50,13 +51,45 @@ def cmd_envoy_config(args: argparse.Namespace) -> int:
     registry = _load(args.config)
     if registry is None:
         return 2
-    text = render_yaml(registry, args.workers, Placement(args.broker_host, args.stats_port, args.control_plane_host))
+    placement = Placement(args.broker_host, args.stats_port, args.control_plane_host)
+    if args.xds_dir:
+        return _envoy_files(args, registry, placement)
+    if args.watch:
+        print("envoy-config: --watch needs --xds-dir", file=sys.stderr)
+        return 2
+    text = render_yaml(registry, args.workers, placement)
     if args.output:
         # For an init container: the image runs no shell to redirect with.
         with open(args.output, "w", encoding="utf-8") as file:
             file.write(text)
     else:
         sys.stdout.write(text)
+    return 0
+
+
+def _envoy_files(args: argparse.Namespace, registry: Registry, placement: Placement) -> int:
+    """Dynamic mode: bootstrap, routes and clusters files in `--xds-dir`; `--watch` keeps them current."""
+    import signal
+    import threading
+    from pathlib import Path
+
+    from extproc.envoy_files import dynamic_problems, render, watch, write_all
+
+    problems = dynamic_problems(registry)
+    if problems:
+        print(f"{args.config}: {len(problems)} problem(s)", file=sys.stderr)
+        for problem in problems:
+            print(f"  {problem}", file=sys.stderr)
+        return 2
+    Path(args.xds_dir).mkdir(parents=True, exist_ok=True)
+    write_all(render(registry, args.xds_dir, args.workers, placement), args.xds_dir)
+    if not args.watch:
+        return 0
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    logging.getLogger("model_broker.envoy_files").info("watching %s for %s", args.config, args.xds_dir)
+    watch(args.config, args.xds_dir, registry, stop, workers=args.workers, placement=placement)
     return 0
 
 
@@ -259,6 +292,17 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--stats-port", type=int, help="serve /stats/prometheus and /ready on this port")
     p.add_argument("--control-plane-host", help="DNS name of the rollout control plane, e.g. its Service")
     p.add_argument("--output", "-o", help="write to this file instead of stdout")
+    p.add_argument(
+        "--xds-dir",
+        metavar="DIR",
+        help="dynamic mode: write DIR/envoy.yaml, whose routes and model clusters come from DIR/routes.yaml "
+        "and DIR/clusters.yaml (watched by Envoy)",
+    )
+    p.add_argument(
+        "--watch",
+        action="store_true",
+        help="with --xds-dir: keep running, rewrite the routes and clusters files when the registry changes",
+    )
     p.set_defaults(func=cmd_envoy_config)
     p = command("serve", "run the ext_proc server: one process per worker, one port each")
     p.add_argument("--workers", type=int, help="worker processes (default: broker.workers)")

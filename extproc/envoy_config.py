@@ -28,6 +28,7 @@ from envoy_data_plane.envoy.config.accesslog.v3 import (
 from envoy_data_plane.envoy.config.bootstrap.v3 import (
     Admin,
     Bootstrap,
+    BootstrapDynamicResources,
     BootstrapStaticResources,
     LayeredRuntime,
     RuntimeLayer,
@@ -59,11 +60,13 @@ from envoy_data_plane.envoy.config.core.v3 import (
     HttpUri,
     Metadata,
     Node,
+    PathConfigSource,
     RuntimeFractionalPercent,
     SocketAddress,
     SubstitutionFormatString,
     TransportSocket,
     TypedExtensionConfig,
+    WatchedDirectory,
 )
 from envoy_data_plane.envoy.config.endpoint.v3 import ClusterLoadAssignment, Endpoint, LbEndpoint, LocalityLbEndpoints
 from envoy_data_plane.envoy.config.listener.v3 import Filter, FilterChain, Listener, ListenerInternalListenerConfig
@@ -143,6 +146,7 @@ from envoy_data_plane.envoy.extensions.filters.network.http_connection_manager.v
     HttpConnectionManager,
     HttpFilter,
     LocalReplyConfig,
+    Rds,
     ResponseMapper,
 )
 from envoy_data_plane.envoy.extensions.stat_sinks.open_telemetry.v3 import SinkConfig
@@ -210,6 +214,13 @@ RATE_LIMIT_KEY = "consumer"
 ADMIN_CLUSTER = "model_broker_admin"
 # Read-only admin paths the stats listener forwards; everything else on the admin stays on loopback.
 STATS_PATHS = ("/stats/prometheus", "/ready")
+# Dynamic mode (`envoy-config --xds-dir`): the files Envoy watches, beside its bootstrap.
+CLUSTERS_FILE = "clusters.yaml"
+# Route configuration names, one per listener.
+PUBLIC_ROUTES, EGRESS_ROUTES, SHADOW_ROUTES = "models", "egress", "shadow"
+# Dynamic mode: the ensemble ext_proc timeout cannot follow the ensembles (it is in the
+# listener), so it covers deadlines up to this; a longer deadline changes the bootstrap.
+DYNAMIC_ENSEMBLE_DEADLINE_MS = 30_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -227,6 +238,31 @@ class Placement:
     broker_host: str | None = None
     stats_port: int | None = None
     control_plane_host: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class XdsFiles:
+    """Dynamic mode: route configurations and model clusters come from files in `directory`.
+
+    Listeners then depend only on the registry's base sections, so a new, changed
+    or removed model or ensemble reaches a running Envoy by rewriting the files.
+    """
+
+    directory: str
+
+    @staticmethod
+    def routes_file(route_config_name: str) -> str:
+        """One file per route configuration: Envoy's RDS takes exactly one resource per update."""
+        return f"routes-{route_config_name}.yaml"
+
+    def source(self, name: str) -> ConfigSource:
+        """Envoy re-reads `name` whenever a file is moved into the directory (atomic rename)."""
+        return ConfigSource(
+            resource_api_version=ApiVersion.V3,
+            path_config_source=PathConfigSource(
+                path=str(Path(self.directory) / name), watched_directory=WatchedDirectory(path=self.directory)
+            ),
+        )
 
 
 def _any(message: betterproto2.Message) -> AnyMessage:
@@ -340,24 +376,28 @@ def local_reply_config(auth: bool = False) -> LocalReplyConfig:
     )
 
 
-def ext_proc_filter(registry: Registry) -> HttpFilter:
-    return HttpFilter(name=EXT_PROC_FILTER, typed_config=_any(_ext_proc(registry, registry.broker.message_timeout_ms)))
+def ext_proc_filter(registry: Registry, dynamic: bool = False) -> HttpFilter:
+    config = _ext_proc(registry, registry.broker.message_timeout_ms, dynamic)
+    return HttpFilter(name=EXT_PROC_FILTER, typed_config=_any(config))
 
 
-def ensemble_ext_proc_filter(registry: Registry) -> HttpFilter:
+def ensemble_ext_proc_filter(registry: Registry, dynamic: bool = False) -> HttpFilter:
     """Off in the chain, on per ensemble route: the model routes keep their short message timeout.
 
     The broker answers an ensemble by its deadline at the latest; the message
     timeout adds the broker's own budget on top, so Envoy never cuts it short.
     """
-    timeout_ms = max(e.deadline_ms for e in registry.ensembles) + registry.broker.message_timeout_ms
-    config = _ext_proc(registry, timeout_ms)
+    deadlines = [e.deadline_ms for e in registry.ensembles]
+    if dynamic:
+        deadlines.append(DYNAMIC_ENSEMBLE_DEADLINE_MS)
+    config = _ext_proc(registry, max(deadlines) + registry.broker.message_timeout_ms, dynamic)
     config.stat_prefix = "ensemble"
     return HttpFilter(name=ENSEMBLE_EXT_PROC_FILTER, typed_config=_any(config), disabled=True)
 
 
-def _ext_proc(registry: Registry, timeout_ms: int) -> ExternalProcessor:
-    audited = any(registry.audited(m) for m in registry.models)
+def _ext_proc(registry: Registry, timeout_ms: int, dynamic: bool) -> ExternalProcessor:
+    # Dynamic mode: any model may become audited without a new listener.
+    audited = registry.audit is not None if dynamic else any(registry.audited(m) for m in registry.models)
     return ExternalProcessor(
         grpc_service=GrpcService(
             envoy_grpc=GrpcServiceEnvoyGrpc(cluster_name=wire.EXT_PROC_CLUSTER),
@@ -495,8 +535,8 @@ def _mirror(model: Model) -> list[RouteActionRequestMirrorPolicy]:
     return [RouteActionRequestMirrorPolicy(cluster=wire.SHADOW_LISTENER, request_headers_mutations=[tag])]
 
 
-def shadow_listener(registry: Registry) -> Listener:
-    """An internal listener: mirrored requests go to each model's shadow version, answers to the recorder."""
+def shadow_route_configuration(registry: Registry) -> RouteConfiguration:
+    """Each shadowed model's mirrored requests to its shadow version."""
     routes = [
         Route(
             name=wire.SHADOW_ROUTE_PREFIX + model.name,
@@ -511,11 +551,24 @@ def shadow_listener(registry: Registry) -> Listener:
         for model in _shadowed(registry)
         if model.shadow is not None
     ]
+    return RouteConfiguration(
+        name=SHADOW_ROUTES, virtual_hosts=[VirtualHost(name="shadow", domains=["*"], routes=routes)]
+    )
+
+
+def _routes(hcm: HttpConnectionManager, routes: RouteConfiguration, xds: XdsFiles | None) -> HttpConnectionManager:
+    """Inline routes, or (dynamic mode) the same route configuration by name from the routes file."""
+    if xds is None:
+        hcm.route_config = routes
+    else:
+        hcm.rds = Rds(config_source=xds.source(xds.routes_file(routes.name)), route_config_name=routes.name)
+    return hcm
+
+
+def shadow_listener(registry: Registry, xds: XdsFiles | None = None) -> Listener:
+    """An internal listener: mirrored requests go to each model's shadow version, answers to the recorder."""
     hcm = HttpConnectionManager(
         stat_prefix="shadow",
-        route_config=RouteConfiguration(
-            name="shadow", virtual_hosts=[VirtualHost(name="shadow", domains=["*"], routes=routes)]
-        ),
         http_filters=[
             shadow_recorder_filter(registry, disabled=False),
             HttpFilter(name="envoy.filters.http.router", typed_config=_any(Router())),
@@ -523,6 +576,7 @@ def shadow_listener(registry: Registry) -> Listener:
         # The mirrored request keeps the client request's id: that is how the answers are paired.
         preserve_external_request_id=True,
     )
+    _routes(hcm, shadow_route_configuration(registry), xds)
     return Listener(
         name=wire.SHADOW_LISTENER,
         internal_listener=ListenerInternalListenerConfig(),
@@ -713,7 +767,7 @@ def route_configuration(registry: Registry) -> RouteConfiguration:
     if registry.consumers:
         _authorize_routes(routes, registry)
     return RouteConfiguration(
-        name="models",
+        name=PUBLIC_ROUTES,
         virtual_hosts=[VirtualHost(name="models", domains=["*"], routes=routes)],
     )
 
@@ -908,16 +962,17 @@ def _unknown_route() -> Route:
     )
 
 
-def public_listener(registry: Registry) -> Listener:
+def public_listener(registry: Registry, xds: XdsFiles | None = None) -> Listener:
+    """In dynamic mode (`xds`) every optional filter is in the chain: routes switch them on."""
     limits = registry.limits
+    dynamic = xds is not None
     hcm = HttpConnectionManager(
         stat_prefix="public",
-        route_config=route_configuration(registry),
         http_filters=[
             *auth_filters(registry),
-            ext_proc_filter(registry),
-            *([ensemble_ext_proc_filter(registry)] if registry.ensembles else []),
-            *([shadow_recorder_filter(registry, disabled=True)] if _shadowed(registry) else []),
+            ext_proc_filter(registry, dynamic),
+            *([ensemble_ext_proc_filter(registry, dynamic)] if registry.ensembles or dynamic else []),
+            *([shadow_recorder_filter(registry, disabled=True)] if _shadowed(registry) or dynamic else []),
             HttpFilter(
                 name="envoy.filters.http.buffer",
                 typed_config=_any(Buffer(max_request_bytes=limits.max_body_bytes + limits.feature_headroom_bytes)),
@@ -932,6 +987,7 @@ def public_listener(registry: Registry) -> Listener:
         # The id in every error body and (later) audit record; clients quote it to support.
         always_set_request_id_in_response=True,
     )
+    _routes(hcm, route_configuration(registry), xds)
     return _listener("public", registry.listener.address, registry.listener.port, hcm, _downstream_tls(registry))
 
 
@@ -950,25 +1006,27 @@ def _listener(
     )
 
 
-def egress_listener(registry: Registry) -> Listener:
+def egress_route_configuration(registry: Registry) -> RouteConfiguration:
+    return RouteConfiguration(
+        name=EGRESS_ROUTES,
+        virtual_hosts=[VirtualHost(name="egress", domains=["*"], routes=[*_egress_routes(registry), _unknown_route()])],
+    )
+
+
+def egress_listener(registry: Registry, xds: XdsFiles | None = None) -> Listener:
     """Loopback only (the registry checks): the broker calls ensemble members here, enriched already."""
     hcm = HttpConnectionManager(
         stat_prefix="egress",
-        route_config=RouteConfiguration(
-            name="egress",
-            virtual_hosts=[
-                VirtualHost(name="egress", domains=["*"], routes=[*_egress_routes(registry), _unknown_route()])
-            ],
-        ),
         # ext_proc is in the chain but off on every egress route: the seam where per-member
         # processing (audit of each member's answer) can be switched on by route.
         http_filters=[
-            ext_proc_filter(registry),
+            ext_proc_filter(registry, xds is not None),
             HttpFilter(name="envoy.filters.http.router", typed_config=_any(Router())),
         ],
         # Each member call gets its own x-request-id, returned so the broker can record it.
         always_set_request_id_in_response=True,
     )
+    _routes(hcm, egress_route_configuration(registry), xds)
     return _listener("egress", registry.egress.address, registry.egress.port, hcm)
 
 
@@ -1212,21 +1270,36 @@ def admin_cluster(registry: Registry) -> Cluster:
     )
 
 
-def bootstrap(registry: Registry, workers: int | None = None, placement: Placement = Placement()) -> Bootstrap:
+def route_configurations(registry: Registry) -> list[RouteConfiguration]:
+    """Dynamic mode: every listener's routes (the routes file), empty ones included."""
+    return [route_configuration(registry), egress_route_configuration(registry), shadow_route_configuration(registry)]
+
+
+def model_clusters(registry: Registry) -> list[Cluster]:
+    """One cluster per model version: the clusters file in dynamic mode."""
+    return [version_cluster(m, v) for m in registry.models for v in m.versions]
+
+
+def bootstrap(
+    registry: Registry, workers: int | None = None, placement: Placement = Placement(), xds: XdsFiles | None = None
+) -> Bootstrap:
+    """Static by default; with `xds`, routes and model clusters come from files (`envoy_files`)."""
     count = workers or registry.broker.workers
-    listeners = [public_listener(registry)]
-    if registry.ensembles:
-        listeners.append(egress_listener(registry))
+    dynamic = xds is not None
+    listeners = [public_listener(registry, xds)]
+    if registry.ensembles or dynamic:
+        listeners.append(egress_listener(registry, xds))
     clusters = [ext_proc_cluster(registry, count, placement.broker_host)]
     clusters.append(control_plane_cluster(registry, placement.control_plane_host))
-    clusters += [version_cluster(m, v) for m in registry.models for v in m.versions]
+    if xds is None:
+        clusters += model_clusters(registry)
     clusters += jwks_clusters(registry)
     if placement.stats_port is not None:
         listeners.append(stats_listener(registry, placement.stats_port))
         clusters.append(admin_cluster(registry))
     extensions = []
-    if _shadowed(registry):
-        listeners.append(shadow_listener(registry))
+    if _shadowed(registry) or dynamic:
+        listeners.append(shadow_listener(registry, xds))
         clusters.append(shadow_cluster())
         extensions.append(
             TypedExtensionConfig(name="envoy.bootstrap.internal_listener", typed_config=_any(InternalListener()))
@@ -1236,6 +1309,7 @@ def bootstrap(registry: Registry, workers: int | None = None, placement: Placeme
         node=Node(id="model-broker-envoy", cluster="model-broker"),
         admin=Admin(address=_socket(registry.admin.address, registry.admin.port)),
         static_resources=BootstrapStaticResources(listeners=listeners, clusters=clusters),
+        dynamic_resources=BootstrapDynamicResources(cds_config=xds.source(CLUSTERS_FILE)) if xds else None,
         bootstrap_extensions=extensions,
         layered_runtime=layered_runtime(),
         stats_sinks=[stats_sink()],
@@ -1244,9 +1318,9 @@ def bootstrap(registry: Registry, workers: int | None = None, placement: Placeme
 
 
 def bootstrap_dict(
-    registry: Registry, workers: int | None = None, placement: Placement = Placement()
+    registry: Registry, workers: int | None = None, placement: Placement = Placement(), xds: XdsFiles | None = None
 ) -> dict[str, Any]:
-    doc: dict[str, Any] = bootstrap(registry, workers, placement).to_dict()
+    doc: dict[str, Any] = bootstrap(registry, workers, placement, xds).to_dict()
     return doc
 
 
