@@ -27,13 +27,11 @@ from extproc.envoy_config import (
     model_clusters,
     route_configurations,
 )
-from extproc.registry import Registry, RegistryInvalid, load_registry
+from extproc.registry import Registry, RegistryInvalid, load_registry, restart_only_changes
 
 BOOTSTRAP_FILE = "envoy.yaml"
 ROUTE_TYPE = "type.googleapis.com/envoy.config.route.v3.RouteConfiguration"
 CLUSTER_TYPE = "type.googleapis.com/envoy.config.cluster.v3.Cluster"
-# Registry sections the files follow live; any other section is in the bootstrap (or the broker's).
-DYNAMIC_SECTIONS = frozenset({"registry_version", "models", "ensembles", "entities"})
 
 log = logging.getLogger("model_broker.envoy_files")
 
@@ -111,8 +109,7 @@ def restart_needed(old: Registry, new: Registry, old_files: EnvoyFiles, new_file
     """Why `new` cannot go live by file (its bootstrap differs), or None when it can."""
     if old_files.bootstrap == new_files.bootstrap:
         return None
-    sections = [name for name in type(new).model_fields if name not in DYNAMIC_SECTIONS]
-    changed = [name for name in sections if getattr(old, name) != getattr(new, name)]
+    changed = restart_only_changes(old, new)
     # Only a model-side edit the listeners follow, e.g. an ensemble deadline over the dynamic bound.
     what = ", ".join(changed) if changed else "models/ensembles in a way the listeners depend on"
     return f"the Envoy bootstrap would change ({what}): restart the Envoy pods to apply it"

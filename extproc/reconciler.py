@@ -1,11 +1,12 @@
 """`model-broker reconcile`: custom resources in, the registry ConfigMap and statuses out.
 
-The broker, Envoy and the control plane read a registry file at start; this loop
-keeps that file (a ConfigMap they mount) equal to base config + the cluster's
-resources. A change of weights only goes live at once through the control
-plane's admin API, which every Envoy and broker follows; any other change (a new
-model, version or path) rolls their Deployments, which Kubernetes replaces one
-pod at a time, so it goes live without dropping requests.
+The broker, Envoy (through its config watcher) and the control plane follow a
+registry file; this loop keeps that file (a ConfigMap they mount) equal to base
+config + the cluster's resources. Models, versions, paths and ensembles go live
+when kubelet updates the mounted file (within its sync period, about a minute);
+a change of weights alone goes live at once through the control plane's admin
+API as well. Only a change the pods cannot follow (listener, store, audit, …)
+rolls their Deployments, one pod at a time.
 """
 
 from __future__ import annotations
@@ -20,11 +21,16 @@ from typing import Any, Protocol
 import yaml
 
 from extproc.custom_resources import ResourceKey, convert, resource_key, status_update
+from extproc.envoy_config import Placement
+from extproc.envoy_files import render, restart_needed
 from extproc.registry import Registry, RegistryInvalid, parse_registry
+from extproc.reload import refusal
 from extproc.rollout.weights import LiveWeights, apply_weights, declared_weights
 
 log = logging.getLogger("model_broker.reconciler")
 
+# Where the chart's Envoy pods keep their watched files; only compared, never written here.
+XDS_DIR = "/etc/envoy"
 # A watch can miss events (reconnects, compaction): a full pass this often repairs any drift.
 RESYNC_SECONDS = 300.0
 
@@ -88,15 +94,27 @@ def weight_changes(before: str, after: Registry) -> LiveWeights | None:
     return {model: weights for model, weights in wanted.items() if current.get(model) != weights}
 
 
-async def _apply_live(plane: WeightSetter, changes: LiveWeights) -> bool:
-    """Every changed split through the control plane; False at the first it did not take."""
+def restart_reason(before: str, after: Registry) -> str | None:
+    """Why the pods must be replaced to serve `after`, or None when they follow the file live."""
+    try:
+        old = parse_registry(yaml.safe_load(before))
+    except (RegistryInvalid, yaml.YAMLError):
+        return "the published registry is unreadable"
+    refused = refusal(old, after)
+    if refused is not None:
+        return refused
+    placement = Placement()
+    return restart_needed(old, after, render(old, XDS_DIR, None, placement), render(after, XDS_DIR, None, placement))
+
+
+async def _apply_live(plane: WeightSetter, changes: LiveWeights) -> None:
+    """Every changed split through the control plane now; one it does not take arrives with the file."""
     for model, weights in changes.items():
         problem = await plane.set_weights(model, weights)
-        if problem is not None:
-            log.warning("could not change %s's weights live (%s); rolling the pods instead", model, problem)
-            return False
-        log.info("weights of %s changed live: %s", model, weights)
-    return True
+        if problem is None:
+            log.info("weights of %s changed live: %s", model, weights)
+        else:
+            log.warning("could not change %s's weights at once (%s); the pods apply them with the file", model, problem)
 
 
 def _now() -> str:
@@ -110,9 +128,10 @@ async def reconcile_once(
 
     The registry is published before any status says Accepted, so a resource
     never claims to be served by a registry nobody can read yet. An invalid
-    base publishes nothing: the last good registry keeps serving. Rolling is
-    always correct, even for weights: a control plane starting on a registry
-    that declares another split drops its older live change.
+    base publishes nothing: the last good registry keeps serving. Weights
+    reach the control plane twice (admin API, then the file); both agree, as a
+    control plane reloading a registry that declares another split drops its
+    older live change.
     """
     resources = await cluster.list_resources()
     conversion = convert(base, resources)
@@ -122,10 +141,14 @@ async def reconcile_once(
     text = registry_yaml(conversion.registry)
     wanted = digest(text)
     if published is None or wanted != published.digest:
+        reason = (
+            "first publication" if published is None else restart_reason(published.registry_yaml, conversion.registry)
+        )
         changes = None if published is None else weight_changes(published.registry_yaml, conversion.registry)
-        live = plane is not None and changes is not None and await _apply_live(plane, changes)
-        await cluster.publish(text, wanted, roll=not live)
-        how = "weights applied live" if live else "pods rolling"
+        if reason is None and plane is not None and changes:
+            await _apply_live(plane, changes)
+        await cluster.publish(text, wanted, roll=reason is not None)
+        how = "the pods follow it live" if reason is None else f"rolling the pods: {reason}"
         log.info("published registry %s (%d models; %s)", wanted, len(conversion.registry.models), how)
         for note in conversion.ignored:
             log.warning("%s: left out of its allow-list", note)

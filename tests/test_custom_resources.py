@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import sys
 from pathlib import Path
@@ -165,6 +166,11 @@ def test_transition_time_moves_only_when_the_status_flips() -> None:
     assert flipped is not None and flipped["conditions"][0]["lastTransitionTime"] == "2026-05-03T10:00:00Z"
 
 
+def set_resource_weights(cluster: FakeCluster, v1: int, v2: int) -> None:
+    cluster.resources[0]["spec"]["versions"][0]["weight"] = v1
+    cluster.resources[0]["spec"]["versions"][1]["weight"] = v2
+
+
 class FakeCluster:
     """The reconciler's view of the API server, in memory: resources, one ConfigMap, written statuses.
 
@@ -214,16 +220,23 @@ async def test_reconcile_publishes_once_then_statuses_settle() -> None:
     assert len(cluster.statuses) == 2
 
 
-async def test_weight_shift_without_a_control_plane_rolls() -> None:
-    """Without `--admin`, editing a resource's weights publishes the new weights and rolls the pods."""
+async def test_model_edits_are_published_and_only_base_edits_roll() -> None:
+    """Weights or a new version: the registry is published and the pods follow the file (no roll);
+    a base edit the pods cannot follow (the broker's message timeout) rolls them."""
     cluster = FakeCluster([resource("credit-risk")])
     first = await reconcile_once(cluster, base(), None)
-    cluster.resources[0]["spec"]["versions"][0]["weight"] = 50
-    cluster.resources[0]["spec"]["versions"][1]["weight"] = 50
+    set_resource_weights(cluster, 50, 50)
     second = await reconcile_once(cluster, base(), first)
-    assert second != first and len(cluster.published) == 2 and cluster.rolls == 2
+    assert second != first and len(cluster.published) == 2 and cluster.rolls == 1
     weights = [v["weight"] for v in yaml.safe_load(cluster.published[1][0])["models"][0]["versions"]]
     assert weights == [50, 50]
+    cluster.resources[0]["spec"]["versions"].append({**cluster.resources[0]["spec"]["versions"][1], "name": "v3"})
+    third = await reconcile_once(cluster, base(), second)
+    assert len(cluster.published) == 3 and cluster.rolls == 1
+    slower = base()
+    slower["broker"]["message_timeout_ms"] = 900
+    await reconcile_once(cluster, slower, third)
+    assert len(cluster.published) == 4 and cluster.rolls == 2
 
 
 async def test_invalid_base_keeps_the_published_registry() -> None:
@@ -297,49 +310,42 @@ def live_split(endpoint: AdminEndpoint) -> dict[str, int]:
     return split
 
 
-def set_resource_weights(cluster: FakeCluster, v1: int, v2: int) -> None:
-    cluster.resources[0]["spec"]["versions"][0]["weight"] = v1
-    cluster.resources[0]["spec"]["versions"][1]["weight"] = v2
-
-
-async def test_weight_only_edit_goes_live_without_new_pods(live_base: dict[str, Any], tmp_path: Path) -> None:
-    """kubectl-editing a Model's weights: the control plane serves the split, nothing rolls;
-    adding a version rolls the pods instead and leaves the live split alone."""
+async def test_weight_only_edit_goes_live_at_once(live_base: dict[str, Any], tmp_path: Path) -> None:
+    """kubectl-editing a Model's weights: the control plane serves the split as soon as the pass ends,
+    before kubelet updates any pod's file; nothing rolls."""
     cluster = FakeCluster([resource("credit-risk")])
     first = await reconcile_once(cluster, live_base, None)
     proc, endpoint = start_control_plane(first, tmp_path)
     try:
-        plane = AdminApi(endpoint)
         set_resource_weights(cluster, 5, 95)
-        second = await reconcile_once(cluster, live_base, first, plane)
+        second = await reconcile_once(cluster, live_base, first, AdminApi(endpoint))
         assert second is not None and second != first
         assert cluster.rolls == 1 and len(cluster.published) == 2
         assert live_split(endpoint) == {"v1": 5, "v2": 95}
-        cluster.resources[0]["spec"]["versions"].append({**cluster.resources[0]["spec"]["versions"][1], "name": "v3"})
-        await reconcile_once(cluster, live_base, second, plane)
-        assert cluster.rolls == 2 and live_split(endpoint) == {"v1": 5, "v2": 95}
     finally:
         proc.stop()
 
 
-async def test_weights_roll_the_pods_when_the_control_plane_refuses_or_is_away(
-    live_base: dict[str, Any], tmp_path: Path
-) -> None:
-    """A wrong token or a control plane that is down: the edit still lands, by rolling the pods."""
+async def test_a_refused_push_still_lands_with_the_file(live_base: dict[str, Any], tmp_path: Path) -> None:
+    """A control plane that refuses the push (wrong token) changes nothing at once; once kubelet
+    updates its registry file with what the reconciler published, it serves the new split."""
     cluster = FakeCluster([resource("credit-risk")])
     first = await reconcile_once(cluster, live_base, None)
     proc, endpoint = start_control_plane(first, tmp_path)
     try:
+        before = live_split(endpoint)
         set_resource_weights(cluster, 10, 90)
         wrong = AdminApi(AdminEndpoint(endpoint.url, "wrong-token", 0, ""))
         second = await reconcile_once(cluster, live_base, first, wrong)
-        assert cluster.rolls == 2 and live_split(endpoint) != {"v1": 10, "v2": 90}
+        assert second is not None and cluster.rolls == 1 and live_split(endpoint) == before
+        (tmp_path / "registry.yaml").write_text(second.registry_yaml)  # what kubelet does to the mount
+        for _ in range(40):
+            if live_split(endpoint) == {"v1": 10, "v2": 90}:
+                break
+            await asyncio.sleep(0.25)
+        assert live_split(endpoint) == {"v1": 10, "v2": 90}
     finally:
         proc.stop()
-    set_resource_weights(cluster, 20, 80)
-    await reconcile_once(cluster, live_base, second, AdminApi(endpoint))
-    assert cluster.rolls == 3
-    assert [v["weight"] for v in yaml.safe_load(cluster.published[-1][0])["models"][0]["versions"]] == [20, 80]
 
 
 def test_an_allow_list_naming_a_deleted_model_does_not_stop_the_rest() -> None:

@@ -23,6 +23,7 @@ from tests.conftest import ROOT
 from tests.credentials import Signer, self_signed_pair
 from tests.test_cli import run_cli, validate_with_envoy
 from tests.test_crds import KUBERNETES_VERSION
+from tests.test_envoy_files import inlined
 
 CHART = ROOT / "helm" / "model-broker"
 FULL_VALUES: dict[str, Any] = yaml.safe_load((ROOT / "examples" / "k8s" / "values" / "production.yaml").read_text())
@@ -62,6 +63,13 @@ def pod_specs(docs: list[dict[str, Any]]) -> list[dict[str, Any]]:
 def pod_spec(docs: list[dict[str, Any]], component: str) -> dict[str, Any]:
     spec: dict[str, Any] = find(docs, "Deployment", f"{PREFIX}-{component}")["spec"]["template"]["spec"]
     return spec
+
+
+def pod_spec_annotations(docs: list[dict[str, Any]], component: str) -> dict[str, str]:
+    found: dict[str, str] = find(docs, "Deployment", f"{PREFIX}-{component}")["spec"]["template"]["metadata"][
+        "annotations"
+    ]
+    return found
 
 
 def container(docs: list[dict[str, Any]], component: str) -> dict[str, Any]:
@@ -404,7 +412,8 @@ def test_a_local_audit_sink_fails_the_render() -> None:
 
 def envoy_config_from_chart(docs: list[dict[str, Any]], tmp_path: Path) -> str:
     """Run the Envoy pod's init container command as the pod would, each of its mounts a local directory
-    holding what the chart puts there (registry, TLS pair, JWKS files)."""
+    holding what the chart puts there (registry, TLS pair, JWKS files): the bootstrap, routes and
+    clusters it writes, as one document."""
     spec = pod_spec(docs, "envoy")
     init = spec["initContainers"][0]
     volumes = {v["name"]: v for v in spec["volumes"]}
@@ -435,7 +444,39 @@ def envoy_config_from_chart(docs: list[dict[str, Any]], tmp_path: Path) -> str:
                 if jwks_file.parent == directory:
                     jwks_file.write_text(json.dumps(Signer.new(consumer["name"]).jwks()))
     assert cli.main([here(a) for a in init["args"]]) == 0
-    return next(p for p in local.values() if p.name == "envoy-config").joinpath("envoy.yaml").read_text()
+    # Envoy's validate mode never reads the watched files: validate their resources in place.
+    return yaml.safe_dump(inlined(next(p for p in local.values() if p.name == "envoy-config")))
+
+
+def test_envoy_follows_registry_edits_beside_the_proxy() -> None:
+    """The pod runs the init container's envoy-config again with --watch, on the same mounts, so route
+    and cluster files follow the registry ConfigMap without restarting Envoy."""
+    spec = pod_spec(render("full"), "envoy")
+    init = spec["initContainers"][0]
+    watcher = next(c for c in spec["containers"] if c["name"] == "envoy-config-watch")
+    assert watcher["args"] == [*init["args"], "--watch"] and "--xds-dir" in init["args"]
+    assert watcher["volumeMounts"] == init["volumeMounts"]
+    envoy = container(render("full"), "envoy")
+    assert arg_after(envoy["args"], "-c") == [f"{arg_after(init['args'], '--xds-dir')[0]}/envoy.yaml"]
+
+
+def test_only_edits_the_pods_cannot_follow_roll_them() -> None:
+    """`helm upgrade` with other models keeps every pod (they reload the file); another broker
+    setting rolls them (the checksum on each pod template)."""
+
+    def checksums(values: dict[str, Any]) -> dict[str, str]:
+        docs = render_values(values)
+        return {
+            name: pod_spec_annotations(docs, name)["checksum/registry"] for name in ("broker", "envoy", "control-plane")
+        }
+
+    models = copy.deepcopy(FULL_VALUES)
+    models["registry"]["models"] = models["registry"]["models"][:1]
+    models["registry"]["registry_version"] = "next"
+    slower = copy.deepcopy(FULL_VALUES)
+    slower["registry"]["broker"] = {"message_timeout_ms": 900}
+    assert checksums(models) == checksums(FULL_VALUES)
+    assert all(a != b for a, b in zip(checksums(slower).values(), checksums(FULL_VALUES).values(), strict=True))
 
 
 @pytest.mark.parametrize("values", ["default", "full"])

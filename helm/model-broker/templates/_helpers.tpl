@@ -153,6 +153,38 @@ this is the reconciler's base: models come from Model resources.
 /var/spool/model-broker
 {{- end }}
 
+{{/* `envoy-config` as the Envoy pod runs it: once before Envoy starts, then `--watch`ing beside it. */}}
+{{- define "model-broker.envoyConfigArgs" -}}
+- envoy-config
+- --config
+- /etc/model-broker/registry.yaml
+- --broker-host
+- {{ include "model-broker.brokerHost" . }}
+- --control-plane-host
+- {{ include "model-broker.controlPlaneHost" . }}
+- --stats-port
+- {{ .Values.envoy.statsPort | quote }}
+- --xds-dir
+- /etc/envoy
+{{- end }}
+
+{{- define "model-broker.envoyConfigMounts" -}}
+- {name: registry, mountPath: /etc/model-broker, readOnly: true}
+- {name: envoy-config, mountPath: /etc/envoy}
+{{- with (include "model-broker.envoyFileMounts" .) }}
+{{ . | trim }}
+{{- end }}
+{{- end }}
+
+{{/*
+Rolls the pods only for what they cannot follow live: the registry without the
+sections broker, control plane and Envoy's watcher reload from the mounted file
+(extproc/registry.py LIVE_SECTIONS).
+*/}}
+{{- define "model-broker.restartChecksum" -}}
+{{- omit (include "model-broker.registry" . | fromYaml) "registry_version" "entities" "models" "ensembles" | toYaml | sha256sum }}
+{{- end }}
+
 {{/* ConfigMap the pods read registry.yaml from: the chart's, or the reconciler's. */}}
 {{- define "model-broker.registryConfigMap" -}}
 {{ include "model-broker.fullname" . }}-registry
