@@ -21,7 +21,8 @@ from typing import Any
 import yaml
 
 from extproc import wire
-from extproc.envoy_config import render_yaml
+from extproc.envoy_config import Placement
+from extproc.envoy_files import BOOTSTRAP_FILE, dynamic_problems, render, write_all
 from extproc.registry import Registry, load_registry
 
 DEMO_DIR = Path(__file__).parent / "demo"
@@ -150,14 +151,25 @@ def _wait_for_signal(procs: list[subprocess.Popen[bytes]]) -> int:
 def up(
     config_path: str, workers: int | None, extra: list[list[str]] | None = None, extra_ports: list[int] | None = None
 ) -> int:
-    """Broker + Envoy (+ extra commands, ready once `extra_ports` listen) until Ctrl-C."""
+    """Broker + Envoy (+ extra commands, ready once `extra_ports` listen) until Ctrl-C.
+
+    Envoy runs in dynamic mode with the config watcher beside it, and the broker
+    reloads the registry too: models edited in `config_path` go live without a restart.
+    """
     registry = load_registry(config_path)
     count = workers or registry.broker.workers
-    with tempfile.TemporaryDirectory(prefix="model-broker-") as tmp, contextlib.ExitStack() as stack:
-        envoy_yaml = Path(tmp) / "envoy.yaml"
-        envoy_yaml.write_text(render_yaml(registry, count), encoding="utf-8")
+    with tempfile.TemporaryDirectory(prefix="model-broker-") as xds, contextlib.ExitStack() as stack:
+        problems = dynamic_problems(registry)
+        for problem in problems:
+            print(f"{config_path}: {problem}", file=sys.stderr)
+        if problems:
+            return 2
+        write_all(render(registry, xds, count, Placement()), xds)
+        watcher = _python("envoy-config", "--config", config_path, "--workers", str(count), "--xds-dir", xds, "--watch")
         procs = [stack.enter_context(running(cmd)) for cmd in extra or []]
+        procs.append(stack.enter_context(running(watcher)))
         procs.append(stack.enter_context(running(_python("serve", "--config", config_path, "--workers", str(count)))))
+        envoy_yaml = Path(xds) / BOOTSTRAP_FILE
         procs.append(
             stack.enter_context(
                 running([envoy_binary(), "-c", str(envoy_yaml), "--log-level", "warn", "--disable-hot-restart"])
@@ -199,6 +211,7 @@ def _banner(registry: Registry, base: str, config_path: str) -> str:
         lines += [f"  curl -s -i {base}{path} -H 'content-type: application/json' -d '{body}'" for path in paths]
     if registry.audit is not None:
         lines.append(f"Audit record of a request:  model-broker audit show <x-request-id> --config {config_path}")
+    lines.append(f"Edit {config_path}: models, versions and weights go live without a restart.")
     return "\n".join(lines)
 
 

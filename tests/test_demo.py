@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import orjson
+import yaml
 
 from extproc.launcher import free_port, wait_listening
 
@@ -36,8 +37,22 @@ def audit_show(request_id: str, cwd: Path) -> subprocess.CompletedProcess[str]:
     )
 
 
+CREDIT_PATH = "/v1/models/credit-risk/predict"
+
+
+def add_model(config: Path) -> str:
+    """Add a `churn` model (fraud's demo backend at a new path) to the running demo's registry."""
+    doc = yaml.safe_load(config.read_text())
+    churn = {**next(m for m in doc["models"] if m["name"] == "fraud"), "name": "churn"}
+    churn["path"] = "/v1/models/churn/predict"
+    doc["models"].append(churn)
+    config.write_text(yaml.safe_dump(doc, sort_keys=False))
+    return str(churn["path"])
+
+
 def test_demo_prints_curl_lines_that_work_and_stops_cleanly(tmp_path: Path) -> None:
-    """The printed curls get an enriched answer that `audit show` finds and an ensemble answer; SIGTERM stops all."""
+    """The printed curls get an enriched answer that `audit show` finds and an ensemble answer; a model added
+    to the demo's registry answers without a restart; SIGTERM stops all."""
     port = free_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "extproc.cli", "demo", "--port", str(port)],
@@ -72,6 +87,11 @@ def test_demo_prints_curl_lines_that_work_and_stops_cleanly(tmp_path: Path) -> N
         head, answer = run_curl(ensemble_curl)
         assert head.startswith("HTTP/1.1 200"), answer
         assert set(answer["results"]) == {"credit-risk", "fraud"} and answer["errors"] == {}
+        churn = add_model(tmp_path / "model-broker-demo" / "registry.yaml")
+        deadline = time.monotonic() + 20
+        while not (head := run_curl(model_curl.replace(CREDIT_PATH, churn))[0]).startswith("HTTP/1.1 200"):
+            assert time.monotonic() < deadline and proc.poll() is None, head  # Envoy, broker follow the file
+            time.sleep(0.3)
     finally:
         os.kill(proc.pid, signal.SIGTERM)
         code = proc.wait(30)
