@@ -81,8 +81,11 @@ async def test_features_and_version_change_without_a_restart(stack: Stack, sessi
         assert reply.status == 200, reply.raw
         return bool(reply.body["features"].get("segment") == "retail")
 
-    await eventually(enriched)
-    for _ in range(20):  # every worker, not just one: Envoy spreads the calls
+    async def every_worker_enriches() -> bool:  # each worker reloads on its own second: ask them all
+        return all([await enriched() for _ in range(8)])
+
+    await eventually(every_worker_enriches)
+    for _ in range(20):
         assert await enriched()
     health = await call(session, stack.base + "/healthz", method="GET")
     assert health.body["registry_version"] == "demo-2"
