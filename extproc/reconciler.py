@@ -80,13 +80,16 @@ def digest(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def weight_changes(before: str, after: Registry) -> LiveWeights | None:
-    """The models whose split alone changed from the `before` registry (YAML) to `after`;
-    None when anything else changed too (or `before` is unreadable), which needs new pods."""
+def parse_published(text: str) -> Registry | None:
+    """The published registry (YAML), or None when it cannot be read as one."""
     try:
-        old = parse_registry(yaml.safe_load(before))
+        return parse_registry(yaml.safe_load(text))
     except (RegistryInvalid, yaml.YAMLError):
         return None
+
+
+def weight_changes(old: Registry, after: Registry) -> LiveWeights | None:
+    """The models whose split alone changed from `old` to `after`; None when anything else changed too."""
     wanted = declared_weights(after)
     if apply_weights(old, wanted) != after:
         return None
@@ -94,12 +97,10 @@ def weight_changes(before: str, after: Registry) -> LiveWeights | None:
     return {model: weights for model, weights in wanted.items() if current.get(model) != weights}
 
 
-def restart_reason(before: str, after: Registry) -> str | None:
+def restart_reason(old: Registry | None, after: Registry) -> str | None:
     """Why the pods must be replaced to serve `after`, or None when they follow the file live."""
-    try:
-        old = parse_registry(yaml.safe_load(before))
-    except (RegistryInvalid, yaml.YAMLError):
-        return "the published registry is unreadable"
+    if old is None:
+        return "no readable registry published before"
     refused = refusal(old, after)
     if refused is not None:
         return refused
@@ -141,10 +142,9 @@ async def reconcile_once(
     text = registry_yaml(conversion.registry)
     wanted = digest(text)
     if published is None or wanted != published.digest:
-        reason = (
-            "first publication" if published is None else restart_reason(published.registry_yaml, conversion.registry)
-        )
-        changes = None if published is None else weight_changes(published.registry_yaml, conversion.registry)
+        old = None if published is None else parse_published(published.registry_yaml)
+        reason = restart_reason(old, conversion.registry)
+        changes = None if old is None else weight_changes(old, conversion.registry)
         if reason is None and plane is not None and changes:
             await _apply_live(plane, changes)
         await cluster.publish(text, wanted, roll=reason is not None)

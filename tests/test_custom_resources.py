@@ -14,7 +14,7 @@ import yaml
 
 from extproc.custom_resources import Verdict, convert, status_update
 from extproc.launcher import free_port, wait_ready
-from extproc.reconciler import Published, digest, reconcile_once, registry_yaml, weight_changes
+from extproc.reconciler import Published, digest, parse_published, reconcile_once, registry_yaml, weight_changes
 from extproc.registry import Registry, load_registry, parse_registry
 from extproc.rollout.client import AdminApi
 from extproc.rollout.client import request as admin_request
@@ -271,10 +271,10 @@ WEIGHT_CASES: list[tuple[str, Any, dict[str, dict[str, int]] | None]] = [
 
 @pytest.mark.parametrize(("case", "change", "expected"), WEIGHT_CASES, ids=[c[0] for c in WEIGHT_CASES])
 def test_weight_only_changes_are_told_apart(case: str, change: Any, expected: dict[str, dict[str, int]] | None) -> None:
-    """Only a change of weights alone can skip new pods; anything more (or an unreadable old registry) cannot."""
-    before = registry_yaml(_edited(lambda s: None))
-    assert weight_changes(before, _edited(change)) == expected
-    assert weight_changes("{not: [yaml", _edited(change)) is None
+    """Only a change of weights alone is pushed to the control plane; anything more waits for the file."""
+    before = parse_published(registry_yaml(_edited(lambda s: None)))
+    assert before is not None and weight_changes(before, _edited(change)) == expected
+    assert parse_published("{not: [yaml") is None
 
 
 ADMIN_TOKEN = "reconciler-test-token"
