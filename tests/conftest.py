@@ -14,7 +14,7 @@ import signal
 import ssl
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -138,6 +138,13 @@ def demo_registry_doc(**overrides: Any) -> dict[str, Any]:
     return doc
 
 
+def logs_of(procs: Iterable[Proc]) -> str:
+    """The tail of each process's log, for a failing test's output."""
+    return "\n".join(
+        f"----- {p.name} ({p.log}) -----\n{p.log.read_text(errors='replace')[-6000:]}" for p in procs if p.log.exists()
+    )
+
+
 @dataclass
 class Stack:
     """Envoy + broker + demo models from one registry document."""
@@ -202,11 +209,7 @@ class Stack:
             proc.stop()
 
     def logs(self) -> str:
-        return "\n".join(
-            f"----- {p.name} ({p.log}) -----\n{p.log.read_text(errors='replace')[-6000:]}"
-            for p in self.procs.values()
-            if p.log.exists()
-        )
+        return logs_of(self.procs.values())
 
 
 @pytest.fixture(scope="session")

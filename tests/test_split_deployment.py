@@ -26,7 +26,7 @@ import yaml
 
 from extproc.launcher import envoy_binary, free_port, free_port_run, wait_listening, wait_ready
 from extproc.rollout.discovery import RUNTIME_DIR_ENV, TOKEN_ENV
-from tests.conftest import Proc, demo_registry_doc
+from tests.conftest import Proc, demo_registry_doc, logs_of
 from tests.http import call
 
 PATH = "/v1/models/credit-risk/predict"
@@ -98,11 +98,7 @@ class Fleet:
         wait_ready(self.envoy_base(pod) + "/healthz")
 
     def logs(self) -> str:
-        return "\n".join(
-            f"----- {p.name} -----\n{p.log.read_text(errors='replace')[-4000:]}"
-            for p in self.procs.values()
-            if p.log.exists()
-        )
+        return logs_of(self.procs.values())
 
 
 @pytest.fixture(scope="module")
