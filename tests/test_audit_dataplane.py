@@ -320,8 +320,14 @@ async def test_broker_sigkilled_under_load_keeps_every_answered_record(
     items = await wait_for_items(moto, "audit-kill", len(answered))
     await asyncio.sleep(1.5)
     items = await asyncio.to_thread(moto.items, "audit-kill")
+    ids = [i["request_id"]["S"] for i in items]
+    assert len(ids) == len(set(ids)), "a record was shipped twice"
     audited_2xx = {i["request_id"]["S"] for i in items if i["status"]["N"] == "200"}
-    assert audited_2xx == set(answered), (len(audited_2xx - set(answered)), len(set(answered) - audited_2xx))
+    assert set(answered) <= audited_2xx, len(set(answered) - audited_2xx)
+    # The only other 200 records: the model answered and the record was spooled (spool before
+    # release), then the kill came before Envoy got the broker's reply, so the client saw 503.
+    failed = {r.headers.get("x-request-id") for _, r in seen if r.status == 503}
+    assert audited_2xx - set(answered) <= failed, audited_2xx - set(answered) - failed
 
 
 @pytest.fixture
