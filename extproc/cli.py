@@ -70,7 +70,6 @@ def cmd_envoy_config(args: argparse.Namespace) -> int:
 def _envoy_files(args: argparse.Namespace, registry: Registry, placement: Placement) -> int:
     """Dynamic mode: bootstrap, routes and clusters files in `--xds-dir`; `--watch` keeps them current."""
     import signal
-    import threading
     from pathlib import Path
 
     from extproc.envoy_files import dynamic_problems, render, watch, write_all
@@ -85,11 +84,18 @@ def _envoy_files(args: argparse.Namespace, registry: Registry, placement: Placem
     write_all(render(registry, args.xds_dir, args.workers, placement), args.xds_dir)
     if not args.watch:
         return 0
-    stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
+
+    async def run() -> None:
+        watching = asyncio.create_task(
+            watch(args.config, args.xds_dir, registry, workers=args.workers, placement=placement)
+        )
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            asyncio.get_running_loop().add_signal_handler(sig, watching.cancel)
+        with contextlib.suppress(asyncio.CancelledError):
+            await watching
+
     logging.getLogger("model_broker.envoy_files").info("watching %s for %s", args.config, args.xds_dir)
-    watch(args.config, args.xds_dir, registry, stop, workers=args.workers, placement=placement)
+    uvloop.run(run())
     return 0
 
 

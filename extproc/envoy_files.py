@@ -6,13 +6,13 @@ route ever names a cluster Envoy does not have yet (pure); `watch` is the thin l
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import ipaddress
 import json
 import logging
 import os
 import tempfile
-import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,7 +27,8 @@ from extproc.envoy_config import (
     model_clusters,
     route_configurations,
 )
-from extproc.registry import Registry, RegistryInvalid, load_registry, restart_only_changes
+from extproc.registry import Registry, restart_only_changes
+from extproc.reload import follow_registry_file
 
 BOOTSTRAP_FILE = "envoy.yaml"
 ROUTE_TYPE = "type.googleapis.com/envoy.config.route.v3.RouteConfiguration"
@@ -161,53 +162,47 @@ def write_all(files: EnvoyFiles, directory: str) -> None:
         write_atomic(directory, name, text)
 
 
-def _fingerprint(path: str) -> bytes | None:
-    """The registry's bytes (small): a kubelet symlink swap changes them, whatever the mtime says."""
-    try:
-        return Path(path).read_bytes()
-    except OSError:
-        return None
+class _Watched:
+    """What Envoy serves now, and the move to a new registry (`reload.follow_registry_file` drives it)."""
+
+    def __init__(
+        self, registry: Registry, directory: str, workers: int | None, placement: Placement, settle_s: float
+    ) -> None:
+        self.registry = registry
+        self._directory, self._workers, self._placement = directory, workers, placement
+        self._settle_s = settle_s
+        self._files = self._render(registry)
+        # Rendered by `refuse`, written by `apply`, which the follower calls right after for the same registry.
+        self._next = self._files
+
+    def _render(self, registry: Registry) -> EnvoyFiles:
+        return render(registry, self._directory, self._workers, self._placement)
+
+    def refuse(self, current: Registry, new: Registry) -> str | None:
+        """Why Envoy cannot follow `new` without a restart (its bootstrap would change), or None."""
+        self._next = self._render(new)
+        reason = restart_needed(current, new, self._files, self._next) or "; ".join(dynamic_problems(new))
+        return f"Envoy keeps the current routes: {reason}" if reason else None
+
+    async def apply(self, new: Registry) -> None:
+        for i, phase in enumerate(plan(self._files, self._next)):
+            if i:  # let Envoy warm new clusters before a route names them
+                await asyncio.sleep(self._settle_s)
+            for name, text in phase:
+                write_atomic(self._directory, name, text)
+                log.info("wrote %s", Path(self._directory) / name)
+        self.registry, self._files = new, self._next
 
 
-def watch(
+async def watch(
     config: str,
     directory: str,
     registry: Registry,
-    stop: threading.Event,
     *,
     workers: int | None,
     placement: Placement,
-    interval_s: float = 1.0,
     settle_s: float = 2.0,
 ) -> None:
-    """Poll `config` until `stop`; rewrite the files Envoy watches when it changes and still applies.
-
-    `settle_s` between writes gives Envoy time to warm new clusters before a route names them.
-    """
-    current = render(registry, directory, workers, placement)
-    seen = _fingerprint(config)
-    while not stop.wait(interval_s):
-        fingerprint = _fingerprint(config)
-        if fingerprint == seen or fingerprint is None:
-            continue
-        seen = fingerprint
-        try:
-            new_registry = load_registry(config)
-        except RegistryInvalid as exc:
-            problems = "; ".join(str(p) for p in exc.problems)
-            log.error("%s: not applied, Envoy keeps the current routes: %s", config, problems)
-            continue
-        new = render(new_registry, directory, workers, placement)
-        reason = restart_needed(registry, new_registry, current, new) or "; ".join(dynamic_problems(new_registry))
-        if reason:
-            log.error("%s: not applied, Envoy keeps the current routes: %s", config, reason)
-            continue
-        for i, phase in enumerate(plan(current, new)):
-            if i and stop.wait(settle_s):
-                break
-            for name, text in phase:
-                write_atomic(directory, name, text)
-                log.info("wrote %s", Path(directory) / name)
-        else:
-            registry, current = new_registry, new
-            log.info("%s: applied (registry_version %s)", config, new_registry.registry_version)
+    """Rewrite the files Envoy watches whenever `config` changes and Envoy can follow; runs until cancelled."""
+    watched = _Watched(registry, directory, workers, placement, settle_s)
+    await follow_registry_file(config, lambda: watched.registry, watched.apply, refuse=watched.refuse, envoy_files=True)

@@ -1,4 +1,4 @@
-"""The registry file, followed: broker workers and the control plane apply an edited registry live.
+"""The registry file, followed: broker workers, the control plane and Envoy's config watcher apply edits live.
 
 On Kubernetes the file is a ConfigMap volume that kubelet rewrites in place
 (a symlink swap) after the reconciler publishes; locally it is the file `up`
@@ -28,9 +28,17 @@ def refusal(current: Registry, new: Registry) -> str | None:
 
 
 async def follow_registry_file(
-    path: str, current: Callable[[], Registry], apply: Callable[[Registry], Awaitable[None]]
+    path: str,
+    current: Callable[[], Registry],
+    apply: Callable[[Registry], Awaitable[None]],
+    *,
+    refuse: Callable[[Registry, Registry], str | None] = refusal,
+    envoy_files: bool = False,
 ) -> None:
-    """Apply every valid, live-applicable edit of `path`; runs until cancelled."""
+    """Apply every valid edit of `path` that `refuse` lets through; runs until cancelled.
+
+    `envoy_files`: also check the files Envoy reads (TLS, JWKS), for Envoy's config watcher.
+    """
     seen = file_signature(path)
     while True:
         await asyncio.sleep(POLL_SECONDS)
@@ -39,11 +47,11 @@ async def follow_registry_file(
             continue
         seen = signature
         try:
-            new = await asyncio.to_thread(load_registry, path, envoy_files=False)
+            new = await asyncio.to_thread(load_registry, path, envoy_files=envoy_files)
         except RegistryInvalid as exc:
             log.error("keeping the registry in use: %s is invalid: %s", path, "; ".join(map(str, exc.problems)))
             continue
-        problem = refusal(current(), new)
+        problem = refuse(current(), new)
         if problem is not None:
             log.error("keeping the registry in use: %s", problem)
             continue
