@@ -17,7 +17,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import IO, Any
 
-from extproc.launcher import running
+from extproc.process.launcher import running
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 # /proc/<pid>/stat fields after the ")" that closes the command name (0-based): ppid, utime, stime.

@@ -14,12 +14,12 @@ from typing import TYPE_CHECKING, Any
 
 import uvloop
 
-from extproc.audit_local import LocalAuditStore
-from extproc.registry import Registry, RegistryInvalid, load_registry
+from extproc.audit.local import LocalAuditStore
+from extproc.registry.schema import Registry, RegistryInvalid, load_registry
 
 if TYPE_CHECKING:
     from extproc.adapters.aws_audit import AwsAuditStore
-    from extproc.envoy_config import Placement
+    from extproc.envoy.config import Placement
 
     AuditStore = AwsAuditStore | LocalAuditStore
 
@@ -46,7 +46,7 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def cmd_envoy_config(args: argparse.Namespace) -> int:
-    from extproc.envoy_config import Placement, render_yaml
+    from extproc.envoy.config import Placement, render_yaml
 
     registry = _load(args.config)
     if registry is None:
@@ -72,7 +72,7 @@ def _envoy_files(args: argparse.Namespace, registry: Registry, placement: Placem
     import signal
     from pathlib import Path
 
-    from extproc.envoy_files import dynamic_problems, render, watch, write_all
+    from extproc.envoy.xds_files import dynamic_problems, render, watch, write_all
 
     problems = dynamic_problems(registry)
     if problems:
@@ -100,7 +100,7 @@ def _envoy_files(args: argparse.Namespace, registry: Registry, placement: Placem
 
 
 def cmd_crds(_args: argparse.Namespace) -> int:
-    from extproc.crds import render_crds
+    from extproc.kube.crds import render_crds
 
     sys.stdout.write(render_crds())
     return 0
@@ -111,7 +111,7 @@ def cmd_reconcile(args: argparse.Namespace) -> int:
     import yaml
 
     from extproc.adapters.kube import Target, in_cluster
-    from extproc.reconciler import reconcile_forever
+    from extproc.kube.reconciler import reconcile_forever
     from extproc.rollout.client import AdminApi, resolve_admin
 
     with open(args.base, encoding="utf-8") as file:
@@ -129,7 +129,7 @@ def cmd_reconcile(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from extproc.supervisor import supervise
+    from extproc.process.supervisor import supervise
 
     registry = _load(args.config, envoy_files=False)
     if registry is None:
@@ -139,7 +139,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def cmd_control_plane(args: argparse.Namespace) -> int:
     """Only the rollout control plane (its own pod on Kubernetes; `serve` runs one beside the workers)."""
-    from extproc.supervisor import supervise
+    from extproc.process.supervisor import supervise
 
     registry = _load(args.config, envoy_files=False)
     if registry is None:
@@ -148,7 +148,7 @@ def cmd_control_plane(args: argparse.Namespace) -> int:
 
 
 def cmd_up(args: argparse.Namespace) -> int:
-    from extproc.launcher import up
+    from extproc.process.launcher import up
 
     if _load(args.config) is None:
         return 2
@@ -157,7 +157,7 @@ def cmd_up(args: argparse.Namespace) -> int:
 
 def cmd_hash_key(args: argparse.Namespace) -> int:
     """Keys come from stdin, never argv: a key on the command line ends up in shell history."""
-    from extproc.registry import hash_api_key
+    from extproc.registry.schema import hash_api_key
 
     if args.generate:
         key = secrets.token_urlsafe(32)
@@ -172,7 +172,7 @@ def cmd_hash_key(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from extproc.launcher import demo
+    from extproc.process.launcher import demo
 
     return demo(args.port)
 
@@ -217,7 +217,7 @@ def cmd_weights(args: argparse.Namespace) -> int:
 
 def _audit_store(args: argparse.Namespace) -> AuditStore | int:
     """The registry's audit store, or the exit code explaining why there is none."""
-    from extproc.worker import open_audit_store
+    from extproc.process.worker import open_audit_store
 
     registry = _load(args.config)
     if registry is None:
@@ -230,7 +230,7 @@ def _audit_store(args: argparse.Namespace) -> AuditStore | int:
 
 def cmd_audit(args: argparse.Namespace) -> int:
     """`audit show|list|init`: read records back from the configured sink, printing JSON."""
-    from extproc.audit import AuditSinkUnavailable, iso_utc, parse_when
+    from extproc.audit.record import AuditSinkUnavailable, iso_utc, parse_when
 
     now = time.time()
     since = parse_when(args.since, now) if args.action == "list" else ""

@@ -22,9 +22,9 @@ from typing import Any
 import pytest
 import yaml
 
-from extproc import launcher
-from extproc.launcher import envoy_binary, free_port, wait_listening, wait_ready
-from extproc.registry import load_registry
+from extproc.process import launcher
+from extproc.process.launcher import envoy_binary, free_port, wait_listening, wait_ready
+from extproc.registry.schema import load_registry
 
 ROOT = Path(__file__).resolve().parent.parent
 DEMO_DIR = ROOT / "extproc" / "demo"

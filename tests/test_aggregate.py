@@ -6,9 +6,9 @@ from typing import Any
 
 import pytest
 
-from extproc.aggregate import Combiner, MemberFailure, MemberOutcome, MemberResult, combine, ensemble_answer
-from extproc.ensemble import MemberReply, reply_outcome
-from extproc.errors import BrokerError, ErrorCode
+from extproc.core.errors import BrokerError, ErrorCode
+from extproc.ensemble.aggregate import Combiner, MemberFailure, MemberOutcome, MemberResult, combine, ensemble_answer
+from extproc.ensemble.fanout import MemberReply, reply_outcome
 
 
 def ok(model: str, **output: Any) -> MemberResult:

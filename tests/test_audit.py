@@ -11,7 +11,8 @@ import orjson
 import pytest
 
 from extproc.adapters.aws_audit import dynamo_item, from_dynamo_item
-from extproc.audit import (
+from extproc.audit.local import LocalAuditStore
+from extproc.audit.record import (
     REDACTED,
     AuditDraft,
     AuditTrail,
@@ -24,10 +25,9 @@ from extproc.audit import (
     s3_key,
     summary,
 )
-from extproc.audit_local import LocalAuditStore
-from extproc.registry import RegistryInvalid, parse_registry
-from extproc.shipper import Shipper, ShipTiming, next_backoff
-from extproc.spool import Spool, parse_lines
+from extproc.audit.shipper import Shipper, ShipTiming, next_backoff
+from extproc.audit.spool import Spool, parse_lines
+from extproc.registry.schema import RegistryInvalid, parse_registry
 from tests.test_registry import BASE
 
 RULES = compile_redaction(["ssn", "contact.email"])

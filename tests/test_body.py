@@ -5,8 +5,8 @@ from __future__ import annotations
 import orjson
 import pytest
 
-from extproc.body import check_content_type, entity_key, inject_features, parse_json_object
-from extproc.errors import BrokerError, ErrorCode
+from extproc.core.body import check_content_type, entity_key, inject_features, parse_json_object
+from extproc.core.errors import BrokerError, ErrorCode
 
 
 @pytest.mark.parametrize(

@@ -12,7 +12,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from extproc.crds import KINDS, crd, render_crds
+from extproc.kube.crds import KINDS, crd, render_crds
 from tests.conftest import ROOT
 
 KUBERNETES_VERSION = "1.33"

@@ -14,7 +14,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from extproc.launcher import free_port
+from extproc.process.launcher import free_port
 from tests.conftest import RedisServer, Stack, demo_registry_doc, demo_rows, run_stack
 from tests.http import JSON_HEADERS, Reply, call
 

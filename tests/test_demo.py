@@ -14,7 +14,7 @@ from typing import Any
 import orjson
 import yaml
 
-from extproc.launcher import free_port, wait_listening
+from extproc.process.launcher import free_port, wait_listening
 
 
 def run_curl(line: str) -> tuple[str, Any]:

@@ -17,7 +17,7 @@ import aiohttp
 import orjson
 import pytest
 
-from extproc.launcher import free_port
+from extproc.process.launcher import free_port
 from tests.conftest import RedisServer, Stack, demo_registry_doc, demo_rows, run_stack
 from tests.http import Reply, call
 

@@ -10,8 +10,8 @@ import orjson
 import pytest
 
 from extproc.adapters.redis_store import RedisFeatureStore
-from extproc.errors import FeatureStoreUnavailable
-from extproc.features import CachedFeatureStore, EmbeddedFeatureStore, Features, decode_value
+from extproc.core.errors import FeatureStoreUnavailable
+from extproc.core.features import CachedFeatureStore, EmbeddedFeatureStore, Features, decode_value
 from tests.conftest import DEMO_DIR, RedisServer
 
 

@@ -16,14 +16,14 @@ from envoy.service.ext_proc.v3.external_processor_pb2 import (
 )
 from google.protobuf.struct_pb2 import Struct
 
-from extproc import wire
 from extproc.adapters.egress import EgressClient
-from extproc.context import RequestContext
-from extproc.features import CachedFeatureStore, EmbeddedFeatureStore
-from extproc.launcher import free_port
-from extproc.processor import BrokerProcessor
-from extproc.registry import parse_registry
-from extproc.server import add_service, read_consumer
+from extproc.core import wire
+from extproc.core.context import RequestContext
+from extproc.core.features import CachedFeatureStore, EmbeddedFeatureStore
+from extproc.core.processor import BrokerProcessor
+from extproc.process.launcher import free_port
+from extproc.registry.schema import parse_registry
+from extproc.transport.grpc_stream import add_service, read_consumer
 from tests.conftest import DEMO_DIR, demo_registry_doc
 
 

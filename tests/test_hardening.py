@@ -23,14 +23,14 @@ from google.protobuf.struct_pb2 import Struct
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from extproc import wire
-from extproc.body import entity_key, inject_features, parse_json_object
-from extproc.errors import BrokerError, ErrorCode
-from extproc.features import CachedFeatureStore, EmbeddedFeatureStore
-from extproc.launcher import free_port
-from extproc.processor import BrokerProcessor
-from extproc.registry import parse_registry
-from extproc.server import add_service
+from extproc.core import wire
+from extproc.core.body import entity_key, inject_features, parse_json_object
+from extproc.core.errors import BrokerError, ErrorCode
+from extproc.core.features import CachedFeatureStore, EmbeddedFeatureStore
+from extproc.core.processor import BrokerProcessor
+from extproc.process.launcher import free_port
+from extproc.registry.schema import parse_registry
+from extproc.transport.grpc_stream import add_service
 from tests.conftest import DEMO_DIR, Stack, demo_registry_doc, run_stack
 
 MAX_DEPTH = 32

@@ -14,7 +14,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from extproc.launcher import free_port
+from extproc.process.launcher import free_port
 from extproc.rollout.control_plane import events_path
 from extproc.rollout.discovery import TOKEN_ENV
 from tests.conftest import Stack, demo_registry_doc, run_stack

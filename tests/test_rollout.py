@@ -18,7 +18,7 @@ import aiohttp
 import pytest
 import yaml
 
-from extproc.launcher import envoy_binary, free_port, wait_ready
+from extproc.process.launcher import envoy_binary, free_port, wait_ready
 from extproc.rollout.discovery import RUNTIME_DIR_ENV, TOKEN_ENV
 from tests.conftest import Proc, Stack, demo_registry_doc, run_stack
 from tests.http import call

@@ -11,8 +11,8 @@ from typing import Any
 import aiohttp
 import pytest
 
-from extproc.launcher import free_port
-from extproc.registry import RegistryInvalid, parse_registry
+from extproc.process.launcher import free_port
+from extproc.registry.schema import RegistryInvalid, parse_registry
 from extproc.rollout.control_plane import shadow_path
 from extproc.rollout.shadow import Answer, ShadowPairs, compare_answers
 from tests.conftest import Stack, demo_registry_doc, run_stack

@@ -24,7 +24,7 @@ import aiohttp
 import pytest
 import yaml
 
-from extproc.launcher import envoy_binary, free_port, free_port_run, wait_listening, wait_ready
+from extproc.process.launcher import envoy_binary, free_port, free_port_run, wait_listening, wait_ready
 from extproc.rollout.discovery import RUNTIME_DIR_ENV, TOKEN_ENV
 from tests.conftest import Proc, demo_registry_doc, logs_of
 from tests.http import call

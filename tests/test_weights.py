@@ -7,8 +7,9 @@ from typing import Any
 
 import pytest
 
-from extproc.errors import BrokerError
-from extproc.registry import parse_registry
+from extproc.core.errors import BrokerError
+from extproc.core.routing import describe_models
+from extproc.registry.schema import parse_registry
 from extproc.rollout.follow import layer_of
 from extproc.rollout.state import RolloutState, StateFileInvalid, load_state, save_state
 from extproc.rollout.weights import (
@@ -21,7 +22,6 @@ from extproc.rollout.weights import (
     weights_of_layer,
 )
 from extproc.rollout.xds import RUNTIME_TYPE_URL, runtime_response
-from extproc.routing import describe_models
 from tests.test_registry import BASE
 
 REGISTRY = parse_registry(BASE)

@@ -25,8 +25,8 @@ import orjson
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
-from extproc.audit import AuditSinkUnavailable, Record, s3_key, summary
-from extproc.registry import AwsAuditSink
+from extproc.audit.record import AuditSinkUnavailable, Record, s3_key, summary
+from extproc.registry.schema import AwsAuditSink
 
 if TYPE_CHECKING:
     from mypy_boto3_dynamodb.client import DynamoDBClient

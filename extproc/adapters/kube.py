@@ -16,9 +16,9 @@ from typing import Any
 from kubernetes_asyncio import client, config, watch
 from kubernetes_asyncio.client.exceptions import ApiException
 
-from extproc.crds import GROUP, KINDS, VERSION, kind_named
-from extproc.custom_resources import ResourceKey
-from extproc.reconciler import Published
+from extproc.kube.crds import GROUP, KINDS, VERSION, kind_named
+from extproc.kube.reconciler import Published
+from extproc.kube.resources import ResourceKey
 
 log = logging.getLogger("model_broker.kube")
 

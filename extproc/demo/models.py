@@ -18,7 +18,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from extproc import wire
+from extproc.core import wire
 
 JSON = "application/json"
 

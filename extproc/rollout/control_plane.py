@@ -31,10 +31,10 @@ from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import (
     ExportMetricsServiceResponse,
 )
 
-from extproc import metrics, wire
-from extproc.errors import BrokerError, ErrorCode
-from extproc.registry import Registry, RolloutPolicy, load_registry
-from extproc.reload import follow_registry_file
+from extproc.core import metrics, wire
+from extproc.core.errors import BrokerError, ErrorCode
+from extproc.registry.reload import follow_registry_file
+from extproc.registry.schema import Registry, RolloutPolicy, load_registry
 from extproc.rollout import discovery
 from extproc.rollout.health import (
     Breach,

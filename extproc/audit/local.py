@@ -15,8 +15,8 @@ from typing import Any
 
 import orjson
 
-from extproc.audit import AuditSinkUnavailable, Record, summary
-from extproc.spool import parse_lines
+from extproc.audit.record import AuditSinkUnavailable, Record, summary
+from extproc.audit.spool import parse_lines
 
 
 def local_path(directory: Path, batch_id: str, record: Record) -> Path:

@@ -13,7 +13,7 @@ import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 
-from extproc.registry import Registry, RegistryInvalid, file_signature, load_registry, restart_only_changes
+from extproc.registry.schema import Registry, RegistryInvalid, file_signature, load_registry, restart_only_changes
 
 log = logging.getLogger("model_broker.reload")
 

@@ -14,13 +14,13 @@ from typing import Any, Protocol
 
 import orjson
 
-from extproc import wire
-from extproc.aggregate import Combiner, MemberFailure, MemberOutcome, MemberResult
-from extproc.body import inject_features
-from extproc.errors import BrokerError, ErrorCode, FeatureStoreUnavailable
-from extproc.features import Features, FeatureStore, pick
-from extproc.registry import Ensemble, Registry
-from extproc.routing import ModelRoute
+from extproc.core import wire
+from extproc.core.body import inject_features
+from extproc.core.errors import BrokerError, ErrorCode, FeatureStoreUnavailable
+from extproc.core.features import Features, FeatureStore, pick
+from extproc.core.routing import ModelRoute
+from extproc.ensemble.aggregate import Combiner, MemberFailure, MemberOutcome, MemberResult
+from extproc.registry.schema import Ensemble, Registry
 
 
 class MemberUnavailable(Exception):

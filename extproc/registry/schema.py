@@ -19,7 +19,7 @@ from urllib.parse import urlsplit
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from extproc import wire
+from extproc.core import wire
 
 # A model or version name becomes part of Envoy cluster and stat names and,
 # later, a Kubernetes object name: keep it a DNS label.

@@ -11,16 +11,16 @@ from typing import Any
 import orjson
 from envoy.service.ext_proc.v3.external_processor_pb2 import HttpBody, HttpHeaders, ProcessingResponse
 
-from extproc import metrics, responses, wire
-from extproc.aggregate import MemberFailure, MemberOutcome, ensemble_answer
-from extproc.audit import AuditDraft, AuditTrail, error_body, sha256
-from extproc.body import check_content_type, entity_key, inject_features, parse_json_object, sticky_key
-from extproc.context import RequestContext
-from extproc.ensemble import EnsemblePlan, MemberClient, compile_ensembles, run_ensemble
-from extproc.errors import BrokerError, ErrorCode, FeatureStoreUnavailable
-from extproc.features import Features, FeatureStore
-from extproc.registry import Registry
-from extproc.routing import ModelRoute, compile_routes, describe_models, resolve_route
+from extproc.audit.record import AuditDraft, AuditTrail, error_body, sha256
+from extproc.core import metrics, responses, wire
+from extproc.core.body import check_content_type, entity_key, inject_features, parse_json_object, sticky_key
+from extproc.core.context import RequestContext
+from extproc.core.errors import BrokerError, ErrorCode, FeatureStoreUnavailable
+from extproc.core.features import Features, FeatureStore
+from extproc.core.routing import ModelRoute, compile_routes, describe_models, resolve_route
+from extproc.ensemble.aggregate import MemberFailure, MemberOutcome, ensemble_answer
+from extproc.ensemble.fanout import EnsemblePlan, MemberClient, compile_ensembles, run_ensemble
+from extproc.registry.schema import Registry
 
 
 class Processor:

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from time import perf_counter, time
 
-from extproc.audit import AuditDraft
+from extproc.audit.record import AuditDraft
 
 
 @dataclass(slots=True)

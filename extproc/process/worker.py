@@ -16,20 +16,20 @@ import uvloop
 
 from extproc.adapters.egress import EgressClient
 from extproc.adapters.redis_store import RedisFeatureStore
-from extproc.audit import AuditTrail
-from extproc.audit_local import LocalAuditStore
+from extproc.audit.local import LocalAuditStore
+from extproc.audit.record import AuditTrail
 
 if TYPE_CHECKING:
     from extproc.adapters.aws_audit import AwsAuditStore
-from extproc.features import CachedFeatureStore, EmbeddedFeatureStore, FeatureStore
-from extproc.processor import BrokerProcessor
-from extproc.registry import Audit, Registry, load_registry
-from extproc.reload import follow_registry_file
+from extproc.audit.shipper import Shipper, ShipTiming
+from extproc.audit.spool import Spool
+from extproc.core.features import CachedFeatureStore, EmbeddedFeatureStore, FeatureStore
+from extproc.core.processor import BrokerProcessor
+from extproc.registry.reload import follow_registry_file
+from extproc.registry.schema import Audit, Registry, load_registry
 from extproc.rollout.follow import Layer, follow
 from extproc.rollout.weights import apply_weights, weights_of_layer
-from extproc.server import add_service
-from extproc.shipper import Shipper, ShipTiming
-from extproc.spool import Spool
+from extproc.transport.grpc_stream import add_service
 
 log = logging.getLogger("model_broker.worker")
 

@@ -15,8 +15,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from extproc.audit import AuditSink, AuditSinkUnavailable, Record
-from extproc.spool import Spool, parse_lines
+from extproc.audit.record import AuditSink, AuditSinkUnavailable, Record
+from extproc.audit.spool import Spool, parse_lines
 
 log = logging.getLogger("model_broker.shipper")
 

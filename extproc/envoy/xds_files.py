@@ -19,7 +19,7 @@ from typing import Any
 
 import yaml
 
-from extproc.envoy_config import (
+from extproc.envoy.config import (
     CLUSTERS_FILE,
     Placement,
     XdsFiles,
@@ -27,8 +27,8 @@ from extproc.envoy_config import (
     model_clusters,
     route_configurations,
 )
-from extproc.registry import Registry, restart_only_changes
-from extproc.reload import follow_registry_file
+from extproc.registry.reload import follow_registry_file
+from extproc.registry.schema import Registry, restart_only_changes
 
 BOOTSTRAP_FILE = "envoy.yaml"
 ROUTE_TYPE = "type.googleapis.com/envoy.config.route.v3.RouteConfiguration"

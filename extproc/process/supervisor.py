@@ -17,10 +17,10 @@ import time
 from multiprocessing.process import BaseProcess
 from types import FrameType
 
-from extproc.metrics import prepare_multiprocess_dir, remove_multiprocess_dir, serve_aggregate
-from extproc.registry import Registry
+from extproc.core.metrics import prepare_multiprocess_dir, remove_multiprocess_dir, serve_aggregate
+from extproc.process.worker import DRAIN_SECONDS, run_worker
+from extproc.registry.schema import Registry
 from extproc.rollout.control_plane import run_control_plane
-from extproc.worker import DRAIN_SECONDS, run_worker
 
 log = logging.getLogger("model_broker.supervisor")
 

@@ -9,10 +9,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from extproc import wire
-from extproc.errors import BrokerError, ErrorCode
-from extproc.features import Features
-from extproc.registry import Registry
+from extproc.core import wire
+from extproc.core.errors import BrokerError, ErrorCode
+from extproc.core.features import Features
+from extproc.registry.schema import Registry
 
 
 @dataclass(frozen=True, slots=True)

@@ -182,8 +182,17 @@ from envoy_data_plane.envoy.type.v3 import (
 from envoy_data_plane.google.protobuf import Any as AnyMessage
 from envoy_data_plane.google.protobuf import Empty, Struct
 
-from extproc import wire
-from extproc.registry import Consumer, Ensemble, Model, RateLimit, Registry, SageMakerBackend, ServiceBackend, Version
+from extproc.core import wire
+from extproc.registry.schema import (
+    Consumer,
+    Ensemble,
+    Model,
+    RateLimit,
+    Registry,
+    SageMakerBackend,
+    ServiceBackend,
+    Version,
+)
 
 EXT_PROC_FILTER = "envoy.filters.http.ext_proc"
 # A second ext_proc instance for ensemble routes: same broker, a timeout covering the fan-out.
