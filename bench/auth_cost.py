@@ -20,7 +20,7 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-from extproc.registry.schema import hash_api_key
+from extproc.registry import hash_api_key
 from tests.conftest import Stack, demo_registry_doc, run_stack
 from tests.credentials import Signer
 

@@ -33,7 +33,7 @@ from extproc.envoy.config import (
     route_configuration,
     version_cluster,
 )
-from extproc.registry.schema import Registry
+from extproc.registry import Registry
 
 
 def registry_doc(

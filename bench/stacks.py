@@ -28,7 +28,7 @@ from bench import configs, workload
 from bench.audit import AWS_ENV, BUCKET, TABLE, AuditTrail, moto_server
 from bench.procs import log_tail, process_group, wait_for_line
 from extproc.process.launcher import envoy_binary, free_port, free_port_run, wait_ready
-from extproc.registry.schema import Registry, load_registry
+from extproc.registry import Registry, load_registry
 from extproc.rollout.discovery import RUNTIME_DIR_ENV
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 import uvloop
 
 from extproc.audit.local import LocalAuditStore
-from extproc.registry.schema import Registry, RegistryInvalid, load_registry
+from extproc.registry import Registry, RegistryInvalid, load_registry
 
 if TYPE_CHECKING:
     from extproc.adapters.aws_audit import AwsAuditStore
@@ -157,7 +157,7 @@ def cmd_up(args: argparse.Namespace) -> int:
 
 def cmd_hash_key(args: argparse.Namespace) -> int:
     """Keys come from stdin, never argv: a key on the command line ends up in shell history."""
-    from extproc.registry.schema import hash_api_key
+    from extproc.registry import hash_api_key
 
     if args.generate:
         key = secrets.token_urlsafe(32)

@@ -24,7 +24,7 @@ import yaml
 
 from extproc.process import launcher
 from extproc.process.launcher import envoy_binary, free_port, wait_listening, wait_ready
-from extproc.registry.schema import load_registry
+from extproc.registry import load_registry
 
 ROOT = Path(__file__).resolve().parent.parent
 DEMO_DIR = ROOT / "extproc" / "demo"

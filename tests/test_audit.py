@@ -27,7 +27,7 @@ from extproc.audit.record import (
 )
 from extproc.audit.shipper import Shipper, ShipTiming, next_backoff
 from extproc.audit.spool import Spool, parse_lines
-from extproc.registry.schema import RegistryInvalid, parse_registry
+from extproc.registry import RegistryInvalid, parse_registry
 from tests.test_registry import BASE
 
 RULES = compile_redaction(["ssn", "contact.email"])

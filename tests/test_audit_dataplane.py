@@ -24,7 +24,7 @@ import pytest
 from extproc.adapters.aws_audit import AwsAuditStore
 from extproc.audit.record import REDACTED
 from extproc.process.launcher import free_port, wait_listening
-from extproc.registry.schema import AwsAuditSink
+from extproc.registry import AwsAuditSink
 from tests.conftest import Proc, Stack, demo_registry_doc, run_stack
 from tests.http import Reply, call
 

@@ -14,7 +14,7 @@ import aiohttp
 import pytest
 
 from extproc.audit.local import LocalAuditStore
-from extproc.registry.schema import hash_api_key
+from extproc.registry import hash_api_key
 from tests.conftest import Stack, demo_registry_doc, run_stack
 from tests.credentials import Signer, self_signed_pair
 from tests.http import JSON_HEADERS, Reply, call

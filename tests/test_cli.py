@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from extproc.process.launcher import envoy_binary
-from extproc.registry.schema import hash_api_key
+from extproc.registry import hash_api_key
 from tests.conftest import DEMO_DIR, ROOT, demo_registry_doc
 
 

@@ -15,7 +15,7 @@ import yaml
 from extproc.kube.reconciler import Published, digest, parse_published, reconcile_once, registry_yaml, weight_changes
 from extproc.kube.resources import Verdict, convert, status_update
 from extproc.process.launcher import free_port, wait_ready
-from extproc.registry.schema import Registry, load_registry, parse_registry
+from extproc.registry import Registry, load_registry, parse_registry
 from extproc.rollout.client import AdminApi
 from extproc.rollout.client import request as admin_request
 from extproc.rollout.discovery import RUNTIME_DIR_ENV, TOKEN_ENV, AdminEndpoint

@@ -20,7 +20,7 @@ import yaml
 from extproc.envoy.config import CLUSTERS_FILE, Placement, XdsFiles
 from extproc.envoy.xds_files import BOOTSTRAP_FILE, EnvoyFiles, plan, render, restart_needed
 from extproc.process.launcher import envoy_binary, wait_listening, wait_ready
-from extproc.registry.schema import Registry, parse_registry
+from extproc.registry import Registry, parse_registry
 from tests.conftest import Proc, Stack, demo_registry_doc
 from tests.test_cli import run_cli, validate_with_envoy
 

@@ -22,7 +22,7 @@ from extproc.core.context import RequestContext
 from extproc.core.features import CachedFeatureStore, EmbeddedFeatureStore
 from extproc.core.processor import BrokerProcessor
 from extproc.process.launcher import free_port
-from extproc.registry.schema import parse_registry
+from extproc.registry import parse_registry
 from extproc.transport.grpc_stream import add_service, read_consumer
 from tests.conftest import DEMO_DIR, demo_registry_doc
 

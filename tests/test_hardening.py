@@ -29,7 +29,7 @@ from extproc.core.errors import BrokerError, ErrorCode
 from extproc.core.features import CachedFeatureStore, EmbeddedFeatureStore
 from extproc.core.processor import BrokerProcessor
 from extproc.process.launcher import free_port
-from extproc.registry.schema import parse_registry
+from extproc.registry import parse_registry
 from extproc.transport.grpc_stream import add_service
 from tests.conftest import DEMO_DIR, Stack, demo_registry_doc, run_stack
 

@@ -9,7 +9,7 @@ from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import ExportM
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
 from opentelemetry.proto.metrics.v1.metrics_pb2 import Metric
 
-from extproc.registry.schema import RolloutPolicy
+from extproc.registry import RolloutPolicy
 from extproc.rollout.health import (
     Health,
     Outcomes,

@@ -18,7 +18,7 @@ import yaml
 
 from extproc import cli
 from extproc.kube.resources import convert
-from extproc.registry.schema import load_registry
+from extproc.registry import load_registry
 from tests.conftest import ROOT
 from tests.credentials import Signer, self_signed_pair
 from tests.test_cli import run_cli, validate_with_envoy

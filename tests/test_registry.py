@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 import yaml
 
-from extproc.registry.schema import RegistryInvalid, hash_api_key, load_registry, parse_registry
+from extproc.registry import RegistryInvalid, hash_api_key, load_registry, parse_registry
 
 BASE: dict[str, Any] = {
     "feature_store": {"embedded": {"path": "f.json"}},

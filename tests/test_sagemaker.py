@@ -21,7 +21,7 @@ from pydantic import ValidationError
 
 from extproc.envoy.config import credential_provider
 from extproc.process.launcher import free_port, wait_listening
-from extproc.registry.schema import SageMakerBackend
+from extproc.registry import SageMakerBackend
 from tests.conftest import Proc, Stack, demo_registry_doc, run_stack
 from tests.http import call
 from tests.sigv4 import sigv4_problem

@@ -12,7 +12,7 @@ import aiohttp
 import pytest
 
 from extproc.process.launcher import free_port
-from extproc.registry.schema import RegistryInvalid, parse_registry
+from extproc.registry import RegistryInvalid, parse_registry
 from extproc.rollout.control_plane import shadow_path
 from extproc.rollout.shadow import Answer, ShadowPairs, compare_answers
 from tests.conftest import Stack, demo_registry_doc, run_stack

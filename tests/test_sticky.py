@@ -12,7 +12,7 @@ import pytest
 
 from extproc.core.body import sticky_key
 from extproc.envoy.config import route_configuration
-from extproc.registry.schema import RegistryInvalid, parse_registry
+from extproc.registry import RegistryInvalid, parse_registry
 from tests.conftest import Stack, demo_registry_doc, run_stack
 from tests.http import JSON_HEADERS, call
 from tests.test_rollout import Envoy, second_envoy

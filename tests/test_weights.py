@@ -9,7 +9,7 @@ import pytest
 
 from extproc.core.errors import BrokerError
 from extproc.core.routing import describe_models
-from extproc.registry.schema import parse_registry
+from extproc.registry import parse_registry
 from extproc.rollout.follow import layer_of
 from extproc.rollout.state import RolloutState, StateFileInvalid, load_state, save_state
 from extproc.rollout.weights import (

@@ -26,7 +26,7 @@ from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
 from extproc.audit.record import AuditSinkUnavailable, Record, s3_key, summary
-from extproc.registry.schema import AwsAuditSink
+from extproc.registry import AwsAuditSink
 
 if TYPE_CHECKING:
     from mypy_boto3_dynamodb.client import DynamoDBClient

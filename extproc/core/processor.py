@@ -20,7 +20,7 @@ from extproc.core.features import Features, FeatureStore
 from extproc.core.routing import ModelRoute, compile_routes, describe_models, resolve_route
 from extproc.ensemble.aggregate import MemberFailure, MemberOutcome, ensemble_answer
 from extproc.ensemble.fanout import EnsemblePlan, MemberClient, compile_ensembles, run_ensemble
-from extproc.registry.schema import Registry
+from extproc.registry import Registry
 
 
 class Processor:

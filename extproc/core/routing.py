@@ -12,7 +12,7 @@ from typing import Any
 from extproc.core import wire
 from extproc.core.errors import BrokerError, ErrorCode
 from extproc.core.features import Features
-from extproc.registry.schema import Registry
+from extproc.registry import Registry
 
 
 @dataclass(frozen=True, slots=True)

@@ -16,7 +16,7 @@ from typing import Any
 import orjson
 
 from extproc.core.errors import BrokerError, ErrorCode
-from extproc.registry.schema import AggregationMethod
+from extproc.registry import AggregationMethod
 
 # A shortfall caused only by these is a timing problem (504), not a refusal (502).
 TIMEOUT_CODES = frozenset({ErrorCode.UPSTREAM_TIMEOUT, ErrorCode.DEADLINE_EXCEEDED})

@@ -20,7 +20,7 @@ from extproc.core.errors import BrokerError, ErrorCode, FeatureStoreUnavailable
 from extproc.core.features import Features, FeatureStore, pick
 from extproc.core.routing import ModelRoute
 from extproc.ensemble.aggregate import Combiner, MemberFailure, MemberOutcome, MemberResult
-from extproc.registry.schema import Ensemble, Registry
+from extproc.registry import Ensemble, Registry
 
 
 class MemberUnavailable(Exception):

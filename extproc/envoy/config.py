@@ -183,7 +183,7 @@ from envoy_data_plane.google.protobuf import Any as AnyMessage
 from envoy_data_plane.google.protobuf import Empty, Struct
 
 from extproc.core import wire
-from extproc.registry.schema import (
+from extproc.registry import (
     Consumer,
     Ensemble,
     Model,

@@ -27,8 +27,8 @@ from extproc.envoy.config import (
     model_clusters,
     route_configurations,
 )
+from extproc.registry import Registry, restart_only_changes
 from extproc.registry.reload import follow_registry_file
-from extproc.registry.schema import Registry, restart_only_changes
 
 BOOTSTRAP_FILE = "envoy.yaml"
 ROUTE_TYPE = "type.googleapis.com/envoy.config.route.v3.RouteConfiguration"

@@ -14,7 +14,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel
 
-from extproc.registry.schema import Ensemble, Model
+from extproc.registry import Ensemble, Model
 
 GROUP = "model-broker.io"
 VERSION = "v1alpha1"

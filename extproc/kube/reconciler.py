@@ -23,8 +23,8 @@ import yaml
 from extproc.envoy.config import Placement
 from extproc.envoy.xds_files import render, restart_needed
 from extproc.kube.resources import ResourceKey, convert, resource_key, status_update
+from extproc.registry import Registry, RegistryInvalid, parse_registry
 from extproc.registry.reload import refusal
-from extproc.registry.schema import Registry, RegistryInvalid, parse_registry
 from extproc.rollout.weights import LiveWeights, apply_weights, declared_weights
 
 log = logging.getLogger("model_broker.reconciler")

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from extproc.kube.crds import CONDITION_ACCEPTED, KINDS, Kind, kind_named
-from extproc.registry.schema import ALL_ROUTES, Problem, Registry, RegistryInvalid, parse_registry
+from extproc.registry import ALL_ROUTES, Problem, Registry, RegistryInvalid, parse_registry
 
 # Conditions are read by people in `kubectl describe`; a long list of problems is cut here.
 MAX_MESSAGE = 4096

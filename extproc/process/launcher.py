@@ -23,7 +23,7 @@ import yaml
 from extproc.core import wire
 from extproc.envoy.config import Placement
 from extproc.envoy.xds_files import BOOTSTRAP_FILE, dynamic_problems, render, write_all
-from extproc.registry.schema import Registry, load_registry
+from extproc.registry import Registry, load_registry
 
 DEMO_DIR = Path(__file__).parent.parent / "demo"
 READY_TIMEOUT_S = 30.0

@@ -19,7 +19,7 @@ from types import FrameType
 
 from extproc.core.metrics import prepare_multiprocess_dir, remove_multiprocess_dir, serve_aggregate
 from extproc.process.worker import DRAIN_SECONDS, run_worker
-from extproc.registry.schema import Registry
+from extproc.registry import Registry
 from extproc.rollout.control_plane import run_control_plane
 
 log = logging.getLogger("model_broker.supervisor")

@@ -25,8 +25,8 @@ from extproc.audit.shipper import Shipper, ShipTiming
 from extproc.audit.spool import Spool
 from extproc.core.features import CachedFeatureStore, EmbeddedFeatureStore, FeatureStore
 from extproc.core.processor import BrokerProcessor
+from extproc.registry import Audit, Registry, load_registry
 from extproc.registry.reload import follow_registry_file
-from extproc.registry.schema import Audit, Registry, load_registry
 from extproc.rollout.follow import Layer, follow
 from extproc.rollout.weights import apply_weights, weights_of_layer
 from extproc.transport.grpc_stream import add_service

@@ -1,1 +1,98 @@
-"""TODO"""
+"""The registry: one declarative file of models, versions, features, ensembles, consumers and audit.
+
+One module per section; `checks` holds what crosses sections, `load` reads the file,
+`reload` follows it while the broker runs. Imports only `extproc.core.wire`.
+"""
+
+from extproc.registry.audit import Audit, AuditSinks, AwsAuditSink, LocalAuditSink, Spool
+from extproc.registry.checks import Problem, RegistryInvalid, parse_registry
+from extproc.registry.common import (
+    ALL_ROUTES,
+    API_KEY_HASH,
+    DNS_LABEL,
+    FEATURE_NAME,
+    JSON_KEY,
+    TLS,
+    Address,
+    FeatureName,
+    Port,
+    Strict,
+)
+from extproc.registry.consumers import Consumer, JwtCredential, RateLimit, hash_api_key
+from extproc.registry.document import Registry
+from extproc.registry.ensembles import FIELD_METHODS, Aggregation, AggregationMethod, Ensemble, EnsembleMember
+from extproc.registry.features import EmbeddedStore, Entity, FeatureCache, FeatureStore, RedisStore
+from extproc.registry.load import LIVE_SECTIONS, file_signature, load_registry, restart_only_changes
+from extproc.registry.models import (
+    LOOPBACK_HOSTS,
+    Backend,
+    CredentialSource,
+    Model,
+    RolloutPolicy,
+    SageMakerBackend,
+    ServiceBackend,
+    Shadow,
+    Sticky,
+    Version,
+)
+from extproc.registry.reload import POLL_SECONDS, log, refusal
+from extproc.registry.serving import Admin, Broker, ControlPlane, Limits, Listener, Metrics
+
+__all__ = [
+    "ALL_ROUTES",
+    "API_KEY_HASH",
+    "DNS_LABEL",
+    "FEATURE_NAME",
+    "FIELD_METHODS",
+    "JSON_KEY",
+    "LIVE_SECTIONS",
+    "LOOPBACK_HOSTS",
+    "POLL_SECONDS",
+    "TLS",
+    "Address",
+    "Admin",
+    "Aggregation",
+    "AggregationMethod",
+    "Audit",
+    "AuditSinks",
+    "AwsAuditSink",
+    "Backend",
+    "Broker",
+    "Consumer",
+    "ControlPlane",
+    "CredentialSource",
+    "EmbeddedStore",
+    "Ensemble",
+    "EnsembleMember",
+    "Entity",
+    "FeatureCache",
+    "FeatureName",
+    "FeatureStore",
+    "JwtCredential",
+    "Limits",
+    "Listener",
+    "LocalAuditSink",
+    "Metrics",
+    "Model",
+    "Port",
+    "Problem",
+    "RateLimit",
+    "RedisStore",
+    "Registry",
+    "RegistryInvalid",
+    "RolloutPolicy",
+    "SageMakerBackend",
+    "ServiceBackend",
+    "Shadow",
+    "Spool",
+    "Sticky",
+    "Strict",
+    "Version",
+    "file_signature",
+    "hash_api_key",
+    "load_registry",
+    "log",
+    "parse_registry",
+    "refusal",
+    "restart_only_changes",
+]

@@ -13,7 +13,9 @@ import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 
-from extproc.registry.schema import Registry, RegistryInvalid, file_signature, load_registry, restart_only_changes
+from extproc.registry.checks import RegistryInvalid
+from extproc.registry.document import Registry
+from extproc.registry.load import file_signature, load_registry, restart_only_changes
 
 log = logging.getLogger("model_broker.reload")
 

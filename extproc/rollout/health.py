@@ -14,7 +14,7 @@ from typing import Any
 
 from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import ExportMetricsServiceRequest
 
-from extproc.registry.schema import RolloutPolicy
+from extproc.registry import RolloutPolicy
 from extproc.rollout.weights import Weights
 
 # Envoy's tag-extracted stat names; the cluster and status class come as attributes.

@@ -11,7 +11,7 @@ from collections.abc import Mapping
 
 from extproc.core import wire
 from extproc.core.errors import BrokerError, ErrorCode
-from extproc.registry.schema import Model, Registry
+from extproc.registry import Model, Registry
 
 # version -> weight for one model; model -> its weights.
 Weights = dict[str, int]

@@ -179,7 +179,7 @@ this is the reconciler's base: models come from Model resources.
 {{/*
 Rolls the pods only for what they cannot follow live: the registry without the
 sections broker, control plane and Envoy's watcher reload from the mounted file
-(extproc/registry.py LIVE_SECTIONS).
+(extproc/registry/load.py LIVE_SECTIONS).
 */}}
 {{- define "model-broker.restartChecksum" -}}
 {{- omit (include "model-broker.registry" . | fromYaml) "registry_version" "entities" "models" "ensembles" | toYaml | sha256sum }}

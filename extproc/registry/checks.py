@@ -1,0 +1,238 @@
+"""Cross-section checks a schema cannot express; every problem reported with its field path.
+
+`parse_registry` validates a parsed document and raises `RegistryInvalid` with them all.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from pydantic import ValidationError
+
+from extproc.core import wire
+from extproc.registry.common import ALL_ROUTES
+from extproc.registry.document import Registry
+from extproc.registry.ensembles import Ensemble
+
+
+@dataclass(frozen=True, slots=True)
+class Problem:
+    """One thing wrong with a registry, at a field path like `models[0].versions[1].weight`."""
+
+    path: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.path}: {self.message}" if self.path else self.message
+
+
+class RegistryInvalid(Exception):
+    def __init__(self, problems: list[Problem]) -> None:
+        super().__init__("\n".join(map(str, problems)))
+        self.problems = problems
+
+
+def _loc(parts: tuple[int | str, ...]) -> str:
+    out = ""
+    for part in parts:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+def _unique_names(reg: Registry) -> Iterator[Problem]:
+    kinds = (
+        ("entities", [e.name for e in reg.entities]),
+        ("models", [m.name for m in reg.models]),
+        ("ensembles", [e.name for e in reg.ensembles]),
+        ("consumers", [c.name for c in reg.consumers]),
+    )
+    for kind, names in kinds:
+        seen: set[str] = set()
+        for i, name in enumerate(names):
+            if name in seen:
+                yield Problem(f"{kind}[{i}].name", f"duplicate name '{name}'")
+            seen.add(name)
+
+
+def _model_references(reg: Registry) -> Iterator[Problem]:
+    reserved = {wire.PATH_HEALTHZ, wire.PATH_MODELS}
+    paths: dict[str, int] = {}
+    for i, model in enumerate(reg.models):
+        here = f"models[{i}]"
+        if reg.entity(model.entity) is None:
+            known = ", ".join(e.name for e in reg.entities) or "none declared"
+            yield Problem(f"{here}.entity", f"unknown entity '{model.entity}' (known: {known})")
+        if model.path in reserved:
+            yield Problem(f"{here}.path", f"'{model.path}' is reserved for the broker")
+        elif model.path in paths:
+            yield Problem(f"{here}.path", f"'{model.path}' is already the path of models[{paths[model.path]}]")
+        paths.setdefault(model.path, i)
+        if not model.versions:
+            yield Problem(f"{here}.versions", "declare at least one version")
+        elif not model.live_versions:
+            yield Problem(f"{here}.versions", "at least one version needs a weight above 0")
+        seen: set[str] = set()
+        for j, version in enumerate(model.versions):
+            if version.name in seen:
+                yield Problem(f"{here}.versions[{j}].name", f"duplicate version '{version.name}'")
+            seen.add(version.name)
+        if model.shadow is not None and model.shadow.version not in seen:
+            yield Problem(f"{here}.shadow.version", f"'{model.shadow.version}' is not a version of {model.name}")
+        if model.rollout is not None and model.rollout.canary not in seen:
+            yield Problem(f"{here}.rollout.canary", f"'{model.rollout.canary}' is not a version of {model.name}")
+
+
+def _is_loopback(address: str) -> bool:
+    try:
+        return ipaddress.ip_address(address).is_loopback
+    except ValueError:
+        return False
+
+
+def _ensemble_references(reg: Registry) -> Iterator[Problem]:
+    taken = {m.path: f"already the path of models[{i}]" for i, m in enumerate(reg.models)}
+    taken.update(dict.fromkeys((wire.PATH_HEALTHZ, wire.PATH_MODELS), "reserved for the broker"))
+    if reg.ensembles and not _is_loopback(reg.egress.address):
+        # Requests on the egress listener skip the broker: nothing off this host may reach it.
+        yield Problem("egress.address", f"'{reg.egress.address}' is not a loopback address")
+    for i, ensemble in enumerate(reg.ensembles):
+        here = f"ensembles[{i}]"
+        if ensemble.path in taken:
+            yield Problem(f"{here}.path", f"'{ensemble.path}' is {taken[ensemble.path]}")
+        taken.setdefault(ensemble.path, f"already the path of {here}")
+        if ensemble.required_successes > len(ensemble.members):
+            yield Problem(
+                f"{here}.min_success",
+                f"{ensemble.required_successes} exceeds the {len(ensemble.members)} member(s) declared",
+            )
+        slowest = max(range(len(ensemble.members)), key=lambda j: ensemble.members[j].timeout_ms)
+        if ensemble.members[slowest].timeout_ms > ensemble.deadline_ms:
+            yield Problem(
+                f"{here}.deadline_ms",
+                f"{ensemble.deadline_ms} ms is shorter than members[{slowest}].timeout_ms "
+                f"({ensemble.members[slowest].timeout_ms} ms)",
+            )
+        yield from _members(reg, ensemble, here)
+
+
+def _members(reg: Registry, ensemble: Ensemble, here: str) -> Iterator[Problem]:
+    """Members must be distinct models of one entity: one store round trip for all."""
+    seen: set[str] = set()
+    entity: tuple[str, int] | None = None
+    for j, member in enumerate(ensemble.members):
+        at = f"{here}.members[{j}]"
+        model = reg.model(member.model)
+        if member.model in seen:
+            yield Problem(f"{at}.model", f"'{member.model}' is already a member")
+        seen.add(member.model)
+        if model is None:
+            # Only models are members, so ensembles cannot form cycles.
+            known = ", ".join(m.name for m in reg.models) or "none declared"
+            what = (
+                f"'{member.model}' is an ensemble; members must be models"
+                if reg.ensemble(member.model)
+                else f"unknown model '{member.model}'"
+            )
+            yield Problem(f"{at}.model", f"{what} (models: {known})")
+        elif entity is None:
+            entity = (model.entity, j)
+        elif model.entity != entity[0]:
+            yield Problem(
+                f"{at}.model",
+                f"entity '{model.entity}' differs from '{entity[0]}' of members[{entity[1]}]; "
+                "an ensemble fetches one entity's features in one store call",
+            )
+
+
+def _ports_and_budgets(reg: Registry) -> Iterator[Problem]:
+    ports = [("listener.port", reg.listener.port), ("admin.port", reg.admin.port), ("metrics.port", reg.metrics.port)]
+    plane = reg.control_plane
+    ports += [("control_plane.port", plane.port), ("control_plane.admin_port", plane.admin_port)]
+    ports += [(f"broker.port (worker {w})", reg.broker.port + w) for w in range(reg.broker.workers)]
+    if reg.ensembles:
+        ports.append(("egress.port", reg.egress.port))
+    taken: dict[int, str] = {}
+    for where, port in ports:
+        if port > 65535:
+            yield Problem("broker.workers", f"worker ports run past 65535 ({port})")
+        elif port in taken:
+            yield Problem(where.split(" ")[0], f"port {port} is also {taken[port]}")
+        taken.setdefault(port, where)
+    if reg.broker.message_timeout_ms <= reg.feature_store.timeout_ms:
+        yield Problem(
+            "broker.message_timeout_ms",
+            f"must exceed feature_store.timeout_ms ({reg.feature_store.timeout_ms}) "
+            "or Envoy gives up before the broker can answer 503",
+        )
+
+
+def _consumer_references(reg: Registry) -> Iterator[Problem]:
+    """Allow-lists name real routes; a key or a token identifies exactly one consumer."""
+    routes = {*(name for name, _ in reg.route_names()), ALL_ROUTES}
+    keys: dict[str, str] = {}
+    tokens: dict[tuple[str, str | None], str] = {}
+    for i, consumer in enumerate(reg.consumers):
+        here = f"consumers[{i}]"
+        for j, name in enumerate(consumer.models):
+            if name not in routes:
+                known = ", ".join(n for n, _ in reg.route_names()) or "none declared"
+                yield Problem(f"{here}.models[{j}]", f"unknown model or ensemble '{name}' (known: {known}, or '*')")
+        for j, key in enumerate(consumer.api_keys):
+            if key in keys:
+                yield Problem(f"{here}.api_keys[{j}]", f"the same key hash is already {keys[key]}")
+            keys.setdefault(key, f"{here}.api_keys[{j}]")
+        if consumer.jwt is not None:
+            issuer, subject = consumer.jwt.issuer, consumer.jwt.subject
+            # A consumer without a subject takes every token of its issuer: sharing it would be ambiguous.
+            clash = tokens.get((issuer, subject)) or tokens.get((issuer, None))
+            if clash is None and subject is None:
+                clash = next((where for (i, _), where in tokens.items() if i == issuer), None)
+            if clash is not None:
+                yield Problem(f"{here}.jwt", f"a token could match both this consumer and {clash} (same issuer)")
+            tokens.setdefault((issuer, subject), here)
+    if reg.admin.public_endpoints and reg.consumers and not any(c.admin for c in reg.consumers):
+        yield Problem("admin.public_endpoints", "no consumer has 'admin: true', so nobody could call them")
+
+
+def _audit_references(reg: Registry) -> Iterator[Problem]:
+    if reg.audit is None:
+        for i, model in enumerate(reg.models):
+            if model.audit:
+                yield Problem(f"models[{i}].audit", "audit is on but the registry has no 'audit' section")
+        return
+    share = reg.audit.spool.max_bytes // reg.broker.workers
+    if reg.audit.spool.segment_bytes > share:
+        yield Problem(
+            "audit.spool.segment_bytes",
+            f"must not exceed each worker's share of max_bytes ({share} bytes for {reg.broker.workers} workers)",
+        )
+
+
+def _cross_references(reg: Registry) -> Iterator[Problem]:
+    """What field validation cannot see: names that must exist, be unique or not collide."""
+    yield from _unique_names(reg)
+    yield from _model_references(reg)
+    yield from _ensemble_references(reg)
+    yield from _ports_and_budgets(reg)
+    yield from _consumer_references(reg)
+    if not _is_loopback(reg.admin.address):
+        # Envoy's admin interface has no authentication and can stop Envoy or rewrite its runtime.
+        yield Problem("admin.address", f"'{reg.admin.address}' is not loopback; Envoy's admin interface must not be")
+    yield from _audit_references(reg)
+
+
+def parse_registry(data: Any) -> Registry:
+    """Validate an already-parsed document; raise `RegistryInvalid` with every problem."""
+    if not isinstance(data, dict):
+        raise RegistryInvalid([Problem("", "the registry must be a YAML mapping")])
+    try:
+        reg = Registry.model_validate(data)
+    except ValidationError as exc:
+        raise RegistryInvalid([Problem(_loc(e["loc"]), e["msg"]) for e in exc.errors()]) from None
+    problems = list(_cross_references(reg))
+    if problems:
+        raise RegistryInvalid(problems)
+    return reg

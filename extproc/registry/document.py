@@ -1,0 +1,60 @@
+"""The whole registry document: every section, and lookups the rest of the broker uses."""
+
+from __future__ import annotations
+
+from extproc.core import wire
+from extproc.registry.audit import Audit
+from extproc.registry.common import Address, Strict
+from extproc.registry.consumers import Consumer
+from extproc.registry.ensembles import Ensemble
+from extproc.registry.features import Entity, FeatureStore
+from extproc.registry.models import Model
+from extproc.registry.serving import Admin, Broker, ControlPlane, Limits, Listener, Metrics
+
+
+class Registry(Strict):
+    registry_version: str = "0"
+    listener: Listener = Listener(port=8080)
+    admin: Admin = Admin(port=9901)
+    broker: Broker = Broker()
+    metrics: Metrics = Metrics()
+    control_plane: ControlPlane = ControlPlane()
+    feature_store: FeatureStore
+    entities: tuple[Entity, ...] = ()
+    models: tuple[Model, ...] = ()
+    ensembles: tuple[Ensemble, ...] = ()
+    # Envoy's loopback listener the broker calls ensemble members through; generated only with ensembles.
+    egress: Address = Address(port=8081)
+    limits: Limits = Limits()
+    audit: Audit | None = None
+    # None declared: open mode, anyone who reaches the listener may call any model.
+    consumers: tuple[Consumer, ...] = ()
+
+    @property
+    def admin_endpoints_public(self) -> bool:
+        """Whether GET /models is served on the public listener (see `Admin.public_endpoints`)."""
+        if self.admin.public_endpoints is None:
+            return not self.consumers
+        return self.admin.public_endpoints
+
+    def route_names(self) -> tuple[tuple[str, str], ...]:
+        """(name in an allow-list, route name Envoy reports) for every model and ensemble."""
+        return (
+            *((m.name, m.name) for m in self.models),
+            *((e.name, wire.ensemble_route(e.name)) for e in self.ensembles),
+        )
+
+    def model(self, name: str) -> Model | None:
+        return next((m for m in self.models if m.name == name), None)
+
+    def entity(self, name: str) -> Entity | None:
+        return next((e for e in self.entities if e.name == name), None)
+
+    def ensemble(self, name: str) -> Ensemble | None:
+        return next((e for e in self.ensembles if e.name == name), None)
+
+    def audited(self, model: Model) -> bool:
+        """Whether `model`'s executions are audited (its own flag, else `audit.enabled`)."""
+        if self.audit is None:
+            return False
+        return self.audit.enabled if model.audit is None else model.audit

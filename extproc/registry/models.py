@@ -1,0 +1,180 @@
+"""Models, their versions and backends, sticky routing, rollout policy and shadows."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+from urllib.parse import urlsplit
+
+from pydantic import ConfigDict, Field, model_validator
+
+from extproc.core import wire
+from extproc.registry.common import DNS_LABEL, JSON_KEY, FeatureName, Port, Strict
+
+
+class ServiceBackend(Strict):
+    """A Kubernetes-style service: `host:port` plus the path the model serves on."""
+
+    host: str
+    port: Port
+    path: Annotated[str, Field(pattern=r"^/")] = "/predict"
+
+
+# Where Envoy's SigV4 signer may take credentials from. Only what is listed is tried, so the
+# instance-metadata probe (a network call, and a surprise off EC2) runs only when declared.
+CredentialSource = Literal["environment", "credentials_file", "container", "instance_metadata"]
+LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "::1")
+
+
+class SageMakerBackend(Strict):
+    endpoint: Annotated[str, Field(pattern=r"^[a-zA-Z0-9](-*[a-zA-Z0-9]){0,62}$")]
+    region: Annotated[str, Field(pattern=r"^[a-z]{2}(-[a-z]+)+-\d$")]
+    target_variant: Annotated[str, Field(pattern=r"^[a-zA-Z0-9](-*[a-zA-Z0-9]){0,62}$")] | None = None
+    # Another SageMaker runtime endpoint (a VPC endpoint, or moto in tests): https, or http on loopback only.
+    endpoint_url: str | None = None
+    credentials: tuple[CredentialSource, ...] = ("environment", "credentials_file")
+
+    @model_validator(mode="after")
+    def _endpoint_url(self) -> SageMakerBackend:
+        if self.endpoint_url is None:
+            return self
+        url = urlsplit(self.endpoint_url)
+        if url.scheme not in ("http", "https") or not url.hostname or url.path not in ("", "/") or url.query:
+            raise ValueError("endpoint_url must be scheme://host[:port] with scheme http or https")
+        if url.scheme == "http" and url.hostname not in LOOPBACK_HOSTS:
+            raise ValueError("endpoint_url may use plain http only on loopback (tests); use https")
+        return self
+
+    @property
+    def host(self) -> str:
+        if self.endpoint_url is None:
+            return f"runtime.sagemaker.{self.region}.amazonaws.com"
+        return str(urlsplit(self.endpoint_url).hostname)
+
+    @property
+    def port(self) -> int:
+        url = urlsplit(self.endpoint_url or "https://runtime")
+        return url.port or (443 if url.scheme == "https" else 80)
+
+    @property
+    def tls(self) -> bool:
+        return self.endpoint_url is None or self.endpoint_url.startswith("https:")
+
+    @property
+    def authority(self) -> str:
+        """The Host header the request is signed with and sent under."""
+        default = 443 if self.tls else 80
+        return self.host if self.port == default else f"{self.host}:{self.port}"
+
+    @property
+    def path(self) -> str:
+        return f"/endpoints/{self.endpoint}/invocations"
+
+
+class Backend(Strict):
+    # "Exactly one kind" in the JSON schema too, so the generated CRD rejects both or neither at `kubectl apply`.
+    model_config = ConfigDict(json_schema_extra={"oneOf": [{"required": ["service"]}, {"required": ["sagemaker"]}]})
+
+    service: ServiceBackend | None = None
+    sagemaker: SageMakerBackend | None = None
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> Backend:
+        if (self.service is None) == (self.sagemaker is None):
+            raise ValueError("declare exactly one of 'service' or 'sagemaker'")
+        return self
+
+
+class Version(Strict):
+    name: Annotated[str, Field(pattern=DNS_LABEL)]
+    # Gateway API `backendRefs[].weight` semantics: relative, 0 takes no traffic.
+    weight: Annotated[int, Field(ge=0, le=1_000_000)]
+    backend: Backend
+    # Features this version needs beyond the model's own.
+    features: tuple[FeatureName, ...] = ()
+
+
+class Sticky(Strict):
+    """Sticky A/B: the same key always lands on the same version while the weights stay.
+
+    `body_field`: the broker copies that field into the header Envoy hashes (a client's
+    copy of the header is overwritten). `header`: Envoy hashes the client's header itself.
+    """
+
+    body_field: Annotated[str, Field(pattern=JSON_KEY)] | None = None
+    header: Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9-]{0,63}$")] | None = None
+
+    @model_validator(mode="after")
+    def _one_source(self) -> Sticky:
+        if (self.body_field is None) == (self.header is None):
+            raise ValueError("declare exactly one of 'body_field' or 'header'")
+        if self.header is not None and (self.header.startswith("x-envoy-") or self.header == wire.HEADER_STICKY_KEY):
+            raise ValueError(f"'{self.header}' is reserved")
+        return self
+
+
+class RolloutPolicy(Strict):
+    """Automatic rollback: the canary's weight goes to 0 on every Envoy when it misbehaves.
+
+    Judged by the control plane from Envoy's per-cluster stats over a sliding window;
+    nothing is decided before `min_requests` reached the canary within the window.
+    """
+
+    canary: Annotated[str, Field(pattern=DNS_LABEL)]
+    window_seconds: Annotated[float, Field(ge=2, le=3600)] = 60.0
+    min_requests: Annotated[int, Field(ge=1, le=1_000_000)] = 20
+    # 5xx responses (from the canary, or Envoy's for it: resets, timeouts) over requests.
+    max_error_rate: Annotated[float, Field(ge=0, le=1)] = 0.05
+    max_p95_ms: Annotated[int, Field(ge=1, le=600_000)] | None = None
+    # Staged promotion: the canary's traffic percent steps up (e.g. 5, 25, 50, 100) each
+    # time it stayed healthy, with at least `min_requests` judged, for `promote_after_seconds`.
+    promote_steps: tuple[Annotated[int, Field(ge=1, le=100)], ...] = ()
+    promote_after_seconds: Annotated[float, Field(ge=1, le=86_400)] = 300.0
+
+    @model_validator(mode="after")
+    def _steps_rise(self) -> RolloutPolicy:
+        if list(self.promote_steps) != sorted(set(self.promote_steps)):
+            raise ValueError("promote_steps must strictly increase")
+        return self
+
+
+class Shadow(Strict):
+    """A version that gets a mirrored copy of every enriched request; its answer reaches nobody
+    but the broker, which records it beside the primary's and compares `compare_field`."""
+
+    version: Annotated[str, Field(pattern=DNS_LABEL)]
+    # A top-level field of both answers: exact-match rate, and mean absolute difference if numeric.
+    compare_field: Annotated[str, Field(pattern=JSON_KEY)]
+
+
+class Model(Strict):
+    name: Annotated[str, Field(pattern=DNS_LABEL)]
+    path: Annotated[str, Field(pattern=r"^/[A-Za-z0-9._~!$&'()*+,;=:@/-]*$")]
+    entity: str
+    features: tuple[FeatureName, ...] = ()
+    # Where injected features go in the body; a consumer's copy is overwritten.
+    inject_as: Annotated[str, Field(pattern=JSON_KEY)] = "features"
+    # fail_closed: feature store trouble → 503. fail_open: forward without features.
+    failure_policy: Literal["fail_closed", "fail_open"] = "fail_closed"
+    # reject: unknown entity → 404 unknown_entity. forward: send with empty features.
+    unknown_entity: Literal["reject", "forward"] = "reject"
+    timeout_ms: Annotated[int, Field(ge=1, le=600_000)] = 15_000
+    # None follows `audit.enabled`; true/false overrides it for this model.
+    audit: bool | None = None
+    sticky: Sticky | None = None
+    rollout: RolloutPolicy | None = None
+    shadow: Shadow | None = None
+    versions: tuple[Version, ...]
+
+    @property
+    def live_versions(self) -> tuple[Version, ...]:
+        return tuple(v for v in self.versions if v.weight > 0)
+
+    @property
+    def required_features(self) -> tuple[str, ...]:
+        """Union over the live versions and the shadow, so whichever version gets it has its features."""
+        names = dict.fromkeys(self.features)
+        shadow = self.shadow.version if self.shadow is not None else None
+        for version in self.versions:
+            if version.weight > 0 or version.name == shadow:  # the shadow gets the same enriched request
+                names.update(dict.fromkeys(version.features))
+        return tuple(names)
