@@ -1,7 +1,7 @@
 """Config files for the bench: the broker registry (with its audit and ensemble variants), the plain-Envoy
 bootstrap and the header-phase variant.
 
-The plain Envoy is built from the same `extproc.envoy.config` pieces as the
+The plain Envoy is built from the same `extproc.envoy` pieces as the
 broker's (same routes, same clusters, same local replies) minus ext_proc, the
 buffer and the RBAC gate, so the difference between them is the broker's cost.
 """
@@ -26,7 +26,7 @@ from envoy_data_plane.envoy.extensions.filters.network.http_connection_manager.v
 from envoy_data_plane.google.protobuf import Any as AnyMessage
 
 from bench import workload
-from extproc.envoy.config import (
+from extproc.envoy import (
     EXT_PROC_FILTER,
     bootstrap_dict,
     local_reply_config,

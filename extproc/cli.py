@@ -19,7 +19,7 @@ from extproc.registry import Registry, RegistryInvalid, load_registry
 
 if TYPE_CHECKING:
     from extproc.adapters.aws_audit import AwsAuditStore
-    from extproc.envoy.config import Placement
+    from extproc.envoy import Placement
 
     AuditStore = AwsAuditStore | LocalAuditStore
 
@@ -46,7 +46,7 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def cmd_envoy_config(args: argparse.Namespace) -> int:
-    from extproc.envoy.config import Placement, render_yaml
+    from extproc.envoy import Placement, render_yaml
 
     registry = _load(args.config)
     if registry is None:

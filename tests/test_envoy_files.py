@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 import yaml
 
-from extproc.envoy.config import CLUSTERS_FILE, Placement, XdsFiles
+from extproc.envoy import CLUSTERS_FILE, Placement, XdsFiles
 from extproc.envoy.xds_files import BOOTSTRAP_FILE, EnvoyFiles, plan, render, restart_needed
 from extproc.process.launcher import envoy_binary, wait_listening, wait_ready
 from extproc.registry import Registry, parse_registry

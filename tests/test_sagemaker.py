@@ -19,7 +19,7 @@ import pytest
 from aiohttp import web
 from pydantic import ValidationError
 
-from extproc.envoy.config import credential_provider
+from extproc.envoy import credential_provider
 from extproc.process.launcher import free_port, wait_listening
 from extproc.registry import SageMakerBackend
 from tests.conftest import Proc, Stack, demo_registry_doc, run_stack

@@ -11,7 +11,7 @@ import aiohttp
 import pytest
 
 from extproc.core.body import sticky_key
-from extproc.envoy.config import route_configuration
+from extproc.envoy import route_configuration
 from extproc.registry import RegistryInvalid, parse_registry
 from tests.conftest import Stack, demo_registry_doc, run_stack
 from tests.http import JSON_HEADERS, call

@@ -19,14 +19,9 @@ from typing import Any
 
 import yaml
 
-from extproc.envoy.config import (
-    CLUSTERS_FILE,
-    Placement,
-    XdsFiles,
-    bootstrap_dict,
-    model_clusters,
-    route_configurations,
-)
+from extproc.envoy.bootstrap import bootstrap_dict, route_configurations
+from extproc.envoy.clusters import model_clusters
+from extproc.envoy.common import CLUSTERS_FILE, Placement, XdsFiles
 from extproc.registry import Registry, restart_only_changes
 from extproc.registry.reload import follow_registry_file
 

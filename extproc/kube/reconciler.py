@@ -20,7 +20,7 @@ from typing import Any, Protocol
 
 import yaml
 
-from extproc.envoy.config import Placement
+from extproc.envoy import Placement
 from extproc.envoy.xds_files import render, restart_needed
 from extproc.kube.resources import ResourceKey, convert, resource_key, status_update
 from extproc.registry import Registry, RegistryInvalid, parse_registry

@@ -1,0 +1,151 @@
+"""The ext_proc filters and, per route, which phases Envoy sends the broker."""
+
+from __future__ import annotations
+
+from envoy_data_plane.envoy.config.core.v3 import (
+    GrpcService,
+    GrpcServiceEnvoyGrpc,
+)
+from envoy_data_plane.envoy.config.route.v3 import (
+    RouteActionHashPolicy,
+    RouteActionHashPolicyHeader,
+)
+from envoy_data_plane.envoy.extensions.filters.http.ext_proc.v3 import (
+    ExternalProcessor,
+    ExtProcOverrides,
+    ExtProcPerRoute,
+    MetadataOptions,
+    MetadataOptionsMetadataNamespaces,
+    ProcessingMode,
+)
+from envoy_data_plane.envoy.extensions.filters.http.ext_proc.v3 import ProcessingModeBodySendMode as Body
+from envoy_data_plane.envoy.extensions.filters.http.ext_proc.v3 import ProcessingModeHeaderSendMode as Send
+from envoy_data_plane.envoy.extensions.filters.network.http_connection_manager.v3 import (
+    HttpFilter,
+)
+from envoy_data_plane.envoy.type.v3 import (
+    HttpStatus,
+    StatusCode,
+)
+from envoy_data_plane.google.protobuf import Any as AnyMessage
+
+from extproc.core import wire
+from extproc.envoy.common import DYNAMIC_ENSEMBLE_DEADLINE_MS, ENSEMBLE_EXT_PROC_FILTER, EXT_PROC_FILTER, _any, _ms
+from extproc.envoy.shadow import _recorder_on
+from extproc.registry import (
+    Model,
+    Registry,
+)
+
+
+def ext_proc_filter(registry: Registry, dynamic: bool = False) -> HttpFilter:
+    config = _ext_proc(registry, registry.broker.message_timeout_ms, dynamic)
+    return HttpFilter(name=EXT_PROC_FILTER, typed_config=_any(config))
+
+
+def ensemble_ext_proc_filter(registry: Registry, dynamic: bool = False) -> HttpFilter:
+    """Off in the chain, on per ensemble route: the model routes keep their short message timeout.
+
+    The broker answers an ensemble by its deadline at the latest; the message
+    timeout adds the broker's own budget on top, so Envoy never cuts it short.
+    """
+    deadlines = [e.deadline_ms for e in registry.ensembles]
+    if dynamic:
+        deadlines.append(DYNAMIC_ENSEMBLE_DEADLINE_MS)
+    config = _ext_proc(registry, max(deadlines) + registry.broker.message_timeout_ms, dynamic)
+    config.stat_prefix = "ensemble"
+    return HttpFilter(name=ENSEMBLE_EXT_PROC_FILTER, typed_config=_any(config), disabled=True)
+
+
+def _ext_proc(registry: Registry, timeout_ms: int, dynamic: bool) -> ExternalProcessor:
+    # Dynamic mode: any model may become audited without a new listener.
+    audited = registry.audit is not None if dynamic else any(registry.audited(m) for m in registry.models)
+    return ExternalProcessor(
+        grpc_service=GrpcService(
+            envoy_grpc=GrpcServiceEnvoyGrpc(cluster_name=wire.EXT_PROC_CLUSTER),
+            timeout=_ms(timeout_ms),
+        ),
+        # Fail closed: a request the broker never saw must not reach a model unenriched.
+        failure_mode_allow=False,
+        # One message per request: the buffered body. Header and response phases
+        # are asked for per route, only where a feature needs them.
+        processing_mode=_body_mode(response_headers=Send.SKIP, response_body=Body.NONE),
+        message_timeout=_ms(timeout_ms),
+        request_attributes=list(wire.REQUEST_ATTRIBUTES),
+        # Read on audited routes only (the only ones with a response phase).
+        response_attributes=list(wire.RESPONSE_ATTRIBUTES) if audited else [],
+        metadata_options=MetadataOptions(
+            receiving_namespaces=MetadataOptionsMetadataNamespaces(untyped=[wire.METADATA_NAMESPACE]),
+            # The verified consumer, for the request context (audit, metrics).
+            forwarding_namespaces=(
+                MetadataOptionsMetadataNamespaces(untyped=[wire.AUTH_NAMESPACE]) if registry.consumers else None
+            ),
+        ),
+        status_on_error=HttpStatus(code=StatusCode.ServiceUnavailable),
+    )
+
+
+def _header_phase_only() -> dict[str, AnyMessage]:
+    """The broker's own GET routes: headers to the broker, which answers immediately."""
+    per_route = ExtProcPerRoute(
+        overrides=ExtProcOverrides(
+            processing_mode=ProcessingMode(
+                request_header_mode=Send.SEND, request_body_mode=Body.NONE, response_header_mode=Send.SKIP
+            )
+        )
+    )
+    return {EXT_PROC_FILTER: _any(per_route)}
+
+
+def _body_mode(response_headers: Send, response_body: Body) -> ProcessingMode:
+    """The buffered request body (the hot path) and the given response phases; no trailers."""
+    return ProcessingMode(
+        request_header_mode=Send.SKIP,
+        request_body_mode=Body.BUFFERED,
+        response_header_mode=response_headers,
+        response_body_mode=response_body,
+        request_trailer_mode=Send.SKIP,
+        response_trailer_mode=Send.SKIP,
+    )
+
+
+def _model_phases(model: Model, audited: bool) -> AnyMessage | None:
+    """The broker phases of a model route beyond the request body, or None (the hot path).
+
+    An override replaces the whole processing mode, so every field is spelled out.
+    Audited routes add the response headers and body. The response header phase is
+    on although the broker only reads attributes there: with it skipped, Envoy 1.40
+    sends the headers downstream before the buffered body is answered (measured), and
+    the status would leave before the audit record is spooled. Sticky-by-body routes
+    add the request header phase: Envoy drops the body phase's header mutation otherwise.
+    """
+    sticky = model.sticky is not None and model.sticky.body_field is not None
+    if not (audited or sticky):
+        return None
+    if audited:
+        mode = _body_mode(response_headers=Send.SEND, response_body=Body.BUFFERED)
+    else:
+        mode = _body_mode(response_headers=Send.SKIP, response_body=Body.NONE)
+    if sticky:
+        mode.request_header_mode = Send.SEND
+    return _any(ExtProcPerRoute(overrides=ExtProcOverrides(processing_mode=mode)))
+
+
+def _hash_policy(model: Model) -> list[RouteActionHashPolicy]:
+    """The header Envoy hashes to pick a version of a sticky model: the client's own (`sticky.header`),
+    or the one the broker sets from the body (`sticky.body_field`)."""
+    if model.sticky is None:
+        return []
+    header = model.sticky.header or wire.HEADER_STICKY_KEY
+    return [RouteActionHashPolicy(header=RouteActionHashPolicyHeader(header_name=header))]
+
+
+def _model_filters(model: Model, audited: bool) -> dict[str, AnyMessage]:
+    """Per-route filter settings of the public model route: broker phases, shadow recording."""
+    filters: dict[str, AnyMessage] = {}
+    phases = _model_phases(model, audited)
+    if phases is not None:
+        filters[EXT_PROC_FILTER] = phases
+    if model.shadow is not None:
+        filters[wire.SHADOW_RECORDER_FILTER] = _recorder_on()
+    return filters

@@ -1,0 +1,115 @@
+"""Envoy's own answers (no route, auth failures, broker down) in the broker's JSON error shape."""
+
+from __future__ import annotations
+
+from envoy_data_plane.envoy.config.accesslog.v3 import (
+    AccessLogFilter,
+    ExtensionFilter,
+)
+from envoy_data_plane.envoy.config.core.v3 import (
+    SubstitutionFormatString,
+)
+from envoy_data_plane.envoy.config.route.v3 import (
+    DirectResponseAction,
+)
+from envoy_data_plane.envoy.extensions.access_loggers.filters.cel.v3 import ExpressionFilter
+from envoy_data_plane.envoy.extensions.filters.network.http_connection_manager.v3 import (
+    LocalReplyConfig,
+    ResponseMapper,
+)
+from envoy_data_plane.google.protobuf import Struct
+
+from extproc.core import wire
+from extproc.envoy.common import FORBIDDEN_POLICY, NOT_BROKER, _any, _header
+
+
+def _error_json(code: str, message: str) -> SubstitutionFormatString:
+    """Envoy-side errors in the broker's error shape, with Envoy's own request id."""
+    error = {"code": code, "message": message, "request_id": "%REQ(X-REQUEST-ID)%"}
+    return SubstitutionFormatString(json_format=Struct.from_dict({"error": error}), content_type="application/json")
+
+
+def _direct(status: int, code: str, message: str) -> DirectResponseAction:
+    return DirectResponseAction(status=status, body_format=_error_json(code, message))
+
+
+def _cel(expression: str) -> AccessLogFilter:
+    return AccessLogFilter(
+        extension_filter=ExtensionFilter(
+            name="envoy.access_loggers.extension_filters.cel",
+            typed_config=_any(ExpressionFilter(expression=expression)),
+        )
+    )
+
+
+def _mapper(condition: str, status: int, code: str, message: str) -> ResponseMapper:
+    return ResponseMapper(
+        filter=_cel(f"{NOT_BROKER} && ({condition})"),
+        status_code=status,
+        body_format_override=_error_json(code, message),
+    )
+
+
+def _auth_mappers() -> list[ResponseMapper]:
+    """401/403/429 from the authentication, authorization and rate-limit filters."""
+    too_many = _mapper(
+        "response.code_details == 'local_rate_limited'",
+        429,
+        "rate_limited",
+        "too many requests for this consumer; retry after the number of seconds in retry-after",
+    )
+    # Per consumer, set by the authentication filter: the rate-limit filter's own
+    # x-ratelimit-reset is added after local_reply_config runs, so it cannot be copied.
+    retry_after = f"%DYNAMIC_METADATA({wire.AUTH_NAMESPACE}:{wire.META_RETRY_AFTER})%"
+    too_many.headers_to_add = [_header("retry-after", retry_after)]
+    return [
+        _mapper(
+            # jwt_authn answers a token for another audience with 403: still not authenticated here.
+            "response.code == 401 || response.code_details.startsWith('jwt_authn_access_denied')",
+            401,
+            "unauthenticated",
+            f"send a valid API key in {wire.HEADER_API_KEY} or a valid bearer token in authorization",
+        ),
+        _mapper(
+            f"response.code_details == 'rbac_access_denied_matched_policy[{FORBIDDEN_POLICY}]'",
+            403,
+            "forbidden",
+            "this consumer may not call this route",
+        ),
+        too_many,
+    ]
+
+
+def local_reply_config(auth: bool = False) -> LocalReplyConfig:
+    """Envoy's own replies (body too large, broker down, model down) as JSON, details hidden."""
+    return LocalReplyConfig(
+        mappers=[
+            *(_auth_mappers() if auth else []),
+            _mapper("response.code == 413", 413, "body_too_large", "the request body is too large"),
+            _mapper(
+                "response.code_details.startsWith('rbac_access_denied')",
+                400,
+                "invalid_json",
+                "the request body is empty; send a JSON object",
+            ),
+            _mapper(
+                "response.code_details.startsWith('ext_proc')",
+                503,
+                "broker_unavailable",
+                "the model broker is unavailable; try again shortly",
+            ),
+            _mapper(
+                "response.code == 504",
+                504,
+                "upstream_timeout",
+                "the model did not answer in time",
+            ),
+            _mapper(
+                "response.code >= 500",
+                503,
+                "upstream_unavailable",
+                "the model is unavailable; try again shortly",
+            ),
+            _mapper("response.code >= 400", 400, "bad_request", "the request could not be processed"),
+        ]
+    )
