@@ -26,7 +26,7 @@ with atheris.instrument_imports():
     import orjson
 
     from extproc.core.body import check_content_type, entity_key, inject_features, parse_json_object
-    from extproc.core.errors import BrokerError, ErrorCode
+    from extproc.errors import BrokerError, ErrorCode
 
 MAX_DEPTH = 32
 FEATURES: dict[str, Any] = {"income": 81500, "debt_ratio": 0.31, "name": "ü\u2028", "big": 2**63}

@@ -6,9 +6,16 @@ from typing import Any
 
 import pytest
 
-from extproc.core.errors import BrokerError, ErrorCode
-from extproc.ensemble.aggregate import Combiner, MemberFailure, MemberOutcome, MemberResult, combine, ensemble_answer
-from extproc.ensemble.fanout import MemberReply, reply_outcome
+from extproc.core.ensemble.aggregate import (
+    Combiner,
+    MemberFailure,
+    MemberOutcome,
+    MemberResult,
+    combine,
+    ensemble_answer,
+)
+from extproc.core.ensemble.fanout import MemberReply, reply_outcome
+from extproc.errors import BrokerError, ErrorCode
 
 
 def ok(model: str, **output: Any) -> MemberResult:

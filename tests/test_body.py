@@ -6,7 +6,7 @@ import orjson
 import pytest
 
 from extproc.core.body import check_content_type, entity_key, inject_features, parse_json_object
-from extproc.core.errors import BrokerError, ErrorCode
+from extproc.errors import BrokerError, ErrorCode
 
 
 @pytest.mark.parametrize(

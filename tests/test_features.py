@@ -10,8 +10,8 @@ import orjson
 import pytest
 
 from extproc.adapters.redis_store import RedisFeatureStore
-from extproc.core.errors import FeatureStoreUnavailable
 from extproc.core.features import CachedFeatureStore, EmbeddedFeatureStore, Features, decode_value
+from extproc.errors import FeatureStoreUnavailable
 from tests.conftest import DEMO_DIR, RedisServer
 
 

@@ -16,8 +16,8 @@ from envoy.service.ext_proc.v3.external_processor_pb2 import (
 )
 from google.protobuf.struct_pb2 import Struct
 
+from extproc import wire
 from extproc.adapters.egress import EgressClient
-from extproc.core import wire
 from extproc.core.context import RequestContext
 from extproc.core.features import CachedFeatureStore, EmbeddedFeatureStore
 from extproc.core.processor import BrokerProcessor

@@ -23,11 +23,11 @@ from google.protobuf.struct_pb2 import Struct
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from extproc.core import wire
+from extproc import wire
 from extproc.core.body import entity_key, inject_features, parse_json_object
-from extproc.core.errors import BrokerError, ErrorCode
 from extproc.core.features import CachedFeatureStore, EmbeddedFeatureStore
 from extproc.core.processor import BrokerProcessor
+from extproc.errors import BrokerError, ErrorCode
 from extproc.process.launcher import free_port
 from extproc.registry import parse_registry
 from extproc.transport.grpc_stream import add_service

@@ -7,8 +7,8 @@ from typing import Any
 
 import pytest
 
-from extproc.core.errors import BrokerError
 from extproc.core.routing import describe_models
+from extproc.errors import BrokerError
 from extproc.registry import parse_registry
 from extproc.rollout.follow import layer_of
 from extproc.rollout.state import RolloutState, StateFileInvalid, load_state, save_state

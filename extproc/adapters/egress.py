@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import aiohttp
 
-from extproc.core import wire
-from extproc.ensemble.fanout import MemberReply, MemberUnavailable
+from extproc import wire
+from extproc.core.ensemble.fanout import MemberReply, MemberUnavailable
 
 # Concurrent connections to the local Envoy per worker; beyond this, member calls
 # queue inside their own time budget instead of opening unbounded sockets.

@@ -7,8 +7,8 @@ from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 from redis.retry import Retry
 
-from extproc.core.errors import FeatureStoreUnavailable
 from extproc.core.features import Features, decode_value
+from extproc.errors import FeatureStoreUnavailable
 
 
 class RedisFeatureStore:

@@ -16,9 +16,9 @@ from typing import Any, Protocol
 
 import orjson
 
+from extproc import metrics
 from extproc.audit.spool import Spool
-from extproc.core import metrics
-from extproc.core.errors import BrokerError
+from extproc.errors import BrokerError
 
 log = logging.getLogger("model_broker.audit")
 

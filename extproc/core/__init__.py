@@ -1,1 +1,55 @@
-"""TODO"""
+"""The per-request core: what the broker does with one request, in the order it happens.
+
+`context` (per-request state) → `routing` (route name → model plan) → `body` (parse, entity key,
+inject) with `features` (store protocol, cache) → `ensemble/` (fan-out, aggregation) →
+`responses` (pure ext_proc answers); `processor` drives them per ext_proc message. May import
+`extproc.wire`, `errors`, `metrics`, the registry and the audit record; never a transport, Envoy
+config, Kubernetes, AWS or any network client (a test enforces it).
+"""
+
+from extproc.core.body import JSONObject, check_content_type, entity_key, inject_features, parse_json_object, sticky_key
+from extproc.core.context import RequestContext
+from extproc.core.features import CachedFeatureStore, EmbeddedFeatureStore, Features, FeatureStore, decode_value, pick
+from extproc.core.processor import AUDIT_FULL, BrokerProcessor, Processor
+from extproc.core.responses import (
+    DETAILS_PREFIX,
+    continue_request_body,
+    continue_request_headers,
+    continue_response_body,
+    continue_response_headers,
+    error_response,
+    immediate_json,
+    reroute_request_body,
+)
+from extproc.core.routing import ModelRoute, compile_routes, describe_models, resolve_route
+
+__all__ = [
+    "AUDIT_FULL",
+    "DETAILS_PREFIX",
+    "BrokerProcessor",
+    "CachedFeatureStore",
+    "EmbeddedFeatureStore",
+    "FeatureStore",
+    "Features",
+    "JSONObject",
+    "ModelRoute",
+    "Processor",
+    "RequestContext",
+    "check_content_type",
+    "compile_routes",
+    "continue_request_body",
+    "continue_request_headers",
+    "continue_response_body",
+    "continue_response_headers",
+    "decode_value",
+    "describe_models",
+    "entity_key",
+    "error_response",
+    "immediate_json",
+    "inject_features",
+    "parse_json_object",
+    "pick",
+    "reroute_request_body",
+    "resolve_route",
+    "sticky_key",
+]

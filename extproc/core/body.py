@@ -11,7 +11,7 @@ from typing import Any
 
 import orjson
 
-from extproc.core.errors import BrokerError, ErrorCode
+from extproc.errors import BrokerError, ErrorCode
 
 JSONObject = dict[str, Any]
 

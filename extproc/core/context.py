@@ -1,6 +1,6 @@
 """Per-request lifecycle state: who the request is and how long each stage took.
 
-Protocol state (which ext_proc message comes next) stays in `server.py`; the two
+Protocol state (which ext_proc message comes next) stays in the transport (`extproc/transport/`); the two
 are kept apart so neither grows into the other.
 """
 

@@ -15,8 +15,8 @@ from typing import Any, Protocol
 import orjson
 from cachetools import TTLCache
 
-from extproc.core.errors import FeatureStoreUnavailable
-from extproc.core.metrics import CACHE_HIT, CACHE_MISS
+from extproc.errors import FeatureStoreUnavailable
+from extproc.metrics import CACHE_HIT, CACHE_MISS
 
 Features = dict[str, Any]
 

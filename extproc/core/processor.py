@@ -11,15 +11,16 @@ from typing import Any
 import orjson
 from envoy.service.ext_proc.v3.external_processor_pb2 import HttpBody, HttpHeaders, ProcessingResponse
 
+from extproc import metrics, wire
 from extproc.audit.record import AuditDraft, AuditTrail, error_body, sha256
-from extproc.core import metrics, responses, wire
+from extproc.core import responses
 from extproc.core.body import check_content_type, entity_key, inject_features, parse_json_object, sticky_key
 from extproc.core.context import RequestContext
-from extproc.core.errors import BrokerError, ErrorCode, FeatureStoreUnavailable
+from extproc.core.ensemble.aggregate import MemberFailure, MemberOutcome, ensemble_answer
+from extproc.core.ensemble.fanout import EnsemblePlan, MemberClient, compile_ensembles, run_ensemble
 from extproc.core.features import Features, FeatureStore
 from extproc.core.routing import ModelRoute, compile_routes, describe_models, resolve_route
-from extproc.ensemble.aggregate import MemberFailure, MemberOutcome, ensemble_answer
-from extproc.ensemble.fanout import EnsemblePlan, MemberClient, compile_ensembles, run_ensemble
+from extproc.errors import BrokerError, ErrorCode, FeatureStoreUnavailable
 from extproc.registry import Registry
 
 

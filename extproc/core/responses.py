@@ -20,8 +20,8 @@ from envoy.service.ext_proc.v3.external_processor_pb2 import (
 )
 from envoy.type.v3.http_status_pb2 import HttpStatus
 
-from extproc.core import wire
-from extproc.core.errors import BrokerError
+from extproc import wire
+from extproc.errors import BrokerError
 
 # Envoy's response-code details for broker answers; visible in access logs only.
 DETAILS_PREFIX = "model_broker_"

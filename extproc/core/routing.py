@@ -9,9 +9,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from extproc.core import wire
-from extproc.core.errors import BrokerError, ErrorCode
+from extproc import wire
 from extproc.core.features import Features
+from extproc.errors import BrokerError, ErrorCode
 from extproc.registry import Registry
 
 

@@ -18,7 +18,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from extproc.core import wire
+from extproc import wire
 
 JSON = "application/json"
 

@@ -4,7 +4,7 @@ One module per Envoy concept: `listeners` (public, egress, stats) and their filt
 chains (`auth`, `ext_proc`, `local_replies`), `routes`, `clusters`, `shadow`, and
 `bootstrap` assembling them; `xds_files` writes routes and clusters as files Envoy
 watches (dynamic mode; import that module directly). Imports the registry and
-`extproc.core.wire`, never the per-request core.
+`extproc.wire`, never the per-request core.
 """
 
 from extproc.envoy.auth import (

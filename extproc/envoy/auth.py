@@ -52,7 +52,7 @@ from envoy_data_plane.envoy.type.v3 import (
 )
 from envoy_data_plane.google.protobuf import Empty
 
-from extproc.core import wire
+from extproc import wire
 from extproc.envoy.common import AUTHENTICATE_LUA, AUTHZ_FILTER, JWT_FILTER, LUA_FILTER, RATE_LIMIT_KEY, _any, _ms
 from extproc.registry import (
     Consumer,

@@ -37,7 +37,7 @@ from envoy_data_plane.envoy.config.route.v3 import (
 from envoy_data_plane.envoy.extensions.bootstrap.internal_listener.v3 import InternalListener
 from envoy_data_plane.envoy.extensions.stat_sinks.open_telemetry.v3 import SinkConfig
 
-from extproc.core import wire
+from extproc import wire
 from extproc.envoy.clusters import (
     _control_plane_source,
     admin_cluster,
@@ -93,7 +93,7 @@ def route_configurations(registry: Registry) -> list[RouteConfiguration]:
 def bootstrap(
     registry: Registry, workers: int | None = None, placement: Placement = SAME_HOST, xds: XdsFiles | None = None
 ) -> Bootstrap:
-    """Static by default; with `xds`, routes and model clusters come from files (`envoy_files`)."""
+    """Static by default; with `xds`, routes and model clusters come from files (`xds_files`)."""
     count = workers or registry.broker.workers
     dynamic = xds is not None
     listeners = [public_listener(registry, xds)]

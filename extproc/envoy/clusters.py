@@ -58,7 +58,7 @@ from envoy_data_plane.envoy.type.matcher.v3 import (
 from envoy_data_plane.google.protobuf import Any as AnyMessage
 from envoy_data_plane.google.protobuf import Struct
 
-from extproc.core import wire
+from extproc import wire
 from extproc.envoy.auth import jwks_cluster_name
 from extproc.envoy.common import ADMIN_CLUSTER, HTTP_PROTOCOL_OPTIONS, SYSTEM_CA_BUNDLE, TLS_SOCKET, _any, _ms, _socket
 from extproc.registry import (

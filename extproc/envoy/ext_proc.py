@@ -29,7 +29,7 @@ from envoy_data_plane.envoy.type.v3 import (
 )
 from envoy_data_plane.google.protobuf import Any as AnyMessage
 
-from extproc.core import wire
+from extproc import wire
 from extproc.envoy.common import DYNAMIC_ENSEMBLE_DEADLINE_MS, ENSEMBLE_EXT_PROC_FILTER, EXT_PROC_FILTER, _any, _ms
 from extproc.envoy.shadow import _recorder_on
 from extproc.registry import (

@@ -19,7 +19,7 @@ from envoy_data_plane.envoy.extensions.filters.network.http_connection_manager.v
 )
 from envoy_data_plane.google.protobuf import Struct
 
-from extproc.core import wire
+from extproc import wire
 from extproc.envoy.common import FORBIDDEN_POLICY, NOT_BROKER, _any, _header
 
 

@@ -46,7 +46,7 @@ from envoy_data_plane.envoy.type.matcher.v3 import (
 )
 from envoy_data_plane.google.protobuf import Any as AnyMessage
 
-from extproc.core import wire
+from extproc import wire
 from extproc.envoy.clusters import shared_path
 from extproc.envoy.common import (
     AUTHZ_FILTER,

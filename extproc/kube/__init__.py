@@ -1,1 +1,80 @@
-"""TODO"""
+"""Kubernetes: CRDs from the registry schema, custom resources → registry, and the reconciler.
+
+Pure except `reconciler`'s loop; the API client itself is `extproc.adapters.kube`.
+"""
+
+from extproc.kube.crds import (
+    CONDITION_ACCEPTED,
+    GROUP,
+    KINDS,
+    VERSION,
+    Column,
+    Kind,
+    crd,
+    kind_named,
+    render_crds,
+    spec_schema,
+    structural,
+)
+from extproc.kube.reconciler import (
+    RESYNC_SECONDS,
+    XDS_DIR,
+    Cluster,
+    Published,
+    WeightSetter,
+    digest,
+    parse_published,
+    reconcile_forever,
+    reconcile_once,
+    registry_yaml,
+    restart_reason,
+    weight_changes,
+)
+from extproc.kube.resources import (
+    MAX_MESSAGE,
+    Conversion,
+    Resource,
+    ResourceKey,
+    Verdict,
+    convert,
+    registry_entry,
+    resource_key,
+    resource_path,
+    status_update,
+)
+
+__all__ = [
+    "CONDITION_ACCEPTED",
+    "GROUP",
+    "KINDS",
+    "MAX_MESSAGE",
+    "RESYNC_SECONDS",
+    "VERSION",
+    "XDS_DIR",
+    "Cluster",
+    "Column",
+    "Conversion",
+    "Kind",
+    "Published",
+    "Resource",
+    "ResourceKey",
+    "Verdict",
+    "WeightSetter",
+    "convert",
+    "crd",
+    "digest",
+    "kind_named",
+    "parse_published",
+    "reconcile_forever",
+    "reconcile_once",
+    "registry_entry",
+    "registry_yaml",
+    "render_crds",
+    "resource_key",
+    "resource_path",
+    "restart_reason",
+    "spec_schema",
+    "status_update",
+    "structural",
+    "weight_changes",
+]

@@ -20,7 +20,7 @@ from typing import Any
 
 import yaml
 
-from extproc.core import wire
+from extproc import wire
 from extproc.envoy import Placement
 from extproc.envoy.xds_files import BOOTSTRAP_FILE, dynamic_problems, render, write_all
 from extproc.registry import Registry, load_registry

@@ -17,7 +17,7 @@ import time
 from multiprocessing.process import BaseProcess
 from types import FrameType
 
-from extproc.core.metrics import prepare_multiprocess_dir, remove_multiprocess_dir, serve_aggregate
+from extproc.metrics import prepare_multiprocess_dir, remove_multiprocess_dir, serve_aggregate
 from extproc.process.worker import DRAIN_SECONDS, run_worker
 from extproc.registry import Registry
 from extproc.rollout.control_plane import run_control_plane

@@ -1,7 +1,7 @@
 """The registry: one declarative file of models, versions, features, ensembles, consumers and audit.
 
 One module per section; `checks` holds what crosses sections, `load` reads the file,
-`reload` follows it while the broker runs. Imports only `extproc.core.wire`.
+`reload` follows it while the broker runs. Imports only `extproc.wire`.
 """
 
 from extproc.registry.audit import Audit, AuditSinks, AwsAuditSink, LocalAuditSink, Spool

@@ -12,7 +12,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from extproc.core import wire
+from extproc import wire
 from extproc.registry.common import ALL_ROUTES
 from extproc.registry.document import Registry
 from extproc.registry.ensembles import Ensemble

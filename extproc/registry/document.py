@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from extproc.core import wire
+from extproc import wire
 from extproc.registry.audit import Audit
 from extproc.registry.common import Address, Strict
 from extproc.registry.consumers import Consumer

@@ -7,7 +7,7 @@ from urllib.parse import urlsplit
 
 from pydantic import ConfigDict, Field, model_validator
 
-from extproc.core import wire
+from extproc import wire
 from extproc.registry.common import DNS_LABEL, JSON_KEY, FeatureName, Port, Strict
 
 

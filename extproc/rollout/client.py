@@ -11,7 +11,7 @@ import urllib.request
 from collections.abc import Mapping
 from typing import Any
 
-from extproc.core.errors import BrokerError
+from extproc.errors import BrokerError
 from extproc.rollout import discovery
 from extproc.rollout.weights import parse_assignments
 

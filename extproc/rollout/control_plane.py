@@ -31,8 +31,8 @@ from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import (
     ExportMetricsServiceResponse,
 )
 
-from extproc.core import metrics, wire
-from extproc.core.errors import BrokerError, ErrorCode
+from extproc import metrics, wire
+from extproc.errors import BrokerError, ErrorCode
 from extproc.registry import Registry, RolloutPolicy, load_registry
 from extproc.registry.reload import follow_registry_file
 from extproc.rollout import discovery

@@ -20,7 +20,7 @@ from envoy.service.runtime.v3 import rtds_pb2_grpc
 from envoy.service.runtime.v3.rtds_pb2 import Runtime
 from google.protobuf.json_format import MessageToDict
 
-from extproc.core import wire
+from extproc import wire
 from extproc.rollout.xds import RUNTIME_TYPE_URL
 
 log = logging.getLogger("model_broker.follow")

@@ -17,7 +17,7 @@ import orjson
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ext_proc_grpc
 from envoy.service.ext_proc.v3.external_processor_pb2 import ProcessingRequest
 
-from extproc.core import wire
+from extproc import wire
 
 
 @dataclass(frozen=True, slots=True)

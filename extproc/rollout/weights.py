@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from extproc.core import wire
-from extproc.core.errors import BrokerError, ErrorCode
+from extproc import wire
+from extproc.errors import BrokerError, ErrorCode
 from extproc.registry import Model, Registry
 
 # version -> weight for one model; model -> its weights.

@@ -22,7 +22,7 @@ from envoy.service.runtime.v3.rtds_pb2 import Runtime
 from google.protobuf.any_pb2 import Any as AnyProto
 from google.protobuf.struct_pb2 import Struct
 
-from extproc.core import wire
+from extproc import wire
 
 log = logging.getLogger("model_broker.xds")
 

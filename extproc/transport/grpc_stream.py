@@ -9,7 +9,7 @@ import grpc
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ext_proc_grpc
 from envoy.service.ext_proc.v3.external_processor_pb2 import ProcessingRequest, ProcessingResponse
 
-from extproc.core import wire
+from extproc import wire
 from extproc.core.context import RequestContext
 from extproc.core.processor import Processor
 

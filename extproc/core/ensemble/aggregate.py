@@ -1,6 +1,6 @@
 """Ensemble answers: what each member did → one JSON answer, its status, and the combiners.
 
-Pure: the fan-out (`ensemble.py`) hands over every member's outcome in declared
+Pure: the fan-out (`fanout.py`) hands over every member's outcome in declared
 order; nothing here does I/O or reads a clock.
 """
 
@@ -15,7 +15,7 @@ from typing import Any
 
 import orjson
 
-from extproc.core.errors import BrokerError, ErrorCode
+from extproc.errors import BrokerError, ErrorCode
 from extproc.registry import AggregationMethod
 
 # A shortfall caused only by these is a timing problem (504), not a refusal (502).

@@ -1,6 +1,6 @@
 """Every name that crosses the Envoy ↔ broker boundary, in one place.
 
-The Envoy config generator (`envoy_config.py`) and the ext_proc server both
+The Envoy config generator (`extproc/envoy/`) and the ext_proc server both
 import from here, so a rename can never leave one side behind.
 """
 
@@ -43,7 +43,7 @@ REQUEST_ATTRIBUTES: Final = (ATTR_ROUTE_NAME, ATTR_REQUEST_ID, ATTR_CONTENT_TYPE
 # The status Envoy is about to send (the model's, or Envoy's own local reply's).
 ATTR_RESPONSE_CODE: Final = "response.code"
 # The version that served, from the answering upstream host's metadata (see
-# `envoy_config._endpoints`); absent when no model answered.
+# `envoy.clusters._endpoints`); absent when no model answered.
 ATTR_UPSTREAM_VERSION: Final = f"xds.upstream_host_metadata.filter_metadata['{METADATA_NAMESPACE}']['{META_VERSION}']"
 # Route and id again: a request refused by Envoy before the broker's body phase
 # (no body) still reaches the response phase, and is audited from these.

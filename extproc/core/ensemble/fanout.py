@@ -14,12 +14,12 @@ from typing import Any, Protocol
 
 import orjson
 
-from extproc.core import wire
+from extproc import wire
 from extproc.core.body import inject_features
-from extproc.core.errors import BrokerError, ErrorCode, FeatureStoreUnavailable
+from extproc.core.ensemble.aggregate import Combiner, MemberFailure, MemberOutcome, MemberResult
 from extproc.core.features import Features, FeatureStore, pick
 from extproc.core.routing import ModelRoute
-from extproc.ensemble.aggregate import Combiner, MemberFailure, MemberOutcome, MemberResult
+from extproc.errors import BrokerError, ErrorCode, FeatureStoreUnavailable
 from extproc.registry import Ensemble, Registry
 
 

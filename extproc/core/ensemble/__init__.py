@@ -1,0 +1,45 @@
+"""Ensembles inside one request: members fanned out through Envoy's egress listener, answers aggregated.
+
+Part of the core because the processor's body phase drives it and it reuses the core's body,
+feature and routing steps; its client (`MemberClient`) is a protocol the egress adapter implements.
+"""
+
+from extproc.core.ensemble.aggregate import (
+    TIMEOUT_CODES,
+    Combiner,
+    MemberFailure,
+    MemberOutcome,
+    MemberResult,
+    combine,
+    ensemble_answer,
+    shortfall,
+)
+from extproc.core.ensemble.fanout import (
+    EnsemblePlan,
+    MemberClient,
+    MemberPlan,
+    MemberReply,
+    MemberUnavailable,
+    compile_ensembles,
+    reply_outcome,
+    run_ensemble,
+)
+
+__all__ = [
+    "TIMEOUT_CODES",
+    "Combiner",
+    "EnsemblePlan",
+    "MemberClient",
+    "MemberFailure",
+    "MemberOutcome",
+    "MemberPlan",
+    "MemberReply",
+    "MemberResult",
+    "MemberUnavailable",
+    "combine",
+    "compile_ensembles",
+    "ensemble_answer",
+    "reply_outcome",
+    "run_ensemble",
+    "shortfall",
+]
