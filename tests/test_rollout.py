@@ -6,6 +6,7 @@ import asyncio
 import collections
 import contextlib
 import json
+import os
 import subprocess
 import sys
 import time
@@ -19,7 +20,7 @@ import pytest
 import yaml
 
 from extproc.process.launcher import envoy_binary, free_port, wait_ready
-from extproc.rollout.discovery import RUNTIME_DIR_ENV, TOKEN_ENV
+from extproc.rollout.discovery import RUNTIME_DIR_ENV, TOKEN_ENV, AdminEndpoint, announce
 from tests.conftest import Proc, Stack, demo_registry_doc, run_stack
 from tests.http import call
 
@@ -75,10 +76,10 @@ async def session() -> AsyncIterator[aiohttp.ClientSession]:
         yield client
 
 
-def weights_cli(*args: str) -> subprocess.CompletedProcess[str]:
+def weights_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     """`model-broker weights ...` as an operator runs it: no --admin, the local broker is found."""
     cmd = [sys.executable, "-m", "extproc.cli", "weights", *args]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=60, check=False)
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=60, check=False, env=env)
 
 
 async def versions(session: aiohttp.ClientSession, base: str, count: int) -> collections.Counter[str]:
@@ -204,3 +205,27 @@ async def test_admin_api_requires_the_token(fleet: tuple[Stack, Envoy], session:
         async with session.put(url, json=body, headers=headers) as resp:
             assert resp.status == 401
             assert (await resp.json())["error"]["code"] == "admin_unauthorized"
+
+
+def test_admin_url_reuses_the_token_the_local_broker_announced(fleet: tuple[Stack, Envoy]) -> None:
+    """With a second broker announced, `--admin URL` (any loopback name) takes that broker's announced token;
+    a URL this machine did not announce falls back to $MODEL_BROKER_ADMIN_TOKEN and 401 says where tokens live."""
+    stack, _ = fleet
+    port = stack.doc["control_plane"]["admin_port"]
+    other = announce(AdminEndpoint("http://127.0.0.1:1", "another-token", os.getpid(), "/elsewhere/registry.yaml"))
+    try:
+        env = {k: v for k, v in os.environ.items() if k != TOKEN_ENV}
+        several = weights_cli("show", env=env)
+        assert several.returncode == 1 and "several brokers are running" in several.stderr
+        for url in (f"http://127.0.0.1:{port}", f"http://localhost:{port}/"):
+            shown = weights_cli("show", "--admin", url, env=env)
+            assert shown.returncode == 0, shown.stderr
+            assert json.loads(shown.stdout)["models"]["credit-risk"]
+        elsewhere = {**env, RUNTIME_DIR_ENV: str(stack.workdir / "no-runtime-here")}
+        refused = weights_cli("show", "--admin", f"http://127.0.0.1:{port}", env=elsewhere)
+        assert refused.returncode == 1 and "admin_unauthorized" in refused.stderr
+        assert TOKEN_ENV in refused.stderr and "no-runtime-here" in refused.stderr
+        taken = weights_cli("show", "--admin", f"http://127.0.0.1:{port}", env={**elsewhere, TOKEN_ENV: TOKEN})
+        assert taken.returncode == 0, taken.stderr
+    finally:
+        other.unlink()

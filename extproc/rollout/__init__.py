@@ -33,6 +33,7 @@ from extproc.rollout.discovery import (
     TOKEN_ENV,
     AdminEndpoint,
     announce,
+    announced_for,
     running_endpoints,
     runtime_dir,
 )
@@ -144,6 +145,7 @@ __all__ = [
     "add_shadow_recorder",
     "admin_app",
     "announce",
+    "announced_for",
     "apply_weights",
     "canary_percent",
     "change_weights",

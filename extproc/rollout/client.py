@@ -23,8 +23,15 @@ class AdminUnreachable(Exception):
 
 
 def resolve_admin(url: str | None) -> discovery.AdminEndpoint:
-    """`--admin URL` (token from the environment), else the one control plane running on this machine."""
+    """`--admin URL`, else the one control plane running on this machine.
+
+    The token is the one that control plane announced here for its URL; for an admin
+    API this machine did not start (a port-forward to Kubernetes) it is `$MODEL_BROKER_ADMIN_TOKEN`.
+    """
     if url is not None:
+        announced = discovery.announced_for(url)
+        if announced is not None:
+            return discovery.AdminEndpoint(url.rstrip("/"), announced.token, announced.pid, announced.registry)
         return discovery.AdminEndpoint(url.rstrip("/"), os.environ.get(discovery.TOKEN_ENV, ""), 0, "")
     found = discovery.running_endpoints()
     if not found:
@@ -35,10 +42,7 @@ def resolve_admin(url: str | None) -> discovery.AdminEndpoint:
     if len(found) > 1:
         listing = "\n".join(f"  --admin {e.url}   ({e.registry})" for e in found)
         raise AdminUnreachable(f"several brokers are running; pick one:\n{listing}")
-    endpoint = found[0]
-    if token := os.environ.get(discovery.TOKEN_ENV):
-        return discovery.AdminEndpoint(endpoint.url, token, endpoint.pid, endpoint.registry)
-    return endpoint
+    return found[0]
 
 
 def request(endpoint: discovery.AdminEndpoint, method: str, path: str, body: Any = None) -> tuple[int, Any]:
@@ -62,6 +66,12 @@ def request(endpoint: discovery.AdminEndpoint, method: str, path: str, body: Any
 def _print_error(status: int, doc: Any) -> int:
     error = doc.get("error", {}) if isinstance(doc, dict) else {}
     print(f"error ({status} {error.get('code', '?')}): {error.get('message', doc)}", file=sys.stderr)
+    if status == 401:
+        print(
+            f"the admin token: a broker started on this machine announces it in {discovery.runtime_dir()} "
+            f"(found by URL); for any other, set ${discovery.TOKEN_ENV}",
+            file=sys.stderr,
+        )
     return 2 if status in (400, 404) else 1
 
 

@@ -1,7 +1,8 @@
-"""How `model-broker weights` finds the broker that `up`/`demo` started on this machine.
+"""How `model-broker weights` finds the broker that `up`/`demo` started on this machine, and its token.
 
 The control plane drops one small file (its admin URL and token, mode 0600) in a
-per-user runtime directory while it runs; the CLI reads the ones whose process is alive.
+per-user runtime directory while it runs; the CLI reads the ones whose process is alive,
+with or without `--admin URL`.
 """
 
 from __future__ import annotations
@@ -13,9 +14,13 @@ import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlsplit
 
 RUNTIME_DIR_ENV = "MODEL_BROKER_RUNTIME_DIR"
 TOKEN_ENV = "MODEL_BROKER_ADMIN_TOKEN"
+# Host names that reach this machine's own listeners: `--admin http://localhost:9466` names the
+# admin API announced as http://127.0.0.1:9466 (or http://0.0.0.0:9466 in a pod).
+_THIS_MACHINE = frozenset({"localhost", "127.0.0.1", "::1", "0.0.0.0", "::"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,3 +71,22 @@ def running_endpoints() -> list[AdminEndpoint]:
             if _alive(endpoint.pid):
                 found.append(endpoint)
     return found
+
+
+def _listener(url: str) -> tuple[str, str, int | None] | None:
+    """(scheme, host, port) an admin URL connects to; every name of this machine counts as one host."""
+    try:
+        parts = urlsplit(url)
+        port = parts.port or {"http": 80, "https": 443}.get(parts.scheme)
+    except ValueError:
+        return None
+    host = (parts.hostname or "").lower()
+    return parts.scheme, "" if host in _THIS_MACHINE else host, port
+
+
+def announced_for(url: str) -> AdminEndpoint | None:
+    """The running control plane announced on this machine whose admin API `url` reaches, if any."""
+    wanted = _listener(url)
+    if wanted is None:
+        return None
+    return next((e for e in running_endpoints() if _listener(e.url) == wanted), None)
