@@ -23,7 +23,7 @@ from extproc.core.features import CachedFeatureStore, EmbeddedFeatureStore
 from extproc.core.processor import BrokerProcessor
 from extproc.process.launcher import free_port
 from extproc.registry import parse_registry
-from extproc.transport.grpc_stream import add_service, read_consumer
+from extproc.transport import add_service, read_consumer
 from tests.conftest import DEMO_DIR, demo_registry_doc
 
 
@@ -127,8 +127,8 @@ def test_consumer_is_read_from_the_auth_namespace_only() -> None:
     request = ProcessingRequest()
     request.metadata_context.filter_metadata[wire.METADATA_NAMESPACE].update({wire.META_CONSUMER: "mallory"})
     ctx = RequestContext()
-    read_consumer(request, ctx)
+    read_consumer(request.metadata_context.filter_metadata, ctx)
     assert ctx.consumer == ""
     request.metadata_context.filter_metadata[wire.AUTH_NAMESPACE].update({wire.META_CONSUMER: "alice"})
-    read_consumer(request, ctx)
+    read_consumer(request.metadata_context.filter_metadata, ctx)
     assert ctx.consumer == "alice"

@@ -30,7 +30,7 @@ from extproc.core.processor import BrokerProcessor
 from extproc.errors import BrokerError, ErrorCode
 from extproc.process.launcher import free_port
 from extproc.registry import parse_registry
-from extproc.transport.grpc_stream import add_service
+from extproc.transport import add_service
 from tests.conftest import DEMO_DIR, Stack, demo_registry_doc, run_stack
 
 MAX_DEPTH = 32

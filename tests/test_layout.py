@@ -14,8 +14,8 @@ MODULES = sorted(
     ".".join(p.relative_to(PACKAGE.parent).with_suffix("").parts).removesuffix(".__init__")
     for p in PACKAGE.rglob("*.py")
 )
-# What the per-request core must never import: transports, Envoy config, Kubernetes, the
-# process layer, adapters (network clients) and the clients themselves.
+# What the per-request core must never import: transports and their protocols, Envoy config,
+# Kubernetes, the process layer, adapters (network clients) and the clients themselves.
 CORE_FORBIDDEN = (
     "extproc.transport",
     "extproc.envoy",
@@ -25,6 +25,9 @@ CORE_FORBIDDEN = (
     "extproc.rollout",
     "extproc.cli",
     "grpc",
+    # Envoy's protobufs: the core is protocol-free, each transport decodes and encodes.
+    "envoy",
+    "httptools",
     "redis",
     "boto3",
     "botocore",

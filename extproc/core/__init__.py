@@ -2,7 +2,8 @@
 
 `context` (per-request state) → `routing` (route name → model plan) → `body` (parse, entity key,
 inject) with `features` (store protocol, cache) → `ensemble/` (fan-out, aggregation) →
-`responses` (pure ext_proc answers); `processor` drives them per ext_proc message. May import
+`responses` (pure answers); `processor` drives them per ext_proc message (`messages`). No
+protocol type crosses this boundary: the transports decode and encode. May import
 `extproc.wire`, `errors`, `metrics`, the registry and the audit record; never a transport, Envoy
 config, Kubernetes, AWS or any network client (a test enforces it).
 """
@@ -10,9 +11,15 @@ config, Kubernetes, AWS or any network client (a test enforces it).
 from extproc.core.body import JSONObject, check_content_type, entity_key, inject_features, parse_json_object, sticky_key
 from extproc.core.context import RequestContext
 from extproc.core.features import CachedFeatureStore, EmbeddedFeatureStore, Features, FeatureStore, decode_value, pick
+from extproc.core.messages import HttpBody, HttpHeaders
 from extproc.core.processor import AUDIT_FULL, BrokerProcessor, Processor
 from extproc.core.responses import (
+    CONTINUE,
     DETAILS_PREFIX,
+    Answer,
+    Continue,
+    HeaderPairs,
+    Immediate,
     continue_request_body,
     continue_request_headers,
     continue_response_body,
@@ -25,12 +32,19 @@ from extproc.core.routing import ModelRoute, compile_routes, describe_models, re
 
 __all__ = [
     "AUDIT_FULL",
+    "CONTINUE",
     "DETAILS_PREFIX",
+    "Answer",
     "BrokerProcessor",
     "CachedFeatureStore",
+    "Continue",
     "EmbeddedFeatureStore",
     "FeatureStore",
     "Features",
+    "HeaderPairs",
+    "HttpBody",
+    "HttpHeaders",
+    "Immediate",
     "JSONObject",
     "ModelRoute",
     "Processor",

@@ -9,7 +9,6 @@ from __future__ import annotations
 from typing import Any
 
 import orjson
-from envoy.service.ext_proc.v3.external_processor_pb2 import HttpBody, HttpHeaders, ProcessingResponse
 
 from extproc import metrics, wire
 from extproc.audit.record import AuditDraft, AuditTrail, error_body, sha256
@@ -19,6 +18,8 @@ from extproc.core.context import RequestContext
 from extproc.core.ensemble.aggregate import MemberFailure, MemberOutcome, ensemble_answer
 from extproc.core.ensemble.fanout import EnsemblePlan, MemberClient, compile_ensembles, run_ensemble
 from extproc.core.features import Features, FeatureStore
+from extproc.core.messages import HttpBody, HttpHeaders
+from extproc.core.responses import Answer
 from extproc.core.routing import ModelRoute, compile_routes, describe_models, resolve_route
 from extproc.errors import BrokerError, ErrorCode, FeatureStoreUnavailable
 from extproc.registry import Registry
@@ -27,16 +28,16 @@ from extproc.registry import Registry
 class Processor:
     """Pass-through for every phase; subclasses override what they need."""
 
-    async def request_headers(self, msg: HttpHeaders, ctx: RequestContext) -> ProcessingResponse:
+    async def request_headers(self, msg: HttpHeaders, ctx: RequestContext) -> Answer:
         return responses.continue_request_headers()
 
-    async def request_body(self, msg: HttpBody, ctx: RequestContext) -> ProcessingResponse:
+    async def request_body(self, msg: HttpBody, ctx: RequestContext) -> Answer:
         return responses.continue_request_body(None, None)
 
-    async def response_headers(self, msg: HttpHeaders, ctx: RequestContext) -> ProcessingResponse:
+    async def response_headers(self, msg: HttpHeaders, ctx: RequestContext) -> Answer:
         return responses.continue_response_headers()
 
-    async def response_body(self, msg: HttpBody, ctx: RequestContext) -> ProcessingResponse:
+    async def response_body(self, msg: HttpBody, ctx: RequestContext) -> Answer:
         return responses.continue_response_body()
 
     def finish(self, ctx: RequestContext) -> None:
@@ -72,7 +73,7 @@ class BrokerProcessor(Processor):
         self._models_doc = orjson.dumps(describe_models(registry))
         self._health_doc = {"status": "ok", "registry_version": registry.registry_version}
 
-    async def request_headers(self, msg: HttpHeaders, ctx: RequestContext) -> ProcessingResponse:
+    async def request_headers(self, msg: HttpHeaders, ctx: RequestContext) -> Answer:
         """Only the broker's own GET routes ask for the header phase."""
         if ctx.route_name == wire.ROUTE_HEALTHZ:
             ctx.finished = True
@@ -82,7 +83,7 @@ class BrokerProcessor(Processor):
             return responses.immediate_json(200, orjson.Fragment(self._models_doc), details="models")
         return responses.continue_request_headers()
 
-    async def request_body(self, msg: HttpBody, ctx: RequestContext) -> ProcessingResponse:
+    async def request_body(self, msg: HttpBody, ctx: RequestContext) -> Answer:
         ensemble = self._ensembles.get(ctx.route_name)
         if ensemble is not None:
             return await self._ensemble_body(msg.body, ensemble, ctx)
@@ -91,7 +92,7 @@ class BrokerProcessor(Processor):
             return self._reject(route, ctx)
         return await self._model_body(msg.body, route, ctx)
 
-    async def _model_body(self, raw: bytes, route: ModelRoute, ctx: RequestContext) -> ProcessingResponse:
+    async def _model_body(self, raw: bytes, route: ModelRoute, ctx: RequestContext) -> Answer:
         """Enrich the body and let Envoy's weighted split pick the version."""
         if self._audit is not None and self._audit.covers(route.model):
             if self._audit.refuses():  # nothing runs that cannot be audited
@@ -130,7 +131,7 @@ class BrokerProcessor(Processor):
             )
         return responses.continue_request_body(body, metadata)
 
-    async def _ensemble_body(self, raw: bytes, plan: EnsemblePlan, ctx: RequestContext) -> ProcessingResponse:
+    async def _ensemble_body(self, raw: bytes, plan: EnsemblePlan, ctx: RequestContext) -> Answer:
         """Always an immediate response: the members were called here, through Envoy's egress listener."""
         assert self._egress is not None  # __init__ refuses ensembles without one
         doc = self._document(raw, ctx)
@@ -214,7 +215,7 @@ class BrokerProcessor(Processor):
             return route.settle_features(None, key, unavailable=str(exc))
         return route.settle_features(found, key)
 
-    def _reject(self, error: BrokerError, ctx: RequestContext) -> ProcessingResponse:
+    def _reject(self, error: BrokerError, ctx: RequestContext) -> Answer:
         ctx.lap("reject")
         ctx.finished = True
         metrics.record_request(ctx.route_name, ctx.stages, error.code.value, ctx.consumer)
@@ -226,7 +227,7 @@ class BrokerProcessor(Processor):
             error, ctx.request_id, headers=[(wire.HEADER_SERVER_TIMING, ctx.server_timing())]
         )
 
-    async def response_headers(self, msg: HttpHeaders, ctx: RequestContext) -> ProcessingResponse:
+    async def response_headers(self, msg: HttpHeaders, ctx: RequestContext) -> Answer:
         """Audited routes only: Envoy holds these headers until the body phase is answered."""
         ctx.lap("upstream")
         if ctx.audit is None and self._audit is not None and self._audit.covers(ctx.route_name):
@@ -234,7 +235,7 @@ class BrokerProcessor(Processor):
             ctx.audit = AuditDraft(ctx.route_name, ctx.started_at, consumer=ctx.consumer or None)
         return responses.continue_response_headers()
 
-    async def response_body(self, msg: HttpBody, ctx: RequestContext) -> ProcessingResponse:
+    async def response_body(self, msg: HttpBody, ctx: RequestContext) -> Answer:
         """The record reaches the spool before the response is released to the client."""
         ctx.finished = True  # the last phase any route asks for
         if ctx.audit is None or ctx.audit.written:

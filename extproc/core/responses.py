@@ -1,48 +1,59 @@
-"""Pure builders of ext_proc `ProcessingResponse` messages.
+"""Pure builders of the broker's answers to Envoy, free of any protocol.
 
-Nothing here looks at a request: the processor decides, these only build.
+Nothing here looks at a request: the processor decides, these only build. A
+transport encodes an answer for the phase it was asked in (gRPC protobuf or the
+`http_service` JSON), so the phase is not part of the answer.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import orjson
-from envoy.config.core.v3.base_pb2 import HeaderValue, HeaderValueOption
-from envoy.service.ext_proc.v3.external_processor_pb2 import (
-    BodyMutation,
-    BodyResponse,
-    CommonResponse,
-    HeaderMutation,
-    HeadersResponse,
-    ImmediateResponse,
-    ProcessingResponse,
-)
-from envoy.type.v3.http_status_pb2 import HttpStatus
 
-from extproc import wire
 from extproc.errors import BrokerError
 
 # Envoy's response-code details for broker answers; visible in access logs only.
 DETAILS_PREFIX = "model_broker_"
 
-
-def _headers(pairs: list[tuple[str, str]]) -> HeaderMutation:
-    return HeaderMutation(
-        set_headers=[HeaderValueOption(header=HeaderValue(key=k, raw_value=v.encode())) for k, v in pairs]
-    )
+HeaderPairs = tuple[tuple[str, str], ...]
 
 
-def continue_request_body(body: bytes | None, metadata: dict[str, Any] | None) -> ProcessingResponse:
+@dataclass(frozen=True, slots=True)
+class Continue:
+    """Let the request (or response) go on; with its body replaced, headers set, metadata emitted."""
+
+    body: bytes | None = None
+    headers: HeaderPairs = ()
+    metadata: dict[str, Any] | None = None
+    # Envoy picks the route and cluster again: after a mutation that routing reads.
+    clear_route_cache: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Immediate:
+    """Answer the client directly; the request goes no further."""
+
+    status: int
+    body: bytes
+    headers: HeaderPairs
+    # Envoy's response-code details (access logs; local-reply mappers leave these alone).
+    details: str
+
+
+Answer = Continue | Immediate
+
+# The answer of a phase the broker only lets through.
+CONTINUE = Continue()
+
+
+def continue_request_body(body: bytes | None, metadata: dict[str, Any] | None) -> Continue:
     """Let the request go on, with the body replaced when `body` is given."""
-    common = CommonResponse(body_mutation=BodyMutation(body=body)) if body is not None else CommonResponse()
-    response = ProcessingResponse(request_body=BodyResponse(response=common))
-    if metadata:
-        response.dynamic_metadata.update({wire.METADATA_NAMESPACE: metadata})
-    return response
+    return Continue(body=body, metadata=metadata or None)
 
 
-def reroute_request_body(body: bytes, metadata: dict[str, Any], headers: list[tuple[str, str]]) -> ProcessingResponse:
+def reroute_request_body(body: bytes, metadata: dict[str, Any], headers: list[tuple[str, str]]) -> Continue:
     """Replace the body, set headers Envoy routes on, and have Envoy pick the cluster again.
 
     Only for routes that also asked for the header phase (Envoy ignores header mutations
@@ -52,43 +63,29 @@ def reroute_request_body(body: bytes, metadata: dict[str, Any], headers: list[tu
     after a mutation that routing reads; Envoy 1.40 picked the hashed version without it
     in our tests, but that is not a documented guarantee.
     """
-    pairs = [*headers, ("content-length", str(len(body)))]
-    common = CommonResponse(
-        header_mutation=_headers(pairs), body_mutation=BodyMutation(body=body), clear_route_cache=True
-    )
-    response = ProcessingResponse(request_body=BodyResponse(response=common))
-    response.dynamic_metadata.update({wire.METADATA_NAMESPACE: metadata})
-    return response
+    pairs = (*headers, ("content-length", str(len(body))))
+    return Continue(body=body, headers=pairs, metadata=metadata, clear_route_cache=True)
 
 
-def continue_request_headers() -> ProcessingResponse:
-    return ProcessingResponse(request_headers=HeadersResponse(response=CommonResponse()))
+def continue_request_headers() -> Continue:
+    return CONTINUE
 
 
-def continue_response_headers() -> ProcessingResponse:
-    return ProcessingResponse(response_headers=HeadersResponse(response=CommonResponse()))
+def continue_response_headers() -> Continue:
+    return CONTINUE
 
 
-def continue_response_body() -> ProcessingResponse:
-    return ProcessingResponse(response_body=BodyResponse(response=CommonResponse()))
+def continue_response_body() -> Continue:
+    return CONTINUE
 
 
 def immediate_json(
     status: int, payload: Any, *, details: str, headers: list[tuple[str, str]] | None = None
-) -> ProcessingResponse:
-    """Answer the client directly; the request goes no further."""
-    pairs = [("content-type", "application/json"), *(headers or [])]
-    return ProcessingResponse(
-        immediate_response=ImmediateResponse(
-            status=HttpStatus(code=status),
-            headers=_headers(pairs),
-            body=orjson.dumps(payload),
-            details=DETAILS_PREFIX + details,
-        )
-    )
+) -> Immediate:
+    """Answer the client directly with JSON."""
+    pairs = (("content-type", "application/json"), *(headers or ()))
+    return Immediate(status, orjson.dumps(payload), pairs, DETAILS_PREFIX + details)
 
 
-def error_response(
-    error: BrokerError, request_id: str, headers: list[tuple[str, str]] | None = None
-) -> ProcessingResponse:
+def error_response(error: BrokerError, request_id: str, headers: list[tuple[str, str]] | None = None) -> Immediate:
     return immediate_json(error.status, error.to_json(request_id), details=error.code.value, headers=headers)

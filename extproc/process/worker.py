@@ -29,7 +29,7 @@ from extproc.registry import Audit, Registry, load_registry
 from extproc.registry.reload import follow_registry_file
 from extproc.rollout.follow import Layer, follow
 from extproc.rollout.weights import apply_weights, weights_of_layer
-from extproc.transport.grpc_stream import add_service
+from extproc.transport import add_service
 
 log = logging.getLogger("model_broker.worker")
 
