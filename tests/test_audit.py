@@ -185,15 +185,18 @@ AUDIT = {"spool": {"dir": "s"}, "sink": {"local": {"dir": "l"}}}
             {**AUDIT, "sink": {"local": {"dir": "l"}, "aws": {"bucket": "b-1", "table": "t-1"}}},
             "audit.sink: Value error, declare exactly one of",
         ),
-        ({**AUDIT, "sink": {"aws": {"bucket": "Bad_Bucket", "table": "t-1"}}}, "audit.sink.aws.bucket: String should"),
+        (
+            {**AUDIT, "sink": {"aws": {"bucket": "Bad_Bucket", "table": "t-1"}}},
+            "audit.sink.aws.bucket: should be an S3 bucket",
+        ),
         (
             {**AUDIT, "sink": {"aws": {"bucket": "b-1", "table": "t-1", "endpoint_url": "localhost:5000"}}},
-            "audit.sink.aws.endpoint_url: String should match pattern",
+            "audit.sink.aws.endpoint_url: should be an http:// or https:// URL",
         ),
         ({**AUDIT, "spool": {"dir": "s", "when_full": "block"}}, "audit.spool.when_full: Input should be"),
         ({**AUDIT, "spool": {"dir": "s", "max_bytes": 10}}, "audit.spool.max_bytes: Input should be greater"),
         ({**AUDIT, "spool": {}}, "audit.spool.dir: Field required"),
-        ({**AUDIT, "redact": ["a..b"]}, "audit.redact[0]: String should match pattern"),
+        ({**AUDIT, "redact": ["a..b"]}, "audit.redact[0]: should be a field path"),
         (
             {**AUDIT, "spool": {"dir": "s", "max_bytes": 8192, "segment_bytes": 8192}},
             "audit.spool.segment_bytes: must not exceed each worker's share of max_bytes (4096 bytes for 2 workers)",

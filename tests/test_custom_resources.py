@@ -65,7 +65,7 @@ def test_accepted_verdict_says_where_it_is_served() -> None:
     [
         (lambda d: d["spec"]["versions"][1].update(weight="lots"), "spec.versions[1].weight: Input should be"),
         (lambda d: d["spec"].update(entity="merchant"), "spec.entity: unknown entity 'merchant' (known: customer)"),
-        (lambda d: d["metadata"].update(name="Credit.Risk"), "metadata.name: String should match pattern"),
+        (lambda d: d["metadata"].update(name="Credit.Risk"), "metadata.name: should be a DNS label"),
         (lambda d: d["spec"].update(path="/models"), "spec.path: '/models' is reserved for the broker"),
         (
             lambda d: [v.update(weight=0) for v in d["spec"]["versions"]],

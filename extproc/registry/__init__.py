@@ -8,10 +8,6 @@ from extproc.registry.audit import Audit, AuditSinks, AwsAuditSink, LocalAuditSi
 from extproc.registry.checks import Problem, RegistryInvalid, parse_registry
 from extproc.registry.common import (
     ALL_ROUTES,
-    API_KEY_HASH,
-    DNS_LABEL,
-    FEATURE_NAME,
-    JSON_KEY,
     TLS,
     Address,
     FeatureName,
@@ -35,6 +31,7 @@ from extproc.registry.models import (
     Sticky,
     Version,
 )
+from extproc.registry.patterns import API_KEY_HASH, DNS_LABEL, FEATURE_NAME, JSON_KEY, describe
 from extproc.registry.reload import POLL_SECONDS, log, refusal
 from extproc.registry.serving import Admin, Broker, ControlPlane, Limits, Listener, Metrics
 
@@ -88,6 +85,7 @@ __all__ = [
     "Sticky",
     "Strict",
     "Version",
+    "describe",
     "file_signature",
     "hash_api_key",
     "load_registry",

@@ -7,6 +7,7 @@ from typing import Annotated, Literal
 from pydantic import Field, model_validator
 
 from extproc.registry.common import Strict
+from extproc.registry.patterns import AWS_REGION, DYNAMODB_TABLE, FIELD_PATH, HTTP_URL, S3_BUCKET, S3_PREFIX
 
 
 class Spool(Strict):
@@ -32,12 +33,12 @@ class LocalAuditSink(Strict):
 class AwsAuditSink(Strict):
     """Payloads to S3, metadata to DynamoDB; credentials from the standard AWS chain."""
 
-    bucket: Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")]
-    prefix: Annotated[str, Field(pattern=r"^[A-Za-z0-9!_.*'()/-]{0,200}$")] = "audit"
-    table: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]{3,255}$")]
-    region: Annotated[str, Field(pattern=r"^[a-z]{2}(-[a-z]+)+-\d$")] = "us-east-1"
+    bucket: Annotated[str, Field(pattern=S3_BUCKET)]
+    prefix: Annotated[str, Field(pattern=S3_PREFIX)] = "audit"
+    table: Annotated[str, Field(pattern=DYNAMODB_TABLE)]
+    region: Annotated[str, Field(pattern=AWS_REGION)] = "us-east-1"
     # moto, MinIO or LocalStack; None means AWS itself.
-    endpoint_url: Annotated[str, Field(pattern=r"^https?://")] | None = None
+    endpoint_url: Annotated[str, Field(pattern=HTTP_URL)] | None = None
     # Time budget of one S3/DynamoDB call; a slower call counts as an outage.
     timeout_ms: Annotated[int, Field(ge=100, le=120_000)] = 5000
 
@@ -62,5 +63,5 @@ class Audit(Strict):
     sink: AuditSinks
     # Dotted field paths (`ssn`, `customer.email`) removed from input, features and
     # response before anything is written; a path matches at any depth.
-    redact: tuple[Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*$")], ...] = ()
+    redact: tuple[Annotated[str, Field(pattern=FIELD_PATH)], ...] = ()
     ship_interval_ms: Annotated[int, Field(ge=10, le=600_000)] = 1000

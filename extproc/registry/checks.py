@@ -11,11 +11,13 @@ from dataclasses import dataclass
 from typing import Any
 
 from pydantic import ValidationError
+from pydantic_core import ErrorDetails
 
 from extproc import wire
 from extproc.registry.common import ALL_ROUTES
 from extproc.registry.document import Registry
 from extproc.registry.ensembles import Ensemble
+from extproc.registry.patterns import describe
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,6 +42,16 @@ def _loc(parts: tuple[int | str, ...]) -> str:
     for part in parts:
         out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
     return out
+
+
+def _message(error: ErrorDetails) -> str:
+    """Pydantic's message, except that a pattern is said in words with an example: a regex helps nobody fix a file."""
+    if error["type"] == "string_pattern_mismatch":
+        words = describe(str(error.get("ctx", {}).get("pattern", "")))
+        if words is not None:
+            got = repr(error["input"])
+            return f"should be {words}; got {got if len(got) <= 60 else got[:57] + '...'}"
+    return error["msg"]
 
 
 def _unique_names(reg: Registry) -> Iterator[Problem]:
@@ -231,7 +243,7 @@ def parse_registry(data: Any) -> Registry:
     try:
         reg = Registry.model_validate(data)
     except ValidationError as exc:
-        raise RegistryInvalid([Problem(_loc(e["loc"]), e["msg"]) for e in exc.errors()]) from None
+        raise RegistryInvalid([Problem(_loc(e["loc"]), _message(e)) for e in exc.errors()]) from None
     problems = list(_cross_references(reg))
     if problems:
         raise RegistryInvalid(problems)

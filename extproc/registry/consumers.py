@@ -7,7 +7,8 @@ from typing import Annotated, Literal
 
 from pydantic import Field, model_validator
 
-from extproc.registry.common import ALL_ROUTES, API_KEY_HASH, DNS_LABEL, Strict
+from extproc.registry.common import ALL_ROUTES, Strict
+from extproc.registry.patterns import API_KEY_HASH, DNS_LABEL, JWKS_URL
 
 
 def hash_api_key(key: str) -> str:
@@ -34,7 +35,7 @@ class JwtCredential(Strict):
     audiences: tuple[Annotated[str, Field(min_length=1)], ...] = ()
     subject: Annotated[str, Field(min_length=1)] | None = None
     jwks_file: str | None = None
-    jwks_uri: Annotated[str, Field(pattern=r"^https?://[^/:]+(:\d+)?(/.*)?$")] | None = None
+    jwks_uri: Annotated[str, Field(pattern=JWKS_URL)] | None = None
 
     @model_validator(mode="after")
     def _one_source(self) -> JwtCredential:

@@ -6,7 +6,8 @@ from typing import Annotated, Literal
 
 from pydantic import Field, model_validator
 
-from extproc.registry.common import DNS_LABEL, JSON_KEY, Strict
+from extproc.registry.common import Strict
+from extproc.registry.patterns import DNS_LABEL, JSON_KEY, ROUTE_PATH
 
 AggregationMethod = Literal["all", "mean", "weighted_mean", "majority_vote", "first_success"]
 # Methods that read one field of every member's answer.
@@ -42,7 +43,7 @@ class Ensemble(Strict):
     """One request, several models called concurrently through Envoy, one aggregated answer."""
 
     name: Annotated[str, Field(pattern=DNS_LABEL)]
-    path: Annotated[str, Field(pattern=r"^/[A-Za-z0-9._~!$&'()*+,;=:@/-]*$")]
+    path: Annotated[str, Field(pattern=ROUTE_PATH)]
     members: Annotated[tuple[EnsembleMember, ...], Field(min_length=1)]
     # Overall budget from the body's arrival to the answer, feature fetch included.
     deadline_ms: Annotated[int, Field(ge=1, le=600_000)] = 2_000

@@ -6,11 +6,12 @@ from typing import Annotated
 
 from pydantic import Field, model_validator
 
-from extproc.registry.common import DNS_LABEL, JSON_KEY, Strict
+from extproc.registry.common import Strict
+from extproc.registry.patterns import DNS_LABEL, JSON_KEY, REDIS_URL
 
 
 class RedisStore(Strict):
-    url: Annotated[str, Field(pattern=r"^(redis|rediss|unix)://")]
+    url: Annotated[str, Field(pattern=REDIS_URL)]
 
 
 class EmbeddedStore(Strict):

@@ -8,7 +8,16 @@ from urllib.parse import urlsplit
 from pydantic import ConfigDict, Field, model_validator
 
 from extproc import wire
-from extproc.registry.common import DNS_LABEL, JSON_KEY, FeatureName, Port, Strict
+from extproc.registry.common import FeatureName, Port, Strict
+from extproc.registry.patterns import (
+    ABSOLUTE_PATH,
+    AWS_REGION,
+    DNS_LABEL,
+    HEADER_NAME,
+    JSON_KEY,
+    ROUTE_PATH,
+    SAGEMAKER_NAME,
+)
 
 
 class ServiceBackend(Strict):
@@ -16,7 +25,7 @@ class ServiceBackend(Strict):
 
     host: str
     port: Port
-    path: Annotated[str, Field(pattern=r"^/")] = "/predict"
+    path: Annotated[str, Field(pattern=ABSOLUTE_PATH)] = "/predict"
 
 
 # Where Envoy's SigV4 signer may take credentials from. Only what is listed is tried, so the
@@ -26,9 +35,9 @@ LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "::1")
 
 
 class SageMakerBackend(Strict):
-    endpoint: Annotated[str, Field(pattern=r"^[a-zA-Z0-9](-*[a-zA-Z0-9]){0,62}$")]
-    region: Annotated[str, Field(pattern=r"^[a-z]{2}(-[a-z]+)+-\d$")]
-    target_variant: Annotated[str, Field(pattern=r"^[a-zA-Z0-9](-*[a-zA-Z0-9]){0,62}$")] | None = None
+    endpoint: Annotated[str, Field(pattern=SAGEMAKER_NAME)]
+    region: Annotated[str, Field(pattern=AWS_REGION)]
+    target_variant: Annotated[str, Field(pattern=SAGEMAKER_NAME)] | None = None
     # Another SageMaker runtime endpoint (a VPC endpoint, or moto in tests): https, or http on loopback only.
     endpoint_url: str | None = None
     credentials: tuple[CredentialSource, ...] = ("environment", "credentials_file")
@@ -101,7 +110,7 @@ class Sticky(Strict):
     """
 
     body_field: Annotated[str, Field(pattern=JSON_KEY)] | None = None
-    header: Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9-]{0,63}$")] | None = None
+    header: Annotated[str, Field(pattern=HEADER_NAME)] | None = None
 
     @model_validator(mode="after")
     def _one_source(self) -> Sticky:
@@ -148,7 +157,7 @@ class Shadow(Strict):
 
 class Model(Strict):
     name: Annotated[str, Field(pattern=DNS_LABEL)]
-    path: Annotated[str, Field(pattern=r"^/[A-Za-z0-9._~!$&'()*+,;=:@/-]*$")]
+    path: Annotated[str, Field(pattern=ROUTE_PATH)]
     entity: str
     features: tuple[FeatureName, ...] = ()
     # Where injected features go in the body; a consumer's copy is overwritten.
