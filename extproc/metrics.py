@@ -42,6 +42,21 @@ AUDIT_DROPPED = Counter(
     "Audit records not spooled because the spool was full (dropped under `when_full: drop`, else refused).",
     ["model"],
 )
+# Backpressure of the audit trail, per worker, summed/maxed over the live workers.
+AUDIT_SPOOL_BYTES = Gauge(
+    "model_broker_audit_spool_bytes",
+    "Bytes waiting in the audit spool (written, not yet shipped); fail_closed refuses at `spool.max_bytes`.",
+    multiprocess_mode="livesum",
+)
+AUDIT_OLDEST_SECONDS = Gauge(
+    "model_broker_audit_oldest_unshipped_seconds",
+    "Age of the oldest audit record not yet shipped (0 when the spool is empty).",
+    multiprocess_mode="livemax",
+)
+AUDIT_SHIPPED = Counter("model_broker_audit_shipped_total", "Audit records shipped to the sink.")
+AUDIT_SHIP_FAILURES = Counter(
+    "model_broker_audit_ship_failures_total", "Segments the sink did not take (retried with backoff)."
+)
 CACHE_HIT = FEATURE_CACHE.labels("hit")
 CACHE_MISS = FEATURE_CACHE.labels("miss")
 # Written by the control plane process; "mostrecent" so a restarted control plane's value wins.

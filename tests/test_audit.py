@@ -12,6 +12,7 @@ import pytest
 
 from extproc.adapters.aws_audit import dynamo_item, from_dynamo_item
 from extproc.audit.local import LocalAuditStore
+from extproc.audit.objects import Location
 from extproc.audit.record import (
     REDACTED,
     AuditDraft,
@@ -22,7 +23,6 @@ from extproc.audit.record import (
     parse_when,
     redact,
     response_error_code,
-    s3_key,
     summary,
 )
 from extproc.audit.shipper import Shipper, ShipTiming, next_backoff
@@ -124,28 +124,15 @@ def test_redacted_join_key_hides_the_entity_key() -> None:
     assert record["input"]["customer_id"] == REDACTED
 
 
-@pytest.mark.parametrize(
-    ("prefix", "expected"),
-    [
-        ("audit", "audit/date=2026-09-21/model=credit-risk/req-1.json"),
-        ("a/b/", "a/b/date=2026-09-21/model=credit-risk/req-1.json"),
-        ("", "date=2026-09-21/model=credit-risk/req-1.json"),
-    ],
-    ids=["prefix", "trailing-slash", "no-prefix"],
-)
-def test_s3_key_layout(prefix: str, expected: str) -> None:
-    """Keys are deterministic: date and model partitions, request id as the name."""
-    assert s3_key(prefix, build_record(draft(), WHERE, 200, b"{}", ())) == expected
-
-
 def test_dynamo_item_round_trip() -> None:
     """The summary survives DynamoDB's typed attributes; nulls are left out, numbers stay numbers."""
     meta = summary(build_record(draft(), WHERE, 200, b"{}", ()))
-    item = dynamo_item(meta, "k")
+    item = dynamo_item(meta, Location("k", "bytes=10-99", 3))
     assert item["status"] == {"N": "200"} and item["request_id"] == {"S": "req-1"}
     assert "parent_request_id" not in item
     back = from_dynamo_item(item)
-    assert back == {**{k: v for k, v in meta.items() if v is not None}, "s3_key": "k"}
+    where = {"s3_key": "k", "s3_range": "bytes=10-99", "s3_line": 3}
+    assert back == {**{k: v for k, v in meta.items() if v is not None}, **where}
 
 
 @pytest.mark.parametrize(

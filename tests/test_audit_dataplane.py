@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import gzip
 import hashlib
 import json
 import os
@@ -22,7 +23,7 @@ import orjson
 import pytest
 
 from extproc.adapters.aws_audit import AwsAuditStore
-from extproc.audit.record import REDACTED
+from extproc.audit import REDACTED, record_at
 from extproc.process.launcher import free_port, wait_listening
 from extproc.registry import AwsAuditSink
 from tests.conftest import Proc, Stack, demo_registry_doc, run_stack
@@ -75,6 +76,18 @@ class Moto:
         s3 = self.client("s3")
         with ThreadPoolExecutor(8) as pool:
             return list(pool.map(lambda k: s3.get_object(Bucket=BUCKET, Key=k)["Body"].read(), keys))
+
+    def records(self, model: str) -> list[dict[str, Any]]:
+        """Every record in `model`'s objects (gzip JSON Lines), duplicates included if there were any."""
+        return [orjson.loads(line) for body in self.objects(self.keys(model)) for line in gzip.decompress(body).split()]
+
+    def record_of(self, item: dict[str, Any]) -> dict[str, Any]:
+        """The record an item points at: its object's byte range and line, as `audit show` reads it."""
+        where = item["s3_range"]["S"]
+        body = self.client("s3").get_object(Bucket=BUCKET, Key=item["s3_key"]["S"], Range=where)["Body"].read()
+        record = record_at(body, int(item["s3_line"]["N"]))
+        assert record is not None and record["request_id"] == item["request_id"]["S"]
+        return record
 
 
 @pytest.fixture(scope="module")
@@ -185,19 +198,22 @@ def check_record(record: dict[str, Any], sent: bytes, reply: Reply) -> None:
 async def test_every_request_lands_once_in_s3_and_dynamodb(
     aws_stack: Stack, moto: Moto, session: aiohttp.ClientSession
 ) -> None:
-    """1,000 requests → exactly 1,000 DynamoDB items and 1,000 S3 objects matching what the client saw."""
+    """1,000 requests → exactly 1,000 DynamoDB items and 1,000 records in a few segment objects, as the client saw."""
     results = await send_many(session, url(aws_stack, "audit-count"), 1000, demo_body)
     assert collections.Counter(r.status for _, r in results) == {200: 1000}
     items = await wait_for_items(moto, "audit-count", 1000)
     assert len(items) == 1000
     keys = moto.keys("audit-count")
-    assert len(keys) == 1000
+    assert all(k.endswith(".jsonl.gz") for k in keys) and len(keys) <= 100  # one object per segment, not per record
     by_id = {r.headers["x-request-id"]: (sent, r) for sent, r in results}
     assert {i["request_id"]["S"] for i in items} == set(by_id)
     assert {i["s3_key"]["S"] for i in items} == set(keys)
-    for raw in moto.objects(keys):
-        record = orjson.loads(raw)
+    records = moto.records("audit-count")
+    assert sorted(r["request_id"] for r in records) == sorted(by_id)  # each exactly once
+    for record in records:
         check_record(record, *by_id[record["request_id"]])
+    for item in items[::50]:
+        assert moto.record_of(item)["request_id"] == item["request_id"]["S"]
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
@@ -223,6 +239,40 @@ async def test_audit_cli_reads_back_from_aws(aws_stack: Stack, moto: Moto, sessi
     assert missing.returncode == 1 and "no audit record" in missing.stderr
 
 
+async def test_records_of_the_first_layout_are_still_found(aws_stack: Stack, moto: Moto) -> None:
+    """A record shipped one object per record, as before segment objects, is shown and listed as it was."""
+    record = {
+        "schema": 1,
+        "request_id": "first-layout-1",
+        "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S.000000Z", time.gmtime()),
+        "model": "audit-misc",
+        "version": "v1",
+        "route": "audit-misc",
+        "registry_version": "old",
+        "entity": {"name": "customer", "key": "c-1"},
+        "parent_request_id": None,
+        "response": {"status": 200, "body": {"score": 0.5}},
+        "sha256": {"request": "aa", "response": "bb"},
+        "latency_ms": {"total": 1.5},
+        "error_code": None,
+    }
+    key = f"{PREFIX}/date={record['timestamp'][:10]}/model=audit-misc/first-layout-1.json"
+    moto.client("s3").put_object(Bucket=BUCKET, Key=key, Body=orjson.dumps(record))
+    item = {
+        "request_id": {"S": "first-layout-1"},
+        "timestamp": {"S": record["timestamp"]},
+        "model": {"S": "audit-misc"},
+    }
+    item |= {"status": {"N": "200"}, "latency_ms": {"N": "1.5"}, "s3_key": {"S": key}}
+    moto.client("dynamodb").put_item(TableName=TABLE, Item=item)
+    config = str(aws_stack.config)
+    shown = await asyncio.to_thread(run_cli, "audit", "show", "first-layout-1", "--config", config)
+    assert shown.returncode == 0, shown.stderr
+    assert json.loads(shown.stdout) == record
+    listed = await asyncio.to_thread(run_cli, "audit", "list", "--model", "audit-misc", "--since", "1h", "-c", config)
+    assert "first-layout-1" in [s["request_id"] for s in json.loads(listed.stdout)]
+
+
 async def test_aws_outage_loses_nothing_and_duplicates_nothing(
     aws_stack: Stack, moto: Moto, session: aiohttp.ClientSession
 ) -> None:
@@ -243,7 +293,7 @@ async def test_aws_outage_loses_nothing_and_duplicates_nothing(
     items = await asyncio.to_thread(moto.items, "audit-outage")
     assert len(items) == 300
     assert {i["request_id"]["S"] for i in items} == {r.headers["x-request-id"] for _, r in results}
-    assert len(moto.keys("audit-outage")) == 300
+    assert sorted(r["request_id"] for r in moto.records("audit-outage")) == sorted(i["request_id"]["S"] for i in items)
 
 
 async def test_redacted_fields_never_leave_the_broker(
@@ -257,12 +307,11 @@ async def test_redacted_fields_never_leave_the_broker(
     spool = b"".join(p.read_bytes() for p in (aws_stack.workdir / "spool").rglob("*") if p.is_file())
     assert SENTINEL.encode() not in spool
     items = await wait_for_items(moto, "audit-misc", 1, ids={request_id})
-    assert request_id in {i["request_id"]["S"] for i in items}
     assert SENTINEL not in json.dumps(items)
-    keys = [k for k in moto.keys("audit-misc") if request_id in k]
-    (raw,) = moto.objects(keys)
-    assert SENTINEL.encode() not in raw
-    record = orjson.loads(raw)
+    (item,) = [i for i in items if i["request_id"]["S"] == request_id]
+    (raw,) = moto.objects([item["s3_key"]["S"]])
+    assert SENTINEL.encode() not in gzip.decompress(raw)
+    record = moto.record_of(item)
     assert record["input"]["ssn"] == REDACTED
     assert record["input"]["contact"] == {"email": REDACTED, "city": "Lyon"}
 
@@ -283,8 +332,7 @@ async def test_failed_executions_are_audited(aws_stack: Stack, moto: Moto, sessi
     for request_id, (reply, code) in wanted.items():
         assert items[request_id]["status"] == {"N": "400"}
         assert items[request_id]["error_code"] == {"S": code}
-        (raw,) = moto.objects([items[request_id]["s3_key"]["S"]])
-        assert orjson.loads(raw)["response"]["body"] == reply.body
+        assert moto.record_of(items[request_id])["response"]["body"] == reply.body
     model_error = items[replies[2][0].headers["x-request-id"]]
     assert model_error["version"]["S"] == replies[2][0].headers["x-broker-version"]
 
@@ -322,6 +370,7 @@ async def test_broker_sigkilled_under_load_keeps_every_answered_record(
     items = await asyncio.to_thread(moto.items, "audit-kill")
     ids = [i["request_id"]["S"] for i in items]
     assert len(ids) == len(set(ids)), "a record was shipped twice"
+    assert sorted(r["request_id"] for r in moto.records("audit-kill")) == sorted(ids), "S3 and DynamoDB disagree"
     audited_2xx = {i["request_id"]["S"] for i in items if i["status"]["N"] == "200"}
     assert set(answered) <= audited_2xx, len(set(answered) - audited_2xx)
     # The only other 200 records: the model answered and the record was spooled (spool before

@@ -1,15 +1,20 @@
-"""Audit records to AWS: the payload to S3, the metadata to DynamoDB (the only module importing boto3).
+"""Audit records to AWS: payloads to S3, one DynamoDB item per execution (the only module importing boto3).
 
-S3 key: `<prefix>/date=YYYY-MM-DD/model=<model>/<request_id>.json` (the whole record).
+S3: one gzip JSON Lines object per shipped spool segment, date and model,
+`<prefix>/date=YYYY-MM-DD/model=<model>/<segment>.jsonl.gz` (see `audit.objects`).
+Objects of the first layout, one record each at `…/<request_id>.json`, stay readable.
 
 DynamoDB table: partition key `request_id` (S), no sort key → get by request id.
 Global secondary index `model-timestamp`: partition key `model` (S), sort key
 `timestamp` (S, fixed-width ISO UTC, so string order is time order), projection
-ALL → list by model and time range. Items hold `audit.summary` plus `s3_key`.
+ALL → list by model and time range. Items hold `audit.summary` plus `s3_key`,
+`s3_range` (the HTTP Range of the record's gzip member) and `s3_line` (its line
+there), so `audit show` is one item read and one ranged GET.
 
-Both keys are deterministic, so re-shipping a segment overwrites and never
-duplicates. S3 is written before DynamoDB: an item never points at a missing object.
-botocore errors become `AuditSinkUnavailable` here and nowhere else.
+Keys are deterministic and compression too, so re-shipping a segment rewrites the
+same object and items and never duplicates. S3 is written before DynamoDB: an item
+never points at a missing object. botocore errors become `AuditSinkUnavailable`
+here and nowhere else.
 """
 
 from __future__ import annotations
@@ -25,7 +30,8 @@ import orjson
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
-from extproc.audit.record import AuditSinkUnavailable, Record, s3_key, summary
+from extproc.audit.objects import Location, PackedObject, pack_batch, record_at
+from extproc.audit.record import AuditSinkUnavailable, Record, summary
 from extproc.registry import AwsAuditSink
 
 if TYPE_CHECKING:
@@ -36,17 +42,20 @@ GSI_MODEL_TIME = "model-timestamp"
 BATCH_LIMIT = 25  # batch_write_item's maximum
 UNPROCESSED_ATTEMPTS = 8
 UNPROCESSED_BACKOFF_S = 0.05
-S3_PARALLEL = 8
+# Threads for S3 puts and DynamoDB batches: both are network waits.
+AWS_PARALLEL = 8
 
-NUMERIC = ("status", "latency_ms")
+NUMERIC = ("status", "latency_ms", "s3_line")
 
 
-def dynamo_item(meta: dict[str, Any], key: str) -> dict[str, dict[str, str]]:
-    """A summary as a DynamoDB item; absent values are left out (DynamoDB has no use for nulls)."""
-    item = {name: {"N": str(value)} if name in NUMERIC else {"S": str(value)} for name, value in meta.items()}
-    item = {name: value for name, value in item.items() if meta[name] is not None}
-    item["s3_key"] = {"S": key}
-    return item
+def dynamo_item(meta: dict[str, Any], where: Location) -> dict[str, dict[str, str]]:
+    """A summary and where its record is, as a DynamoDB item; nulls are left out (DynamoDB has no use for them)."""
+    located = {**meta, "s3_key": where.key, "s3_range": where.range, "s3_line": where.line}
+    return {
+        name: {"N": str(value)} if name in NUMERIC else {"S": str(value)}
+        for name, value in located.items()
+        if value is not None
+    }
 
 
 def from_dynamo_item(item: dict[str, Any]) -> dict[str, Any]:
@@ -72,7 +81,7 @@ class AwsAuditStore:
             connect_timeout=seconds,
             read_timeout=seconds,
             retries={"max_attempts": 2, "mode": "standard"},
-            max_pool_connections=S3_PARALLEL * 2,
+            max_pool_connections=AWS_PARALLEL * 2,
         )
         session = boto3.session.Session()
         self._s3: S3Client = session.client(
@@ -82,37 +91,39 @@ class AwsAuditStore:
             "dynamodb", region_name=conf.region, endpoint_url=conf.endpoint_url, config=config
         )
         self._conf = conf
-        self._pool = ThreadPoolExecutor(S3_PARALLEL, thread_name_prefix="audit-s3")
+        self._pool = ThreadPoolExecutor(AWS_PARALLEL, thread_name_prefix="audit-aws")
 
     def put(self, batch_id: str, records: Sequence[Record]) -> None:
-        # One item per request id: batch_write_item refuses duplicate keys in one call.
-        unique = list({r["request_id"]: r for r in records}.values())
-        keyed = [(s3_key(self._conf.prefix, r), r) for r in unique]
+        """One object per date and model of the segment, then one item per record pointing into it."""
+        objects = pack_batch(self._conf.prefix, batch_id, records)
+        # pack_batch keeps one record per request id: batch_write_item refuses duplicate keys in one call.
+        items = [dynamo_item(summary(r), o.locations[r["request_id"]]) for o in objects for r in o.records]
         try:
-            list(self._pool.map(self._put_object, keyed))
-            self._write_items([dynamo_item(summary(r), key) for key, r in keyed])
+            list(self._pool.map(self._put_object, objects))
+            list(self._pool.map(self._write_items, chunks(items, BATCH_LIMIT)))
         except (BotoCoreError, ClientError) as exc:
             raise AuditSinkUnavailable(f"aws: {exc}") from None
 
-    def _put_object(self, keyed: tuple[str, Record]) -> None:
-        key, record = keyed
+    def _put_object(self, packed: PackedObject) -> None:
         self._s3.put_object(
-            Bucket=self._conf.bucket, Key=key, Body=orjson.dumps(record), ContentType="application/json"
+            Bucket=self._conf.bucket,
+            Key=packed.key,
+            Body=packed.body,
+            ContentType="application/x-ndjson",
+            ContentEncoding="gzip",
         )
 
-    def _write_items(self, items: list[dict[str, Any]]) -> None:
-        """batch_write_item in 25s; unprocessed items retried with exponential backoff."""
+    def _write_items(self, chunk: Sequence[dict[str, Any]]) -> None:
+        """One batch_write_item of up to 25; unprocessed items retried with exponential backoff."""
         table = self._conf.table
-        for chunk in chunks(items, BATCH_LIMIT):
-            pending: list[Any] = [{"PutRequest": {"Item": item}} for item in chunk]
-            for attempt in range(UNPROCESSED_ATTEMPTS):
-                answer = self._ddb.batch_write_item(RequestItems={table: pending})
-                pending = list(answer.get("UnprocessedItems", {}).get(table, []))
-                if not pending:
-                    break
-                time.sleep(UNPROCESSED_BACKOFF_S * 2**attempt)
-            else:
-                raise AuditSinkUnavailable(f"dynamodb left {len(pending)} item(s) unprocessed")
+        pending: list[Any] = [{"PutRequest": {"Item": item}} for item in chunk]
+        for attempt in range(UNPROCESSED_ATTEMPTS):
+            answer = self._ddb.batch_write_item(RequestItems={table: pending})
+            pending = list(answer.get("UnprocessedItems", {}).get(table, []))
+            if not pending:
+                return
+            time.sleep(UNPROCESSED_BACKOFF_S * 2**attempt)
+        raise AuditSinkUnavailable(f"dynamodb left {len(pending)} item(s) unprocessed")
 
     def close(self) -> None:
         self._pool.shutdown(wait=False)
@@ -122,11 +133,17 @@ class AwsAuditStore:
             found = self._ddb.get_item(TableName=self._conf.table, Key={"request_id": {"S": request_id}})
             if "Item" not in found:
                 return None
-            key = found["Item"]["s3_key"]["S"]
-            body = self._s3.get_object(Bucket=self._conf.bucket, Key=key)["Body"].read()
+            item = from_dynamo_item(found["Item"])
+            where = {"Range": item["s3_range"]} if "s3_range" in item else {}
+            body = self._s3.get_object(Bucket=self._conf.bucket, Key=item["s3_key"], **where)["Body"].read()
         except (BotoCoreError, ClientError) as exc:
             raise AuditSinkUnavailable(f"aws: {exc}") from None
-        record: Record = orjson.loads(body)
+        if "s3_range" not in item:  # the first layout: one object per record
+            old: Record = orjson.loads(body)
+            return old
+        record = record_at(body, item["s3_line"])
+        if record is None or record["request_id"] != request_id:
+            raise AuditSinkUnavailable(f"s3: {item['s3_key']} {item['s3_range']} does not hold {request_id}")
         return record
 
     def by_model(self, model: str, since: str, until: str) -> list[dict[str, Any]]:

@@ -1,14 +1,17 @@
 """The audit trail: the record of each model execution, spooled before release, then shipped.
 
-`record` (record, redaction, sink protocol, `AuditTrail`) → `spool` (local append-only segments)
-→ `shipper` (segments → sink) → `local` (the embedded JSONL sink). The AWS sink is
-`extproc.adapters.aws_audit`, the only module importing boto3.
+`fields` (the record's documented schema) → `record` (record, redaction, sink protocol,
+`AuditTrail`) → `spool` (local append-only segments) → `shipper` (segments → sink, with
+backpressure metrics) → `objects` (one gzip JSON Lines object per segment, read back by
+byte range) → `local` (the embedded JSONL sink); `status` reads the spool for
+`audit status`. The AWS sink is `extproc.adapters.aws_audit`, the only module importing boto3.
 """
 
+from extproc.audit.fields import FIELDS, SCHEMA_VERSION, Field
 from extproc.audit.local import LocalAuditStore, local_path
+from extproc.audit.objects import OBJECT_SUFFIX, Location, PackedObject, object_key, pack, pack_batch, record_at
 from extproc.audit.record import (
     REDACTED,
-    SCHEMA_VERSION,
     AuditDraft,
     AuditSink,
     AuditSinkUnavailable,
@@ -24,7 +27,6 @@ from extproc.audit.record import (
     parse_when,
     redact,
     response_error_code,
-    s3_key,
     sha256,
     summary,
 )
@@ -33,15 +35,19 @@ from extproc.audit.shipper import (
     BACKOFF_MAX_S,
     Shipper,
     ShipTiming,
+    half_full_message,
     next_backoff,
     read_segment,
     ship_segment,
 )
-from extproc.audit.spool import OPEN_SUFFIX, SEALED_SUFFIX, Segment, Spool, parse_lines, segment_name
+from extproc.audit.spool import OPEN_SUFFIX, SEALED_SUFFIX, Segment, Spool, created_at, parse_lines, segment_name
+from extproc.audit.status import ship_counters, spool_status, worker_status
 
 __all__ = [
     "BACKOFF_FIRST_S",
     "BACKOFF_MAX_S",
+    "FIELDS",
+    "OBJECT_SUFFIX",
     "OPEN_SUFFIX",
     "REDACTED",
     "SCHEMA_VERSION",
@@ -50,7 +56,10 @@ __all__ = [
     "AuditSink",
     "AuditSinkUnavailable",
     "AuditTrail",
+    "Field",
     "LocalAuditStore",
+    "Location",
+    "PackedObject",
     "Record",
     "RecordContext",
     "RedactRule",
@@ -60,19 +69,27 @@ __all__ = [
     "Spool",
     "build_record",
     "compile_redaction",
+    "created_at",
     "error_body",
+    "half_full_message",
     "iso_utc",
     "local_path",
     "next_backoff",
+    "object_key",
+    "pack",
+    "pack_batch",
     "parse_json_or_none",
     "parse_lines",
     "parse_when",
     "read_segment",
+    "record_at",
     "redact",
     "response_error_code",
-    "s3_key",
     "segment_name",
     "sha256",
+    "ship_counters",
     "ship_segment",
+    "spool_status",
     "summary",
+    "worker_status",
 ]

@@ -1,6 +1,6 @@
 """The audit record: what one model execution was, built from the request and response phases.
 
-Pure builders (record, redaction, S3 key, summary) plus the `AuditSink` protocol
+Pure builders (record, redaction, summary) plus the `AuditSink` protocol
 the shipper writes through; `AuditTrail` is the thin edge that spools a record
 before the response is released.
 """
@@ -17,12 +17,12 @@ from typing import Any, Protocol
 import orjson
 
 from extproc import metrics
+from extproc.audit.fields import SCHEMA_VERSION
 from extproc.audit.spool import Spool
 from extproc.errors import BrokerError
 
 log = logging.getLogger("model_broker.audit")
 
-SCHEMA_VERSION = 1
 REDACTED = "[REDACTED]"
 
 Record = dict[str, Any]
@@ -156,13 +156,6 @@ def build_record(
 
 def error_body(error: BrokerError, request_id: str) -> bytes:
     return orjson.dumps(error.to_json(request_id))
-
-
-def s3_key(prefix: str, record: Record) -> str:
-    """`<prefix>/date=YYYY-MM-DD/model=<model>/<request_id>.json`: deterministic, so re-shipping overwrites."""
-    date = record["timestamp"][:10]
-    key = f"date={date}/model={record['model']}/{record['request_id']}.json"
-    return f"{prefix.strip('/')}/{key}" if prefix.strip("/") else key
 
 
 def summary(record: Record) -> dict[str, Any]:

@@ -12,9 +12,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from extproc import metrics
 from extproc.audit.record import AuditSink, AuditSinkUnavailable, Record
 from extproc.audit.spool import Spool, parse_lines
 
@@ -48,12 +50,22 @@ def read_segment(path: Path) -> tuple[list[Record], int]:
     return records, len(data)
 
 
-def ship_segment(sink: AuditSink, path: Path) -> int:
-    """Put one segment's records into the sink; blocking. Returns the segment's size."""
+def ship_segment(sink: AuditSink, path: Path) -> tuple[int, int]:
+    """Put one segment's records into the sink; blocking. Returns the segment's size and record count."""
     records, size = read_segment(path)
     if records:
         sink.put(path.stem, records)
-    return size
+    return size, len(records)
+
+
+def half_full_message(was_above: bool, used: int, bound: int) -> tuple[bool, str | None]:
+    """Whether the spool is now past half its bound, and the line to log when that just changed."""
+    above = used * 2 > bound
+    if above == was_above:
+        return above, None
+    if above:
+        return above, f"audit spool past half its bound ({used} of {bound} bytes): the sink is not keeping up"
+    return above, f"audit spool back under half its bound ({used} of {bound} bytes)"
 
 
 class Shipper:
@@ -64,6 +76,7 @@ class Shipper:
         self._backoff = 0.0
         self._retry_at = 0.0
         self._last_fsync = 0.0
+        self._above_half = False
         self.shipped_segments = 0
 
     async def run(self, stop: asyncio.Event) -> None:
@@ -86,6 +99,16 @@ class Shipper:
             self._last_fsync = now
         if now >= self._retry_at:
             await self.ship(now)
+        self.report()
+
+    def report(self) -> None:
+        """Depth and age of what waits in the spool, as metrics; a log line when it crosses half its bound."""
+        oldest = self._spool.oldest()
+        metrics.AUDIT_SPOOL_BYTES.set(self._spool.used)
+        metrics.AUDIT_OLDEST_SECONDS.set(0.0 if oldest is None else max(0.0, time.time() - oldest))
+        self._above_half, message = half_full_message(self._above_half, self._spool.used, self._spool.max_bytes)
+        if message is not None:
+            log.warning("%s", message)
 
     async def seal(self) -> None:
         rotated = self._spool.take_rotated()
@@ -96,13 +119,15 @@ class Shipper:
         """Ship every sealed segment, oldest first; on a sink failure back off. True when all shipped."""
         for path in list(self._spool.sealed()):
             try:
-                size = await asyncio.to_thread(ship_segment, self._sink, path)
+                size, count = await asyncio.to_thread(ship_segment, self._sink, path)
             except AuditSinkUnavailable as exc:
+                metrics.AUDIT_SHIP_FAILURES.inc()
                 self._backoff = next_backoff(self._backoff)
                 self._retry_at = now + self._backoff
                 log.warning("audit sink unavailable, retrying in %.1fs: %s", self._backoff, exc)
                 return False
             self._spool.remove(path, size)
+            metrics.AUDIT_SHIPPED.inc(count)
             self.shipped_segments += 1
             if self._backoff:
                 log.info("audit sink is back; shipping resumed")

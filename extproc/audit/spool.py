@@ -11,6 +11,7 @@ from __future__ import annotations
 import itertools
 import logging
 import os
+import secrets
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -35,9 +36,17 @@ class Segment:
     opened_at: float = 0.0
 
 
-def segment_name(epoch_ms: int, pid: int, seq: int) -> str:
-    """Names sort by creation time, and never repeat across processes or restarts."""
-    return f"{epoch_ms:013d}-{pid}-{seq:06d}"
+def segment_name(epoch_ms: int, token: str, seq: int) -> str:
+    """Names sort by creation time and never repeat across processes, restarts or hosts (`token` is random).
+
+    The shipped object is named after its segment, so two brokers must never share a name.
+    """
+    return f"{epoch_ms:013d}-{token}-{seq:06d}"
+
+
+def created_at(path: Path) -> float:
+    """When a segment was started (its first record), in epoch seconds, read from its name."""
+    return int(path.name[:13]) / 1000
 
 
 def parse_lines(data: bytes) -> tuple[list[dict[str, Any]], int]:
@@ -73,6 +82,7 @@ class Spool:
         self.segment_bytes = segment_bytes
         self._clock = clock
         self._seq = itertools.count()
+        self._token = secrets.token_hex(4)
         self._active: Segment | None = None
         self._rotated: list[Segment] = []
         self.used = 0
@@ -107,7 +117,7 @@ class Spool:
         return True
 
     def _start(self) -> Segment:
-        name = segment_name(int(time.time() * 1000), os.getpid(), next(self._seq))
+        name = segment_name(int(time.time() * 1000), self._token, next(self._seq))
         path = self.directory / (name + OPEN_SUFFIX)
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND, 0o600)
         self._active = Segment(path, fd, opened_at=self._clock())
@@ -138,6 +148,13 @@ class Spool:
 
     def active_fd(self) -> int | None:
         return self._active.fd if self._active is not None else None
+
+    def oldest(self) -> float | None:
+        """Creation time (epoch seconds) of the oldest segment not yet shipped; None when all are."""
+        segments = [*self.sealed(), *(s.path for s in self._rotated)]
+        if self._active is not None:
+            segments.append(self._active.path)
+        return min((created_at(p) for p in segments), default=None)
 
     def sealed(self) -> Iterator[Path]:
         """Sealed segments, oldest first."""
