@@ -38,6 +38,14 @@ class ErrorCode(StrEnum):
     ENSEMBLE_TIMEOUT = "ensemble_timeout"
     AGGREGATION_FAILED = "aggregation_failed"
     AUDIT_UNAVAILABLE = "audit_unavailable"
+    # Open Inference Protocol routes: a malformed input tensor, more rows than the model allows,
+    # a version the model does not have, a stored feature its tensor's datatype cannot hold,
+    # a model (version) whose backends do not answer ready.
+    INVALID_TENSOR = "invalid_tensor"
+    TOO_MANY_ROWS = "too_many_rows"
+    UNKNOWN_VERSION = "unknown_version"
+    INVALID_FEATURE = "invalid_feature"
+    MODEL_NOT_READY = "model_not_ready"
     # Control-plane admin API (weights, rollouts), not the request path.
     INVALID_WEIGHTS = "invalid_weights"
     ADMIN_UNAUTHORIZED = "admin_unauthorized"
@@ -64,6 +72,13 @@ STATUS: dict[ErrorCode, int] = {
     ErrorCode.ENSEMBLE_TIMEOUT: 504,
     ErrorCode.AGGREGATION_FAILED: 502,
     ErrorCode.AUDIT_UNAVAILABLE: 503,
+    ErrorCode.INVALID_TENSOR: 400,
+    ErrorCode.TOO_MANY_ROWS: 413,
+    ErrorCode.UNKNOWN_VERSION: 404,
+    # The store holds a value the model's tensor cannot carry: the data is wrong, not the request.
+    ErrorCode.INVALID_FEATURE: 502,
+    # OIP's readiness answer is a 4xx status (inference_rest.md, "Model Ready").
+    ErrorCode.MODEL_NOT_READY: 400,
     ErrorCode.INVALID_WEIGHTS: 400,
     ErrorCode.ADMIN_UNAUTHORIZED: 401,
 }

@@ -37,7 +37,8 @@ JWT_AUTHN_NAMESPACE: Final = "envoy.filters.http.jwt_authn"
 # With the header phase skipped they are the broker's only view of the request.
 ATTR_ROUTE_NAME: Final = "xds.route_name"
 ATTR_REQUEST_ID: Final = "request.id"
-ATTR_CONTENT_TYPE: Final = "request.headers['content-type']"
+ATTR_HEADER_PREFIX: Final = "request.headers['"
+ATTR_CONTENT_TYPE: Final = ATTR_HEADER_PREFIX + "content-type']"
 REQUEST_ATTRIBUTES: Final = (ATTR_ROUTE_NAME, ATTR_REQUEST_ID, ATTR_CONTENT_TYPE)
 # Response attributes, sent with the response headers message on audited routes only.
 # The status Envoy is about to send (the model's, or Envoy's own local reply's).
@@ -74,6 +75,14 @@ HEADER_CONSUMER: Final = "x-broker-consumer"
 ROUTE_HEALTHZ: Final = "broker:healthz"
 ROUTE_MODELS: Final = "broker:models"
 
+# The Open Inference Protocol's server endpoints, answered by the broker itself.
+ROUTE_OIP_LIVE: Final = "broker:v2-live"
+ROUTE_OIP_READY: Final = "broker:v2-ready"
+ROUTE_OIP_SERVER: Final = "broker:v2"
+PATH_OIP_LIVE: Final = "/v2/health/live"
+PATH_OIP_READY: Final = "/v2/health/ready"
+PATH_OIP_SERVER: Final = "/v2"
+
 # Path the broker's own GET endpoints are served on, through Envoy.
 PATH_HEALTHZ: Final = "/healthz"
 PATH_MODELS: Final = "/models"
@@ -105,6 +114,11 @@ SHADOW_RECORDER_FILTER: Final = "model_broker.shadow_recorder"
 RECORDER_ATTRIBUTES: Final = (ATTR_ROUTE_NAME, ATTR_UPSTREAM_VERSION, ATTR_REQUEST_ID)
 
 
+def header_attribute(header: str) -> str:
+    """The request attribute that carries one request header (a route asks for it by this name)."""
+    return f"{ATTR_HEADER_PREFIX}{header}']"
+
+
 def weight_runtime_key(model: str, version: str) -> str:
     """The runtime key Envoy reads a version's live weight from."""
     return f"{RUNTIME_WEIGHTS_PREFIX}.{version_cluster(model, version)}"
@@ -113,6 +127,18 @@ def weight_runtime_key(model: str, version: str) -> str:
 def ensemble_route(ensemble: str) -> str:
     """Route name of an ensemble's public route; never a model name (those are DNS labels)."""
     return f"ensemble:{ensemble}"
+
+
+def oip_route(kind: str, model: str, version: str | None = None) -> str:
+    """Route name of an OIP model's GET endpoint (`metadata` or `ready`), for the model or one version."""
+    return f"oip-{kind}:{model}" + (f"/{version}" if version is not None else "")
+
+
+def oip_route_model(route_name: str) -> str | None:
+    """The model an OIP GET route belongs to (what a consumer's allow-list names), or None."""
+    if not route_name.startswith("oip-"):
+        return None
+    return route_name.partition(":")[2].partition("/")[0] or None
 
 
 def egress_route(model: str) -> str:

@@ -1,7 +1,8 @@
 """Envoy's egress listener as seen by the broker: one pooled aiohttp session per worker.
 
 The only module that imports aiohttp in the broker; connection and protocol
-errors become `MemberUnavailable` here and nowhere else.
+errors become `MemberUnavailable` (ensemble members) or `BackendUnreachable`
+(OIP metadata and readiness) here and nowhere else.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import aiohttp
 
 from extproc import wire
 from extproc.core.ensemble.fanout import MemberReply, MemberUnavailable
+from extproc.core.oip import BackendUnreachable
 
 # Concurrent connections to the local Envoy per worker; beyond this, member calls
 # queue inside their own time budget instead of opening unbounded sockets.
@@ -41,6 +43,14 @@ class EgressClient:
                 )
         except (aiohttp.ClientError, OSError) as exc:
             raise MemberUnavailable(f"egress listener: {exc or type(exc).__name__}") from None
+
+    async def get(self, path: str) -> tuple[int, bytes]:
+        """An OIP backend's metadata or readiness; the caller's budget decides how long to wait."""
+        try:
+            async with self._session.get(self._base + path, allow_redirects=False) as resp:
+                return resp.status, await resp.read()
+        except (aiohttp.ClientError, OSError) as exc:
+            raise BackendUnreachable(f"egress listener: {exc or type(exc).__name__}") from None
 
     async def close(self) -> None:
         await self._session.close()

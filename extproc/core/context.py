@@ -27,6 +27,10 @@ class RequestContext:
     # The consumer Envoy verified (API key or JWT); empty in open mode. For audit and metrics.
     consumer: str = ""
     stages: list[tuple[str, float]] = field(default_factory=list)
+    # An Open Inference Protocol route: errors take OIP's shape.
+    oip: bool = False
+    # Request headers a route asked for as attributes (an OIP entity key in a header), by name.
+    headers: dict[str, str] = field(default_factory=dict)
     # Set by the processor once Envoy will send nothing more on this stream (an
     # immediate response, or the answer to the last phase the route asks for).
     finished: bool = False

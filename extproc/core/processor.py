@@ -6,7 +6,9 @@ asks "is there a handler?"; `BrokerProcessor` overrides the phases it uses.
 
 from __future__ import annotations
 
-from typing import Any
+import asyncio
+from importlib.metadata import version as package_version
+from typing import Any, Protocol
 
 import orjson
 
@@ -19,6 +21,18 @@ from extproc.core.ensemble.aggregate import MemberFailure, MemberOutcome, ensemb
 from extproc.core.ensemble.fanout import EnsemblePlan, MemberClient, compile_ensembles, run_ensemble
 from extproc.core.features import Features, FeatureStore
 from extproc.core.messages import HttpBody, HttpHeaders
+from extproc.core.oip import (
+    BackendReader,
+    ModelEndpoint,
+    OipPlan,
+    compile_endpoints,
+    error_json,
+    feature_tensors,
+    forward_body,
+    read_infer_request,
+    server_metadata,
+)
+from extproc.core.oip import answer as oip_answer
 from extproc.core.responses import Answer
 from extproc.core.routing import ModelRoute, compile_routes, describe_models, resolve_route
 from extproc.errors import BrokerError, ErrorCode, FeatureStoreUnavailable
@@ -44,6 +58,10 @@ class Processor:
         """Once per stream, after its last message (or its cancellation)."""
 
 
+class Egress(MemberClient, BackendReader, Protocol):
+    """Envoy's egress listener: ensemble members (POST) and OIP backends' metadata and readiness (GET)."""
+
+
 # Refusal when the audit spool is full and the policy is fail-closed.
 AUDIT_FULL = BrokerError(ErrorCode.AUDIT_UNAVAILABLE, "the audit trail cannot record this request; try again shortly")
 
@@ -54,7 +72,7 @@ class BrokerProcessor(Processor):
         registry: Registry,
         store: FeatureStore,
         *,
-        egress: MemberClient | None = None,
+        egress: Egress | None = None,
         audit: AuditTrail | None = None,
     ) -> None:
         self._store = store
@@ -66,8 +84,17 @@ class BrokerProcessor(Processor):
         """Compile what the hot path reads; called again when live weights change the registry."""
         self._routes = compile_routes(registry)
         self._ensembles = compile_ensembles(registry, self._routes)
-        if self._ensembles and self._egress is None:
-            raise ValueError("a registry with ensembles needs an egress client to call their members")
+        plans = {name: route.oip for name, route in self._routes.items() if route.oip is not None}
+        self._oip_endpoints = compile_endpoints(registry, plans)
+        if (self._ensembles or plans) and self._egress is None:
+            raise ValueError("a registry with ensembles or OIP models needs an egress client")
+        # Backend reads answer within the header phase's budget, with room for Envoy's own hops.
+        self._oip_budget_s = registry.broker.message_timeout_ms / 1000 * 0.8
+        self._oip_server_docs: dict[str, dict[str, Any]] = {
+            wire.ROUTE_OIP_LIVE: {"live": True},
+            wire.ROUTE_OIP_READY: {"ready": True},
+            wire.ROUTE_OIP_SERVER: server_metadata(package_version("model-broker")),
+        }
         self._max_body = registry.limits.max_body_bytes
         self._max_depth = registry.limits.max_json_depth
         self._models_doc = orjson.dumps(describe_models(registry))
@@ -81,7 +108,25 @@ class BrokerProcessor(Processor):
         if ctx.route_name == wire.ROUTE_MODELS:
             ctx.finished = True
             return responses.immediate_json(200, orjson.Fragment(self._models_doc), details="models")
+        server_doc = self._oip_server_docs.get(ctx.route_name)
+        if server_doc is not None:
+            ctx.finished = True
+            return responses.immediate_json(200, server_doc, details="v2")
+        endpoint = self._oip_endpoints.get(ctx.route_name)
+        if endpoint is not None:
+            return await self._oip_endpoint(endpoint, ctx)
         return responses.continue_request_headers()
+
+    async def _oip_endpoint(self, endpoint: ModelEndpoint, ctx: RequestContext) -> Answer:
+        """A model's metadata or readiness, from its backends through the egress listener."""
+        assert self._egress is not None  # use_registry refuses OIP models without one
+        ctx.oip = True
+        found = await oip_answer(endpoint, self._egress, self._oip_budget_s)
+        if isinstance(found, BrokerError):
+            return self._reject(found, ctx)
+        ctx.finished = True
+        metrics.record_request(endpoint.plan.model, ctx.stages, "ok", ctx.consumer)
+        return responses.immediate_json(200, found or {"name": endpoint.plan.model, "ready": True}, details="v2")
 
     async def request_body(self, msg: HttpBody, ctx: RequestContext) -> Answer:
         ensemble = self._ensembles.get(ctx.route_name)
@@ -90,16 +135,24 @@ class BrokerProcessor(Processor):
         route = resolve_route(self._routes, ctx.route_name)
         if isinstance(route, BrokerError):
             return self._reject(route, ctx)
+        if route.oip is not None:
+            return await self._oip_body(msg.body, route, route.oip, ctx)
         return await self._model_body(msg.body, route, ctx)
 
-    async def _model_body(self, raw: bytes, route: ModelRoute, ctx: RequestContext) -> Answer:
-        """Enrich the body and let Envoy's weighted split pick the version."""
+    def _start_audit(self, route: ModelRoute, raw: bytes, ctx: RequestContext) -> bool:
+        """Open the execution's audit draft; False when the trail refuses (nothing runs unaudited)."""
         if self._audit is not None and self._audit.covers(route.model):
-            if self._audit.refuses():  # nothing runs that cannot be audited
-                return self._reject(AUDIT_FULL, ctx)
+            if self._audit.refuses():
+                return False
             ctx.audit = AuditDraft(
                 route.model, ctx.started_at, request_sha256=sha256(raw), consumer=ctx.consumer or None
             )
+        return True
+
+    async def _model_body(self, raw: bytes, route: ModelRoute, ctx: RequestContext) -> Answer:
+        """Enrich the body and let Envoy's weighted split pick the version."""
+        if not self._start_audit(route, raw, ctx):
+            return self._reject(AUDIT_FULL, ctx)
         doc = self._document(raw, ctx)
         if isinstance(doc, BrokerError):
             return self._reject(doc, ctx)
@@ -117,6 +170,13 @@ class BrokerProcessor(Processor):
         if isinstance(features, BrokerError):
             return self._reject(features, ctx)
         body = inject_features(doc, route.inject_as, features)
+        sticky = sticky_key(doc, route.sticky_field) if route.sticky_field is not None else None
+        return self._forward(route, body, degraded, sticky, ctx)
+
+    def _forward(
+        self, route: ModelRoute, body: bytes, degraded: str, sticky: str | None, ctx: RequestContext
+    ) -> Answer:
+        """The enriched body goes on to Envoy's split, approved and timed."""
         ctx.lap("body")
         metadata: dict[str, Any] = {wire.META_APPROVED: True, wire.META_SERVER_TIMING: ctx.server_timing()}
         if degraded:
@@ -125,11 +185,57 @@ class BrokerProcessor(Processor):
         # Model routes ask for the request body only (sticky ones send the headers first);
         # audited ones also send the response.
         ctx.finished = ctx.audit is None
-        if route.sticky_field is not None:
-            return responses.reroute_request_body(
-                body, metadata, [(wire.HEADER_STICKY_KEY, sticky_key(doc, route.sticky_field))]
-            )
+        if sticky is not None:
+            return responses.reroute_request_body(body, metadata, [(wire.HEADER_STICKY_KEY, sticky)])
         return responses.continue_request_body(body, metadata)
+
+    async def _oip_body(self, raw: bytes, route: ModelRoute, plan: OipPlan, ctx: RequestContext) -> Answer:
+        """An OIP infer request: keys from its tensor, parameter or header; features added as tensors."""
+        ctx.oip = True
+        if not self._start_audit(route, raw, ctx):
+            return self._reject(AUDIT_FULL, ctx)
+        if len(raw) > self._max_body:
+            return self._reject(self._too_large(), ctx)
+        header_key = ctx.headers.get(plan.key_header, "") if plan.key_header is not None else ""
+        request = read_infer_request(
+            plan, raw, content_type=ctx.content_type, header_key=header_key, max_depth=self._max_depth
+        )
+        if isinstance(request, BrokerError):
+            return self._reject(request, ctx)
+        if ctx.audit is not None:
+            ctx.audit.input = dict(request.doc)
+            ctx.audit.entity_key = request.keys[0] if len(request.keys) == 1 else None
+        ctx.lap("route")
+        rows, degraded = await self._feature_rows(route, request.keys)
+        ctx.lap("features")
+        if isinstance(rows, BrokerError):
+            return self._reject(rows, ctx)
+        # Fail-open with the store down: the model gets the client's tensors only.
+        tensors = feature_tensors(plan, request.keys, rows, route.join_key) if not degraded else []
+        if isinstance(tensors, BrokerError):
+            return self._reject(tensors, ctx)
+        if ctx.audit is not None:
+            ctx.audit.features = dict(zip(request.keys, rows, strict=True))
+            ctx.audit.feature_status = degraded or "ok"
+        sticky = None  # OIP models are sticky by header only (the registry checks): Envoy hashes it
+        return self._forward(route, forward_body(plan, request, tensors), degraded, sticky, ctx)
+
+    async def _feature_rows(self, route: ModelRoute, keys: tuple[str, ...]) -> tuple[list[Features] | BrokerError, str]:
+        """Each row's features (one store call per distinct key, concurrently), or the policy's answer."""
+        # TODO(issue 13): one pipelined round trip for all rows once the store takes batches.
+        distinct = list(dict.fromkeys(keys))
+        try:
+            found = await asyncio.gather(*(self._store.fetch(route.store_key(k), route.features) for k in distinct))
+        except FeatureStoreUnavailable as exc:
+            settled, degraded = route.settle_features(None, keys[0], unavailable=str(exc))
+            return (settled if isinstance(settled, BrokerError) else []), degraded
+        by_key: dict[str, Features] = {}
+        for key, row in zip(distinct, found, strict=True):
+            settled, _ = route.settle_features(row, key)
+            if isinstance(settled, BrokerError):
+                return settled, ""
+            by_key[key] = settled
+        return [by_key[k] for k in keys], ""
 
     async def _ensemble_body(self, raw: bytes, plan: EnsemblePlan, ctx: RequestContext) -> Answer:
         """Always an immediate response: the members were called here, through Envoy's egress listener."""
@@ -204,8 +310,11 @@ class BrokerProcessor(Processor):
         if unsupported is not None:
             return unsupported
         if len(raw) > self._max_body:
-            return BrokerError(ErrorCode.BODY_TOO_LARGE, f"the request body is larger than {self._max_body} bytes")
+            return self._too_large()
         return parse_json_object(raw, self._max_depth)
+
+    def _too_large(self) -> BrokerError:
+        return BrokerError(ErrorCode.BODY_TOO_LARGE, f"the request body is larger than {self._max_body} bytes")
 
     async def _features(self, route: ModelRoute, key: str) -> tuple[Features | BrokerError, str]:
         """The features to inject, and why they are missing when a policy let that pass."""
@@ -221,11 +330,14 @@ class BrokerProcessor(Processor):
         metrics.record_request(ctx.route_name, ctx.stages, error.code.value, ctx.consumer)
         if ctx.audit is not None:
             ctx.audit.error_code = error.code.value
-            if not self._write_audit(ctx, error.status, error_body(error, ctx.request_id)):
+            body = orjson.dumps(error_json(error)) if ctx.oip else error_body(error, ctx.request_id)
+            if not self._write_audit(ctx, error.status, body):
                 error = AUDIT_FULL
-        return responses.error_response(
-            error, ctx.request_id, headers=[(wire.HEADER_SERVER_TIMING, ctx.server_timing())]
-        )
+        timing = (wire.HEADER_SERVER_TIMING, ctx.server_timing())
+        if ctx.oip:  # OIP clients read `error` as one string; the id travels in its header
+            headers = [timing, (wire.HEADER_REQUEST_ID, ctx.request_id)]
+            return responses.immediate_json(error.status, error_json(error), details=error.code.value, headers=headers)
+        return responses.error_response(error, ctx.request_id, headers=[timing])
 
     async def response_headers(self, msg: HttpHeaders, ctx: RequestContext) -> Answer:
         """Audited routes only: Envoy holds these headers until the body phase is answered."""

@@ -11,6 +11,7 @@ from typing import Any
 
 from extproc import wire
 from extproc.core.features import Features
+from extproc.core.oip import OipPlan, compile_plan
 from extproc.errors import BrokerError, ErrorCode
 from extproc.registry import Registry
 
@@ -29,6 +30,8 @@ class ModelRoute:
     forward_unknown_entity: bool
     # Body field copied into wire.HEADER_STICKY_KEY (sticky A/B); None on plain routes.
     sticky_field: str | None = None
+    # Open Inference Protocol models: how the request carries keys and takes features; None for JSON.
+    oip: OipPlan | None = None
 
     def store_key(self, entity_key: str) -> str:
         return self.key_prefix + entity_key + self.key_suffix
@@ -70,6 +73,7 @@ def compile_routes(registry: Registry) -> dict[str, ModelRoute]:
             fail_open=model.failure_policy == "fail_open",
             forward_unknown_entity=model.unknown_entity == "forward",
             sticky_field=model.sticky.body_field if model.sticky is not None else None,
+            oip=compile_plan(model, entity.join_key) if model.protocol == "open_inference" else None,
         )
     return routes
 

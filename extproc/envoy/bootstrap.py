@@ -97,7 +97,7 @@ def bootstrap(
     count = workers or registry.broker.workers
     dynamic = xds is not None
     listeners = [public_listener(registry, xds)]
-    if registry.ensembles or dynamic:
+    if registry.needs_egress or dynamic:
         listeners.append(egress_listener(registry, xds))
     clusters = [ext_proc_cluster(registry, count, placement.broker_host)]
     clusters.append(control_plane_cluster(registry, placement.control_plane_host))

@@ -61,6 +61,7 @@ from envoy_data_plane.google.protobuf import Struct
 from extproc import wire
 from extproc.envoy.auth import jwks_cluster_name
 from extproc.envoy.common import ADMIN_CLUSTER, HTTP_PROTOCOL_OPTIONS, SYSTEM_CA_BUNDLE, TLS_SOCKET, _any, _ms, _socket
+from extproc.envoy.open_inference import path_rewrite_lua
 from extproc.registry import (
     Model,
     Registry,
@@ -142,17 +143,14 @@ def credential_provider(sources: tuple[str, ...]) -> AwsCredentialProvider:
     )
 
 
-def _upstream_filters(path: str | None, signing: SageMakerBackend | None) -> list[HttpFilter]:
-    """Per-version upstream filters: path rewrite where versions differ, SigV4 for SageMaker, codec last."""
+def _upstream_filters(rewrite: str | None, signing: SageMakerBackend | None) -> list[HttpFilter]:
+    """Per-version upstream filters: path rewrite (Lua code) where needed, SigV4 for SageMaker, codec last."""
     filters = []
-    if path is not None:
-        # Envoy forbids `:path` in header_mutation and a route rewrite is per route, not per
-        # version; a one-line Lua filter is the per-cluster rewrite Envoy offers.
-        code = f"function envoy_on_request(h) h:headers():replace(':path', {json.dumps(path)}) end"
+    if rewrite is not None:
         filters.append(
             HttpFilter(
                 name="envoy.filters.http.lua",
-                typed_config=_any(Lua(default_source_code=DataSource(inline_string=code))),
+                typed_config=_any(Lua(default_source_code=DataSource(inline_string=rewrite))),
             )
         )
     if signing is not None:
@@ -169,16 +167,30 @@ def _upstream_filters(path: str | None, signing: SageMakerBackend | None) -> lis
     return filters
 
 
+def _path_rewrite(model: Model, path: str) -> str | None:
+    """Lua code setting this version's path upstream, or None when the route's rewrite does.
+
+    Envoy forbids `:path` in header_mutation and a route rewrite is per route, not per
+    version; a one-line Lua filter is the per-cluster rewrite Envoy offers. OIP backends
+    always rewrite here: their clusters serve infer, metadata and readiness paths.
+    """
+    if model.protocol == "open_inference":
+        return path_rewrite_lua(path)
+    if shared_path(model) is not None:
+        return None
+    return f"function envoy_on_request(h) h:headers():replace(':path', {json.dumps(path)}) end"
+
+
 def version_cluster(model: Model, version: Version) -> Cluster:
     name = wire.version_cluster(model.name, version.name)
     host, port, path = _backend(version)
     sagemaker = version.backend.sagemaker
-    upstream_path = None if shared_path(model) is not None else path
     options = HttpProtocolOptions(
         explicit_http_config=HttpProtocolOptionsExplicitHttpConfig(http_protocol_options=Http1ProtocolOptions()),
     )
-    if upstream_path is not None or sagemaker is not None:
-        options.http_filters = _upstream_filters(upstream_path, sagemaker)
+    rewrite = _path_rewrite(model, path)
+    if rewrite is not None or sagemaker is not None:
+        options.http_filters = _upstream_filters(rewrite, sagemaker)
     cluster = Cluster(
         name=name,
         type=ClusterDiscoveryType.STATIC if _is_ip(host) else ClusterDiscoveryType.STRICT_DNS,

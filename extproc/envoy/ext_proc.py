@@ -71,7 +71,7 @@ def _ext_proc(registry: Registry, timeout_ms: int, dynamic: bool) -> ExternalPro
         # are asked for per route, only where a feature needs them.
         processing_mode=_body_mode(response_headers=Send.SKIP, response_body=Body.NONE),
         message_timeout=_ms(timeout_ms),
-        request_attributes=list(wire.REQUEST_ATTRIBUTES),
+        request_attributes=request_attributes(registry),
         # Read on audited routes only (the only ones with a response phase).
         response_attributes=list(wire.RESPONSE_ATTRIBUTES) if audited else [],
         metadata_options=MetadataOptions(
@@ -95,6 +95,11 @@ def _header_phase_only() -> dict[str, AnyMessage]:
         )
     )
     return {EXT_PROC_FILTER: _any(per_route)}
+
+
+def _without_broker() -> dict[str, AnyMessage]:
+    """Routes Envoy answers alone (unknown path, wrong method) never cost a broker call."""
+    return {EXT_PROC_FILTER: _any(ExtProcPerRoute(disabled=True))}
 
 
 def _body_mode(response_headers: Send, response_body: Body) -> ProcessingMode:
@@ -129,6 +134,17 @@ def _model_phases(model: Model, audited: bool) -> AnyMessage | None:
     if sticky:
         mode.request_header_mode = Send.SEND
     return _any(ExtProcPerRoute(overrides=ExtProcOverrides(processing_mode=mode)))
+
+
+def request_attributes(registry: Registry) -> list[str]:
+    """What every request carries to the broker, and the headers OIP models take entity keys from.
+
+    In the filter, not per route: Envoy 1.40 ignores a route's `request_attributes` override
+    (measured). A header attribute is sent only when the request has that header.
+    """
+    keys = [m.open_inference.entity_key for m in registry.models if m.open_inference is not None]
+    headers = [k.header for k in keys if k is not None and k.header is not None]
+    return [*wire.REQUEST_ATTRIBUTES, *(wire.header_attribute(h) for h in dict.fromkeys(headers))]
 
 
 def _hash_policy(model: Model) -> list[RouteActionHashPolicy]:

@@ -72,7 +72,10 @@ def public_listener(registry: Registry, xds: XdsFiles | None = None) -> Listener
             HttpFilter(name=RBAC_FILTER, typed_config=_any(Rbac())),
             HttpFilter(name="envoy.filters.http.router", typed_config=_any(Router())),
         ],
-        local_reply_config=local_reply_config(auth=bool(registry.consumers)),
+        local_reply_config=local_reply_config(
+            auth=bool(registry.consumers),
+            oip=dynamic or any(m.protocol == "open_inference" for m in registry.models),
+        ),
         # Clients are external: Envoy sets x-forwarded-for and its own x-request-id.
         use_remote_address=True,
         # The id in every error body and (later) audit record; clients quote it to support.

@@ -21,6 +21,7 @@ from envoy_data_plane.google.protobuf import Struct
 
 from extproc import wire
 from extproc.envoy.common import FORBIDDEN_POLICY, NOT_BROKER, _any, _header
+from extproc.envoy.open_inference import OIP_PATHS, oip_error_json
 
 
 def _error_json(code: str, message: str) -> SubstitutionFormatString:
@@ -42,21 +43,24 @@ def _cel(expression: str) -> AccessLogFilter:
     )
 
 
-def _mapper(condition: str, status: int, code: str, message: str) -> ResponseMapper:
+def _mapper(condition: str, status: int, code: str, message: str, oip: bool) -> ResponseMapper:
+    """On V2 paths (`oip`) in OIP's error shape, elsewhere in the broker's."""
+    where = f"{OIP_PATHS} && " if oip else ""
     return ResponseMapper(
-        filter=_cel(f"{NOT_BROKER} && ({condition})"),
+        filter=_cel(f"{where}{NOT_BROKER} && ({condition})"),
         status_code=status,
-        body_format_override=_error_json(code, message),
+        body_format_override=oip_error_json(code, message) if oip else _error_json(code, message),
     )
 
 
-def _auth_mappers() -> list[ResponseMapper]:
+def _auth_mappers(oip: bool) -> list[ResponseMapper]:
     """401/403/429 from the authentication, authorization and rate-limit filters."""
     too_many = _mapper(
         "response.code_details == 'local_rate_limited'",
         429,
         "rate_limited",
         "too many requests for this consumer; retry after the number of seconds in retry-after",
+        oip,
     )
     # Per consumer, set by the authentication filter: the rate-limit filter's own
     # x-ratelimit-reset is added after local_reply_config runs, so it cannot be copied.
@@ -69,47 +73,46 @@ def _auth_mappers() -> list[ResponseMapper]:
             401,
             "unauthenticated",
             f"send a valid API key in {wire.HEADER_API_KEY} or a valid bearer token in authorization",
+            oip,
         ),
         _mapper(
             f"response.code_details == 'rbac_access_denied_matched_policy[{FORBIDDEN_POLICY}]'",
             403,
             "forbidden",
             "this consumer may not call this route",
+            oip,
         ),
         too_many,
     ]
 
 
-def local_reply_config(auth: bool = False) -> LocalReplyConfig:
-    """Envoy's own replies (body too large, broker down, model down) as JSON, details hidden."""
-    return LocalReplyConfig(
-        mappers=[
-            *(_auth_mappers() if auth else []),
-            _mapper("response.code == 413", 413, "body_too_large", "the request body is too large"),
-            _mapper(
-                "response.code_details.startsWith('rbac_access_denied')",
-                400,
-                "invalid_json",
-                "the request body is empty; send a JSON object",
-            ),
-            _mapper(
-                "response.code_details.startsWith('ext_proc')",
-                503,
-                "broker_unavailable",
-                "the model broker is unavailable; try again shortly",
-            ),
-            _mapper(
-                "response.code == 504",
-                504,
-                "upstream_timeout",
-                "the model did not answer in time",
-            ),
-            _mapper(
-                "response.code >= 500",
-                503,
-                "upstream_unavailable",
-                "the model is unavailable; try again shortly",
-            ),
-            _mapper("response.code >= 400", 400, "bad_request", "the request could not be processed"),
-        ]
-    )
+def local_reply_config(auth: bool = False, oip: bool = False) -> LocalReplyConfig:
+    """Envoy's own replies (body too large, broker down, model down) as JSON, details hidden;
+    with `oip` (Open Inference Protocol models served), in OIP's shape on V2 paths."""
+    return LocalReplyConfig(mappers=[*(_mappers(auth, oip=True) if oip else []), *_mappers(auth, oip=False)])
+
+
+def _mappers(auth: bool, oip: bool) -> list[ResponseMapper]:
+    return [
+        *(_auth_mappers(oip) if auth else []),
+        _mapper("response.code == 413", 413, "body_too_large", "the request body is too large", oip),
+        _mapper(
+            "response.code_details.startsWith('rbac_access_denied')",
+            400,
+            "invalid_json",
+            "the request body is empty; send a JSON object",
+            oip,
+        ),
+        _mapper(
+            "response.code_details.startsWith('ext_proc')",
+            503,
+            "broker_unavailable",
+            "the model broker is unavailable; try again shortly",
+            oip,
+        ),
+        _mapper("response.code == 504", 504, "upstream_timeout", "the model did not answer in time", oip),
+        _mapper(
+            "response.code >= 500", 503, "upstream_unavailable", "the model is unavailable; try again shortly", oip
+        ),
+        _mapper("response.code >= 400", 400, "bad_request", "the request could not be processed", oip),
+    ]

@@ -44,7 +44,6 @@ from envoy_data_plane.envoy.type.matcher.v3 import (
     StringMatcher,
     ValueMatcher,
 )
-from envoy_data_plane.google.protobuf import Any as AnyMessage
 
 from extproc import wire
 from extproc.envoy.clusters import shared_path
@@ -63,8 +62,9 @@ from extproc.envoy.common import (
     _header,
     _ms,
 )
-from extproc.envoy.ext_proc import _body_mode, _hash_policy, _header_phase_only, _model_filters
+from extproc.envoy.ext_proc import _body_mode, _hash_policy, _header_phase_only, _model_filters, _without_broker
 from extproc.envoy.local_replies import _direct
+from extproc.envoy.open_inference import catch_all, egress_routes, model_routes, server_routes
 from extproc.envoy.shadow import _mirror
 from extproc.registry import (
     Ensemble,
@@ -72,11 +72,6 @@ from extproc.registry import (
     Registry,
     Version,
 )
-
-
-def _without_broker() -> dict[str, AnyMessage]:
-    """Routes Envoy answers alone (unknown path, wrong method) never cost a broker call."""
-    return {EXT_PROC_FILTER: _any(ExtProcPerRoute(disabled=True))}
 
 
 def _body_only() -> ExtProcPerRoute:
@@ -138,8 +133,9 @@ def _model_action(model: Model) -> RouteAction:
         weighted_clusters=weighted,
         hash_policy=_hash_policy(model),
         timeout=_ms(model.timeout_ms),
-        # One path for all versions: rewrite on the route; else each cluster rewrites its own.
-        regex_rewrite=_rewrite_to(path) if (path := shared_path(model)) else None,
+        # One path for all versions: rewrite on the route; else each cluster rewrites its own
+        # (always for OIP models, whose clusters also serve metadata and readiness).
+        regex_rewrite=_rewrite_to(path) if (path := shared_path(model)) and model.protocol == "json" else None,
     )
 
 
@@ -175,6 +171,8 @@ def _model_routes(model: Model, audited: bool) -> list[Route]:
             _header(wire.HEADER_DEGRADED, metadata.format(wire.META_DEGRADED)),
         ],
     )
+    if model.protocol == "open_inference":
+        return model_routes(model, served)
     return [served, _wrong_method(model.name, model.path)]
 
 
@@ -213,6 +211,9 @@ def _egress_routes(registry: Registry) -> list[Route]:
                 response_headers_to_add=[_version_header()],
             )
         )
+    for model in registry.models:
+        if model.protocol == "open_inference":
+            routes += egress_routes(model)
     return routes
 
 
@@ -232,11 +233,12 @@ def route_configuration(registry: Registry) -> RouteConfiguration:
     routes = [_broker_route(wire.ROUTE_HEALTHZ, wire.PATH_HEALTHZ)]
     if registry.admin_endpoints_public:
         routes.append(_broker_route(wire.ROUTE_MODELS, wire.PATH_MODELS))
+    routes += server_routes(registry)
     for model in registry.models:
         routes += _model_routes(model, registry.audited(model))
     for ensemble in registry.ensembles:
         routes += _ensemble_routes(ensemble)
-    routes.append(_unknown_route())
+    routes += [catch_all(), _unknown_route()]
     if registry.consumers:
         _authorize_routes(routes, registry)
     return RouteConfiguration(
@@ -277,6 +279,9 @@ def _authorize_routes(routes: list[Route], registry: Registry) -> None:
             route.typed_per_filter_config[LUA_FILTER] = _any(LuaPerRoute(disabled=True))
         elif route.name in allowed:
             route.typed_per_filter_config[AUTHZ_FILTER] = _any(_only_consumers(allowed[route.name]))
+        elif (model := wire.oip_route_model(route.name)) in allowed:
+            # An OIP model's metadata and readiness: whoever may call the model.
+            route.typed_per_filter_config[AUTHZ_FILTER] = _any(_only_consumers(allowed[model]))
 
 
 def _unknown_route() -> Route:

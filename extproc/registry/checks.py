@@ -17,6 +17,7 @@ from extproc import wire
 from extproc.registry.common import ALL_ROUTES
 from extproc.registry.document import Registry
 from extproc.registry.ensembles import Ensemble
+from extproc.registry.open_inference import is_v2_path, model_problems
 from extproc.registry.patterns import describe
 
 
@@ -74,9 +75,12 @@ def _model_references(reg: Registry) -> Iterator[Problem]:
     paths: dict[str, int] = {}
     for i, model in enumerate(reg.models):
         here = f"models[{i}]"
-        if reg.entity(model.entity) is None:
+        entity = reg.entity(model.entity)
+        if entity is None:
             known = ", ".join(e.name for e in reg.entities) or "none declared"
             yield Problem(f"{here}.entity", f"unknown entity '{model.entity}' (known: {known})")
+        join_key = entity.join_key if entity is not None else ""
+        yield from (Problem(at, message) for at, message in model_problems(model, join_key, here))
         if model.path in reserved:
             yield Problem(f"{here}.path", f"'{model.path}' is reserved for the broker")
         elif model.path in paths:
@@ -107,13 +111,15 @@ def _is_loopback(address: str) -> bool:
 def _ensemble_references(reg: Registry) -> Iterator[Problem]:
     taken = {m.path: f"already the path of models[{i}]" for i, m in enumerate(reg.models)}
     taken.update(dict.fromkeys((wire.PATH_HEALTHZ, wire.PATH_MODELS), "reserved for the broker"))
-    if reg.ensembles and not _is_loopback(reg.egress.address):
+    if reg.needs_egress and not _is_loopback(reg.egress.address):
         # Requests on the egress listener skip the broker: nothing off this host may reach it.
         yield Problem("egress.address", f"'{reg.egress.address}' is not a loopback address")
     for i, ensemble in enumerate(reg.ensembles):
         here = f"ensembles[{i}]"
         if ensemble.path in taken:
             yield Problem(f"{here}.path", f"'{ensemble.path}' is {taken[ensemble.path]}")
+        elif is_v2_path(ensemble.path):
+            yield Problem(f"{here}.path", "paths under /v2/ are the Open Inference Protocol's")
         taken.setdefault(ensemble.path, f"already the path of {here}")
         if ensemble.required_successes > len(ensemble.members):
             yield Problem(
@@ -164,7 +170,7 @@ def _ports_and_budgets(reg: Registry) -> Iterator[Problem]:
     plane = reg.control_plane
     ports += [("control_plane.port", plane.port), ("control_plane.admin_port", plane.admin_port)]
     ports += [(f"broker.port (worker {w})", reg.broker.port + w) for w in range(reg.broker.workers)]
-    if reg.ensembles:
+    if reg.needs_egress:
         ports.append(("egress.port", reg.egress.port))
     taken: dict[int, str] = {}
     for where, port in ports:

@@ -23,7 +23,8 @@ class Registry(Strict):
     entities: tuple[Entity, ...] = ()
     models: tuple[Model, ...] = ()
     ensembles: tuple[Ensemble, ...] = ()
-    # Envoy's loopback listener the broker calls ensemble members through; generated only with ensembles.
+    # Envoy's loopback listener the broker calls ensemble members and OIP backends' metadata and
+    # readiness through; generated only with ensembles or open_inference models.
     egress: Address = Address(port=8081)
     limits: Limits = Limits()
     audit: Audit | None = None
@@ -36,6 +37,11 @@ class Registry(Strict):
         if self.admin.public_endpoints is None:
             return not self.consumers
         return self.admin.public_endpoints
+
+    @property
+    def needs_egress(self) -> bool:
+        """Whether the broker calls through Envoy's egress listener (ensembles, OIP metadata and readiness)."""
+        return bool(self.ensembles) or any(m.protocol == "open_inference" for m in self.models)
 
     def route_names(self) -> tuple[tuple[str, str], ...]:
         """(name in an allow-list, route name Envoy reports) for every model and ensemble."""

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
 from pydantic import ConfigDict, Field, model_validator
 
 from extproc import wire
 from extproc.registry.common import FeatureName, Port, Strict
+from extproc.registry.open_inference import OpenInference, infer_path
 from extproc.registry.patterns import (
     ABSOLUTE_PATH,
     AWS_REGION,
@@ -157,7 +158,17 @@ class Shadow(Strict):
 
 class Model(Strict):
     name: Annotated[str, Field(pattern=DNS_LABEL)]
-    path: Annotated[str, Field(pattern=ROUTE_PATH)]
+    # Required for `json` models (checked with the other models); an `open_inference` model is
+    # served at its V2 paths, `/v2/models/<name>/infer` and the rest.
+    path: Annotated[
+        str,
+        # No default in the JSON schema (the CRDs): Kubernetes checks a default against the pattern.
+        Field(pattern=ROUTE_PATH, json_schema_extra=lambda schema: schema.pop("default")),
+    ] = ""
+    # json: features under `inject_as` in a JSON body. open_inference: KServe V2 / Open Inference
+    # Protocol requests, features as input tensors (`open_inference` says how).
+    protocol: Literal["json", "open_inference"] = "json"
+    open_inference: OpenInference | None = None
     entity: str
     features: tuple[FeatureName, ...] = ()
     # Where injected features go in the body; a consumer's copy is overwritten.
@@ -173,6 +184,14 @@ class Model(Strict):
     rollout: RolloutPolicy | None = None
     shadow: Shadow | None = None
     versions: tuple[Version, ...]
+
+    @model_validator(mode="before")
+    @classmethod
+    def _v2_path(cls, data: Any) -> Any:
+        """An OIP model's path is its V2 infer path, filled in so routes and members find it."""
+        if isinstance(data, dict) and data.get("protocol") == "open_inference" and "path" not in data:
+            return {**data, "path": infer_path(str(data.get("name", "")))}
+        return data
 
     @property
     def live_versions(self) -> tuple[Version, ...]:

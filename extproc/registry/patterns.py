@@ -27,6 +27,9 @@ S3_BUCKET = r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$"
 S3_PREFIX = r"^[A-Za-z0-9!_.*'()/-]{0,200}$"
 DYNAMODB_TABLE = r"^[A-Za-z0-9_.-]{3,255}$"
 FIELD_PATH = r"^[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*$"
+# Open Inference Protocol: an input tensor's name, a request `parameters` entry's name.
+TENSOR_NAME = r"^[A-Za-z_][A-Za-z0-9_.:/-]{0,127}$"
+PARAMETER_NAME = r"^[A-Za-z_][A-Za-z0-9_.-]{0,63}$"
 
 # pattern → (what a valid value looks like, an example of one)
 _WORDS: dict[str, tuple[str, str]] = {
@@ -66,6 +69,14 @@ _WORDS: dict[str, tuple[str, str]] = {
     ),
     S3_PREFIX: ("an S3 key prefix (up to 200 letters, digits or !_.*'()/-)", "audit/prod"),
     DYNAMODB_TABLE: ("a DynamoDB table name (3 to 255 letters, digits, '_', '.' or '-')", "model-broker-audit"),
+    TENSOR_NAME: (
+        "a tensor name (a letter or '_', then up to 127 letters, digits or '_', '.', ':', '/', '-')",
+        "input-0",
+    ),
+    PARAMETER_NAME: (
+        "a parameter name (a letter or '_', then up to 63 letters, digits or '_', '.', '-')",
+        "customer_id",
+    ),
     FIELD_PATH: ("a field path (names of letters, digits, '_' or '-' joined by '.')", "contact.email"),
 }
 

@@ -6,7 +6,7 @@ object (`http_service`) both answer `in` and `[]` with plain values.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any, Protocol
 
 from extproc import wire
@@ -18,6 +18,7 @@ class Fields(Protocol):
 
     def __contains__(self, key: object, /) -> bool: ...
     def __getitem__(self, key: str, /) -> Any: ...
+    def __iter__(self) -> Iterator[str]: ...
 
 
 def read_attributes(attrs: Fields, ctx: RequestContext) -> None:
@@ -28,6 +29,10 @@ def read_attributes(attrs: Fields, ctx: RequestContext) -> None:
     ctx.route_name = str(attrs[wire.ATTR_ROUTE_NAME]) if wire.ATTR_ROUTE_NAME in attrs else ""
     ctx.request_id = str(attrs[wire.ATTR_REQUEST_ID]) if wire.ATTR_REQUEST_ID in attrs else ""
     ctx.content_type = str(attrs[wire.ATTR_CONTENT_TYPE]) if wire.ATTR_CONTENT_TYPE in attrs else ""
+    # Headers an OIP model takes its entity key from; Envoy sends none the request lacks.
+    for name in attrs:
+        if name.startswith(wire.ATTR_HEADER_PREFIX) and name != wire.ATTR_CONTENT_TYPE:
+            ctx.headers[name[len(wire.ATTR_HEADER_PREFIX) : -2]] = str(attrs[name])
 
 
 def read_response_attributes(attrs: Fields, ctx: RequestContext) -> None:

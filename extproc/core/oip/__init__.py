@@ -1,0 +1,53 @@
+"""The Open Inference Protocol (KServe V2) on the request path: tensors, infer requests, GET endpoints.
+
+`tensors` (datatypes, shapes, conversion) → `infer` (entity keys from a request, feature
+tensors, the forwarded body, OIP errors) → `endpoints` (health, server and model metadata,
+readiness, read from the backends through Envoy's egress listener). Pure but for `endpoints`,
+which reads through a `BackendReader` the process layer supplies.
+"""
+
+from extproc.core.oip.endpoints import (
+    BackendReader,
+    BackendUnreachable,
+    ModelEndpoint,
+    answer,
+    client_metadata,
+    compile_endpoints,
+    egress_path,
+    server_metadata,
+)
+from extproc.core.oip.infer import (
+    InferRequest,
+    OipPlan,
+    check_oip_content_type,
+    compile_plan,
+    error_json,
+    feature_tensors,
+    forward_body,
+    read_infer_request,
+)
+from extproc.core.oip.tensors import DATATYPES, convert, element_count, flatten, tensor_problem
+
+__all__ = [
+    "DATATYPES",
+    "BackendReader",
+    "BackendUnreachable",
+    "InferRequest",
+    "ModelEndpoint",
+    "OipPlan",
+    "answer",
+    "check_oip_content_type",
+    "client_metadata",
+    "compile_endpoints",
+    "compile_plan",
+    "convert",
+    "egress_path",
+    "element_count",
+    "error_json",
+    "feature_tensors",
+    "flatten",
+    "forward_body",
+    "read_infer_request",
+    "server_metadata",
+    "tensor_problem",
+]
