@@ -153,6 +153,8 @@ class Stack:
     doc: dict[str, Any]
     workdir: Path
     procs: dict[str, Proc] = field(default_factory=dict)
+    # False when the backends are real model servers the test started itself (MLServer).
+    demo_models: bool = True
 
     @property
     def config(self) -> Path:
@@ -182,9 +184,10 @@ class Stack:
         envoy_yaml = self.workdir / "envoy.yaml"
         with envoy_yaml.open("w") as out:
             subprocess.run(self.cli("envoy-config", "--config", str(self.config)), check=True, stdout=out, timeout=60)
-        self.procs["models"] = Proc(
-            "models", self.cli("demo-models", "--config", str(self.config)), self.workdir / "models.log"
-        ).start()
+        if self.demo_models:
+            self.procs["models"] = Proc(
+                "models", self.cli("demo-models", "--config", str(self.config)), self.workdir / "models.log"
+            ).start()
         self.start_broker()
         self.procs["envoy"] = Proc(
             "envoy",
@@ -233,8 +236,8 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServ
 
 
 @contextlib.contextmanager
-def run_stack(doc: dict[str, Any], workdir: Path) -> Iterator[Stack]:
-    stack = Stack(doc, workdir)
+def run_stack(doc: dict[str, Any], workdir: Path, *, demo_models: bool = True) -> Iterator[Stack]:
+    stack = Stack(doc, workdir, demo_models=demo_models)
     try:
         stack.start()
         yield stack
