@@ -15,6 +15,7 @@ from extproc.core.oip import (
     error_json,
     feature_tensors,
     forward_body,
+    output_element,
     read_infer_request,
     tensor_problem,
 )
@@ -257,3 +258,45 @@ def test_oip_errors_are_one_string() -> None:
     """`{"error": "<code>: <message>"}`, which tritonclient prints as is."""
     error = BrokerError(ErrorCode.UNKNOWN_VERSION, "risk has no version v9")
     assert error_json(error) == {"error": "unknown_version: risk has no version v9"}
+
+
+def _ensemble_problems(member: dict[str, Any], model: dict[str, Any]) -> list[str]:
+    doc = {
+        "feature_store": {"embedded": {"path": "f.json"}},
+        "entities": [{"name": "applicant", "join_key": "applicant_id"}],
+        "models": [model],
+        "ensembles": [
+            {"name": "blend", "path": "/blend", "members": [member], "aggregation": {"method": "mean", "field": "p"}}
+        ],
+    }
+    try:
+        parse_registry(doc)
+    except RegistryInvalid as exc:
+        return [str(p) for p in exc.problems]
+    return []
+
+
+def test_an_oip_member_says_which_output_element_is_combined() -> None:
+    """An OIP member of a combining ensemble needs `output`; a JSON member may not declare one."""
+    assert _ensemble_problems({"model": "risk", "output": {"tensor": "predict_proba", "index": 1}}, _model()) == []
+    missing = _ensemble_problems({"model": "risk"}, _model())
+    assert any("members[0].output: an open_inference member needs 'output'" in p for p in missing), missing
+    json_model = _model(protocol="json", path="/score", open_inference=None)
+    wrong = _ensemble_problems({"model": "risk", "output": {"tensor": "p"}}, json_model)
+    assert any("members[0].output: only for open_inference members" in p for p in wrong), wrong
+
+
+@pytest.mark.parametrize(
+    ("answer", "expected"),
+    [
+        ({"outputs": [{"name": "predict_proba", "data": [0.2, 0.8]}]}, 0.8),
+        ({"outputs": [{"name": "predict_proba", "data": [[0.2, 0.8]]}]}, 0.8),
+        ({"outputs": [{"name": "predict_proba", "data": [0.2]}]}, None),
+        ({"outputs": [{"name": "predict", "data": [1, 0]}]}, None),
+        ({"error": "x"}, None),
+    ],
+    ids=["flat", "nested", "too-short", "other-output", "no-outputs"],
+)
+def test_the_combiner_reads_one_output_element(answer: dict[str, Any], expected: Any) -> None:
+    """Element 1 of `predict_proba`, row-major; None when the answer has no such element."""
+    assert output_element(answer, "predict_proba", 1) == expected

@@ -106,9 +106,21 @@ def _service(server: MLServer, model: str, version: str | None = None) -> dict[s
 
 
 def oip_registry(server: MLServer, redis: RedisServer) -> dict[str, Any]:
+    # Both OIP members read by the combiner at predict_proba[1], the probability of class 1.
+    probability = {"tensor": "predict_proba", "index": 1}
+    blend = {
+        "name": "risk-blend",
+        "path": "/score/risk-blend",
+        "members": [
+            {"model": "risk", "output": probability, "timeout_ms": 5000},
+            {"model": "risk-columns", "output": probability, "timeout_ms": 5000},
+        ],
+        "deadline_ms": 6000,
+        "aggregation": {"method": "mean", "field": "probability"},
+    }
     doc = demo_registry_doc(
         feature_store={"redis": {"url": redis.url}, "timeout_ms": 1000, "cache": {"ttl_seconds": 0}},
-        ensembles=[],
+        ensembles=[blend],
     )
     doc["broker"]["message_timeout_ms"] = 1500
     doc.pop("audit")  # the one-message hot path; audit on OIP routes is the JSON routes' machinery
@@ -189,6 +201,22 @@ def feature_tensor(keys: list[str], dtype: type[np.floating[Any]] = np.float32) 
     return tensor
 
 
+def column_inputs(key: str) -> list[triton.InferInput]:
+    """One [1, 1] input per feature with its declared datatype, written by hand."""
+    row = feature_rows()[key]
+    inputs = []
+    for name, datatype, dtype in (
+        ("income", "FP64", np.float64),
+        ("debt_ratio", "FP64", np.float64),
+        ("age", "INT64", np.int64),
+        ("tenure", "FP64", np.float64),
+    ):
+        tensor = triton.InferInput(name, [1, 1], datatype)
+        tensor.set_data_from_numpy(np.array([[row[name]]], dtype=dtype), binary_data=False)
+        inputs.append(tensor)
+    return inputs
+
+
 def probabilities() -> list[triton.InferRequestedOutput]:
     return [triton.InferRequestedOutput("predict_proba", binary_data=False)]
 
@@ -257,22 +285,11 @@ def test_model_version_pins_the_version(oip_stack: Stack) -> None:
 
 def test_key_in_a_header_and_one_input_per_feature(oip_stack: Stack, mlserver: MLServer) -> None:
     """A header carries the key; each feature becomes its own [1, 1] input of its declared datatype."""
-    rows = feature_rows()
     for key in ENTITIES[:10]:
         result = broker_client(oip_stack).infer(
             "risk-columns", [], outputs=probabilities(), headers={"x-applicant-id": key}
         )
-        inputs = []
-        for name, datatype, dtype in (
-            ("income", "FP64", np.float64),
-            ("debt_ratio", "FP64", np.float64),
-            ("age", "INT64", np.int64),
-            ("tenure", "FP64", np.float64),
-        ):
-            tensor = triton.InferInput(name, [1, 1], datatype)
-            tensor.set_data_from_numpy(np.array([[rows[key][name]]], dtype=dtype), binary_data=False)
-            inputs.append(tensor)
-        expected = client_of(mlserver.url).infer("risk-columns", inputs, outputs=probabilities())
+        expected = client_of(mlserver.url).infer("risk-columns", column_inputs(key), outputs=probabilities())
         assert result.as_numpy("predict_proba").tolist() == expected.as_numpy("predict_proba").tolist(), key
 
 
@@ -286,6 +303,27 @@ def test_key_in_a_request_parameter(oip_stack: Stack, mlserver: MLServer) -> Non
         "risk", [feature_tensor([key], np.float64)], model_version="v1", outputs=probabilities()
     )
     assert result.as_numpy("predict_proba").tolist() == expected.as_numpy("predict_proba").tolist()
+
+
+def test_an_ensemble_of_oip_models_combines_a_named_output_element(oip_stack: Stack, mlserver: MLServer) -> None:
+    """Each member gets tensors for its own layout; the mean is of predict_proba[1] from each answer."""
+    direct = client_of(mlserver.url)
+    for key in ENTITIES[:6]:
+        reply = urllib.request.urlopen(
+            urllib.request.Request(
+                f"{oip_stack.base}/score/risk-blend",
+                data=json.dumps({"applicant_id": key}).encode(),
+                headers={"content-type": "application/json"},
+            ),
+            timeout=30,
+        )
+        answer = json.loads(reply.read())
+        version = answer["results"]["risk"]["version"]
+        tensor = direct.infer("risk", [feature_tensor([key])], model_version=version, outputs=probabilities())
+        per_column = direct.infer("risk-columns", column_inputs(key), outputs=probabilities())
+        expected = [tensor.as_numpy("predict_proba")[0][1], per_column.as_numpy("predict_proba")[0][1]]
+        assert answer["combined"]["value"] == pytest.approx(sum(float(x) for x in expected) / 2, abs=1e-12), answer
+        assert answer["combined"]["models"] == ["risk", "risk-columns"]
 
 
 def test_tritonclient_prints_the_brokers_message(oip_stack: Stack) -> None:

@@ -16,7 +16,7 @@ from pydantic_core import ErrorDetails
 from extproc import wire
 from extproc.registry.common import ALL_ROUTES
 from extproc.registry.document import Registry
-from extproc.registry.ensembles import Ensemble
+from extproc.registry.ensembles import Ensemble, EnsembleMember
 from extproc.registry.open_inference import is_v2_path, model_problems
 from extproc.registry.patterns import describe
 
@@ -155,7 +155,9 @@ def _members(reg: Registry, ensemble: Ensemble, here: str) -> Iterator[Problem]:
                 else f"unknown model '{member.model}'"
             )
             yield Problem(f"{at}.model", f"{what} (models: {known})")
-        elif entity is None:
+            continue
+        yield from _member_output(ensemble, member, model.protocol, at)
+        if entity is None:
             entity = (model.entity, j)
         elif model.entity != entity[0]:
             yield Problem(
@@ -163,6 +165,15 @@ def _members(reg: Registry, ensemble: Ensemble, here: str) -> Iterator[Problem]:
                 f"entity '{model.entity}' differs from '{entity[0]}' of members[{entity[1]}]; "
                 "an ensemble fetches one entity's features in one store call",
             )
+
+
+def _member_output(ensemble: Ensemble, member: EnsembleMember, protocol: str, at: str) -> Iterator[Problem]:
+    """An OIP answer has no top-level fields: its member says which output element the combiner reads."""
+    reads_field = ensemble.aggregation.field is not None
+    if protocol == "open_inference" and reads_field and member.output is None:
+        yield Problem(f"{at}.output", "an open_inference member needs 'output' ({tensor, index}) for the combiner")
+    if protocol != "open_inference" and member.output is not None:
+        yield Problem(f"{at}.output", "only for open_inference members; JSON answers are read by 'aggregation.field'")
 
 
 def _ports_and_budgets(reg: Registry) -> Iterator[Problem]:

@@ -7,6 +7,7 @@ from typing import Annotated, Literal
 from pydantic import Field, model_validator
 
 from extproc.registry.common import Strict
+from extproc.registry.open_inference import TensorElement
 from extproc.registry.patterns import DNS_LABEL, JSON_KEY, ROUTE_PATH
 
 AggregationMethod = Literal["all", "mean", "weighted_mean", "majority_vote", "first_success"]
@@ -33,6 +34,8 @@ class Aggregation(Strict):
 
 class EnsembleMember(Strict):
     model: str
+    # An `open_inference` member's value for the combiner: e.g. output `predict_proba`, element 1.
+    output: TensorElement | None = None
     # The broker cancels this member's call after this long.
     timeout_ms: Annotated[int, Field(ge=1, le=600_000)] = 1_000
     # Relative weight in weighted_mean.

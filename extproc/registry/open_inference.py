@@ -58,6 +58,13 @@ class FeatureTensor(Strict):
     datatype: Literal["FP32", "FP64"] = "FP32"
 
 
+class TensorElement(Strict):
+    """Where an ensemble reads an OIP member's answer: one element of one output tensor (row-major)."""
+
+    tensor: TensorName
+    index: Annotated[int, Field(ge=0, le=1_000_000)] = 0
+
+
 class OpenInference(Strict):
     # Default: an input tensor named after the entity's join key (BYTES).
     entity_key: EntityKeySource | None = None

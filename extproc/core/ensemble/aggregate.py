@@ -15,6 +15,7 @@ from typing import Any
 
 import orjson
 
+from extproc.core.oip import output_element
 from extproc.errors import BrokerError, ErrorCode
 from extproc.registry import AggregationMethod
 
@@ -64,6 +65,8 @@ class Combiner:
     method: AggregationMethod = "all"
     field: str | None = None
     weights: Mapping[str, float] = dataclasses.field(default_factory=dict)
+    # OIP members: (output tensor, element) read instead of `field`, by model.
+    outputs: Mapping[str, tuple[str, int]] = dataclasses.field(default_factory=dict)
 
 
 def _shown(value: Any) -> str:
@@ -79,9 +82,16 @@ def _field_values(combiner: Combiner, results: Sequence[MemberResult]) -> list[t
     name = combiner.field
     values = []
     for result in results:
-        if not isinstance(result.output, dict) or name not in result.output:
+        path = combiner.outputs.get(result.model)
+        if path is not None:
+            value = output_element(result.output, *path)
+            if value is None:
+                return _fail(combiner, f"{result.model} answered without element {path[1]} of output '{path[0]}'")
+            values.append((result.model, value))
+        elif not isinstance(result.output, dict) or name not in result.output:
             return _fail(combiner, f"{result.model} answered without '{name}'")
-        values.append((result.model, result.output[name]))
+        else:
+            values.append((result.model, result.output[name]))
     return values
 
 

@@ -18,6 +18,7 @@ from extproc import wire
 from extproc.core.body import inject_features
 from extproc.core.ensemble.aggregate import Combiner, MemberFailure, MemberOutcome, MemberResult
 from extproc.core.features import Features, FeatureStore, pick
+from extproc.core.oip import member_body
 from extproc.core.routing import ModelRoute
 from extproc.errors import BrokerError, ErrorCode, FeatureStoreUnavailable
 from extproc.registry import Ensemble, Registry
@@ -51,6 +52,8 @@ class MemberPlan:
     # The model's public path; the egress listener serves the same path without ext_proc.
     path: str
     timeout_s: float
+    # OIP members: the output tensor the combiner reads, asked for in the member's request.
+    output: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,7 +81,8 @@ def _plan(ensemble: Ensemble, registry: Registry, routes: dict[str, ModelRoute])
         model = registry.model(member.model)
         if model is None:  # parse_registry already rejected this; kept for the type checker
             raise ValueError(f"ensemble {ensemble.name}: unknown model {member.model}")
-        members.append(MemberPlan(routes[model.name], model.path, member.timeout_ms / 1000))
+        output = member.output.tensor if member.output is not None else None
+        members.append(MemberPlan(routes[model.name], model.path, member.timeout_ms / 1000, output))
     union = dict.fromkeys(name for m in members for name in m.route.features)
     return EnsemblePlan(
         name=ensemble.name,
@@ -90,6 +94,7 @@ def _plan(ensemble: Ensemble, registry: Registry, routes: dict[str, ModelRoute])
             method=ensemble.aggregation.method,
             field=ensemble.aggregation.field,
             weights={m.model: m.weight for m in ensemble.members},
+            outputs={m.model: (m.output.tensor, m.output.index) for m in ensemble.members if m.output is not None},
         ),
     )
 
@@ -150,6 +155,18 @@ async def _union_features(store: FeatureStore, plan: EnsemblePlan, key: str) -> 
         return None, str(exc)
 
 
+def _member_body(
+    member: MemberPlan, doc: dict[str, Any], key: str, features: Features | BrokerError
+) -> bytes | BrokerError:
+    """The request shaped for the member's protocol: the JSON body with features, or OIP tensors."""
+    if isinstance(features, BrokerError):
+        return features
+    route = member.route
+    if route.oip is not None:
+        return member_body(route.oip, key, features, route.join_key, member.output)
+    return inject_features(dict(doc), route.inject_as, features)
+
+
 async def run_ensemble(
     plan: EnsemblePlan,
     doc: dict[str, Any],
@@ -166,15 +183,15 @@ async def run_ensemble(
     deadline = perf_counter() + plan.deadline_s
     union, unavailable = await _union_features(store, plan, key)
     settled = [m.route.settle_features(pick(union, m.route.features), key, unavailable)[0] for m in plan.members]
-    errors = [f for f in settled if isinstance(f, BrokerError)]
-    if len(errors) == len(settled):
+    bodies = [_member_body(m, doc, key, f) for m, f in zip(plan.members, settled, strict=True)]
+    errors = [b for b in bodies if isinstance(b, BrokerError)]
+    if len(errors) == len(bodies):
         # No member can be called (store down, entity unknown): the client hears it as for a model.
         return errors[0]
     fanout_started = perf_counter()
     tasks: dict[int, asyncio.Task[MemberOutcome]] = {}
-    for i, (member, features) in enumerate(zip(plan.members, settled, strict=True)):
-        if not isinstance(features, BrokerError):
-            body = inject_features(dict(doc), member.route.inject_as, features)
+    for i, (member, body) in enumerate(zip(plan.members, bodies, strict=True)):
+        if not isinstance(body, BrokerError):
             tasks[i] = asyncio.create_task(_call(client, member, body, parent_request_id))
     try:
         await asyncio.wait(tasks.values(), timeout=max(0.0, deadline - perf_counter()))
@@ -187,12 +204,13 @@ async def run_ensemble(
     cut = BrokerError(ErrorCode.DEADLINE_EXCEEDED, f"cancelled at the ensemble deadline ({_ms(plan.deadline_s):g} ms)")
     cut_after_ms = _ms(perf_counter() - fanout_started)
     outcomes: list[MemberOutcome] = []
-    for i, (member, features) in enumerate(zip(plan.members, settled, strict=True)):
-        if isinstance(features, BrokerError):  # never called: its own feature policy refused
-            outcomes.append(MemberFailure(member.route.model, features, 0.0, parent_request_id=parent_request_id))
+    for i, (member, features, body) in enumerate(zip(plan.members, settled, bodies, strict=True)):
+        sent = None if isinstance(features, BrokerError) else features
+        if isinstance(body, BrokerError):  # never called: its feature policy or its tensors refused
+            outcomes.append(MemberFailure(member.route.model, body, 0.0, parent_request_id=parent_request_id))
         elif not tasks[i].cancelled():
-            outcomes.append(replace(tasks[i].result(), features=features))
+            outcomes.append(replace(tasks[i].result(), features=sent))
         else:
             cut_off = MemberFailure(member.route.model, cut, cut_after_ms, parent_request_id=parent_request_id)
-            outcomes.append(replace(cut_off, features=features))
+            outcomes.append(replace(cut_off, features=sent))
     return outcomes

@@ -24,6 +24,8 @@ from extproc.core.oip.infer import (
     error_json,
     feature_tensors,
     forward_body,
+    member_body,
+    output_element,
     read_infer_request,
 )
 from extproc.core.oip.tensors import DATATYPES, convert, element_count, flatten, tensor_problem
@@ -47,6 +49,8 @@ __all__ = [
     "feature_tensors",
     "flatten",
     "forward_body",
+    "member_body",
+    "output_element",
     "read_infer_request",
     "server_metadata",
     "tensor_problem",

@@ -216,6 +216,32 @@ def _converted(value: Any, datatype: str, feature: str, key: str, join_key: str)
     return converted
 
 
+def member_body(
+    plan: OipPlan, key: str, features: Mapping[str, Any], join_key: str, output: str | None
+) -> bytes | BrokerError:
+    """An ensemble's call to an OIP member: one row of feature tensors, asking for the combined output."""
+    tensors = feature_tensors(plan, [key], [features], join_key)
+    if isinstance(tensors, BrokerError):
+        return tensors
+    if plan.key_input is not None and plan.forward_key_input:
+        value: Any = key if plan.key_datatype == "BYTES" else int(key)
+        tensors.insert(0, {"name": plan.key_input, "shape": [1, 1], "datatype": plan.key_datatype, "data": [value]})
+    doc: dict[str, Any] = {"inputs": tensors}
+    if output is not None:
+        doc["outputs"] = [{"name": output}]
+    return orjson.dumps(doc)
+
+
+def output_element(answer: Any, tensor: str, index: int) -> Any:
+    """Element `index` (row-major) of output `tensor` in an OIP answer; None when there is none."""
+    outputs = answer.get("outputs") if isinstance(answer, dict) else None
+    for output in outputs if isinstance(outputs, list) else ():
+        if isinstance(output, dict) and output.get("name") == tensor and isinstance(output.get("data"), list):
+            data = flatten(output["data"])
+            return data[index] if index < len(data) else None
+    return None
+
+
 def forward_body(plan: OipPlan, request: InferRequest, tensors: list[dict[str, Any]]) -> bytes:
     """The client's request with the feature tensors added (the key tensor removed unless forwarded)."""
     drop = plan.injected if plan.forward_key_input or plan.key_input is None else plan.injected | {plan.key_input}
