@@ -14,7 +14,10 @@ from typing import Any
 import orjson
 import yaml
 
+from extproc.process.banner import REQUEST_ID
 from extproc.process.launcher import free_port, wait_listening
+from extproc.rollout.discovery import runtime_dir
+from tests.quickstart import fresh_shell_env, printed_commands
 
 
 def run_curl(line: str) -> tuple[str, Any]:
@@ -25,16 +28,25 @@ def run_curl(line: str) -> tuple[str, Any]:
     return head, orjson.loads(body)
 
 
-def audit_show(request_id: str, cwd: Path) -> subprocess.CompletedProcess[str]:
-    config = "model-broker-demo/registry.yaml"
+def run_printed(line: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    """A printed command line, in bash, as the user pastes it into a new terminal."""
+    env = fresh_shell_env(runtime_dir(), None)
     return subprocess.run(
-        [sys.executable, "-m", "extproc.cli", "audit", "show", request_id, "--config", config],
-        capture_output=True,
-        text=True,
-        cwd=cwd,
-        timeout=30,
-        check=False,
+        ["bash", "-c", line], capture_output=True, text=True, cwd=cwd, env=env, timeout=60, check=False
     )
+
+
+def run_printed_cli(commands: list[str], request_id: str, cwd: Path) -> Any:
+    """Run the printed CLI lines (weights show, weights set, audit list, audit show); the record shown."""
+    cli = [line.replace(REQUEST_ID, request_id) for line in commands if not line.startswith("curl ")]
+    assert not any(line.startswith("model-broker ") for line in cli), "the venv is not on this shell's PATH"
+    assert len(cli) == 4 and " audit show " in cli[-1], cli
+    deadline = time.monotonic() + 20
+    for line in cli:
+        while (done := run_printed(line, cwd)).returncode != 0:  # a record ships about a second later
+            assert time.monotonic() < deadline and " audit show " in line, (line, done.stderr)
+            time.sleep(0.3)
+    return orjson.loads(done.stdout)
 
 
 CREDIT_PATH = "/v1/models/credit-risk/predict"
@@ -50,9 +62,10 @@ def add_model(config: Path) -> str:
     return str(churn["path"])
 
 
-def test_demo_prints_curl_lines_that_work_and_stops_cleanly(tmp_path: Path) -> None:
-    """The printed curls get an enriched answer that `audit show` finds and an ensemble answer; a model added
-    to the demo's registry answers without a restart; SIGTERM stops all."""
+def test_every_command_the_demo_prints_works_as_printed(tmp_path: Path) -> None:
+    """Each printed curl answers 200 (credit-risk enriched); each printed CLI line runs in a shell without the
+    venv on PATH (weights set, audit list/show finding the answer's record); a model added to the demo's
+    registry answers without a restart; SIGTERM stops all."""
     port = free_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "extproc.cli", "demo", "--port", str(port)],
@@ -65,28 +78,26 @@ def test_demo_prints_curl_lines_that_work_and_stops_cleanly(tmp_path: Path) -> N
     try:
         assert proc.stdout is not None
         lines: list[str] = []
-        deadline = time.monotonic() + 60
-        while sum(line.strip().startswith("curl ") for line in lines) < 2:
+        deadline = time.monotonic() + 120  # a loaded 2-core box; usually about 5 s
+        while not lines or not lines[-1].startswith("Edit "):
             assert time.monotonic() < deadline and proc.poll() is None, lines
             lines.append(proc.stdout.readline())
-        assert f"Model Broker is up at http://127.0.0.1:{port}" in "".join(lines)
-        model_curl, ensemble_curl = (line.strip() for line in lines if line.strip().startswith("curl "))
-        head, answer = run_curl(model_curl)
-        assert head.startswith("HTTP/1.1 200")
+        assert f"Model Broker is up at http://127.0.0.1:{port}" in lines[0]
+        commands = printed_commands(lines)
+        curls = [line for line in commands if line.startswith("curl ")]
+        assert len(curls) == 3, lines  # credit-risk, fraud, the ensemble
+        answers = [run_curl(line) for line in curls]
+        assert all(head.startswith("HTTP/1.1 200") for head, _ in answers), answers
+        (head, answer), _, (_, ensemble) = answers
+        model_curl = curls[0]
         assert answer["model"] == "credit-risk" and answer["version"] in {"v1", "v2"}
         assert set(answer["features"]) >= {"income", "debt_ratio", "tenure_months"}
         assert "x-broker-version: " + answer["version"] in head.lower()
+        assert set(ensemble["results"]) == {"credit-risk", "fraud"} and ensemble["errors"] == {}
         request_id = next(h.split(":", 1)[1].strip() for h in head.splitlines() if h.lower().startswith("x-request-id"))
-        deadline = time.monotonic() + 20
-        while (shown := audit_show(request_id, tmp_path)).returncode != 0:  # shipped within about a second
-            assert time.monotonic() < deadline, shown.stderr
-            time.sleep(0.3)
-        record = orjson.loads(shown.stdout)
+        record = run_printed_cli(commands, request_id, tmp_path)
         assert record["response"] == {"status": 200, "body": answer}
         assert record["version"] == answer["version"]
-        head, answer = run_curl(ensemble_curl)
-        assert head.startswith("HTTP/1.1 200"), answer
-        assert set(answer["results"]) == {"credit-risk", "fraud"} and answer["errors"] == {}
         churn = add_model(tmp_path / "model-broker-demo" / "registry.yaml")
         deadline = time.monotonic() + 20
         while not (head := run_curl(model_curl.replace(CREDIT_PATH, churn))[0]).startswith("HTTP/1.1 200"):

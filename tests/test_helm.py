@@ -531,3 +531,35 @@ def test_cli_prints_the_committed_crds() -> None:
     """`model-broker crds` prints exactly the chart's crds/crds.yaml."""
     result = run_cli("crds")
     assert result.returncode == 0 and result.stdout == (CHART / "crds" / "crds.yaml").read_text()
+
+
+def notes(values: dict[str, Any]) -> str:
+    """What `helm install` prints (NOTES.txt) for these values."""
+    rendered = helm.Chart.load(CHART).render(values, name=RELEASE, namespace=NAMESPACE, is_install=True)
+    return next(text for path, text in rendered.items() if path.endswith("NOTES.txt"))
+
+
+@pytest.mark.parametrize("name", sorted(VALUE_SETS))
+def test_notes_run_the_cli_where_it_and_its_token_are(name: str) -> None:
+    """NOTES never expects `model-broker` on the user's PATH: each CLI line execs into a Deployment the chart
+    renders, whose container has the admin token, and names the admin port that container listens on."""
+    text, docs = notes(VALUE_SETS[name]), render(name)
+    lines = [line.strip() for line in text.splitlines() if re.search(r"model-broker (weights|audit)", line)]
+    assert lines, text
+    for line in lines:
+        match = re.fullmatch(rf"kubectl -n {NAMESPACE} exec deploy/(\S+) -- model-broker (.+) --admin (\S+)", line)
+        assert match is not None, line
+        main = find(docs, "Deployment", match.group(1))["spec"]["template"]["spec"]["containers"][0]
+        assert "MODEL_BROKER_ADMIN_TOKEN" in {e["name"] for e in main.get("env", [])}, line
+        admin_port = next(p["containerPort"] for p in main["ports"] if p["name"] == "admin")
+        assert match.group(3) == f"http://127.0.0.1:{admin_port}", line
+        assert cli_parses(match.group(2).split()), line
+
+
+def cli_parses(words: list[str]) -> bool:
+    """Whether the CLI's parser accepts these words (the NOTES' commands are real ones)."""
+    try:
+        cli.parser().parse_known_args(words)
+    except SystemExit:
+        return False
+    return True

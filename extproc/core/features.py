@@ -59,6 +59,11 @@ class EmbeddedFeatureStore:
             raise ValueError(f"{path}: expected a JSON object of objects")
         return cls(rows)
 
+    @property
+    def rows(self) -> Mapping[str, Mapping[str, Any]]:
+        """Every stored row: `up` takes the keys of its example requests from here."""
+        return self._rows
+
     async def fetch(self, key: str, names: tuple[str, ...]) -> Features | None:
         return pick(self._rows.get(key), names)
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import random
 import shutil
 import signal
@@ -14,19 +13,23 @@ import sys
 import tempfile
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from extproc import wire
+from extproc.core.features import EmbeddedFeatureStore
 from extproc.envoy import Placement
 from extproc.envoy.xds_files import BOOTSTRAP_FILE, dynamic_problems, render, write_all
+from extproc.process.banner import Rows, banner, program
 from extproc.registry import Registry, load_registry
 
 DEMO_DIR = Path(__file__).parent.parent / "demo"
 READY_TIMEOUT_S = 30.0
+# `up` and `demo` on a busy laptop: a slow start is still a start (about 5 s on an idle 2-core box).
+STARTUP_TIMEOUT_S = 120.0
 
 
 def envoy_binary() -> str:
@@ -149,9 +152,14 @@ def _wait_for_signal(procs: list[subprocess.Popen[bytes]]) -> int:
 
 
 def up(
-    config_path: str, workers: int | None, extra: list[list[str]] | None = None, extra_ports: list[int] | None = None
+    config_path: str,
+    workers: int | None,
+    extra: list[list[str]] | None = None,
+    extra_ports: list[int] | None = None,
+    example: Mapping[str, Any] | None = None,
 ) -> int:
-    """Broker + Envoy (+ extra commands, ready once `extra_ports` listen) until Ctrl-C.
+    """Broker + Envoy (+ extra commands, ready once `extra_ports` listen) until Ctrl-C; `example`: body fields
+    the printed example requests carry besides the entity key.
 
     Envoy runs in dynamic mode with the config watcher beside it, and the broker
     reloads the registry too: models edited in `config_path` go live without a restart.
@@ -176,10 +184,15 @@ def up(
             )
         )
         base = f"{listener_scheme(registry)}://{registry.listener.address}:{registry.listener.port}"
-        wait_ready(base + wire.PATH_HEALTHZ, context=_loopback_probe_context(registry))
-        for port in extra_ports or []:
-            wait_listening(port)
-        print(_banner(registry, base, config_path), flush=True)
+        try:
+            wait_ready(base + wire.PATH_HEALTHZ, STARTUP_TIMEOUT_S, _loopback_probe_context(registry))
+            for port in extra_ports or []:
+                wait_listening(port, timeout_s=STARTUP_TIMEOUT_S)
+        except RuntimeError as exc:
+            print(f"model-broker: the stack did not come up: {exc} (the lines above say why)", file=sys.stderr)
+            return 1
+        text = banner(registry, base, config_path, rows=_store_rows(registry), prog=program(), example_fields=example)
+        print(text, flush=True)
         return _wait_for_signal(procs)
 
 
@@ -197,22 +210,15 @@ def _loopback_probe_context(registry: Registry) -> ssl.SSLContext | None:
     return context
 
 
-def _banner(registry: Registry, base: str, config_path: str) -> str:
-    lines = [f"Model Broker is up at {base}  (Ctrl-C stops it)", f"  GET  {base}{wire.PATH_MODELS}"]
-    for model in registry.models:
-        lines.append(f"  POST {base}{model.path}")
-    for ensemble in registry.ensembles:
-        lines.append(f"  POST {base}{ensemble.path}  (ensemble: {', '.join(m.model for m in ensemble.members)})")
-    if registry.models:
-        example = {"customer_id": "c-42", "amount": 1200} if registry.model("credit-risk") else {}
-        paths = [registry.models[0].path] + [e.path for e in registry.ensembles[:1]]
-        lines.append("Try:")
-        body = json.dumps(example)
-        lines += [f"  curl -s -i {base}{path} -H 'content-type: application/json' -d '{body}'" for path in paths]
-    if registry.audit is not None:
-        lines.append(f"Audit record of a request:  model-broker audit show <x-request-id> --config {config_path}")
-    lines.append(f"Edit {config_path}: models, versions and weights go live without a restart.")
-    return "\n".join(lines)
+def _store_rows(registry: Registry) -> Rows:
+    """The embedded store's rows (example keys for the banner); nothing for Redis or an unreadable file."""
+    embedded = registry.feature_store.embedded
+    if embedded is None:
+        return {}
+    try:
+        return EmbeddedFeatureStore.from_file(embedded.path).rows
+    except (OSError, ValueError):
+        return {}
 
 
 def demo_registry_doc(listener_port: int) -> dict[str, Any]:
@@ -240,6 +246,8 @@ def demo_registry(listener_port: int, directory: Path) -> Path:
 # Where `demo` keeps its registry and audit trail: in the current directory, so
 # `model-broker audit show` finds the demo's records after the demo has stopped.
 DEMO_WORKDIR = "model-broker-demo"
+# The demo models score the amount asked for too (extproc/demo/models.py).
+DEMO_EXAMPLE = {"amount": 1200}
 
 
 def demo(listener_port: int) -> int:
@@ -248,4 +256,5 @@ def demo(listener_port: int) -> int:
     config = str(demo_registry(listener_port, workdir))
     registry = load_registry(config)
     model_ports = [v.backend.service.port for m in registry.models for v in m.versions if v.backend.service]
-    return up(config, None, extra=[_python("demo-models", "--config", config)], extra_ports=model_ports)
+    models = [_python("demo-models", "--config", config)]
+    return up(config, None, extra=models, extra_ports=model_ports, example=DEMO_EXAMPLE)

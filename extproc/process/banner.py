@@ -1,0 +1,127 @@
+"""What `up` and `demo` print: where the stack listens, and commands that work as printed in a new shell.
+
+Each model and ensemble gets an example request with an entity key its feature
+store has, so the printed curl answers 200; the CLI lines name this very program by
+a path the user's shell finds and the registry by its absolute path, so they work
+from any directory.
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+import shutil
+import sys
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+from extproc import wire
+from extproc.registry import Entity, Registry
+
+PROGRAM = "model-broker"
+REQUEST_ID = "<x-request-id>"
+# Bind-all addresses are not a destination: the printed URL uses loopback instead.
+_ANY_ADDRESS = {"0.0.0.0": "127.0.0.1", "::": "::1"}
+
+Rows = Mapping[str, Mapping[str, Any]]
+
+
+def program(which: Callable[[str], str | None] = shutil.which, executable: str = sys.executable) -> str:
+    """`model-broker` when the shell finds this very program by that name, else the absolute path that runs it."""
+    script = Path(executable).parent / PROGRAM
+    if not script.is_file():
+        return f"{shlex.quote(executable)} -m extproc.cli"
+    found = which(PROGRAM)
+    if found is not None and Path(found).resolve() == script.resolve():
+        return PROGRAM
+    return shlex.quote(str(script.absolute()))
+
+
+def entity_key_of(store_key: str, entity: Entity) -> str | None:
+    """The entity key inside a store key built from the entity's template, or None if it was not built so."""
+    prefix, _, suffix = entity.key_template.partition("{" + entity.join_key + "}")
+    fits = len(store_key) > len(prefix) + len(suffix) and store_key.startswith(prefix) and store_key.endswith(suffix)
+    return store_key[len(prefix) : len(store_key) - len(suffix)] if fits else None
+
+
+def sample_key(rows: Rows, entity: Entity, features: set[str]) -> str | None:
+    """The first entity key whose stored row has every one of `features` (so an example answers 200)."""
+    for store_key, row in rows.items():
+        key = entity_key_of(store_key, entity)
+        if key is not None and features <= row.keys():
+            return key
+    return None
+
+
+def example_requests(registry: Registry, rows: Rows) -> list[tuple[str, str, str | None]]:
+    """(path, join key, sample key or None) for every model, then every ensemble."""
+    targets: list[tuple[str, str, set[str]]] = [
+        (m.path, m.entity, {f for v in m.versions for f in (*m.features, *v.features)}) for m in registry.models
+    ]
+    for ensemble in registry.ensembles:
+        members = [m for m in (registry.model(x.model) for x in ensemble.members) if m is not None]
+        features = {f for m in members for v in m.versions for f in (*m.features, *v.features)}
+        targets.append((ensemble.path, members[0].entity if members else "", features))
+    out = []
+    for path, entity_name, features in targets:
+        entity = registry.entity(entity_name)
+        if entity is not None:
+            out.append((path, entity.join_key, sample_key(rows, entity, features)))
+    return out
+
+
+def curl(url: str, body: Mapping[str, Any], *, insecure: bool = False) -> str:
+    """A curl line posting `body` as JSON and showing the response head."""
+    flags = "-s -k -i" if insecure else "-s -i"
+    return f"curl {flags} {url} -H 'content-type: application/json' -d {shlex.quote(json.dumps(body))}"
+
+
+def even_split(versions: list[str]) -> str:
+    """`v1=50 v2=50`: every version an equal share of 100 (the first ones take the remainder)."""
+    share, extra = divmod(100, len(versions))
+    return " ".join(f"{name}={share + (1 if i < extra else 0)}" for i, name in enumerate(versions))
+
+
+def admin_url(registry: Registry) -> str:
+    plane = registry.control_plane
+    host = _ANY_ADDRESS.get(plane.address, plane.address)
+    return f"http://{f'[{host}]' if ':' in host else host}:{plane.admin_port}"
+
+
+def banner(
+    registry: Registry,
+    base: str,
+    config_path: str,
+    *,
+    rows: Rows,
+    prog: str,
+    example_fields: Mapping[str, Any] | None = None,
+) -> str:
+    """The text `up` prints once the stack answers."""
+    config = shlex.quote(str(Path(config_path).absolute()))
+    lines = [f"Model Broker is up at {base}  (Ctrl-C stops it)", f"  GET  {base}{wire.PATH_MODELS}"]
+    lines += [f"  POST {base}{m.path}" for m in registry.models]
+    lines += [f"  POST {base}{e.path}  (ensemble: {', '.join(m.model for m in e.members)})" for e in registry.ensembles]
+    examples = example_requests(registry, rows)
+    if examples:
+        unknown = [path for path, _, key in examples if key is None]
+        lines.append("Try (each answers 200):" if not unknown else "Try (put in an entity key your feature store has):")
+        if registry.consumers:
+            lines.append("  # consumers are declared: add -H 'x-api-key: <your key>' to each")
+        for path, join_key, key in examples:
+            body = {join_key: key if key is not None else f"<a {join_key} in your feature store>"}
+            lines.append("  " + curl(base + path, body | dict(example_fields or {}), insecure=base.startswith("https")))
+    lines.append("Live weights, on every Envoy and broker worker at once:")
+    lines.append(f"  {prog} weights show --admin {admin_url(registry)}")
+    split = next((m for m in registry.models if len(m.versions) > 1), None)
+    if split is not None:
+        assignments = even_split([v.name for v in split.versions])
+        lines.append(f"  {prog} weights set {split.name} {assignments} --admin {admin_url(registry)}")
+    audited = [m.name for m in registry.models if registry.audited(m)]
+    if audited:
+        lines.append("Audit records (shipped about a second after the answer):")
+        lines.append(f"  {prog} audit list --model {audited[0]} --since 1h --config {config}")
+        lines.append(f"  {prog} audit show {REQUEST_ID} --config {config}")
+    lines.append(f"Edit {config}: models, versions and weights go live without a restart.")
+    return "\n".join(lines)

@@ -1,0 +1,148 @@
+"""What `up` and `demo` print: example requests with keys the store has, commands the user's shell can run."""
+
+from __future__ import annotations
+
+import copy
+import shlex
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from extproc.process.banner import banner, entity_key_of, even_split, example_requests, program, sample_key
+from extproc.registry import Entity, Registry, parse_registry
+from tests.conftest import demo_registry_doc, demo_rows
+
+BASE = "http://127.0.0.1:8080"
+
+
+def registry(**overrides: Any) -> Registry:
+    return parse_registry(demo_registry_doc(**overrides))
+
+
+def test_program_is_the_bare_name_only_when_the_shell_finds_this_very_one(tmp_path: Path) -> None:
+    """Found on PATH as itself → `model-broker`; elsewhere or another one → the absolute path of this one."""
+    bin_dir = tmp_path / "my venv" / "bin"
+    bin_dir.mkdir(parents=True)
+    (bin_dir / "model-broker").touch()
+    python = str(bin_dir / "python")
+    other = tmp_path / "other" / "model-broker"
+    other.parent.mkdir()
+    other.touch()
+    assert program(lambda _: str(bin_dir / "model-broker"), python) == "model-broker"
+    assert program(lambda _: None, python) == shlex.quote(str(bin_dir / "model-broker"))
+    assert program(lambda _: str(other), python) == shlex.quote(str(bin_dir / "model-broker"))
+    assert program(lambda _: None, str(tmp_path / "python")) == f"{tmp_path / 'python'} -m extproc.cli"
+
+
+@pytest.mark.parametrize(
+    ("template", "store_key", "key"),
+    [
+        ("customer:{customer_id}", "customer:c-1", "c-1"),
+        ("customer:{customer_id}", "merchant:m-1", None),
+        ("customer:{customer_id}", "customer:", None),
+        ("{customer_id}@cust", "c-9@cust", "c-9"),
+        ("{customer_id}@cust", "c-9@other", None),
+        (None, "customer:42", "42"),
+    ],
+    ids=["prefix", "other-entity", "empty-key", "suffix", "wrong-suffix", "default-template"],
+)
+def test_entity_key_is_read_back_from_a_store_key(template: str | None, store_key: str, key: str | None) -> None:
+    """The store key template is undone to find the key a client would send."""
+    entity = Entity(name="customer", join_key="customer_id", store_key=template)
+    assert entity_key_of(store_key, entity) == key
+
+
+def test_sample_key_has_every_feature_asked_for() -> None:
+    """A row missing a feature is passed over, so the example never meets `unknown_entity`."""
+    entity = Entity(name="customer", join_key="customer_id", store_key="customer:{customer_id}")
+    rows = {"customer:a": {"income": 1}, "merchant:x": {"income": 1, "debt": 2}, "customer:b": {"income": 1, "debt": 2}}
+    assert sample_key(rows, entity, {"income", "debt"}) == "b"
+    assert sample_key(rows, entity, {"tenure"}) is None
+
+
+@pytest.mark.parametrize(
+    ("versions", "split"),
+    [(["v1", "v2"], "v1=50 v2=50"), (["a", "b", "c"], "a=34 b=33 c=33"), (["only"], "only=100")],
+    ids=["two", "three", "one"],
+)
+def test_even_split_adds_up_to_100(versions: list[str], split: str) -> None:
+    """The printed `weights set` is a valid split: every version named, whole numbers."""
+    assert even_split(versions) == split
+
+
+def printed(text: str) -> list[str]:
+    """The indented command lines of a banner."""
+    return [
+        line.strip() for line in text.splitlines() if line.startswith("  ") and not line.startswith(("  GET", "  POST"))
+    ]
+
+
+def test_demo_banner_has_a_working_request_for_every_model_and_ensemble(tmp_path: Path) -> None:
+    """Each model and the ensemble get a curl with a customer the demo store has, plus weights and audit lines."""
+    reg = registry()
+    text = banner(
+        reg,
+        BASE,
+        str(tmp_path / "reg.yaml"),
+        rows=demo_rows(),
+        prog="/v/bin/model-broker",
+        example_fields={"amount": 1200},
+    )
+    lines = printed(text)
+    curls = [line for line in lines if line.startswith("curl ")]
+    assert [shlex.split(c)[3] for c in curls] == [BASE + m.path for m in reg.models] + [
+        BASE + e.path for e in reg.ensembles
+    ]
+    assert all(shlex.split(c)[-1] == '{"customer_id": "c-1", "amount": 1200}' for c in curls), curls
+    assert "Try (each answers 200):" in text
+    admin = f"--admin http://127.0.0.1:{reg.control_plane.admin_port}"
+    assert f"/v/bin/model-broker weights set credit-risk v1=50 v2=50 {admin}" in lines
+    assert f"/v/bin/model-broker weights show {admin}" in lines
+    assert f"/v/bin/model-broker audit list --model credit-risk --since 1h --config {tmp_path / 'reg.yaml'}" in lines
+    assert f"/v/bin/model-broker audit show <x-request-id> --config {tmp_path / 'reg.yaml'}" in lines
+
+
+def test_relative_config_is_printed_absolute(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The audit lines work from any directory: the registry is named by its absolute path."""
+    monkeypatch.chdir(tmp_path)
+    text = banner(registry(), BASE, "reg.yaml", rows={}, prog="model-broker")
+    assert f"--config {tmp_path / 'reg.yaml'}" in text and "--config reg.yaml" not in text
+
+
+def test_store_without_rows_asks_for_a_key_instead_of_promising_200() -> None:
+    """With Redis (no rows to sample) the example says to put in a key; it never claims to answer 200."""
+    reg = registry(feature_store={"redis": {"url": "redis://127.0.0.1:6379/0"}})
+    text = banner(reg, BASE, "/r.yaml", rows={}, prog="model-broker")
+    assert "Try (put in an entity key your feature store has):" in text
+    assert '"customer_id": "<a customer_id in your feature store>"' in text
+    assert "each answers 200" not in text
+
+
+def test_tls_consumers_and_bind_all_admin_are_printed_usably() -> None:
+    """HTTPS examples take -k (the certificate names the public host), consumers get a key hint, and a
+    control plane bound to 0.0.0.0 is reached at 127.0.0.1."""
+    doc = demo_registry_doc()
+    doc["control_plane"] = {**doc["control_plane"], "address": "0.0.0.0"}
+    doc["consumers"] = [{"name": "app", "api_keys": ["sha256:" + "a" * 64], "models": ["*"]}]
+    reg = parse_registry(copy.deepcopy(doc))
+    text = banner(reg, "https://127.0.0.1:8443", "/r.yaml", rows=demo_rows(), prog="model-broker")
+    assert "curl -s -k -i https://127.0.0.1:8443/v1/models/credit-risk/predict" in text
+    assert "add -H 'x-api-key: <your key>'" in text
+    assert f"--admin http://127.0.0.1:{reg.control_plane.admin_port}" in text
+
+
+def test_every_model_gets_an_example_even_with_its_own_entity() -> None:
+    """A second entity's model is sampled from its own keys."""
+    doc = demo_registry_doc()
+    doc["entities"].append({"name": "merchant", "join_key": "merchant_id"})
+    merchant = copy.deepcopy(doc["models"][1]) | {
+        "name": "shops",
+        "path": "/v1/models/shops/predict",
+        "entity": "merchant",
+    }
+    merchant["features"] = ["segment"]
+    doc["models"].append(merchant)
+    rows = demo_rows() | {"merchant:m-7": {"segment": "retail"}}
+    examples = example_requests(parse_registry(doc), rows)
+    assert ("/v1/models/shops/predict", "merchant_id", "m-7") in examples
