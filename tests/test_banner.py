@@ -9,7 +9,16 @@ from typing import Any
 
 import pytest
 
-from extproc.process.banner import banner, entity_key_of, even_split, example_requests, program, sample_key
+from extproc.process.banner import (
+    Example,
+    banner,
+    curl,
+    entity_key_of,
+    even_split,
+    example_requests,
+    program,
+    sample_key,
+)
 from extproc.registry import Entity, Registry, parse_registry
 from tests.conftest import demo_registry_doc, demo_rows
 
@@ -145,4 +154,41 @@ def test_every_model_gets_an_example_even_with_its_own_entity() -> None:
     doc["models"].append(merchant)
     rows = demo_rows() | {"merchant:m-7": {"segment": "retail"}}
     examples = example_requests(parse_registry(doc), rows)
-    assert ("/v1/models/shops/predict", "merchant_id", "m-7") in examples
+    assert Example("/v1/models/shops/predict", {"merchant_id": "m-7"}, (), known=True) in examples
+
+
+def oip_model(entity_key: dict[str, Any] | None) -> dict[str, Any]:
+    settings: dict[str, Any] = {"feature_tensor": {"name": "features"}}
+    if entity_key is not None:
+        settings["entity_key"] = entity_key
+    backend = {"service": {"host": "127.0.0.1", "port": 1, "path": "/v2/models/risk/infer"}}
+    return {
+        "name": "risk",
+        "protocol": "open_inference",
+        "entity": "customer",
+        "features": ["income"],
+        "open_inference": settings,
+        "versions": [{"name": "v1", "weight": 1, "backend": backend}],
+    }
+
+
+@pytest.mark.parametrize(
+    ("entity_key", "body", "headers"),
+    [
+        (None, {"inputs": [{"name": "customer_id", "shape": [1], "datatype": "BYTES", "data": ["c-1"]}]}, ()),
+        ({"parameter": "customer"}, {"inputs": [], "parameters": {"customer": "c-1"}}, ()),
+        ({"header": "x-customer"}, {"inputs": []}, (("x-customer", "c-1"),)),
+    ],
+    ids=["input-tensor", "parameter", "header"],
+)
+def test_open_inference_examples_carry_the_key_where_the_model_reads_it(
+    entity_key: dict[str, Any] | None, body: dict[str, Any], headers: tuple[tuple[str, str], ...]
+) -> None:
+    """An OIP model's example is an OIP request: the key as a tensor, a parameter or a header; no JSON extras."""
+    doc = demo_registry_doc()
+    doc["models"] = [oip_model(entity_key)]
+    doc["ensembles"] = []
+    (example,) = example_requests(parse_registry(doc), demo_rows(), {"amount": 1200})
+    assert example == Example("/v2/models/risk/infer", body, headers, known=True)
+    line = curl(BASE + example.path, example)
+    assert all(f"-H '{name}: {value}'" in line for name, value in headers)

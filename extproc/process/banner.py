@@ -13,11 +13,12 @@ import shlex
 import shutil
 import sys
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from extproc import wire
-from extproc.registry import Entity, Registry
+from extproc.registry import Entity, Model, Registry, entity_key_source
 
 PROGRAM = "model-broker"
 REQUEST_ID = "<x-request-id>"
@@ -54,27 +55,61 @@ def sample_key(rows: Rows, entity: Entity, features: set[str]) -> str | None:
     return None
 
 
-def example_requests(registry: Registry, rows: Rows) -> list[tuple[str, str, str | None]]:
-    """(path, join key, sample key or None) for every model, then every ensemble."""
-    targets: list[tuple[str, str, set[str]]] = [
-        (m.path, m.entity, {f for v in m.versions for f in (*m.features, *v.features)}) for m in registry.models
+Headers = tuple[tuple[str, str], ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Example:
+    """One example request: what to post where, and whether its key is one the store has."""
+
+    path: str
+    body: dict[str, Any]
+    headers: Headers
+    known: bool
+
+
+def _carrying(
+    model: Model | None, join_key: str, key: str, fields: Mapping[str, Any]
+) -> tuple[dict[str, Any], Headers]:
+    """The body (and header) that carries `key` where the model reads it; `fields` go along in a JSON body only."""
+    if model is None or model.protocol != "open_inference":  # an ensemble, or a JSON model
+        return {join_key: key, **fields}, ()
+    source = entity_key_source(model, join_key)
+    if source.input is not None:
+        value: str | int = int(key) if source.datatype == "INT64" and key.isdigit() else key
+        return {"inputs": [{"name": source.input, "shape": [1], "datatype": source.datatype, "data": [value]}]}, ()
+    if source.parameter is not None:
+        return {"inputs": [], "parameters": {source.parameter: key}}, ()
+    return {"inputs": []}, ((str(source.header), key),)
+
+
+def example_requests(registry: Registry, rows: Rows, fields: Mapping[str, Any] | None = None) -> list[Example]:
+    """An example request for every model, then every ensemble, with a key the store has where it can tell."""
+    targets: list[tuple[str, Model | None, str, set[str]]] = [
+        (m.path, m, m.entity, {f for v in m.versions for f in (*m.features, *v.features)}) for m in registry.models
     ]
     for ensemble in registry.ensembles:
         members = [m for m in (registry.model(x.model) for x in ensemble.members) if m is not None]
         features = {f for m in members for v in m.versions for f in (*m.features, *v.features)}
-        targets.append((ensemble.path, members[0].entity if members else "", features))
+        targets.append((ensemble.path, None, members[0].entity if members else "", features))
     out = []
-    for path, entity_name, features in targets:
+    for path, model, entity_name, features in targets:
         entity = registry.entity(entity_name)
-        if entity is not None:
-            out.append((path, entity.join_key, sample_key(rows, entity, features)))
+        if entity is None:
+            continue
+        key = sample_key(rows, entity, features)
+        shown = key or f"<a {entity.join_key} in your feature store>"
+        body, headers = _carrying(model, entity.join_key, shown, fields or {})
+        out.append(Example(path, body, headers, key is not None))
     return out
 
 
-def curl(url: str, body: Mapping[str, Any], *, insecure: bool = False) -> str:
-    """A curl line posting `body` as JSON and showing the response head."""
+def curl(url: str, example: Example, *, insecure: bool = False) -> str:
+    """A curl line posting the example's JSON body (and headers), showing the response head."""
     flags = "-s -k -i" if insecure else "-s -i"
-    return f"curl {flags} {url} -H 'content-type: application/json' -d {shlex.quote(json.dumps(body))}"
+    headers = "".join(f" -H {shlex.quote(f'{name}: {value}')}" for name, value in example.headers)
+    body = shlex.quote(json.dumps(example.body))
+    return f"curl {flags} {url} -H 'content-type: application/json'{headers} -d {body}"
 
 
 def even_split(versions: list[str]) -> str:
@@ -103,15 +138,14 @@ def banner(
     lines = [f"Model Broker is up at {base}  (Ctrl-C stops it)", f"  GET  {base}{wire.PATH_MODELS}"]
     lines += [f"  POST {base}{m.path}" for m in registry.models]
     lines += [f"  POST {base}{e.path}  (ensemble: {', '.join(m.model for m in e.members)})" for e in registry.ensembles]
-    examples = example_requests(registry, rows)
+    examples = example_requests(registry, rows, example_fields)
     if examples:
-        unknown = [path for path, _, key in examples if key is None]
-        lines.append("Try (each answers 200):" if not unknown else "Try (put in an entity key your feature store has):")
+        known = all(e.known for e in examples)
+        lines.append("Try (each answers 200):" if known else "Try (put in an entity key your feature store has):")
         if registry.consumers:
             lines.append("  # consumers are declared: add -H 'x-api-key: <your key>' to each")
-        for path, join_key, key in examples:
-            body = {join_key: key if key is not None else f"<a {join_key} in your feature store>"}
-            lines.append("  " + curl(base + path, body | dict(example_fields or {}), insecure=base.startswith("https")))
+        insecure = base.startswith("https")
+        lines += ["  " + curl(base + e.path, e, insecure=insecure) for e in examples]
     lines.append("Live weights, on every Envoy and broker worker at once:")
     lines.append(f"  {prog} weights show --admin {admin_url(registry)}")
     split = next((m for m in registry.models if len(m.versions) > 1), None)
