@@ -3,10 +3,12 @@
 The only place that wires adapters, transports and the core together.
 """
 
+from extproc.process.banner import REQUEST_ID, Example, banner, example_requests, program
 from extproc.process.launcher import (
     DEMO_DIR,
     DEMO_WORKDIR,
     READY_TIMEOUT_S,
+    STARTUP_TIMEOUT_S,
     demo,
     demo_registry,
     demo_registry_doc,
@@ -23,6 +25,7 @@ from extproc.process.supervisor import (
     MAX_QUICK_DEATHS,
     QUICK_DEATH_SECONDS,
     local_control_plane,
+    reachable,
     supervise,
     worker_ports,
 )
@@ -47,13 +50,18 @@ __all__ = [
     "MAX_QUICK_DEATHS",
     "QUICK_DEATH_SECONDS",
     "READY_TIMEOUT_S",
+    "REQUEST_ID",
     "SHIP_ON_STOP_SECONDS",
+    "STARTUP_TIMEOUT_S",
+    "Example",
     "LiveRegistry",
     "audited_entities",
+    "banner",
     "demo",
     "demo_registry",
     "demo_registry_doc",
     "envoy_binary",
+    "example_requests",
     "free_port",
     "free_port_run",
     "listener_scheme",
@@ -61,6 +69,8 @@ __all__ = [
     "open_audit",
     "open_audit_store",
     "open_feature_store",
+    "program",
+    "reachable",
     "run_worker",
     "running",
     "serve_worker",

@@ -18,12 +18,11 @@ from pathlib import Path
 from typing import Any
 
 from extproc import wire
+from extproc.process.supervisor import reachable
 from extproc.registry import Entity, Model, Registry, entity_key_source
 
 PROGRAM = "model-broker"
 REQUEST_ID = "<x-request-id>"
-# Bind-all addresses are not a destination: the printed URL uses loopback instead.
-_ANY_ADDRESS = {"0.0.0.0": "127.0.0.1", "::": "::1"}
 
 Rows = Mapping[str, Mapping[str, Any]]
 
@@ -120,7 +119,7 @@ def even_split(versions: list[str]) -> str:
 
 def admin_url(registry: Registry) -> str:
     plane = registry.control_plane
-    host = _ANY_ADDRESS.get(plane.address, plane.address)
+    host = reachable(plane.address)
     return f"http://{f'[{host}]' if ':' in host else host}:{plane.admin_port}"
 
 

@@ -24,6 +24,7 @@ from extproc.core.features import EmbeddedFeatureStore
 from extproc.envoy import Placement
 from extproc.envoy.xds_files import BOOTSTRAP_FILE, dynamic_problems, render, write_all
 from extproc.process.banner import Rows, banner, program
+from extproc.process.supervisor import reachable, worker_ports
 from extproc.registry import Registry, load_registry
 
 DEMO_DIR = Path(__file__).parent.parent / "demo"
@@ -186,6 +187,9 @@ def up(
         base = f"{listener_scheme(registry)}://{registry.listener.address}:{registry.listener.port}"
         try:
             wait_ready(base + wire.PATH_HEALTHZ, STARTUP_TIMEOUT_S, _loopback_probe_context(registry))
+            # /healthz needs one worker; the first requests may go to any (a worker not yet listening: 503).
+            for port in worker_ports(registry, count):
+                wait_listening(port, reachable(registry.broker.address), timeout_s=STARTUP_TIMEOUT_S)
             for port in extra_ports or []:
                 wait_listening(port, timeout_s=STARTUP_TIMEOUT_S)
         except RuntimeError as exc:

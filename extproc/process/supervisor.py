@@ -32,10 +32,15 @@ def worker_ports(registry: Registry, workers: int) -> list[int]:
     return [registry.broker.port + i for i in range(workers)]
 
 
+def reachable(address: str) -> str:
+    """The address to connect to a listener bound at `address` on this machine (a wildcard bind is loopback)."""
+    return {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(address, address)
+
+
 def local_control_plane(registry: Registry) -> str:
     """host:port the workers reach a control plane running beside them at (a wildcard bind is local)."""
     plane = registry.control_plane
-    host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(plane.address, plane.address)
+    host = reachable(plane.address)
     return f"[{host}]:{plane.port}" if ":" in host else f"{host}:{plane.port}"
 
 
