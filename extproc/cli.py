@@ -10,12 +10,13 @@ import logging
 import secrets
 import sys
 import time
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import uvloop
 
 from extproc.audit.local import LocalAuditStore
-from extproc.registry import Registry, RegistryInvalid, load_registry
+from extproc.registry import Audit, Registry, RegistryInvalid, load_registry
 
 if TYPE_CHECKING:
     from extproc.adapters.aws_audit import AwsAuditStore
@@ -215,23 +216,46 @@ def cmd_weights(args: argparse.Namespace) -> int:
     return set_weights(args.admin, args.model, args.assignments)
 
 
-def _audit_store(args: argparse.Namespace) -> AuditStore | int:
-    """The registry's audit store, or the exit code explaining why there is none."""
-    from extproc.process.worker import open_audit_store
-
+def _audited_registry(args: argparse.Namespace) -> tuple[Registry, Audit] | int:
+    """The registry and its audit section; else the exit code explaining why there is none."""
     registry = _load(args.config)
     if registry is None:
         return 2
     if registry.audit is None:
         print(f"{args.config}: no 'audit' section, so nothing is audited", file=sys.stderr)
         return 2
-    return open_audit_store(registry.audit)
+    return registry, registry.audit
+
+
+def _audit_store(args: argparse.Namespace) -> AuditStore | int:
+    """The registry's audit store, or the exit code explaining why there is none."""
+    from extproc.process.worker import open_audit_store
+
+    audited = _audited_registry(args)
+    return audited if isinstance(audited, int) else open_audit_store(audited[1], reader=True)
+
+
+def cmd_audit_status(args: argparse.Namespace) -> int:
+    """`audit status`: spool depth and age of the oldest unshipped record (from disk), ship counters (from metrics)."""
+    from extproc.audit.status import broker_counters, spool_status
+
+    audited = _audited_registry(args)
+    if isinstance(audited, int):
+        return audited
+    registry, audit = audited
+    status = spool_status(Path(audit.spool.dir), audit.spool.max_bytes, time.time())
+    # None: no broker answered on metrics.port (the spool on disk is still the truth).
+    status["shipping"] = broker_counters(registry.metrics.address, registry.metrics.port)
+    print(json.dumps(status, indent=2))
+    return 0
 
 
 def cmd_audit(args: argparse.Namespace) -> int:
     """`audit show|list|init`: read records back from the configured sink, printing JSON."""
     from extproc.audit.record import AuditSinkUnavailable, iso_utc, parse_when
 
+    if args.action == "status":
+        return cmd_audit_status(args)
     now = time.time()
     since = parse_when(args.since, now) if args.action == "list" else ""
     until = parse_when(args.until, now) if args.action == "list" and args.until else iso_utc(now + 1)
@@ -276,7 +300,8 @@ def _audit_parser(sub: Any) -> None:
     listing.add_argument("--since", required=True, help="ISO date/time (UTC unless an offset is given) or age: 2h")
     listing.add_argument("--until", help="exclusive end, same forms (default: now)")
     actions.add_parser("init", help="create the S3 bucket and DynamoDB table if missing (aws sink)")
-    for action in (show, listing, actions.choices["init"]):
+    actions.add_parser("status", help="spool depth, oldest unshipped record, ship counters (JSON)")
+    for action in (show, listing, actions.choices["init"], actions.choices["status"]):
         action.add_argument("--config", "-c", required=True, help="registry YAML file")
         action.set_defaults(func=cmd_audit)
 

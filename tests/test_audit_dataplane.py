@@ -9,176 +9,65 @@ import hashlib
 import json
 import os
 import signal
-import subprocess
-import sys
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
 import aiohttp
-import boto3
 import orjson
+import pyarrow as pa
+import pyarrow.dataset as ds
+import pyarrow.fs as pafs
+import pyarrow.json as pj
 import pytest
 
 from extproc.adapters.aws_audit import AwsAuditStore
-from extproc.audit import REDACTED, record_at
-from extproc.process.launcher import free_port, wait_listening
+from extproc.audit import FIELDS, REDACTED, summary
+from extproc.process.launcher import free_port
 from extproc.registry import AwsAuditSink
-from tests.conftest import Proc, Stack, demo_registry_doc, run_stack
+from tests.aws import (
+    AWS_ENV,
+    BUCKET,
+    PREFIX,
+    TABLE,
+    Moto,
+    audit_status,
+    audited_registry,
+    demo_body,
+    run_cli,
+    running_moto,
+    send_many,
+    url,
+    wait_for_items,
+    wait_for_status,
+)
+from tests.conftest import Stack, run_stack
 from tests.http import Reply, call
 
-AWS_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
-BUCKET, TABLE, PREFIX = "broker-audit", "broker-audit", "audit"
 SENTINEL = "SECRET-4242-SENTINEL"
-
-
-class Moto:
-    """`moto_server` on a free loopback port; SIGSTOP makes AWS unreachable while keeping its state."""
-
-    def __init__(self, workdir: Path) -> None:
-        self.port = free_port()
-        binary = str(Path(sys.executable).parent / "moto_server")
-        self.proc = Proc("moto", [binary, "-H", "127.0.0.1", "-p", str(self.port)], workdir / "moto.log")
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def client(self, service: str) -> Any:
-        return boto3.client(service, endpoint_url=self.url, region_name="us-east-1")
-
-    def items(self, model: str) -> list[dict[str, Any]]:
-        """Every DynamoDB item of `model`, from the model-timestamp index."""
-        ddb, found = self.client("dynamodb"), []
-        args: dict[str, Any] = {
-            "TableName": TABLE,
-            "IndexName": "model-timestamp",
-            "KeyConditionExpression": "#m = :m",
-            "ExpressionAttributeNames": {"#m": "model"},
-            "ExpressionAttributeValues": {":m": {"S": model}},
-        }
-        while True:
-            page = ddb.query(**args)
-            found += page["Items"]
-            if "LastEvaluatedKey" not in page:
-                return found
-            args["ExclusiveStartKey"] = page["LastEvaluatedKey"]
-
-    def keys(self, model: str) -> list[str]:
-        s3, found = self.client("s3"), []
-        for page in s3.get_paginator("list_objects_v2").paginate(Bucket=BUCKET, Prefix=PREFIX + "/"):
-            found += [o["Key"] for o in page.get("Contents", []) if f"/model={model}/" in o["Key"]]
-        return found
-
-    def objects(self, keys: list[str]) -> list[bytes]:
-        s3 = self.client("s3")
-        with ThreadPoolExecutor(8) as pool:
-            return list(pool.map(lambda k: s3.get_object(Bucket=BUCKET, Key=k)["Body"].read(), keys))
-
-    def records(self, model: str) -> list[dict[str, Any]]:
-        """Every record in `model`'s objects (gzip JSON Lines), duplicates included if there were any."""
-        return [orjson.loads(line) for body in self.objects(self.keys(model)) for line in gzip.decompress(body).split()]
-
-    def record_of(self, item: dict[str, Any]) -> dict[str, Any]:
-        """The record an item points at: its object's byte range and line, as `audit show` reads it."""
-        where = item["s3_range"]["S"]
-        body = self.client("s3").get_object(Bucket=BUCKET, Key=item["s3_key"]["S"], Range=where)["Body"].read()
-        record = record_at(body, int(item["s3_line"]["N"]))
-        assert record is not None and record["request_id"] == item["request_id"]["S"]
-        return record
-
-
-@pytest.fixture(scope="module")
-def moto(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Moto]:
-    with pytest.MonkeyPatch.context() as env:
-        for name, value in AWS_ENV.items():
-            env.setenv(name, value)  # the standard credential chain, for the broker too
-        server = Moto(tmp_path_factory.mktemp("moto"))
-        server.proc.start()
-        try:
-            wait_listening(server.port)
-            yield server
-        finally:
-            server.proc.signal(signal.SIGCONT)
-            server.proc.stop()
-
-
-def clone_model(doc: dict[str, Any], name: str) -> dict[str, Any]:
-    """The demo model under another name and path, on its own model ports."""
-    base = doc["models"][0]
-    return {
-        **base,
-        "name": name,
-        "path": f"/v1/models/{name}/predict",
-        "versions": [
-            {**v, "backend": {"service": {**v["backend"]["service"], "port": free_port()}}} for v in base["versions"]
-        ],
-    }
-
-
-def audited_registry(endpoint_url: str, models: list[str], **spool: Any) -> dict[str, Any]:
-    doc = demo_registry_doc()
-    doc["models"] = [clone_model(doc, name) for name in models]
-    doc.pop("ensembles", None)  # the demo ensemble calls models these stacks replace
-    doc["audit"] = {
-        "spool": {"dir": "spool", "seal_after_ms": 300, "fsync_interval_ms": 200, **spool},
-        "sink": {"aws": {"bucket": BUCKET, "table": TABLE, "prefix": PREFIX, "endpoint_url": endpoint_url}},
-        "redact": ["ssn", "contact.email"],
-        "ship_interval_ms": 200,
-    }
-    doc["audit"]["sink"]["aws"]["timeout_ms"] = 1000
-    return doc
 
 
 @pytest.fixture(scope="module")
 def aws_stack(moto: Moto, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    """Envoy + broker auditing four models to moto; each test owns one model, so its counts are its own."""
-    AwsAuditStore(AwsAuditSink(bucket=BUCKET, table=TABLE, prefix=PREFIX, endpoint_url=moto.url)).create_resources()
-    doc = audited_registry(moto.url, ["audit-count", "audit-outage", "audit-misc", "audit-kill"])
+    """Envoy + broker auditing five models to moto; each test owns one model, so its counts are its own."""
+    sink = AwsAuditSink(bucket=BUCKET, table=TABLE, prefix=PREFIX, endpoint_url=moto.url)
+    AwsAuditStore(sink, timeout_s=30).create_resources()
+    doc = audited_registry(moto.url, ["audit-count", "audit-outage", "audit-misc", "audit-kill", "audit-query"])
     with run_stack(doc, tmp_path_factory.mktemp("aws-stack")) as stack:
         yield stack
+
+
+@pytest.fixture(scope="module")
+def moto(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Moto]:
+    with running_moto(tmp_path_factory.mktemp("moto")) as server:
+        yield server
 
 
 @pytest.fixture
 async def session() -> AsyncIterator[aiohttp.ClientSession]:
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=20)) as client:
         yield client
-
-
-def url(stack: Stack, model: str) -> str:
-    return f"{stack.base}/v1/models/{model}/predict"
-
-
-async def send_many(
-    session: aiohttp.ClientSession, target: str, count: int, body: Callable[[int], bytes], concurrency: int = 16
-) -> list[tuple[bytes, Reply]]:
-    limit = asyncio.Semaphore(concurrency)
-
-    async def one(i: int) -> tuple[bytes, Reply]:
-        async with limit:
-            sent = body(i)
-            return sent, await call(session, target, data=sent)
-
-    return await asyncio.gather(*(one(i) for i in range(count)))
-
-
-def demo_body(i: int) -> bytes:
-    return orjson.dumps({"customer_id": f"c-{i % 100 + 1}", "amount": i})
-
-
-async def wait_for_items(
-    moto: Moto, model: str, at_least: int, timeout_s: float = 60.0, ids: set[str] | None = None
-) -> list[dict[str, Any]]:
-    """Poll until `at_least` items of `model` (among `ids`, when given) are in DynamoDB, or time runs out."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        items = await asyncio.to_thread(moto.items, model)
-        found = [i for i in items if ids is None or i["request_id"]["S"] in ids]
-        if len(found) >= at_least or time.monotonic() > deadline:
-            return items
-        await asyncio.sleep(0.5)
 
 
 def check_record(record: dict[str, Any], sent: bytes, reply: Reply) -> None:
@@ -216,12 +105,6 @@ async def test_every_request_lands_once_in_s3_and_dynamodb(
         assert moto.record_of(item)["request_id"] == item["request_id"]["S"]
 
 
-def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "extproc.cli", *args], capture_output=True, text=True, timeout=60, check=False
-    )
-
-
 async def test_audit_cli_reads_back_from_aws(aws_stack: Stack, moto: Moto, session: aiohttp.ClientSession) -> None:
     """`audit show` prints a request's record from S3; `audit list` finds it by model and time range."""
     sent = b'{"customer_id": "c-5", "amount": 10}'
@@ -237,6 +120,69 @@ async def test_audit_cli_reads_back_from_aws(aws_stack: Stack, moto: Moto, sessi
     assert request_id in [s["request_id"] for s in json.loads(listed.stdout)]
     missing = await asyncio.to_thread(run_cli, "audit", "show", "no-such-id", "--config", config)
     assert missing.returncode == 1 and "no audit record" in missing.stderr
+
+
+# The documented scalar types as Arrow types; `object`/`json` fields are shaped per model, so a
+# query over every model leaves them out (one model's partition can read them with inferred types).
+ARROW_TYPES = {"int64": pa.int64(), "double": pa.float64(), "string": pa.string(), "timestamp": pa.string()}
+
+
+def arrow_schema() -> pa.Schema:
+    """The README's schema table (`audit.FIELDS`) as an Arrow schema: dotted paths become structs."""
+    top: dict[str, Any] = {}
+    for field in FIELDS:
+        if field.type in ARROW_TYPES:
+            head, _, child = field.path.partition(".")
+            kind = ARROW_TYPES[field.type]
+            if child:
+                top.setdefault(head, {})[child] = kind
+            else:
+                top[head] = kind
+    return pa.schema([(n, pa.struct(list(k.items())) if isinstance(k, dict) else k) for n, k in top.items()])
+
+
+def audit_dataset(moto: Moto) -> ds.Dataset:
+    """The shipped objects as an auditor opens them: pyarrow's dataset engine over S3, Hive partitions."""
+    s3 = pafs.S3FileSystem(
+        endpoint_override=moto.url.removeprefix("http://"),
+        scheme="http",
+        access_key=AWS_ENV["AWS_ACCESS_KEY_ID"],
+        secret_key=AWS_ENV["AWS_SECRET_ACCESS_KEY"],
+        region=AWS_ENV["AWS_DEFAULT_REGION"],
+    )
+    schema = arrow_schema()
+    parse = pj.ParseOptions(explicit_schema=schema, unexpected_field_behavior="ignore")
+    return ds.dataset(
+        f"{BUCKET}/{PREFIX}",
+        filesystem=s3,
+        format=ds.JsonFileFormat(parse_options=parse),
+        partitioning=ds.partitioning(pa.schema([("date", pa.string())]), flavor="hive"),
+        schema=schema.append(pa.field("date", pa.string())),
+    )
+
+
+async def test_a_query_engine_reads_the_same_records_as_audit_list(
+    aws_stack: Stack, moto: Moto, session: aiohttp.ClientSession
+) -> None:
+    """pyarrow's dataset engine, reading the objects from the S3 endpoint, finds exactly what `audit list` lists."""
+    target = url(aws_stack, "audit-query")
+    results = await send_many(session, target, 300, demo_body)
+    refused = await call(session, target, data=b'{"amount": 1}')  # nulls and an error code in the same objects
+    assert refused.status == 400
+    await wait_for_items(moto, "audit-query", 301)
+    config = str(aws_stack.config)
+    listed = await asyncio.to_thread(run_cli, "audit", "list", "--model", "audit-query", "--since", "1h", "-c", config)
+    assert listed.returncode == 0, listed.stderr
+    expected = [{k: v for k, v in s.items() if not k.startswith("s3_")} for s in json.loads(listed.stdout)]
+    table = await asyncio.to_thread(audit_dataset(moto).to_table, filter=ds.field("model") == "audit-query")
+    found = [{k: v for k, v in summary(row).items() if v is not None} for row in table.to_pylist()]
+    by_id = lambda rows: sorted(rows, key=lambda r: r["request_id"])  # noqa: E731
+    assert len(found) == len(expected) == 301
+    assert by_id(found) == by_id(expected)
+    assert {r.headers["x-request-id"] for _, r in results} | {refused.headers["x-request-id"]} == {
+        r["request_id"] for r in found
+    }
+    assert set(table.column("date").to_pylist()) == {r["timestamp"][:10] for r in found}
 
 
 async def test_records_of_the_first_layout_are_still_found(aws_stack: Stack, moto: Moto) -> None:
@@ -279,15 +225,25 @@ async def test_aws_outage_loses_nothing_and_duplicates_nothing(
     """AWS unreachable mid-run: every request is still answered; once back, exactly one item and object each."""
     target = url(aws_stack, "audit-outage")
     before = await send_many(session, target, 100, demo_body)
+    config = str(aws_stack.config)
+    shipped_before = (await audit_status(config))["shipping"]
     moto.proc.signal(signal.SIGSTOP)
     try:
         during = await send_many(session, target, 200, demo_body)
-        spooled = sum(p.stat().st_size for p in (aws_stack.workdir / "spool").rglob("*") if p.is_file())
-        assert spooled > 0  # the records wait in the spool
+        # The records wait in the spool, and `audit status` shows the backlog and the refused ship attempts.
+        status = await wait_for_status(
+            config, lambda s: s["shipping"]["ship_failures"] > shipped_before["ship_failures"]
+        )
+        assert status["bytes"] > 0 and status["oldest_unshipped_seconds"] > 0
     finally:
         moto.proc.signal(signal.SIGCONT)
     results = before + during
-    assert collections.Counter(r.status for _, r in results) == {200: 300}
+    assert collections.Counter(r.status for _, r in results) == {200: 300}, [
+        r.body for _, r in results if r.status != 200
+    ][:3]
+    status = await wait_for_status(config, lambda s: s["bytes"] == 0)
+    assert status["oldest_unshipped_seconds"] is None
+    assert status["shipping"]["shipped_records"] >= shipped_before["shipped_records"] + 200
     items = await wait_for_items(moto, "audit-outage", 300)
     await asyncio.sleep(1.5)  # a few more ship rounds: a late duplicate would show now
     items = await asyncio.to_thread(moto.items, "audit-outage")

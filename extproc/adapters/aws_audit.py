@@ -42,6 +42,7 @@ GSI_MODEL_TIME = "model-timestamp"
 BATCH_LIMIT = 25  # batch_write_item's maximum
 UNPROCESSED_ATTEMPTS = 8
 UNPROCESSED_BACKOFF_S = 0.05
+READER_TIMEOUT_S = 30.0
 # Threads for S3 puts and DynamoDB batches: both are network waits.
 AWS_PARALLEL = 8
 
@@ -66,6 +67,12 @@ def from_dynamo_item(item: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def reader_budget(conf: AwsAuditSink) -> float:
+    """A person reading the trail (`audit show|list`) would rather wait than fail: a listing pages through
+    an index, so it gets at least READER_TIMEOUT_S per call where the shipper keeps the sink's own budget."""
+    return max(conf.timeout_ms / 1000, READER_TIMEOUT_S)
+
+
 def chunks(items: Sequence[dict[str, Any]], size: int) -> Iterator[Sequence[dict[str, Any]]]:
     for start in range(0, len(items), size):
         yield items[start : start + size]
@@ -74,12 +81,11 @@ def chunks(items: Sequence[dict[str, Any]], size: int) -> Iterator[Sequence[dict
 class AwsAuditStore:
     """Sink and reader; boto3 clients are thread-safe, and every call has the configured time budget."""
 
-    def __init__(self, conf: AwsAuditSink) -> None:
-        seconds = conf.timeout_ms / 1000
+    def __init__(self, conf: AwsAuditSink, *, timeout_s: float) -> None:
         # Few retries inside a call: the shipper's own backoff handles outages.
         config = Config(
-            connect_timeout=seconds,
-            read_timeout=seconds,
+            connect_timeout=timeout_s,
+            read_timeout=timeout_s,
             retries={"max_attempts": 2, "mode": "standard"},
             max_pool_connections=AWS_PARALLEL * 2,
         )

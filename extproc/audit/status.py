@@ -8,12 +8,18 @@ runs; the ship counters come from the broker's metrics endpoint when it answers.
 from __future__ import annotations
 
 import contextlib
+import urllib.error
+import urllib.request
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from prometheus_client.parser import text_string_to_metric_families
+
 from extproc.audit.spool import OPEN_SUFFIX, SEALED_SUFFIX, created_at
 
+# `audit status` waits this long for the broker's metrics; a broker that is down only loses the counters.
+METRICS_TIMEOUT_S = 2.0
 # What `audit status` reads from `/metrics` (all workers summed by the supervisor).
 COUNTERS = {
     "model_broker_audit_shipped": "shipped_records",
@@ -66,3 +72,13 @@ def ship_counters(families: Iterable[Any]) -> dict[str, float]:
         if name is not None:
             found[name] += sum(s.value for s in family.samples if s.name.endswith("_total"))
     return found
+
+
+def broker_counters(address: str, port: int) -> dict[str, float] | None:
+    """The running broker's audit counters from its `/metrics`; None when it does not answer."""
+    try:
+        with urllib.request.urlopen(f"http://{address}:{port}/metrics", timeout=METRICS_TIMEOUT_S) as answer:
+            text = answer.read().decode()
+    except (OSError, urllib.error.URLError):
+        return None
+    return ship_counters(text_string_to_metric_families(text))

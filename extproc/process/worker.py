@@ -55,12 +55,13 @@ def open_feature_store(registry: Registry) -> CachedFeatureStore:
     )
 
 
-def open_audit_store(conf: Audit) -> AwsAuditStore | LocalAuditStore:
-    """The configured sink, which is also what `audit show|list` reads."""
+def open_audit_store(conf: Audit, *, reader: bool = False) -> AwsAuditStore | LocalAuditStore:
+    """The configured sink, which is also what `audit show|list` reads (`reader`)."""
     if conf.sink.aws is not None:
-        from extproc.adapters.aws_audit import AwsAuditStore  # boto3 loads only where AWS is configured
+        from extproc.adapters.aws_audit import AwsAuditStore, reader_budget  # boto3 loads only where AWS is configured
 
-        return AwsAuditStore(conf.sink.aws)
+        sink = conf.sink.aws
+        return AwsAuditStore(sink, timeout_s=reader_budget(sink) if reader else sink.timeout_ms / 1000)
     assert conf.sink.local is not None  # the registry guarantees one of the two
     return LocalAuditStore(Path(conf.sink.local.dir))
 
