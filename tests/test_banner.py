@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import shlex
+import time
 from pathlib import Path
 from typing import Any
 
@@ -16,11 +17,13 @@ from extproc.process.banner import (
     entity_key_of,
     even_split,
     example_requests,
+    glob_of,
     program,
     sample_key,
 )
+from extproc.process.launcher import example_rows, free_port
 from extproc.registry import Entity, Registry, parse_registry
-from tests.conftest import demo_registry_doc, demo_rows
+from tests.conftest import RedisServer, demo_registry_doc, demo_rows
 
 BASE = "http://127.0.0.1:8080"
 
@@ -192,3 +195,31 @@ def test_open_inference_examples_carry_the_key_where_the_model_reads_it(
     assert example == Example("/v2/models/risk/infer", body, headers, known=True)
     line = curl(BASE + example.path, example)
     assert all(f"-H '{name}: {value}'" in line for name, value in headers)
+
+
+@pytest.mark.parametrize(
+    ("template", "glob"),
+    [("customer:{customer_id}", "customer:*"), ("c[1]*:{customer_id}?", "c\\[1\\]\\*:*\\?"), (None, "customer:*")],
+    ids=["prefix", "glob-characters", "default-template"],
+)
+def test_scan_pattern_matches_only_the_entitys_keys(template: str | None, glob: str) -> None:
+    """The SCAN pattern escapes the template's own glob characters."""
+    assert glob_of(Entity(name="customer", join_key="customer_id", store_key=template)) == glob
+
+
+def test_redis_examples_use_keys_the_store_has(redis_server: RedisServer) -> None:
+    """With Redis, a short SCAN finds keys with every feature, so the printed curls answer 200 there too."""
+    reg = registry(feature_store={"redis": {"url": redis_server.url}})
+    rows = example_rows(reg)
+    assert rows and all(key.startswith("customer:") for key in rows)
+    examples = example_requests(reg, rows)
+    assert examples and all(e.known for e in examples), examples
+    assert all(f"customer:{e.body['customer_id']}" in demo_rows() for e in examples)
+
+
+def test_redis_away_gives_placeholders_quickly() -> None:
+    """Redis not answering: the banner asks for a key instead of waiting or failing."""
+    reg = registry(feature_store={"redis": {"url": f"redis://127.0.0.1:{free_port()}/0"}})
+    started = time.monotonic()
+    assert example_rows(reg) == {}
+    assert time.monotonic() - started < 10

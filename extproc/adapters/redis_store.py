@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
+
 from redis.asyncio import Redis
 from redis.backoff import NoBackoff
-from redis.exceptions import RedisError
+from redis.exceptions import RedisError, ResponseError
 from redis.retry import Retry
 
 from extproc.core.features import Features, decode_value
 from extproc.errors import FeatureStoreUnavailable
+
+
+def _text(raw: bytes | str) -> str:
+    return raw.decode() if isinstance(raw, bytes) else raw
 
 
 class RedisFeatureStore:
@@ -36,6 +42,27 @@ class RedisFeatureStore:
             name: None if raw is None else decode_value(raw if isinstance(raw, bytes) else raw.encode())
             for name, raw in zip(names, values, strict=True)
         }
+
+    async def sample_rows(self, match: str, limit: int = 20) -> dict[str, dict[str, None]]:
+        """Up to `limit` hashes whose key matches a glob, with their field names (values left out).
+
+        For `up`'s example requests, never the hot path: a few SCAN pages, not an inventory;
+        Redis away or slow gives what was found so far (the example then asks for a key).
+        """
+        rows: dict[str, dict[str, None]] = {}
+        cursor = 0
+        try:
+            for _ in range(10):
+                cursor, keys = await self._redis.scan(cursor, match=match, count=1000)
+                for key in keys[: limit - len(rows)]:
+                    with contextlib.suppress(ResponseError):  # not a hash: not a feature row
+                        fields = await self._redis.hkeys(key)
+                        rows[_text(key)] = dict.fromkeys(_text(f) for f in fields)
+                if cursor == 0 or len(rows) >= limit:
+                    break
+        except (RedisError, OSError):
+            pass
+        return rows
 
     async def close(self) -> None:
         await self._redis.aclose()

@@ -9,6 +9,7 @@ from any directory.
 from __future__ import annotations
 
 import json
+import re
 import shlex
 import shutil
 import sys
@@ -22,6 +23,7 @@ from extproc.process.supervisor import reachable
 from extproc.registry import Entity, Model, Registry, entity_key_source
 
 PROGRAM = "model-broker"
+_GLOB_SPECIAL = re.compile(r"([*?\[\]\\])")
 REQUEST_ID = "<x-request-id>"
 
 Rows = Mapping[str, Mapping[str, Any]]
@@ -43,6 +45,12 @@ def entity_key_of(store_key: str, entity: Entity) -> str | None:
     prefix, _, suffix = entity.key_template.partition("{" + entity.join_key + "}")
     fits = len(store_key) > len(prefix) + len(suffix) and store_key.startswith(prefix) and store_key.endswith(suffix)
     return store_key[len(prefix) : len(store_key) - len(suffix)] if fits else None
+
+
+def glob_of(entity: Entity) -> str:
+    """A Redis SCAN pattern matching the store keys of an entity (glob characters of the template escaped)."""
+    prefix, _, suffix = entity.key_template.partition("{" + entity.join_key + "}")
+    return "*".join(_GLOB_SPECIAL.sub(r"\\\1", part) for part in (prefix, suffix))
 
 
 def sample_key(rows: Rows, entity: Entity, features: set[str]) -> str | None:

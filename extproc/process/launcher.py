@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import random
 import shutil
@@ -23,7 +24,7 @@ from extproc import wire
 from extproc.core.features import EmbeddedFeatureStore
 from extproc.envoy import Placement
 from extproc.envoy.xds_files import BOOTSTRAP_FILE, dynamic_problems, render, write_all
-from extproc.process.banner import Rows, banner, program
+from extproc.process.banner import Rows, banner, glob_of, program
 from extproc.process.supervisor import reachable, worker_ports
 from extproc.registry import Registry, load_registry
 
@@ -31,6 +32,8 @@ DEMO_DIR = Path(__file__).parent.parent / "demo"
 READY_TIMEOUT_S = 30.0
 # `up` and `demo` on a busy laptop: a slow start is still a start (about 5 s on an idle 2-core box).
 STARTUP_TIMEOUT_S = 120.0
+# Each Redis call made to find example keys for the banner (a slow store delays the banner, never the broker).
+SAMPLE_TIMEOUT_S = 0.5
 
 
 def envoy_binary() -> str:
@@ -195,7 +198,7 @@ def up(
         except RuntimeError as exc:
             print(f"model-broker: the stack did not come up: {exc} (the lines above say why)", file=sys.stderr)
             return 1
-        text = banner(registry, base, config_path, rows=_store_rows(registry), prog=program(), example_fields=example)
+        text = banner(registry, base, config_path, rows=example_rows(registry), prog=program(), example_fields=example)
         print(text, flush=True)
         return _wait_for_signal(procs)
 
@@ -214,15 +217,33 @@ def _loopback_probe_context(registry: Registry) -> ssl.SSLContext | None:
     return context
 
 
-def _store_rows(registry: Registry) -> Rows:
-    """The embedded store's rows (example keys for the banner); nothing for Redis or an unreadable file."""
-    embedded = registry.feature_store.embedded
-    if embedded is None:
-        return {}
+def example_rows(registry: Registry) -> Rows:
+    """Rows of the feature store to take example keys from: the embedded file, or a few Redis hashes per entity."""
+    embedded, redis = registry.feature_store.embedded, registry.feature_store.redis
     try:
-        return EmbeddedFeatureStore.from_file(embedded.path).rows
+        if embedded is not None:
+            return EmbeddedFeatureStore.from_file(embedded.path).rows
+        if redis is not None:
+            return asyncio.run(_redis_rows(redis.url, [glob_of(e) for e in registry.entities]))
     except (OSError, ValueError):
-        return {}
+        pass
+    return {}
+
+
+async def _redis_rows(url: str, patterns: list[str]) -> Rows:
+    from extproc.adapters.redis_store import RedisFeatureStore
+
+    store = RedisFeatureStore(url, SAMPLE_TIMEOUT_S)
+    try:
+        rows: dict[str, Mapping[str, Any]] = {}
+        async with asyncio.timeout(SAMPLE_TIMEOUT_S * 4):
+            for pattern in patterns:
+                rows |= await store.sample_rows(pattern)
+        return rows
+    except TimeoutError:
+        return rows
+    finally:
+        await store.close()
 
 
 def demo_registry_doc(listener_port: int) -> dict[str, Any]:
