@@ -93,6 +93,9 @@ HEADER_PARENT_REQUEST_ID: Final = "x-broker-parent-request-id"
 
 # The ext_proc gRPC cluster in the generated Envoy config.
 EXT_PROC_CLUSTER: Final = "model_broker_ext_proc"
+# The same workers over ext_proc's `http_service` (HTTP/1.1), and the path Envoy POSTs each message to.
+EXT_PROC_HTTP_CLUSTER: Final = "model_broker_ext_proc_http"
+HTTP_SERVICE_PATH: Final = "/ext_proc"
 
 # The rollout control plane: its gRPC cluster, the RTDS layer every Envoy subscribes
 # to, and the runtime key prefix of `weighted_clusters` (key = prefix + "." + cluster).

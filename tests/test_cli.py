@@ -135,6 +135,7 @@ def test_secured_config_filter_order_and_private_admin(tmp_path: Path) -> None:
         "model_broker.authorize",
         "envoy.filters.http.local_ratelimit",
         "envoy.filters.http.ext_proc",
+        "model_broker.http_ext_proc",
         "envoy.filters.http.buffer",
         "envoy.filters.http.rbac",
         "envoy.filters.http.router",

@@ -85,6 +85,7 @@ class Fleet:
         doc["listener"]["port"], doc["admin"]["port"], doc["egress"]["port"] = free_port(), free_port(), free_port()
         doc["metrics"]["port"] = free_port()
         doc["broker"]["port"] = free_port_run(doc["broker"]["workers"])
+        doc["broker"]["http_port"] = free_port_run(doc["broker"]["workers"])
         self.pods.append(doc)
         config = self.write(f"pod-{pod}", doc)
         envoy_yaml = self.workdir / f"pod-{pod}" / "envoy.yaml"

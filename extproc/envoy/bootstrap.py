@@ -43,10 +43,12 @@ from extproc.envoy.clusters import (
     admin_cluster,
     control_plane_cluster,
     ext_proc_cluster,
+    ext_proc_http_cluster,
     jwks_clusters,
     model_clusters,
 )
 from extproc.envoy.common import CLUSTERS_FILE, STATS_FLUSH_SECONDS, Placement, XdsFiles, _any, _socket
+from extproc.envoy.ext_proc import over_http
 from extproc.envoy.listeners import egress_listener, public_listener, stats_listener
 from extproc.envoy.routes import egress_route_configuration, route_configuration
 from extproc.envoy.shadow import _shadowed, shadow_cluster, shadow_listener, shadow_route_configuration
@@ -100,6 +102,8 @@ def bootstrap(
     if registry.needs_egress or dynamic:
         listeners.append(egress_listener(registry, xds))
     clusters = [ext_proc_cluster(registry, count, placement.broker_host)]
+    if over_http(registry):
+        clusters.append(ext_proc_http_cluster(registry, count, placement.broker_host))
     clusters.append(control_plane_cluster(registry, placement.control_plane_host))
     if xds is None:
         clusters += model_clusters(registry)

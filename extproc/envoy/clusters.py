@@ -98,6 +98,22 @@ def ext_proc_cluster(registry: Registry, workers: int, host: str | None = None) 
     return _broker_grpc_cluster(wire.EXT_PROC_CLUSTER, host or broker.address, ports, ClusterLbPolicy.LEAST_REQUEST)
 
 
+def ext_proc_http_cluster(registry: Registry, workers: int, host: str | None = None) -> Cluster:
+    """The same workers' `http_service` ports: HTTP/1.1, a pool of keep-alive connections per Envoy thread."""
+    broker = registry.broker
+    target = host or broker.address
+    return Cluster(
+        name=wire.EXT_PROC_HTTP_CLUSTER,
+        type=ClusterDiscoveryType.STATIC if _is_ip(target) else ClusterDiscoveryType.STRICT_DNS,
+        dns_lookup_family=ClusterDnsLookupFamily.V4_PREFERRED,
+        connect_timeout=_ms(250),
+        lb_policy=ClusterLbPolicy.LEAST_REQUEST,
+        load_assignment=_endpoints(
+            wire.EXT_PROC_HTTP_CLUSTER, [(target, broker.http_port + i) for i in range(workers)]
+        ),
+    )
+
+
 def _broker_grpc_cluster(name: str, target: str, ports: list[int], lb_policy: ClusterLbPolicy) -> Cluster:
     """HTTP/2 to the broker's processes: loopback, or every pod behind a headless Service's DNS name.
 

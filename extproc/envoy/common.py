@@ -30,6 +30,10 @@ from envoy_data_plane.google.protobuf import Any as AnyMessage
 EXT_PROC_FILTER = "envoy.filters.http.ext_proc"
 # A second ext_proc instance for ensemble routes: same broker, a timeout covering the fan-out.
 ENSEMBLE_EXT_PROC_FILTER = "model_broker.ensemble_ext_proc"
+# The two again over ext_proc's `http_service` (`broker.transport`): off in the chain, switched on
+# by the single-message routes, which then switch the gRPC ones off.
+HTTP_EXT_PROC_FILTER = "model_broker.http_ext_proc"
+HTTP_ENSEMBLE_EXT_PROC_FILTER = "model_broker.http_ensemble_ext_proc"
 RBAC_FILTER = "envoy.filters.http.rbac"
 HTTP_PROTOCOL_OPTIONS = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
 # How often every Envoy pushes its stats to the control plane (canary judgement granularity).

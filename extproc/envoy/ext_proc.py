@@ -1,17 +1,30 @@
-"""The ext_proc filters and, per route, which phases Envoy sends the broker."""
+"""The ext_proc filters and, per route, which phases Envoy sends the broker and over which transport.
+
+Two transports reach the same processor: gRPC (one stream per request) and ext_proc's
+`http_service` (one HTTP/1.1 POST of JSON per message; `broker.transport`). Envoy 1.40
+refuses a body mode on an `http_service` filter, but applies a per-route override asking
+for the buffered body: the HTTP filters are off in the chain and each single-message route
+switches one on with that override (and the gRPC one off). `extproc.process.fast_path`
+checks at start that the Envoy in use still does this; routes with several phases per
+request stay on gRPC, where one stream carries their state.
+"""
 
 from __future__ import annotations
 
 from envoy_data_plane.envoy.config.core.v3 import (
     GrpcService,
     GrpcServiceEnvoyGrpc,
+    HttpService,
+    HttpUri,
 )
 from envoy_data_plane.envoy.config.route.v3 import (
+    FilterConfig,
     RouteActionHashPolicy,
     RouteActionHashPolicyHeader,
 )
 from envoy_data_plane.envoy.extensions.filters.http.ext_proc.v3 import (
     ExternalProcessor,
+    ExtProcHttpService,
     ExtProcOverrides,
     ExtProcPerRoute,
     MetadataOptions,
@@ -30,7 +43,15 @@ from envoy_data_plane.envoy.type.v3 import (
 from envoy_data_plane.google.protobuf import Any as AnyMessage
 
 from extproc import wire
-from extproc.envoy.common import DYNAMIC_ENSEMBLE_DEADLINE_MS, ENSEMBLE_EXT_PROC_FILTER, EXT_PROC_FILTER, _any, _ms
+from extproc.envoy.common import (
+    DYNAMIC_ENSEMBLE_DEADLINE_MS,
+    ENSEMBLE_EXT_PROC_FILTER,
+    EXT_PROC_FILTER,
+    HTTP_ENSEMBLE_EXT_PROC_FILTER,
+    HTTP_EXT_PROC_FILTER,
+    _any,
+    _ms,
+)
 from extproc.envoy.shadow import _recorder_on
 from extproc.registry import (
     Model,
@@ -38,23 +59,43 @@ from extproc.registry import (
 )
 
 
+def over_http(registry: Registry) -> bool:
+    """Single-message routes use `http_service`: `http`, or `auto` (settled by the probe before generation)."""
+    return registry.broker.transport != "grpc"
+
+
 def ext_proc_filter(registry: Registry, dynamic: bool = False) -> HttpFilter:
     config = _ext_proc(registry, registry.broker.message_timeout_ms, dynamic)
     return HttpFilter(name=EXT_PROC_FILTER, typed_config=_any(config))
 
 
-def ensemble_ext_proc_filter(registry: Registry, dynamic: bool = False) -> HttpFilter:
-    """Off in the chain, on per ensemble route: the model routes keep their short message timeout.
-
-    The broker answers an ensemble by its deadline at the latest; the message
-    timeout adds the broker's own budget on top, so Envoy never cuts it short.
-    """
+def _ensemble_timeout_ms(registry: Registry, dynamic: bool) -> int:
+    """The broker answers an ensemble by its deadline at the latest; the message timeout adds
+    the broker's own budget on top, so Envoy never cuts it short."""
     deadlines = [e.deadline_ms for e in registry.ensembles]
     if dynamic:
         deadlines.append(DYNAMIC_ENSEMBLE_DEADLINE_MS)
-    config = _ext_proc(registry, max(deadlines) + registry.broker.message_timeout_ms, dynamic)
+    return max(deadlines) + registry.broker.message_timeout_ms
+
+
+def ensemble_ext_proc_filter(registry: Registry, dynamic: bool = False) -> HttpFilter:
+    """Off in the chain, on per ensemble route: the model routes keep their short message timeout."""
+    config = _ext_proc(registry, _ensemble_timeout_ms(registry, dynamic), dynamic)
     config.stat_prefix = "ensemble"
     return HttpFilter(name=ENSEMBLE_EXT_PROC_FILTER, typed_config=_any(config), disabled=True)
+
+
+def http_ext_proc_filters(registry: Registry, dynamic: bool = False) -> list[HttpFilter]:
+    """The `http_service` twins of the filters above, off in the chain; none on `transport: grpc`."""
+    if not over_http(registry):
+        return []
+    model = _http_ext_proc(registry, registry.broker.message_timeout_ms)
+    filters = [HttpFilter(name=HTTP_EXT_PROC_FILTER, typed_config=_any(model), disabled=True)]
+    if registry.ensembles or dynamic:
+        ensemble = _http_ext_proc(registry, _ensemble_timeout_ms(registry, dynamic))
+        ensemble.stat_prefix = "ensemble"
+        filters.append(HttpFilter(name=HTTP_ENSEMBLE_EXT_PROC_FILTER, typed_config=_any(ensemble), disabled=True))
+    return filters
 
 
 def _ext_proc(registry: Registry, timeout_ms: int, dynamic: bool) -> ExternalProcessor:
@@ -85,16 +126,62 @@ def _ext_proc(registry: Registry, timeout_ms: int, dynamic: bool) -> ExternalPro
     )
 
 
-def _header_phase_only() -> dict[str, AnyMessage]:
-    """The broker's own GET routes: headers to the broker, which answers immediately."""
-    per_route = ExtProcPerRoute(
-        overrides=ExtProcOverrides(
-            processing_mode=ProcessingMode(
-                request_header_mode=Send.SEND, request_body_mode=Body.NONE, response_header_mode=Send.SKIP
+def _http_ext_proc(registry: Registry, timeout_ms: int) -> ExternalProcessor:
+    """Every phase skipped at filter level (Envoy refuses body modes here); routes ask per route."""
+    config = _ext_proc(registry, timeout_ms, dynamic=False)
+    config.grpc_service = None
+    config.http_service = ExtProcHttpService(
+        http_service=HttpService(
+            http_uri=HttpUri(
+                uri=f"http://model-broker{wire.HTTP_SERVICE_PATH}",
+                cluster=wire.EXT_PROC_HTTP_CLUSTER,
+                timeout=_ms(timeout_ms),
             )
         )
     )
-    return {EXT_PROC_FILTER: _any(per_route)}
+    config.processing_mode = ProcessingMode(
+        request_header_mode=Send.SKIP,
+        request_body_mode=Body.NONE,
+        response_header_mode=Send.SKIP,
+        response_body_mode=Body.NONE,
+        request_trailer_mode=Send.SKIP,
+        response_trailer_mode=Send.SKIP,
+    )
+    # One message per request on these routes: never a response phase.
+    config.response_attributes = []
+    return config
+
+
+def _header_phase_only(http: bool) -> dict[str, AnyMessage]:
+    """The broker's own GET routes: headers to the broker, which answers immediately."""
+    mode = ProcessingMode(request_header_mode=Send.SEND, request_body_mode=Body.NONE, response_header_mode=Send.SKIP)
+    return single_message(mode, http=http)
+
+
+def body_only() -> ProcessingMode:
+    """The hot path: the buffered request body, nothing else."""
+    return _body_mode(response_headers=Send.SKIP, response_body=Body.NONE)
+
+
+def single_message(mode: ProcessingMode, *, http: bool, ensemble: bool = False) -> dict[str, AnyMessage]:
+    """Per-route settings of a route the broker answers in one message: `mode` on the filter of its transport.
+
+    An override is needed even where `mode` is a filter's own: Envoy switches a
+    chain-disabled filter on only with a per-route config.
+    """
+    override = _any(ExtProcPerRoute(overrides=ExtProcOverrides(processing_mode=mode)))
+    target = {
+        (False, False): EXT_PROC_FILTER,
+        (False, True): ENSEMBLE_EXT_PROC_FILTER,
+        (True, False): HTTP_EXT_PROC_FILTER,
+        (True, True): HTTP_ENSEMBLE_EXT_PROC_FILTER,
+    }[(http, ensemble)]
+    if target == EXT_PROC_FILTER:
+        return {EXT_PROC_FILTER: override}
+    return {
+        EXT_PROC_FILTER: _any(ExtProcPerRoute(disabled=True)),
+        target: _any(FilterConfig(config=override, disabled=False)),
+    }
 
 
 def _without_broker() -> dict[str, AnyMessage]:
@@ -156,12 +243,18 @@ def _hash_policy(model: Model) -> list[RouteActionHashPolicy]:
     return [RouteActionHashPolicy(header=RouteActionHashPolicyHeader(header_name=header))]
 
 
-def _model_filters(model: Model, audited: bool) -> dict[str, AnyMessage]:
-    """Per-route filter settings of the public model route: broker phases, shadow recording."""
+def _model_filters(model: Model, audited: bool, http: bool) -> dict[str, AnyMessage]:
+    """Per-route filter settings of the public model route: broker phases, shadow recording.
+
+    Only the hot path (one message) moves to `http_service`: audited and sticky-by-body
+    routes keep one gRPC stream for their phases.
+    """
     filters: dict[str, AnyMessage] = {}
     phases = _model_phases(model, audited)
     if phases is not None:
         filters[EXT_PROC_FILTER] = phases
+    elif http:
+        filters.update(single_message(body_only(), http=True))
     if model.shadow is not None:
         filters[wire.SHADOW_RECORDER_FILTER] = _recorder_on()
     return filters

@@ -30,7 +30,7 @@ from envoy_data_plane.envoy.extensions.transport_sockets.tls.v3 import (
 
 from extproc.envoy.auth import auth_filters
 from extproc.envoy.common import ADMIN_CLUSTER, RBAC_FILTER, STATS_PATHS, TLS_SOCKET, XdsFiles, _any, _routes, _socket
-from extproc.envoy.ext_proc import ensemble_ext_proc_filter, ext_proc_filter
+from extproc.envoy.ext_proc import ensemble_ext_proc_filter, ext_proc_filter, http_ext_proc_filters
 from extproc.envoy.local_replies import local_reply_config
 from extproc.envoy.routes import egress_route_configuration, route_configuration
 from extproc.envoy.shadow import _shadowed, shadow_recorder_filter
@@ -63,6 +63,7 @@ def public_listener(registry: Registry, xds: XdsFiles | None = None) -> Listener
             *auth_filters(registry),
             ext_proc_filter(registry, dynamic),
             *([ensemble_ext_proc_filter(registry, dynamic)] if registry.ensembles or dynamic else []),
+            *http_ext_proc_filters(registry, dynamic),
             *([shadow_recorder_filter(registry, disabled=True)] if _shadowed(registry) or dynamic else []),
             HttpFilter(
                 name="envoy.filters.http.buffer",

@@ -24,7 +24,7 @@ from envoy_data_plane.google.protobuf import Struct
 
 from extproc import wire
 from extproc.envoy.common import _header, _ms
-from extproc.envoy.ext_proc import _header_phase_only, _without_broker
+from extproc.envoy.ext_proc import _header_phase_only, _without_broker, over_http
 from extproc.registry import BACKEND_INFER_SUFFIX, V2_PREFIX, Model, Registry
 
 # tritonclient sends this header (and binary tensors after the JSON) when any input uses binary data.
@@ -48,13 +48,13 @@ def _get(path: str) -> RouteMatch:
     return RouteMatch(path=path, headers=[HeaderMatcher(name=":method", string_match=StringMatcher(exact="GET"))])
 
 
-def _broker_answers(name: str, match: RouteMatch) -> Route:
-    """A GET the broker answers in its header phase (reached only if it did not)."""
+def _broker_answers(name: str, match: RouteMatch, http: bool) -> Route:
+    """A GET the broker answers in its header phase (reached only if it did not); `http`: over `http_service`."""
     return Route(
         name=name,
         match=match,
         direct_response=_refuse(503, "broker_unavailable", "the model broker did not answer"),
-        typed_per_filter_config=_header_phase_only(),
+        typed_per_filter_config=_header_phase_only(http),
     )
 
 
@@ -75,10 +75,11 @@ def server_routes(registry: Registry) -> list[Route]:
         ),
         typed_per_filter_config=_without_broker(),
     )
+    http = over_http(registry)
     return [
-        _broker_answers(wire.ROUTE_OIP_LIVE, _get(wire.PATH_OIP_LIVE)),
-        _broker_answers(wire.ROUTE_OIP_READY, _get(wire.PATH_OIP_READY)),
-        _broker_answers(wire.ROUTE_OIP_SERVER, _get(wire.PATH_OIP_SERVER)),
+        _broker_answers(wire.ROUTE_OIP_LIVE, _get(wire.PATH_OIP_LIVE), http),
+        _broker_answers(wire.ROUTE_OIP_READY, _get(wire.PATH_OIP_READY), http),
+        _broker_answers(wire.ROUTE_OIP_SERVER, _get(wire.PATH_OIP_SERVER), http),
         binary,
     ]
 
@@ -93,7 +94,7 @@ def catch_all() -> Route:
     )
 
 
-def model_routes(model: Model, served: Route) -> list[Route]:
+def model_routes(model: Model, served: Route, http: bool) -> list[Route]:
     """`served` is the model's infer route (the split); around it, the rest of the model's V2 paths."""
     base = f"{V2_PREFIX}/models/{model.name}"
     routes = [served]
@@ -113,8 +114,8 @@ def model_routes(model: Model, served: Route) -> list[Route]:
         )
     for named in (None, *(v.name for v in model.versions)):
         path = base if named is None else f"{base}/versions/{named}"
-        routes.append(_broker_answers(wire.oip_route("metadata", model.name, named), _get(path)))
-        routes.append(_broker_answers(wire.oip_route("ready", model.name, named), _get(path + "/ready")))
+        routes.append(_broker_answers(wire.oip_route("metadata", model.name, named), _get(path), http))
+        routes.append(_broker_answers(wire.oip_route("ready", model.name, named), _get(path + "/ready"), http))
     known = ", ".join(v.name for v in model.versions)
     routes.append(
         Route(

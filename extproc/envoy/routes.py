@@ -15,7 +15,6 @@ from envoy_data_plane.envoy.config.rbac.v3 import (
 )
 from envoy_data_plane.envoy.config.rbac.v3 import Rbac as Rules
 from envoy_data_plane.envoy.config.route.v3 import (
-    FilterConfig,
     HeaderMatcher,
     Route,
     RouteAction,
@@ -25,12 +24,6 @@ from envoy_data_plane.envoy.config.route.v3 import (
     WeightedCluster,
     WeightedClusterClusterWeight,
 )
-from envoy_data_plane.envoy.extensions.filters.http.ext_proc.v3 import (
-    ExtProcOverrides,
-    ExtProcPerRoute,
-)
-from envoy_data_plane.envoy.extensions.filters.http.ext_proc.v3 import ProcessingModeBodySendMode as Body
-from envoy_data_plane.envoy.extensions.filters.http.ext_proc.v3 import ProcessingModeHeaderSendMode as Send
 from envoy_data_plane.envoy.extensions.filters.http.jwt_authn.v3 import (
     PerRouteConfig,
 )
@@ -50,8 +43,6 @@ from extproc.envoy.clusters import shared_path
 from extproc.envoy.common import (
     AUTHZ_FILTER,
     EGRESS_ROUTES,
-    ENSEMBLE_EXT_PROC_FILTER,
-    EXT_PROC_FILTER,
     FORBIDDEN_POLICY,
     JWT_FILTER,
     LUA_FILTER,
@@ -62,7 +53,15 @@ from extproc.envoy.common import (
     _header,
     _ms,
 )
-from extproc.envoy.ext_proc import _body_mode, _hash_policy, _header_phase_only, _model_filters, _without_broker
+from extproc.envoy.ext_proc import (
+    _hash_policy,
+    _header_phase_only,
+    _model_filters,
+    _without_broker,
+    body_only,
+    over_http,
+    single_message,
+)
 from extproc.envoy.local_replies import _direct
 from extproc.envoy.open_inference import catch_all, egress_routes, model_routes, server_routes
 from extproc.envoy.shadow import _mirror
@@ -74,19 +73,13 @@ from extproc.registry import (
 )
 
 
-def _body_only() -> ExtProcPerRoute:
-    """The filter's own mode, restated: Envoy needs a config to switch a chain-disabled filter on."""
-    mode = _body_mode(response_headers=Send.SKIP, response_body=Body.NONE)
-    return ExtProcPerRoute(overrides=ExtProcOverrides(processing_mode=mode))
-
-
-def _broker_route(name: str, path: str) -> Route:
+def _broker_route(name: str, path: str, http: bool) -> Route:
     return Route(
         name=name,
         match=RouteMatch(path=path),
         # Reached only if the broker let the request through, which it never does here.
         direct_response=_direct(503, "broker_unavailable", "the model broker did not answer"),
-        typed_per_filter_config=_header_phase_only(),
+        typed_per_filter_config=_header_phase_only(http),
     )
 
 
@@ -154,7 +147,7 @@ def _wrong_method(name: str, path: str) -> Route:
     )
 
 
-def _model_routes(model: Model, audited: bool) -> list[Route]:
+def _model_routes(model: Model, audited: bool, http: bool) -> list[Route]:
     metadata = f"%DYNAMIC_METADATA({wire.METADATA_NAMESPACE}:{{}})%"
     action = _model_action(model)
     # Mirrored from the public route only: ensemble member calls are not shadowed.
@@ -162,7 +155,7 @@ def _model_routes(model: Model, audited: bool) -> list[Route]:
     served = Route(
         name=model.name,
         match=_post(model.path),
-        typed_per_filter_config={RBAC_FILTER: _any(_broker_approved()), **_model_filters(model, audited)},
+        typed_per_filter_config={RBAC_FILTER: _any(_broker_approved()), **_model_filters(model, audited, http)},
         route=action,
         response_headers_to_add=[
             _header(wire.HEADER_MODEL, model.name),
@@ -172,11 +165,11 @@ def _model_routes(model: Model, audited: bool) -> list[Route]:
         ],
     )
     if model.protocol == "open_inference":
-        return model_routes(model, served)
+        return model_routes(model, served, http)
     return [served, _wrong_method(model.name, model.path)]
 
 
-def _ensemble_routes(ensemble: Ensemble) -> list[Route]:
+def _ensemble_routes(ensemble: Ensemble, http: bool) -> list[Route]:
     """The body goes to the broker (through the ensemble ext_proc), which always answers it itself."""
     name = wire.ensemble_route(ensemble.name)
     served = Route(
@@ -185,8 +178,7 @@ def _ensemble_routes(ensemble: Ensemble) -> list[Route]:
         # Reached only if the broker let the request through, which it never does here.
         direct_response=_direct(503, "broker_unavailable", "the model broker did not answer"),
         typed_per_filter_config={
-            EXT_PROC_FILTER: _any(ExtProcPerRoute(disabled=True)),
-            ENSEMBLE_EXT_PROC_FILTER: _any(FilterConfig(config=_any(_body_only()), disabled=False)),
+            **single_message(body_only(), http=http, ensemble=True),
             # A POST without a body never reaches ext_proc: 400, as on model routes.
             RBAC_FILTER: _any(_broker_approved()),
         },
@@ -230,14 +222,15 @@ def _rewrite_to(path: str) -> RegexMatchAndSubstitute:
 
 
 def route_configuration(registry: Registry) -> RouteConfiguration:
-    routes = [_broker_route(wire.ROUTE_HEALTHZ, wire.PATH_HEALTHZ)]
+    http = over_http(registry)
+    routes = [_broker_route(wire.ROUTE_HEALTHZ, wire.PATH_HEALTHZ, http)]
     if registry.admin_endpoints_public:
-        routes.append(_broker_route(wire.ROUTE_MODELS, wire.PATH_MODELS))
+        routes.append(_broker_route(wire.ROUTE_MODELS, wire.PATH_MODELS, http))
     routes += server_routes(registry)
     for model in registry.models:
-        routes += _model_routes(model, registry.audited(model))
+        routes += _model_routes(model, registry.audited(model), http)
     for ensemble in registry.ensembles:
-        routes += _ensemble_routes(ensemble)
+        routes += _ensemble_routes(ensemble, http)
     routes += [catch_all(), _unknown_route()]
     if registry.consumers:
         _authorize_routes(routes, registry)

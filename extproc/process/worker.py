@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 import grpc
 import uvloop
 
+from extproc import wire
 from extproc.adapters.egress import EgressClient
 from extproc.adapters.redis_store import RedisFeatureStore
 from extproc.audit.local import LocalAuditStore
@@ -29,7 +30,7 @@ from extproc.registry import Audit, Registry, load_registry
 from extproc.registry.reload import follow_registry_file
 from extproc.rollout.follow import Layer, follow
 from extproc.rollout.weights import apply_weights, weights_of_layer
-from extproc.transport import add_service
+from extproc.transport import HttpService, add_service
 
 log = logging.getLogger("model_broker.worker")
 
@@ -175,10 +176,11 @@ async def serve_worker(
     following = asyncio.create_task(follow(control_plane, node_id, live.apply_layer))
     reloading = asyncio.create_task(follow_registry_file(config_path, lambda: live.registry, live.replace))
     await _wait_for_live_weights(live.weights_applied, control_plane)
+    http = await _serve_http(processor, registry, address, port)
     add_service(server, processor)
     server.add_insecure_port(f"{address}:{port}")
     await server.start()
-    log.info("worker %d serving ext_proc on %s:%d", os.getpid(), address, port)
+    log.info("worker %d serving ext_proc on %s:%d (gRPC)%s", os.getpid(), address, port, http[1])
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -189,12 +191,27 @@ async def serve_worker(
     watch.cancel()
     following.cancel()
     reloading.cancel()
-    await server.stop(DRAIN_SECONDS)
+    # Both transports drain at once: in-flight messages are answered, then connections close.
+    await asyncio.gather(server.stop(DRAIN_SECONDS), http[0].drain(DRAIN_SECONDS) if http[0] else asyncio.sleep(0))
     await egress.close()
     await store.close()
     if audit is not None and shipping is not None:
         await shipping
         await audit[1].drain(SHIP_ON_STOP_SECONDS)
+
+
+async def _serve_http(
+    processor: BrokerProcessor, registry: Registry, address: str, port: int
+) -> tuple[HttpService | None, str]:
+    """This worker's `http_service` port (the gRPC port's offset from `http_port`), unless `transport: grpc`."""
+    broker = registry.broker
+    if broker.transport == "grpc":
+        return None, ""
+    http_port = broker.http_port + port - broker.port
+    # Envoy's JSON: base64 bodies (4/3) and the message around them.
+    service = HttpService(processor, path=wire.HTTP_SERVICE_PATH, max_bytes=registry.limits.max_body_bytes * 2 + 65536)
+    await service.listen_tcp(address, http_port)
+    return service, f" and {address}:{http_port} (http_service)"
 
 
 def run_worker(config_path: str, address: str, port: int, workers: int, control_plane: str) -> None:

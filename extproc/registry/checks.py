@@ -181,6 +181,8 @@ def _ports_and_budgets(reg: Registry) -> Iterator[Problem]:
     plane = reg.control_plane
     ports += [("control_plane.port", plane.port), ("control_plane.admin_port", plane.admin_port)]
     ports += [(f"broker.port (worker {w})", reg.broker.port + w) for w in range(reg.broker.workers)]
+    if reg.broker.transport != "grpc":
+        ports += [(f"broker.http_port (worker {w})", reg.broker.http_port + w) for w in range(reg.broker.workers)]
     if reg.needs_egress:
         ports.append(("egress.port", reg.egress.port))
     taken: dict[int, str] = {}

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import Field
 
@@ -20,11 +20,24 @@ class Admin(Address):
     public_endpoints: bool | None = None
 
 
+# How Envoy reaches the broker on single-message routes; see `Broker.transport`.
+Transport = Literal["auto", "grpc", "http"]
+
+
 class Broker(Strict):
-    """Where the ext_proc workers listen: one port per worker, `port`, `port+1`, …"""
+    """Where the ext_proc workers listen: one gRPC port per worker, `port`, `port+1`, …, and
+    (unless `transport: grpc`) one HTTP port per worker for Envoy's `http_service`, `http_port`, …"""
 
     address: str = "127.0.0.1"
     port: Port = 50051
+    http_port: Port = 50151
+    # Routes that send the broker one message per request (plain models, ensembles, /healthz,
+    # /models) reach it by `http` (ext_proc `http_service`: JSON over HTTP/1.1, far less CPU
+    # per request) or `grpc`; `auto`: http where the Envoy in use proves at start that it
+    # honours it (`envoy-config` probes it), else grpc with a loud log line. Routes with
+    # several phases per request (audited, sticky by body) always use gRPC: one stream keeps
+    # their state together.
+    transport: Transport = "auto"
     workers: Annotated[int, Field(ge=1, le=64)] = 2
     # Envoy's per-message deadline for the broker; must cover the feature store budget.
     message_timeout_ms: Annotated[int, Field(ge=10, le=60_000)] = 500

@@ -2,19 +2,26 @@
 
 Each front end decodes Envoy's message into the processor's calls (`extproc.core.messages`)
 and encodes its answer (`extproc.core.responses`): `grpc_stream` (the gRPC stream loop,
-`grpc_answers` its protobufs). `request_info` reads attributes and the consumer the same
-way for all. May import the core, never the reverse.
+`grpc_answers` its protobufs) and `http_service` (Envoy's `http_service`: one JSON POST per
+message over HTTP/1.1, `http_messages` its JSON). `request_info` reads attributes and the
+consumer the same way for both. May import the core, never the reverse.
 """
 
 from extproc.transport.grpc_answers import encode as encode_grpc
 from extproc.transport.grpc_stream import ExtProcService, Handler, add_service
+from extproc.transport.http_messages import decode as decode_json
+from extproc.transport.http_messages import encode as encode_json
+from extproc.transport.http_service import HttpService
 from extproc.transport.request_info import read_attributes, read_consumer, read_response_attributes
 
 __all__ = [
     "ExtProcService",
     "Handler",
+    "HttpService",
     "add_service",
+    "decode_json",
     "encode_grpc",
+    "encode_json",
     "read_attributes",
     "read_consumer",
     "read_response_attributes",
