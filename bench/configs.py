@@ -33,6 +33,7 @@ from extproc.envoy import (
     route_configuration,
     version_cluster,
 )
+from extproc.process.fast_path import settled
 from extproc.registry import Registry
 
 
@@ -44,12 +45,17 @@ def registry_doc(
     control_plane: int,
     control_plane_admin: int,
     broker: int,
+    broker_http: int,
     workers: int,
     backend: int,
     redis_url: str,
     cache_ttl_s: float,
+    transport: str = "auto",
 ) -> dict[str, Any]:
-    """The bench registry: one model, one version on the shared backend, features from Redis."""
+    """The bench registry: one model, one version on the shared backend, features from Redis.
+
+    `transport`: how Envoy reaches the broker on this single-message route (`broker.transport`).
+    """
     return {
         "registry_version": "bench",
         "listener": {"address": "127.0.0.1", "port": listener},
@@ -58,7 +64,14 @@ def registry_doc(
         "metrics": {"address": "127.0.0.1", "port": metrics},
         # Likewise the rollout control plane (RTDS and its admin API); its state file lands beside the registry.
         "control_plane": {"port": control_plane, "admin_port": control_plane_admin},
-        "broker": {"address": "127.0.0.1", "port": broker, "workers": workers, "message_timeout_ms": 500},
+        "broker": {
+            "address": "127.0.0.1",
+            "port": broker,
+            "http_port": broker_http,
+            "workers": workers,
+            "message_timeout_ms": 500,
+            "transport": transport,
+        },
         "feature_store": {
             "redis": {"url": redis_url},
             "timeout_ms": workload.STORE_TIMEOUT_MS,
@@ -181,7 +194,7 @@ def broker_envoy_yaml(registry: Registry, workers: int, *, header_phase: bool = 
     forward the enriched body under the client's length; without the header
     the buffer filter sets the right one.
     """
-    doc = bootstrap_dict(registry, workers)
+    doc = bootstrap_dict(settled(registry), workers)
     if header_phase:
         filters = _http_filters(doc)
         ext_proc = next(f for f in filters if f["name"] == EXT_PROC_FILTER)

@@ -8,21 +8,25 @@ from __future__ import annotations
 import statistics
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from bench.wrk import WrkResult
 
-# The issue's goals, printed beside the ratios they steer.
-GOAL_VS_PLAIN = 0.45
-GOAL_VS_AIOHTTP = 1.5
+# The goals (issue 15), printed beside the ratios they steer.
+GOAL_VS_PLAIN = 0.4
+GOAL_VS_AIOHTTP = 1.0
 GOAL_VS_FASTAPI = 6.0
-GOAL_P99_VS_PLAIN_AT_16 = 3.0
-GOAL_BROKER_CPU_US = 150.0
-BROKERS = ("broker", "broker-nocache", "broker-headers")
+GOAL_P99_VS_PLAIN_AT_16 = 2.0
+GOAL_BROKER_CPU_US = 50.0
+# At a fixed rate with no process saturated: what the broker may add over plain Envoy.
+GOAL_ADDED_P50_MS = 1.0
+GOAL_ADDED_P99_MS = 3.0
+BROKERS = ("broker", "broker-grpc", "broker-nocache", "broker-headers")
 # Side by side: (variant, baseline, what the ratio prices); a row appears when both ran.
 COMPARISONS = (
     ("broker-audit-moto", "broker", "audit to moto ÷ no audit"),
     ("broker-audit-jsonl", "broker", "audit to JSONL ÷ no audit"),
+    ("broker", "broker-grpc", "http_service ÷ gRPC"),
     ("ensemble-3", "broker", "ensemble of 3 ÷ single call"),
     ("ensemble-1", "broker", "ensemble of 1 ÷ single call"),
     ("ensemble-3", "ensemble-1", "ensemble of 3 ÷ ensemble of 1"),
@@ -203,3 +207,45 @@ def _comparison(what: str, row: Row, base: Row) -> str:
 def render(rows: Sequence[Row], header: Sequence[str]) -> str:
     tables = [table for table in (results_table(rows), ratios_table(rows), comparisons_table(rows)) if table]
     return "\n".join([*header, *(line for table in tables for line in ["", *table]), ""])
+
+
+class FixedRate(Protocol):
+    rate: float
+    requests: int
+    failures: int
+    p50_ms: float
+    p99_ms: float
+
+
+class Named(Protocol):
+    name: str
+    label: str
+
+
+def render_fixed_rate(results: Sequence[tuple[Named, FixedRate]], *, baseline: str) -> str:
+    """Latency at one fixed rate per configuration, and what each adds over `baseline` (plain Envoy)."""
+    if not results:
+        return ""
+    base = next((r for t, r in results if t.name == baseline), None)
+    lines = [
+        "",
+        f"At a fixed {results[0][1].rate:.0f} req/s (open loop, timed from when each request was due): "
+        f"added latency goal p50 ≤ {GOAL_ADDED_P50_MS:g} ms, p99 ≤ {GOAL_ADDED_P99_MS:g} ms over plain Envoy.",
+        "",
+        "| config | requests | failures | p50 ms | p99 ms | added p50 ms | added p99 ms |",
+        "|---|--:|--:|--:|--:|--:|--:|",
+    ]
+    for target, result in results:
+        added = (
+            ("-", "-")
+            if base is None or target.name == baseline
+            else (
+                f"{result.p50_ms - base.p50_ms:+.2f}",
+                f"{result.p99_ms - base.p99_ms:+.2f}",
+            )
+        )
+        lines.append(
+            f"| {target.label} | {result.requests} | {result.failures} | {result.p50_ms:.2f} | {result.p99_ms:.2f} "
+            f"| {added[0]} | {added[1]} |"
+        )
+    return "\n".join([*lines, ""])

@@ -24,6 +24,7 @@ from pathlib import Path
 from types import FrameType
 
 from bench import report, stacks
+from bench.fixed_rate import FixedRateResult, fixed_rate
 from bench.procs import children_cpu_seconds, cpu_seconds, process_tree, system_busy_seconds
 from bench.report import Sample
 from bench.stacks import Shared, Target
@@ -41,12 +42,22 @@ Starter = Callable[[Shared], AbstractContextManager[Target]]
 # Every configuration the bench knows, in the order they are interleaved.
 CONFIGS: dict[str, Starter] = {
     "envoy": stacks.plain_envoy,
-    "broker": lambda s: stacks.broker(s, "broker", "(b) Envoy + broker", cache_ttl_s=5),
+    # The default transport: ext_proc http_service where the pinned Envoy honours it (probed).
+    "broker": lambda s: stacks.broker(s, "broker", "(b) Envoy + broker, http_service", cache_ttl_s=5),
+    # The same over gRPC (transport: grpc), as before issue 15 and on multi-phase routes.
+    "broker-grpc": lambda s: stacks.broker(
+        s, "broker-grpc", "(bg) Envoy + broker, gRPC", cache_ttl_s=5, transport="grpc"
+    ),
     # Same work as the gateways, which do not cache: every request is an HMGET.
     "broker-nocache": lambda s: stacks.broker(s, "broker-nocache", "(b0) Envoy + broker, cache TTL 0", cache_ttl_s=0),
     # The price of asking for the header phase too (two ext_proc messages per request).
     "broker-headers": lambda s: stacks.broker(
-        s, "broker-headers", "(b2) Envoy + broker, header + body phases", cache_ttl_s=5, header_phase=True
+        s,
+        "broker-headers",
+        "(b2) Envoy + broker, header + body phases (gRPC)",
+        cache_ttl_s=5,
+        header_phase=True,
+        transport="grpc",
     ),
     "aiohttp": stacks.aiohttp_gateway,
     "fastapi": stacks.fastapi_gateway,
@@ -77,6 +88,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         default=",".join(DEFAULT_CONFIGS),
         help=f"which to run, in this order (default: all but {', '.join(OPT_IN)}); any of {','.join(CONFIGS)}",
     )
+    parser.add_argument(
+        "--fixed-rate",
+        type=float,
+        default=200.0,
+        help="then each configuration at this many req/s, open loop: the latency it adds (0: skip)",
+    )
+    parser.add_argument("--fixed-duration", type=float, default=10.0, help="seconds per fixed-rate run")
     parser.add_argument("--broker-workers", type=int, default=2, help="ext_proc worker processes")
     parser.add_argument("--gateway-workers", type=int, default=2, help="worker processes per Python gateway")
     parser.add_argument("--envoy-concurrency", type=int, default=2, help="Envoy worker threads, both Envoys")
@@ -177,6 +195,24 @@ def load_all(targets: Sequence[Target], scripts: Mapping[str, Path], args: argpa
     return samples
 
 
+def fixed_rate_all(targets: Sequence[Target], args: argparse.Namespace) -> list[tuple[Target, FixedRateResult]]:
+    """Every configuration at the same fixed rate, one after the other (see `bench.fixed_rate`)."""
+    if args.fixed_rate <= 0:
+        return []
+    results = []
+    for target in targets:
+        time.sleep(PAUSE_BETWEEN_RUNS_S)
+        result = fixed_rate(target.url, args.fixed_rate, args.fixed_duration)
+        print(
+            f"  fixed {result.rate:.0f} req/s {target.name:<18} p50 {result.p50_ms:6.2f} ms"
+            f"  p99 {result.p99_ms:6.2f} ms  failures {result.failures}",
+            file=sys.stderr,
+            flush=True,
+        )
+        results.append((target, result))
+    return results
+
+
 def _progress(sample: Sample, rounds: int) -> str:
     cpu = ", ".join(f"{role} {us:.0f}" for role, us in sample.cpu_us.items())
     errors = f", non-2xx {sample.wrk.non_2xx}" if sample.wrk.non_2xx or sample.wrk.socket_errors else ""
@@ -234,7 +270,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         scripts = write_scripts(targets, workdir)
         warm_up(targets, scripts, args)
         samples = load_all(targets, scripts, args)
+        steady = fixed_rate_all(targets, args)
     table = report.render(report.summarize(samples), header(args, time.monotonic() - started))
+    table += report.render_fixed_rate(steady, baseline="envoy")
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(table, encoding="utf-8")
     raw = args.output.with_suffix(".json")

@@ -180,6 +180,7 @@ def write_registry(
     workers: int,
     cache_ttl_s: float,
     extend: Extend | None = None,
+    transport: str = "auto",
 ) -> Path:
     doc = configs.registry_doc(
         listener=free_port(),
@@ -188,10 +189,12 @@ def write_registry(
         control_plane=free_port(),
         control_plane_admin=free_port(),
         broker=free_port_run(workers),
+        broker_http=free_port_run(workers),
         workers=workers,
         backend=backend_port,
         redis_url=redis_url,
         cache_ttl_s=cache_ttl_s,
+        transport=transport,
     )
     if extend is not None:
         extend(doc)
@@ -300,7 +303,9 @@ def run_broker(
         yield RunningBroker(base, {"envoy": (envoy.pid,), "broker": (supervisor.pid,)}, (broker_log, envoy_log))
 
 
-def _registry(shared: Shared, name: str, *, cache_ttl_s: float = 5, extend: Extend | None = None) -> Path:
+def _registry(
+    shared: Shared, name: str, *, cache_ttl_s: float = 5, extend: Extend | None = None, transport: str = "auto"
+) -> Path:
     return write_registry(
         shared.workdir,
         name,
@@ -309,15 +314,22 @@ def _registry(shared: Shared, name: str, *, cache_ttl_s: float = 5, extend: Exte
         workers=shared.broker_workers,
         cache_ttl_s=cache_ttl_s,
         extend=extend,
+        transport=transport,
     )
 
 
 @contextlib.contextmanager
 def broker(
-    shared: Shared, name: str, label: str, *, cache_ttl_s: float, header_phase: bool = False
+    shared: Shared,
+    name: str,
+    label: str,
+    *,
+    cache_ttl_s: float,
+    header_phase: bool = False,
+    transport: str = "auto",
 ) -> Iterator[Target]:
     """(b) Envoy + broker workers → model, features from Redis through the broker's TTL cache."""
-    config = _registry(shared, name, cache_ttl_s=cache_ttl_s)
+    config = _registry(shared, name, cache_ttl_s=cache_ttl_s, transport=transport)
     with run_broker(shared, name, label, config, header_phase=header_phase) as running:
         yield Target(
             name=name,

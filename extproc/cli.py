@@ -52,6 +52,9 @@ def cmd_envoy_config(args: argparse.Namespace) -> int:
     registry = _load(args.config)
     if registry is None:
         return 2
+    registry = _settled(registry, args.envoy)
+    if registry is None:
+        return 2
     placement = Placement(args.broker_host, args.stats_port, args.control_plane_host)
     if args.xds_dir:
         return _envoy_files(args, registry, placement)
@@ -68,12 +71,24 @@ def cmd_envoy_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def _settled(registry: Registry, envoy: str | None) -> Registry | None:
+    """The registry on the transport the Envoy in use honours (probed), or None if `http` was asked and refused."""
+    from extproc.process.fast_path import FastPathClosed, settled
+
+    try:
+        return settled(registry, envoy)
+    except FastPathClosed as exc:
+        print(f"envoy-config: {exc}", file=sys.stderr)
+        return None
+
+
 def _envoy_files(args: argparse.Namespace, registry: Registry, placement: Placement) -> int:
     """Dynamic mode: bootstrap, routes and clusters files in `--xds-dir`; `--watch` keeps them current."""
     import signal
     from pathlib import Path
 
     from extproc.envoy.xds_files import dynamic_problems, render, watch, write_all
+    from extproc.process.fast_path import with_transport
 
     problems = dynamic_problems(registry)
     if problems:
@@ -88,7 +103,14 @@ def _envoy_files(args: argparse.Namespace, registry: Registry, placement: Placem
 
     async def run() -> None:
         watching = asyncio.create_task(
-            watch(args.config, args.xds_dir, registry, workers=args.workers, placement=placement)
+            watch(
+                args.config,
+                args.xds_dir,
+                registry,
+                workers=args.workers,
+                placement=placement,
+                adjust=lambda new: with_transport(new, registry.broker.transport),
+            )
         )
         for sig in (signal.SIGTERM, signal.SIGINT):
             asyncio.get_running_loop().add_signal_handler(sig, watching.cancel)
@@ -323,6 +345,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--stats-port", type=int, help="serve /stats/prometheus and /ready on this port")
     p.add_argument("--control-plane-host", help="DNS name of the rollout control plane, e.g. its Service")
     p.add_argument("--output", "-o", help="write to this file instead of stdout")
+    p.add_argument(
+        "--envoy",
+        metavar="PATH",
+        help="the Envoy binary the config is for, probed for the http_service fast path (default: the pinned one)",
+    )
     p.add_argument(
         "--xds-dir",
         metavar="DIR",

@@ -12,10 +12,17 @@ import shutil
 import tempfile
 from collections.abc import Iterable, Mapping
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server, values
 from prometheus_client.multiprocess import MultiProcessCollector
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+
+# In multiprocess mode every increment asks the kernel for the pid (to notice a fork):
+# 8 getpid syscalls per request, a third of the metrics' cost. Broker processes are
+# spawned, never forked after import, so the pid read here stays theirs.
+_PID = os.getpid()
+if MULTIPROC_ENV in os.environ:
+    values.ValueClass = values.MultiProcessValue(process_identifier=lambda: _PID)  # type: ignore[no-untyped-call]
 
 # Stage durations are tens of microseconds to tens of milliseconds.
 STAGE_BUCKETS = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5)
@@ -68,10 +75,21 @@ VERSION_WEIGHT = Gauge(
 )
 
 
+# Labelled children by label values: `labels()` validates and locks on every call.
+_STAGES: dict[tuple[str, str], Histogram] = {}
+_OUTCOMES: dict[tuple[str, str, str], Counter] = {}
+
+
 def record_request(model: str, stages: Iterable[tuple[str, float]], outcome: str, consumer: str = "") -> None:
     for stage, seconds in stages:
-        STAGE_SECONDS.labels(model, stage).observe(seconds)
-    REQUESTS.labels(model, outcome, consumer).inc()
+        child = _STAGES.get((model, stage))
+        if child is None:
+            child = _STAGES[model, stage] = STAGE_SECONDS.labels(model, stage)
+        child.observe(seconds)
+    counter = _OUTCOMES.get((model, outcome, consumer))
+    if counter is None:
+        counter = _OUTCOMES[model, outcome, consumer] = REQUESTS.labels(model, outcome, consumer)
+    counter.inc()
 
 
 ROLLBACKS = Counter(

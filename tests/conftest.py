@@ -132,9 +132,16 @@ def demo_rows() -> dict[str, dict[str, Any]]:
     return dict(yaml.safe_load((DEMO_DIR / "features.json").read_text()))
 
 
+# The data-plane suite runs on either ext_proc transport (`make test` runs it on both):
+# MODEL_BROKER_TEST_TRANSPORT=grpc|http|auto; auto (the default) is http_service where
+# the pinned Envoy honours it, which `test_fast_path` pins.
+TRANSPORT = os.environ.get("MODEL_BROKER_TEST_TRANSPORT", "auto")
+
+
 def demo_registry_doc(**overrides: Any) -> dict[str, Any]:
-    """The demo registry with free ports; `overrides` replace top-level sections."""
+    """The demo registry with free ports on the suite's transport; `overrides` replace top-level sections."""
     doc = launcher.demo_registry_doc(free_port())
+    doc["broker"]["transport"] = TRANSPORT
     doc.update(copy.deepcopy(overrides))
     return doc
 

@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -161,9 +162,18 @@ class _Watched:
     """What Envoy serves now, and the move to a new registry (`reload.follow_registry_file` drives it)."""
 
     def __init__(
-        self, registry: Registry, directory: str, workers: int | None, placement: Placement, settle_s: float
+        self,
+        registry: Registry,
+        directory: str,
+        workers: int | None,
+        placement: Placement,
+        *,
+        settle_s: float,
+        adjust: Callable[[Registry], Registry],
     ) -> None:
         self.registry = registry
+        # What every new registry gets before rendering: the transport settled at start.
+        self._adjust = adjust
         self._directory, self._workers, self._placement = directory, workers, placement
         self._settle_s = settle_s
         self._files = self._render(registry)
@@ -175,11 +185,13 @@ class _Watched:
 
     def refuse(self, current: Registry, new: Registry) -> str | None:
         """Why Envoy cannot follow `new` without a restart (its bootstrap would change), or None."""
+        new = self._adjust(new)
         self._next = self._render(new)
         reason = restart_needed(current, new, self._files, self._next) or "; ".join(dynamic_problems(new))
         return f"Envoy keeps the current routes: {reason}" if reason else None
 
     async def apply(self, new: Registry) -> None:
+        new = self._adjust(new)
         for i, phase in enumerate(plan(self._files, self._next)):
             if i:  # let Envoy warm new clusters before a route names them
                 await asyncio.sleep(self._settle_s)
@@ -197,7 +209,11 @@ async def watch(
     workers: int | None,
     placement: Placement,
     settle_s: float = 2.0,
+    adjust: Callable[[Registry], Registry] = lambda registry: registry,
 ) -> None:
-    """Rewrite the files Envoy watches whenever `config` changes and Envoy can follow; runs until cancelled."""
-    watched = _Watched(registry, directory, workers, placement, settle_s)
+    """Rewrite the files Envoy watches whenever `config` changes and Envoy can follow; runs until cancelled.
+
+    `adjust` applies to each new registry what was settled at start (the transport).
+    """
+    watched = _Watched(registry, directory, workers, placement, settle_s=settle_s, adjust=adjust)
     await follow_registry_file(config, lambda: watched.registry, watched.apply, refuse=watched.refuse, envoy_files=True)

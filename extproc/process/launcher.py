@@ -176,7 +176,14 @@ def up(
             print(f"{config_path}: {problem}", file=sys.stderr)
         if problems:
             return 2
-        write_all(render(registry, xds, count, Placement()), xds)
+        # The transport this Envoy honours, probed once (the watcher reuses the verdict).
+        from extproc.process.fast_path import FastPathClosed, settled  # imports this module
+
+        try:
+            write_all(render(settled(registry), xds, count, Placement()), xds)
+        except FastPathClosed as exc:
+            print(f"{config_path}: {exc}", file=sys.stderr)
+            return 2
         watcher = _python("envoy-config", "--config", config_path, "--workers", str(count), "--xds-dir", xds, "--watch")
         procs = [stack.enter_context(running(cmd)) for cmd in extra or []]
         procs.append(stack.enter_context(running(watcher)))
