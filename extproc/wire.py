@@ -97,6 +97,12 @@ EXT_PROC_CLUSTER: Final = "model_broker_ext_proc"
 EXT_PROC_HTTP_CLUSTER: Final = "model_broker_ext_proc_http"
 HTTP_SERVICE_PATH: Final = "/ext_proc"
 
+
+def broker_socket(directory: str, transport: str, worker: int) -> str:
+    """Unix socket of worker `worker` (0-based) for `transport` ("grpc" or "http"), where Envoy shares the host."""
+    return f"{directory.rstrip('/')}/{transport}-{worker}.sock"
+
+
 # The rollout control plane: its gRPC cluster, the RTDS layer every Envoy subscribes
 # to, and the runtime key prefix of `weighted_clusters` (key = prefix + "." + cluster).
 CONTROL_PLANE_CLUSTER: Final = "model_broker_control_plane"

@@ -419,10 +419,11 @@ def envoy_config_from_chart(docs: list[dict[str, Any]], tmp_path: Path) -> str:
     volumes = {v["name"]: v for v in spec["volumes"]}
     local = {m["mountPath"]: tmp_path / m["name"] for m in init["volumeMounts"]}
 
+    # One pass, longest mount first: a local directory may itself lie under a mount path (/tmp).
+    mounts = re.compile("|".join(re.escape(m) + r"(?![\w-])" for m in sorted(local, key=len, reverse=True)))
+
     def here(text: str) -> str:
-        for mount_path, directory in sorted(local.items(), key=lambda item: -len(item[0])):
-            text = re.sub(re.escape(mount_path) + r"(?![\w-])", str(directory), text)
-        return text
+        return mounts.sub(lambda found: str(local[found.group(0)]), text)
 
     registry_yaml = here(yaml.safe_dump(registry_doc(docs)))
     registry = yaml.safe_load(registry_yaml)
@@ -493,19 +494,22 @@ def test_envoy_config_of_the_chart_passes_envoy_validate(values: str, tmp_path: 
 
 
 def test_envoy_finds_every_broker_pod_and_worker(tmp_path: Path) -> None:
-    """Envoy's ext_proc cluster resolves the headless broker Service on exactly the ports the Service exposes."""
+    """Envoy's ext_proc clusters (gRPC and http_service) resolve the headless broker Service on exactly
+    the ports the Service exposes for each."""
     docs = render("full")
     envoy = yaml.safe_load(envoy_config_from_chart(docs, tmp_path))
-    cluster = next(c for c in envoy["staticResources"]["clusters"] if c["name"] == "model_broker_ext_proc")
-    endpoints = [
-        e["endpoint"]["address"]["socketAddress"] for e in cluster["loadAssignment"]["endpoints"][0]["lbEndpoints"]
-    ]
     service = find(docs, "Service", f"{PREFIX}-broker")
-    assert cluster["type"] == "STRICT_DNS" and service["spec"]["clusterIP"] == "None"
-    assert {e["address"] for e in endpoints} == {f"{PREFIX}-broker.{NAMESPACE}.svc.cluster.local"}
-    assert [e["portValue"] for e in endpoints] == [
-        p["port"] for p in service["spec"]["ports"] if p["name"] != "metrics"
-    ]
+    assert service["spec"]["clusterIP"] == "None"
+    for cluster_name, prefix in (("model_broker_ext_proc", "grpc-"), ("model_broker_ext_proc_http", "http-")):
+        cluster = next(c for c in envoy["staticResources"]["clusters"] if c["name"] == cluster_name)
+        endpoints = [
+            e["endpoint"]["address"]["socketAddress"] for e in cluster["loadAssignment"]["endpoints"][0]["lbEndpoints"]
+        ]
+        assert cluster["type"] == "STRICT_DNS"
+        assert {e["address"] for e in endpoints} == {f"{PREFIX}-broker.{NAMESPACE}.svc.cluster.local"}
+        assert [e["portValue"] for e in endpoints] == [
+            p["port"] for p in service["spec"]["ports"] if p["name"].startswith(prefix)
+        ]
 
 
 def test_reconciler_base_accepts_the_example_resources() -> None:

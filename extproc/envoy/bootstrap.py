@@ -101,9 +101,9 @@ def bootstrap(
     listeners = [public_listener(registry, xds)]
     if registry.needs_egress or dynamic:
         listeners.append(egress_listener(registry, xds))
-    clusters = [ext_proc_cluster(registry, count, placement.broker_host)]
+    clusters = [ext_proc_cluster(registry, count, placement.broker_host, placement.broker_socket_dir)]
     if over_http(registry):
-        clusters.append(ext_proc_http_cluster(registry, count, placement.broker_host))
+        clusters.append(ext_proc_http_cluster(registry, count, placement.broker_host, placement.broker_socket_dir))
     clusters.append(control_plane_cluster(registry, placement.control_plane_host))
     if xds is None:
         clusters += model_clusters(registry)

@@ -15,6 +15,7 @@ from envoy_data_plane.envoy.config.cluster.v3 import (
     ClusterLbPolicy,
 )
 from envoy_data_plane.envoy.config.core.v3 import (
+    Address,
     ApiConfigSource,
     ApiConfigSourceApiType,
     ApiVersion,
@@ -25,6 +26,7 @@ from envoy_data_plane.envoy.config.core.v3 import (
     Http1ProtocolOptions,
     Http2ProtocolOptions,
     Metadata,
+    Pipe,
     TransportSocket,
 )
 from envoy_data_plane.envoy.config.endpoint.v3 import ClusterLoadAssignment, Endpoint, LbEndpoint, LocalityLbEndpoints
@@ -87,19 +89,34 @@ def _is_ip(host: str) -> bool:
     return True
 
 
-def ext_proc_cluster(registry: Registry, workers: int, host: str | None = None) -> Cluster:
+def ext_proc_cluster(
+    registry: Registry, workers: int, host: str | None = None, socket_dir: str | None = None
+) -> Cluster:
     """One endpoint per broker worker: Envoy balances gRPC streams across them.
 
     A DNS `host` (a headless Service) resolves to every broker pod, so each
-    port endpoint becomes one per pod: pods times workers endpoints.
+    port endpoint becomes one per pod: pods times workers endpoints. With
+    `socket_dir` (same host, no `host`), the workers' Unix sockets instead.
     """
     broker = registry.broker
+    if socket_dir is not None and host is None:
+        cluster = _pipes_cluster(
+            wire.EXT_PROC_CLUSTER, [wire.broker_socket(socket_dir, "grpc", i) for i in range(workers)]
+        )
+        cluster.typed_extension_protocol_options = _http2_options()
+        return cluster
     ports = [broker.port + i for i in range(workers)]
     return _broker_grpc_cluster(wire.EXT_PROC_CLUSTER, host or broker.address, ports, ClusterLbPolicy.LEAST_REQUEST)
 
 
-def ext_proc_http_cluster(registry: Registry, workers: int, host: str | None = None) -> Cluster:
-    """The same workers' `http_service` ports: HTTP/1.1, a pool of keep-alive connections per Envoy thread."""
+def ext_proc_http_cluster(
+    registry: Registry, workers: int, host: str | None = None, socket_dir: str | None = None
+) -> Cluster:
+    """The same workers' `http_service` ports (or Unix sockets): HTTP/1.1, keep-alive connections per Envoy thread."""
+    if socket_dir is not None and host is None:
+        return _pipes_cluster(
+            wire.EXT_PROC_HTTP_CLUSTER, [wire.broker_socket(socket_dir, "http", i) for i in range(workers)]
+        )
     broker = registry.broker
     target = host or broker.address
     return Cluster(
@@ -110,6 +127,20 @@ def ext_proc_http_cluster(registry: Registry, workers: int, host: str | None = N
         lb_policy=ClusterLbPolicy.LEAST_REQUEST,
         load_assignment=_endpoints(
             wire.EXT_PROC_HTTP_CLUSTER, [(target, broker.http_port + i) for i in range(workers)]
+        ),
+    )
+
+
+def _pipes_cluster(name: str, paths: list[str]) -> Cluster:
+    """Workers on this host, one Unix socket each."""
+    endpoints = [LbEndpoint(endpoint=Endpoint(address=Address(pipe=Pipe(path=path)))) for path in paths]
+    return Cluster(
+        name=name,
+        type=ClusterDiscoveryType.STATIC,
+        connect_timeout=_ms(250),
+        lb_policy=ClusterLbPolicy.LEAST_REQUEST,
+        load_assignment=ClusterLoadAssignment(
+            cluster_name=name, endpoints=[LocalityLbEndpoints(lb_endpoints=endpoints)]
         ),
     )
 

@@ -81,11 +81,16 @@ class Placement:
     port while the admin itself stays on loopback. The control plane is one
     pod of its own there (`control_plane_host`, its Service), shared by every
     Envoy and broker pod.
+
+    `broker_socket_dir`: Envoy and the broker share a host (`up`, `demo`), so the
+    ext_proc clusters reach the workers' Unix sockets there (`wire.broker_socket`):
+    no TCP stack on either side of the side call.
     """
 
     broker_host: str | None = None
     stats_port: int | None = None
     control_plane_host: str | None = None
+    broker_socket_dir: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -128,6 +128,7 @@ this is the reconciler's base: models come from Model resources.
 {{- $broker := deepCopy (default (dict) .Values.registry.broker) }}
 {{- $_ := set $broker "address" "0.0.0.0" }}
 {{- $_ := set $broker "port" (int .Values.broker.port) }}
+{{- $_ := set $broker "http_port" (int .Values.broker.httpPort) }}
 {{- $_ := set $broker "workers" (int .Values.broker.workers) }}
 {{- $_ := set $reg "broker" $broker }}
 {{- $_ := set $reg "feature_store" (include "model-broker.featureStore" . | fromYaml) }}
@@ -171,6 +172,8 @@ this is the reconciler's base: models come from Model resources.
 {{- define "model-broker.envoyConfigMounts" -}}
 - {name: registry, mountPath: /etc/model-broker, readOnly: true}
 - {name: envoy-config, mountPath: /etc/envoy}
+# envoy-config runs the pod's Envoy once on a probe config (is the http_service fast path open?).
+- {name: tmp, mountPath: /tmp}
 {{- with (include "model-broker.envoyFileMounts" .) }}
 {{ . | trim }}
 {{- end }}
