@@ -18,6 +18,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 import tomllib
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -127,6 +128,12 @@ def network_namespace() -> Iterator[Netns]:
     user = [] if os.geteuid() == 0 else ["--user", "--map-root-user"]
     holder = subprocess.Popen(["unshare", *user, "--net", "--", "sleep", "infinity"])
     try:
+        # Popen returns before `unshare` has made the namespace: entering it earlier would enter ours.
+        deadline = time.monotonic() + 30
+        while os.readlink(f"/proc/{holder.pid}/ns/net") == os.readlink("/proc/self/ns/net"):
+            if holder.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"unshare --net did not make a network namespace (exit {holder.returncode})")
+            time.sleep(0.01)
         netns = Netns(holder)
         subprocess.run([*netns.enter, sys.executable, "-c", _LOOPBACK_UP], check=True, timeout=30)
         yield netns
