@@ -46,6 +46,9 @@ class ErrorCode(StrEnum):
     UNKNOWN_VERSION = "unknown_version"
     INVALID_FEATURE = "invalid_feature"
     MODEL_NOT_READY = "model_not_ready"
+    # A feature the model needs could not be had (a derived one whose expression failed) and
+    # the model's `missing_features` policy is `reject`.
+    MISSING_FEATURES = "missing_features"
     # Control-plane admin API (weights, rollouts), not the request path.
     INVALID_WEIGHTS = "invalid_weights"
     ADMIN_UNAUTHORIZED = "admin_unauthorized"
@@ -79,6 +82,8 @@ STATUS: dict[ErrorCode, int] = {
     ErrorCode.INVALID_FEATURE: 502,
     # OIP's readiness answer is a 4xx status (inference_rest.md, "Model Ready").
     ErrorCode.MODEL_NOT_READY: 400,
+    # The request is well formed, but what the model needs cannot be computed from it.
+    ErrorCode.MISSING_FEATURES: 422,
     ErrorCode.INVALID_WEIGHTS: 400,
     ErrorCode.ADMIN_UNAUTHORIZED: 401,
 }

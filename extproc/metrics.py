@@ -75,9 +75,42 @@ VERSION_WEIGHT = Gauge(
 )
 
 
+RULES = Counter(
+    "model_broker_rules_total",
+    "Segment rule decisions by model, rule and outcome: matched, withdrawn (its version is out of traffic; "
+    "the weighted split decided), error (the condition failed to evaluate); no_match under rule ''.",
+    ["model", "rule", "outcome"],
+)
+DERIVED_FAILURES = Counter(
+    "model_broker_derived_failures_total",
+    "Derived features whose expression failed at run time (then the model's missing_features policy applies).",
+    ["model", "feature"],
+)
+
+
 # Labelled children by label values: `labels()` validates and locks on every call.
 _STAGES: dict[tuple[str, str], Histogram] = {}
 _OUTCOMES: dict[tuple[str, str, str], Counter] = {}
+_RULES: dict[tuple[str, str, str], Counter] = {}
+
+
+def _rule_counter(model: str, rule: str, outcome: str) -> Counter:
+    counter = _RULES.get((model, rule, outcome))
+    if counter is None:
+        counter = _RULES[model, rule, outcome] = RULES.labels(model, rule, outcome)
+    return counter
+
+
+def record_logic(
+    model: str, failed_features: Iterable[str], decided_by: str | None, outcome: str | None, failed_rules: Iterable[str]
+) -> None:
+    """One request's derived-feature failures and rule decision (`outcome` None: the model has no rules)."""
+    for feature in failed_features:
+        DERIVED_FAILURES.labels(model, feature).inc()
+    for rule in failed_rules:
+        _rule_counter(model, rule, "error").inc()
+    if outcome is not None:
+        _rule_counter(model, decided_by or "", outcome).inc()
 
 
 def record_request(model: str, stages: Iterable[tuple[str, float]], outcome: str, consumer: str = "") -> None:

@@ -20,6 +20,10 @@ META_APPROVED: Final = "approved"
 META_VERSION: Final = "version"
 # Set when a fail-open model was forwarded without features; becomes a response header.
 META_DEGRADED: Final = "degraded"
+# The version a segment rule pinned. Each model with rules has one route per version a rule
+# names, matching this key (`dynamic_metadata`); the broker's answer has Envoy match the route
+# again (clear_route_cache), so the pin costs no extra ext_proc message.
+META_PIN: Final = "pin"
 
 # Who the caller is, written by Envoy's authentication (Lua) filter after it
 # verified an API key or a JWT. A namespace of its own: ext_proc accepts only

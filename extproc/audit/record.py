@@ -45,6 +45,9 @@ class AuditDraft:
     parent_request_id: str | None = None
     # The consumer Envoy verified (API key or JWT); None in open mode.
     consumer: str | None = None
+    # Derived features: {"values": {...}, "errors": {feature: why}}; the segment rule's decision.
+    derived: dict[str, Any] | None = None
+    rule: dict[str, Any] | None = None
     written: bool = False
 
 
@@ -147,6 +150,8 @@ def build_record(
         "input": redact(draft.input, rules),
         "features": redact(draft.features, rules),
         "feature_status": draft.feature_status,
+        "derived": redact(draft.derived, rules),
+        "rule": draft.rule,
         "response": {"status": status, "body": redact(answer, rules)},
         "sha256": {"request": draft.request_sha256, "response": sha256(body) if status is not None else ""},
         "latency_ms": latency,

@@ -1,17 +1,21 @@
 """The per-request core: what the broker does with one request, in the order it happens.
 
 `context` (per-request state) → `routing` (route name → model plan) → `body` (parse, entity key,
-inject) with `features` (store protocol, cache) → `ensemble/` (fan-out, aggregation) →
-`responses` (pure answers); `processor` drives them per ext_proc message (`messages`). No
-protocol type crosses this boundary: the transports decode and encode. May import
+inject) with `features` (store protocol, cache) → `logic` (derived features, segment rules;
+`derived`, `rules`, `missing`) → `ensemble/` (fan-out, aggregation) → `responses` (pure
+answers); `processor` drives them per ext_proc message (`messages`). No protocol type crosses
+this boundary: the transports decode and encode. May import
 `extproc.wire`, `errors`, `metrics`, the registry and the audit record; never a transport, Envoy
 config, Kubernetes, AWS or any network client (a test enforces it).
 """
 
 from extproc.core.body import JSONObject, check_content_type, entity_key, inject_features, parse_json_object, sticky_key
 from extproc.core.context import RequestContext
+from extproc.core.derived import DerivedFeature, derive
 from extproc.core.features import CachedFeatureStore, EmbeddedFeatureStore, Features, FeatureStore, decode_value, pick
+from extproc.core.logic import LogicOutcome, ModelLogic, apply_logic, compile_logic
 from extproc.core.messages import HttpBody, HttpHeaders
+from extproc.core.missing import DEGRADED_MISSING, settle_missing
 from extproc.core.processor import AUDIT_FULL, BrokerProcessor, Processor
 from extproc.core.responses import (
     CONTINUE,
@@ -29,15 +33,19 @@ from extproc.core.responses import (
     reroute_request_body,
 )
 from extproc.core.routing import ModelRoute, compile_routes, describe_models, resolve_route
+from extproc.core.rules import CompiledRule, RuleDecision, choose_version
 
 __all__ = [
     "AUDIT_FULL",
     "CONTINUE",
+    "DEGRADED_MISSING",
     "DETAILS_PREFIX",
     "Answer",
     "BrokerProcessor",
     "CachedFeatureStore",
+    "CompiledRule",
     "Continue",
+    "DerivedFeature",
     "EmbeddedFeatureStore",
     "FeatureStore",
     "Features",
@@ -46,16 +54,23 @@ __all__ = [
     "HttpHeaders",
     "Immediate",
     "JSONObject",
+    "LogicOutcome",
+    "ModelLogic",
     "ModelRoute",
     "Processor",
     "RequestContext",
+    "RuleDecision",
+    "apply_logic",
     "check_content_type",
+    "choose_version",
+    "compile_logic",
     "compile_routes",
     "continue_request_body",
     "continue_request_headers",
     "continue_response_body",
     "continue_response_headers",
     "decode_value",
+    "derive",
     "describe_models",
     "entity_key",
     "error_response",
@@ -65,5 +80,6 @@ __all__ = [
     "pick",
     "reroute_request_body",
     "resolve_route",
+    "settle_missing",
     "sticky_key",
 ]

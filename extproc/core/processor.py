@@ -20,6 +20,7 @@ from extproc.core.context import RequestContext
 from extproc.core.ensemble.aggregate import MemberFailure, MemberOutcome, ensemble_answer
 from extproc.core.ensemble.fanout import EnsemblePlan, MemberClient, compile_ensembles, run_ensemble
 from extproc.core.features import Features, FeatureStore
+from extproc.core.logic import LogicOutcome, ModelLogic, apply_logic, audit_rule
 from extproc.core.messages import HttpBody, HttpHeaders
 from extproc.core.oip import (
     BackendReader,
@@ -80,9 +81,10 @@ class BrokerProcessor(Processor):
         self._audit = audit
         self.use_registry(registry)
 
-    def use_registry(self, registry: Registry) -> None:
-        """Compile what the hot path reads; called again when live weights change the registry."""
-        self._routes = compile_routes(registry)
+    def use_registry(self, registry: Registry, declared: Registry | None = None) -> None:
+        """Compile what the hot path reads; called again when live weights change the registry
+        (`declared`: the file as written, so rules know which versions were taken out of traffic)."""
+        self._routes = compile_routes(registry, declared)
         self._ensembles = compile_ensembles(registry, self._routes)
         plans = {name: route.oip for name, route in self._routes.items() if route.oip is not None}
         self._oip_endpoints = compile_endpoints(registry, plans)
@@ -163,31 +165,85 @@ class BrokerProcessor(Processor):
         if isinstance(key, BrokerError):
             return self._reject(key, ctx)
         ctx.lap("route")
-        features, degraded = await self._features(route, key)
-        ctx.lap("features")
-        if ctx.audit is not None and not isinstance(features, BrokerError):
-            ctx.audit.features, ctx.audit.feature_status = features, degraded or "ok"
-        if isinstance(features, BrokerError):
-            return self._reject(features, ctx)
+        settled = await self._settled_features(route, doc, key, ctx)
+        if isinstance(settled, BrokerError):
+            return self._reject(settled, ctx)
+        features, degraded, pinned = settled
         body = inject_features(doc, route.inject_as, features)
         sticky = sticky_key(doc, route.sticky_field) if route.sticky_field is not None else None
-        return self._forward(route, body, degraded, sticky, ctx)
+        return self._forward(route, body, degraded, sticky, ctx, pinned=pinned)
 
     def _forward(
-        self, route: ModelRoute, body: bytes, degraded: str, sticky: str | None, ctx: RequestContext
+        self,
+        route: ModelRoute,
+        body: bytes,
+        degraded: str,
+        sticky: str | None,
+        ctx: RequestContext,
+        *,
+        pinned: str | None = None,
     ) -> Answer:
-        """The enriched body goes on to Envoy's split, approved and timed."""
+        """The enriched body goes on to Envoy's split (or the version a rule pinned), approved and timed."""
         ctx.lap("body")
         metadata: dict[str, Any] = {wire.META_APPROVED: True, wire.META_SERVER_TIMING: ctx.server_timing()}
         if degraded:
             metadata[wire.META_DEGRADED] = degraded
+        if pinned is not None:
+            metadata[wire.META_PIN] = pinned
         metrics.record_request(route.model, ctx.stages, degraded or "ok", ctx.consumer)
         # Model routes ask for the request body only (sticky ones send the headers first);
         # audited ones also send the response.
         ctx.finished = ctx.audit is None
         if sticky is not None:
             return responses.reroute_request_body(body, metadata, [(wire.HEADER_STICKY_KEY, sticky)])
-        return responses.continue_request_body(body, metadata)
+        return responses.continue_request_body(body, metadata, reroute=pinned is not None)
+
+    async def _settled_features(
+        self, route: ModelRoute, doc: dict[str, Any], key: str, ctx: RequestContext
+    ) -> tuple[Features, str, str | None] | BrokerError:
+        """Stored features (after the store policies), then derived ones and the rules' pinned version."""
+        features, degraded = await self._features(route, key)
+        ctx.lap("features")
+        if ctx.audit is not None and not isinstance(features, BrokerError):
+            ctx.audit.features, ctx.audit.feature_status = features, degraded or "ok"
+        if isinstance(features, BrokerError) or route.logic is None:
+            return features if isinstance(features, BrokerError) else (features, degraded, None)
+        outcome = self._run_logic(route, route.logic, doc, features, degraded=degraded, ctx=ctx)
+        ctx.lap("rules")
+        if isinstance(outcome, BrokerError):
+            return outcome
+        decision = outcome.decision
+        return outcome.features, outcome.degraded, decision.version if decision is not None else None
+
+    def _run_logic(
+        self,
+        route: ModelRoute,
+        logic: ModelLogic,
+        doc: dict[str, Any],
+        features: Features,
+        *,
+        degraded: str,
+        ctx: RequestContext,
+    ) -> LogicOutcome | BrokerError:
+        """Derived features and rules for one request, counted and kept for its audit record."""
+        sticky = sticky_key(doc, route.sticky_field) if route.sticky_field is not None else None
+        outcome = apply_logic(
+            logic, doc, features, started_at=ctx.started_at, degraded=degraded, withdrawn=route.withdrawn, sticky=sticky
+        )
+        if isinstance(outcome, LogicOutcome):
+            decision = outcome.decision
+            metrics.record_logic(
+                route.model,
+                outcome.derived_errors,
+                decision.rule if decision is not None else None,
+                decision.outcome if decision is not None else None,
+                (rule for rule, _ in decision.errors) if decision is not None else (),
+            )
+            if ctx.audit is not None:
+                ctx.audit.features, ctx.audit.feature_status = outcome.features, outcome.degraded or "ok"
+                ctx.audit.derived = {"values": outcome.derived, "errors": outcome.derived_errors}
+                ctx.audit.rule = audit_rule(outcome.decision)
+        return outcome
 
     async def _oip_body(self, raw: bytes, route: ModelRoute, plan: OipPlan, ctx: RequestContext) -> Answer:
         """An OIP infer request: keys from its tensor, parameter or header; features added as tensors."""

@@ -48,9 +48,14 @@ Answer = Continue | Immediate
 CONTINUE = Continue()
 
 
-def continue_request_body(body: bytes | None, metadata: dict[str, Any] | None) -> Continue:
-    """Let the request go on, with the body replaced when `body` is given."""
-    return Continue(body=body, metadata=metadata or None)
+def continue_request_body(body: bytes | None, metadata: dict[str, Any] | None, *, reroute: bool = False) -> Continue:
+    """Let the request go on, with the body replaced when `body` is given.
+
+    `reroute`: Envoy matches the route again, now seeing the metadata (a rule's pinned version is
+    a route matching `model_broker.pin`). The header phase stays skipped, so the request keeps to
+    one ext_proc message (measured with Envoy 1.40).
+    """
+    return Continue(body=body, metadata=metadata or None, clear_route_cache=reroute)
 
 
 def reroute_request_body(body: bytes, metadata: dict[str, Any], headers: list[tuple[str, str]]) -> Continue:

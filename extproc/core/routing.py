@@ -11,9 +11,10 @@ from typing import Any
 
 from extproc import wire
 from extproc.core.features import Features
+from extproc.core.logic import ModelLogic, compile_logic
 from extproc.core.oip import OipPlan, compile_plan
 from extproc.errors import BrokerError, ErrorCode
-from extproc.registry import Registry
+from extproc.registry import Model, Registry, rule_name
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,6 +33,10 @@ class ModelRoute:
     sticky_field: str | None = None
     # Open Inference Protocol models: how the request carries keys and takes features; None for JSON.
     oip: OipPlan | None = None
+    # Derived features and segment rules (CEL); None when the model declares neither.
+    logic: ModelLogic | None = None
+    # Versions taken out of traffic live (rolled back, or set to 0): never pinned by a rule.
+    withdrawn: frozenset[str] = frozenset()
 
     def store_key(self, entity_key: str) -> str:
         return self.key_prefix + entity_key + self.key_suffix
@@ -56,7 +61,19 @@ class ModelRoute:
         return found, ""
 
 
-def compile_routes(registry: Registry) -> dict[str, ModelRoute]:
+def withdrawn_versions(live: Model, declared: Model | None) -> frozenset[str]:
+    """Versions the registry gives traffic that have none live: a rollback, or `weights set … v=0`.
+
+    A version declared at weight 0 (reached through rules only) stays available to rules.
+    """
+    if declared is None:
+        return frozenset()
+    was = {v.name: v.weight for v in declared.versions}
+    return frozenset(v.name for v in live.versions if v.weight == 0 and was.get(v.name, 0) > 0)
+
+
+def compile_routes(registry: Registry, declared: Registry | None = None) -> dict[str, ModelRoute]:
+    """Every model's plan; `declared` is the registry file as written, when `registry` carries live weights."""
     routes: dict[str, ModelRoute] = {}
     for model in registry.models:
         entity = registry.entity(model.entity)
@@ -74,8 +91,16 @@ def compile_routes(registry: Registry) -> dict[str, ModelRoute]:
             forward_unknown_entity=model.unknown_entity == "forward",
             sticky_field=model.sticky.body_field if model.sticky is not None else None,
             oip=compile_plan(model, entity.join_key) if model.protocol == "open_inference" else None,
+            logic=compile_logic(model),
+            withdrawn=withdrawn_versions(model, declared.model(model.name) if declared is not None else None),
         )
     return routes
+
+
+def _describe_rule(model: Model, index: int) -> dict[str, Any]:
+    rule = model.rules[index]
+    target: dict[str, Any] = {"version": rule.version} if rule.version is not None else {"split": rule.split}
+    return {"name": rule_name(rule, index), "when": rule.when, **target}
 
 
 def resolve_route(routes: dict[str, ModelRoute], route_name: str) -> ModelRoute | BrokerError:
@@ -98,6 +123,9 @@ def describe_models(registry: Registry) -> dict[str, Any]:
                 "entity": m.entity,
                 "features": list(m.required_features),
                 "failure_policy": m.failure_policy,
+                "missing_features": m.missing_features,
+                "derived": [d.model_dump() for d in m.derived],
+                "rules": [_describe_rule(m, k) for k in range(len(m.rules))],
                 "versions": [
                     {
                         "name": v.name,

@@ -164,9 +164,49 @@ def _model_routes(model: Model, audited: bool, http: bool) -> list[Route]:
             _header(wire.HEADER_DEGRADED, metadata.format(wire.META_DEGRADED)),
         ],
     )
+    pinned = _pinned_routes(model, served)
     if model.protocol == "open_inference":
-        return model_routes(model, served, http)
-    return [served, _wrong_method(model.name, model.path)]
+        return [*pinned, *model_routes(model, served, http)]
+    return [*pinned, served, _wrong_method(model.name, model.path)]
+
+
+def _pinned_routes(model: Model, served: Route) -> list[Route]:
+    """One route per version a segment rule can pin, tried before the weighted one.
+
+    Each matches only once the broker has set `model_broker.pin` to its version (Envoy matches
+    again after the broker's body answer clears the route cache) and sends to that version
+    alone: no runtime key, so a pin never depends on the version's live weight (the broker
+    leaves out versions taken out of traffic). Everything else is the served route's: name (so
+    audit, authorization and shadow recording see the model), filters, mirror, headers.
+    """
+    routes = []
+    for name in model.rule_versions:
+        version = next(v for v in model.versions if v.name == name)
+        pin = MetadataMatcher(
+            filter=wire.METADATA_NAMESPACE,
+            path=[MetadataMatcherPathSegment(key=wire.META_PIN)],
+            value=ValueMatcher(string_match=StringMatcher(exact=name)),
+        )
+        match = RouteMatch(path=served.match.path, headers=served.match.headers, dynamic_metadata=[pin])
+        one = WeightedClusterClusterWeight(
+            name=wire.version_cluster(model.name, name), weight=1, request_headers_to_add=_target_variant(version)
+        )
+        action = RouteAction(
+            weighted_clusters=WeightedCluster(clusters=[one]),
+            timeout=served.route.timeout,
+            regex_rewrite=served.route.regex_rewrite,
+            request_mirror_policies=served.route.request_mirror_policies,
+        )
+        routes.append(
+            Route(
+                name=served.name,
+                match=match,
+                typed_per_filter_config=dict(served.typed_per_filter_config),
+                route=action,
+                response_headers_to_add=served.response_headers_to_add,
+            )
+        )
+    return routes
 
 
 def _ensemble_routes(ensemble: Ensemble, http: bool) -> list[Route]:

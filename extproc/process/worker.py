@@ -139,7 +139,8 @@ class LiveRegistry:
             self._audit.use_registry(audited_entities(new), new.registry_version)
 
     def _use(self) -> None:
-        self._processor.use_registry(apply_weights(self.registry, weights_of_layer(self.registry, self._layer)))
+        live = apply_weights(self.registry, weights_of_layer(self.registry, self._layer))
+        self._processor.use_registry(live, declared=self.registry)
 
 
 async def _wait_for_live_weights(applied: asyncio.Event, control_plane: str) -> None:

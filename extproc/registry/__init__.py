@@ -1,7 +1,8 @@
 """The registry: one declarative file of models, versions, features, ensembles, consumers and audit.
 
 One module per section; `checks` holds what crosses sections, `load` reads the file,
-`reload` follows it while the broker runs. Imports only `extproc.wire`.
+`reload` follows it while the broker runs. Imports only `extproc.wire`, and `extproc.expressions`
+to compile every CEL expression at load.
 """
 
 from extproc.registry.audit import Audit, AuditSinks, AwsAuditSink, LocalAuditSink, Spool
@@ -19,6 +20,7 @@ from extproc.registry.document import Registry
 from extproc.registry.ensembles import FIELD_METHODS, Aggregation, AggregationMethod, Ensemble, EnsembleMember
 from extproc.registry.features import EmbeddedStore, Entity, FeatureCache, FeatureStore, RedisStore
 from extproc.registry.load import LIVE_SECTIONS, file_signature, load_registry, restart_only_changes
+from extproc.registry.logic import Derived, MissingPolicy, Rule, expression_scopes, logic_problems, rule_name
 from extproc.registry.models import (
     LOOPBACK_HOSTS,
     Backend,
@@ -74,6 +76,7 @@ __all__ = [
     "ControlPlane",
     "CredentialSource",
     "Datatype",
+    "Derived",
     "EmbeddedStore",
     "Ensemble",
     "EnsembleMember",
@@ -88,6 +91,7 @@ __all__ = [
     "Listener",
     "LocalAuditSink",
     "Metrics",
+    "MissingPolicy",
     "Model",
     "OpenInference",
     "Port",
@@ -97,6 +101,7 @@ __all__ = [
     "Registry",
     "RegistryInvalid",
     "RolloutPolicy",
+    "Rule",
     "SageMakerBackend",
     "ServiceBackend",
     "Shadow",
@@ -107,14 +112,17 @@ __all__ = [
     "Version",
     "describe",
     "entity_key_source",
+    "expression_scopes",
     "file_signature",
     "hash_api_key",
     "infer_path",
     "is_v2_path",
     "load_registry",
     "log",
+    "logic_problems",
     "open_inference_settings",
     "parse_registry",
     "refusal",
     "restart_only_changes",
+    "rule_name",
 ]

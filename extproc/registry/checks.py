@@ -17,6 +17,7 @@ from extproc import wire
 from extproc.registry.common import ALL_ROUTES
 from extproc.registry.document import Registry
 from extproc.registry.ensembles import Ensemble, EnsembleMember
+from extproc.registry.logic import logic_problems
 from extproc.registry.open_inference import is_v2_path, model_problems
 from extproc.registry.patterns import describe
 
@@ -99,6 +100,17 @@ def _model_references(reg: Registry) -> Iterator[Problem]:
             yield Problem(f"{here}.shadow.version", f"'{model.shadow.version}' is not a version of {model.name}")
         if model.rollout is not None and model.rollout.canary not in seen:
             yield Problem(f"{here}.rollout.canary", f"'{model.rollout.canary}' is not a version of {model.name}")
+
+
+def _model_logic(reg: Registry) -> Iterator[Problem]:
+    """Every derived feature and rule compiles (CEL, type-checked) and names what exists."""
+    for i, model in enumerate(reg.models):
+        if model.protocol == "open_inference" and (model.derived or model.rules):
+            # TODO(issue 19): derived features as tensors and rules over OIP rows.
+            yield Problem(f"models[{i}]", "derived features and rules are for JSON models so far")
+            continue
+        for path, message in logic_problems(model, {v.name for v in model.versions}):
+            yield Problem(f"models[{i}].{path}", message)
 
 
 def _is_loopback(address: str) -> bool:
@@ -246,6 +258,7 @@ def _cross_references(reg: Registry) -> Iterator[Problem]:
     """What field validation cannot see: names that must exist, be unique or not collide."""
     yield from _unique_names(reg)
     yield from _model_references(reg)
+    yield from _model_logic(reg)
     yield from _ensemble_references(reg)
     yield from _ports_and_budgets(reg)
     yield from _consumer_references(reg)

@@ -5,10 +5,11 @@ from __future__ import annotations
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
-from pydantic import ConfigDict, Field, model_validator
+from pydantic import ConfigDict, Field, field_validator, model_validator
 
 from extproc import wire
 from extproc.registry.common import FeatureName, Port, Strict
+from extproc.registry.logic import Derived, MissingPolicy, Rule
 from extproc.registry.open_inference import OpenInference, infer_path
 from extproc.registry.patterns import (
     ABSOLUTE_PATH,
@@ -183,6 +184,12 @@ class Model(Strict):
     sticky: Sticky | None = None
     rollout: RolloutPolicy | None = None
     shadow: Shadow | None = None
+    # On-demand features computed per request (CEL), injected beside the stored ones.
+    derived: tuple[Derived, ...] = ()
+    # Segment rules (CEL), in order: the first that holds pins the version; none → the weighted split.
+    rules: tuple[Rule, ...] = ()
+    # A feature the model needs and cannot have (a derived one that failed): refuse, forward degraded, null.
+    missing_features: MissingPolicy = "reject"
     versions: tuple[Version, ...]
 
     @model_validator(mode="before")
@@ -193,16 +200,32 @@ class Model(Strict):
             return {**data, "path": infer_path(str(data.get("name", "")))}
         return data
 
+    @field_validator("missing_features", mode="before")
+    @classmethod
+    def _quoted_null(cls, value: object) -> object:
+        if value is None:  # YAML reads a bare `null` as no value at all
+            raise ValueError("write 'null' in quotes (a bare null in YAML means no value)")
+        return value
+
     @property
     def live_versions(self) -> tuple[Version, ...]:
         return tuple(v for v in self.versions if v.weight > 0)
 
     @property
+    def rule_versions(self) -> tuple[str, ...]:
+        """Versions a rule can pin, in declared order (each gets a route of its own in Envoy)."""
+        named = {version for rule in self.rules for version, _ in rule.targets()}
+        return tuple(v.name for v in self.versions if v.name in named)
+
+    @property
     def required_features(self) -> tuple[str, ...]:
-        """Union over the live versions and the shadow, so whichever version gets it has its features."""
+        """Union over the versions that can get traffic (live, the shadow, any a rule names), so
+        whichever version gets a request has its features."""
         names = dict.fromkeys(self.features)
-        shadow = self.shadow.version if self.shadow is not None else None
+        reachable = set(self.rule_versions)
+        if self.shadow is not None:  # the shadow gets the same enriched request
+            reachable.add(self.shadow.version)
         for version in self.versions:
-            if version.weight > 0 or version.name == shadow:  # the shadow gets the same enriched request
+            if version.weight > 0 or version.name in reachable:
                 names.update(dict.fromkeys(version.features))
         return tuple(names)

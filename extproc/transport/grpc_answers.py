@@ -31,7 +31,10 @@ def _common(answer: Continue) -> CommonResponse:
     common = CommonResponse(clear_route_cache=answer.clear_route_cache)
     if answer.body is not None:
         common.body_mutation.CopyFrom(BodyMutation(body=answer.body))
-    if answer.headers:
+    if answer.headers or answer.clear_route_cache:
+        # Envoy 1.40 clears its route cache only for an answer that carries a header mutation,
+        # even one it cannot apply (a body-phase answer with the header phase skipped): an empty
+        # mutation is enough to have a rule's pinned route matched again (measured).
         common.header_mutation.CopyFrom(_headers(answer.headers))
     return common
 

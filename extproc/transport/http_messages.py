@@ -74,7 +74,8 @@ def encode(phase: str, answer: Answer) -> bytes:
     common: dict[str, Any] = {}
     if answer.body is not None:
         common["body_mutation"] = {"body": _b64(answer.body)}
-    if answer.headers:
+    if answer.headers or answer.clear_route_cache:
+        # Envoy clears its route cache only for an answer carrying a header mutation (see grpc_answers).
         common["header_mutation"] = _headers(answer.headers)
     if answer.clear_route_cache:
         common["clear_route_cache"] = True
