@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Final, Literal
 
 # The version new records carry in their `schema` field.
-SCHEMA_VERSION: Final = 1
+SCHEMA_VERSION: Final = 2
 
 FieldType = Literal["int64", "double", "string", "timestamp", "object", "json"]
 
@@ -42,6 +42,20 @@ FIELDS: Final = (
     Field("input", "object", True, "the request body as received, redacted; null if it was not a JSON object"),
     Field("features", "object", True, "the features injected, redacted"),
     Field("feature_status", "string", True, "`ok`, or the degraded reason of a fail-open model"),
+    Field(
+        "derived",
+        "object",
+        True,
+        "derived features: `values` computed, `errors` (feature: expression and cause); null without any",
+        since=2,
+    ),
+    Field(
+        "rule",
+        "object",
+        True,
+        "the segment rules' decision: `name`, `outcome`, `version` pinned, `errors`; null without rules",
+        since=2,
+    ),
     Field("response.status", "int64", True, "the HTTP status the client got; null when no response was seen"),
     Field("response.body", "json", True, "the answer as sent, redacted; null if it was not JSON"),
     Field("sha256.request", "string", False, "SHA-256 of the request body as received, before redaction"),
