@@ -55,7 +55,7 @@ def cmd_envoy_config(args: argparse.Namespace) -> int:
     registry = _settled(registry, args.envoy)
     if registry is None:
         return 2
-    placement = Placement(args.broker_host, args.stats_port, args.control_plane_host)
+    placement = Placement(args.broker_host, args.stats_port, args.control_plane_host, args.broker_socket_dir)
     if args.xds_dir:
         return _envoy_files(args, registry, placement)
     if args.watch:
@@ -157,7 +157,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     registry = _load(args.config, envoy_files=False)
     if registry is None:
         return 2
-    return supervise(args.config, registry, args.workers or registry.broker.workers, args.control_plane)
+    workers = args.workers or registry.broker.workers
+    return supervise(args.config, registry, workers, args.control_plane, socket_dir=args.socket_dir)
 
 
 def cmd_control_plane(args: argparse.Namespace) -> int:
@@ -344,6 +345,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--broker-host", help="DNS name Envoy resolves for the broker, e.g. a headless Service")
     p.add_argument("--stats-port", type=int, help="serve /stats/prometheus and /ready on this port")
     p.add_argument("--control-plane-host", help="DNS name of the rollout control plane, e.g. its Service")
+    p.add_argument(
+        "--broker-socket-dir",
+        metavar="DIR",
+        help="the broker shares Envoy's host: reach its workers' Unix sockets in DIR (serve --socket-dir DIR)",
+    )
     p.add_argument("--output", "-o", help="write to this file instead of stdout")
     p.add_argument(
         "--envoy",
@@ -368,6 +374,11 @@ def parser() -> argparse.ArgumentParser:
         "--control-plane",
         metavar="HOST:PORT",
         help="follow the rollout control plane running there instead of running one beside the workers",
+    )
+    p.add_argument(
+        "--socket-dir",
+        metavar="DIR",
+        help="also listen on Unix sockets in DIR, for an Envoy on this host (envoy-config --broker-socket-dir DIR)",
     )
     p.set_defaults(func=cmd_serve)
     command("control-plane", "run only the rollout control plane (live weights, rollback, shadow)").set_defaults(

@@ -185,3 +185,20 @@ def test_audit_show_unknown_id_exits_1(tmp_path: Path) -> None:
     result = run_cli("audit", "show", "no-such-request", "--config", write(tmp_path, demo_registry_doc()))
     assert result.returncode == 1
     assert result.stdout == "" and "no audit record for request id no-such-request" in result.stderr
+
+
+def test_broker_on_the_same_host_is_reached_over_unix_sockets(tmp_path: Path) -> None:
+    """`envoy-config --broker-socket-dir`: both ext_proc clusters name each worker's socket; Envoy loads it."""
+    doc = demo_registry_doc()
+    doc["broker"]["transport"] = "http"
+    result = run_cli("envoy-config", "--config", write(tmp_path, doc), "--broker-socket-dir", str(tmp_path))
+    assert result.returncode == 0, result.stderr
+    config = yaml.safe_load(result.stdout)
+    for name, transport in (("model_broker_ext_proc", "grpc"), ("model_broker_ext_proc_http", "http")):
+        cluster = next(c for c in config["staticResources"]["clusters"] if c["name"] == name)
+        pipes = [
+            e["endpoint"]["address"]["pipe"]["path"] for e in cluster["loadAssignment"]["endpoints"][0]["lbEndpoints"]
+        ]
+        assert pipes == [f"{tmp_path}/{transport}-{i}.sock" for i in range(doc["broker"]["workers"])]
+    validated = validate_with_envoy(result.stdout, tmp_path)
+    assert validated.returncode == 0, validated.stderr

@@ -180,14 +180,20 @@ def up(
         from extproc.process.fast_path import FastPathClosed, settled  # imports this module
 
         try:
-            write_all(render(settled(registry), xds, count, Placement()), xds)
+            # Envoy and the broker share this host: the side call goes over Unix sockets.
+            write_all(render(settled(registry), xds, count, Placement(broker_socket_dir=xds)), xds)
         except FastPathClosed as exc:
             print(f"{config_path}: {exc}", file=sys.stderr)
             return 2
-        watcher = _python("envoy-config", "--config", config_path, "--workers", str(count), "--xds-dir", xds, "--watch")
+        watcher = _python(
+            "envoy-config",
+            *("--config", config_path, "--workers", str(count), "--xds-dir", xds, "--watch"),
+            *("--broker-socket-dir", xds),
+        )
         procs = [stack.enter_context(running(cmd)) for cmd in extra or []]
         procs.append(stack.enter_context(running(watcher)))
-        procs.append(stack.enter_context(running(_python("serve", "--config", config_path, "--workers", str(count)))))
+        serve = _python("serve", "--config", config_path, "--workers", str(count), "--socket-dir", xds)
+        procs.append(stack.enter_context(running(serve)))
         envoy_yaml = Path(xds) / BOOTSTRAP_FILE
         procs.append(
             stack.enter_context(

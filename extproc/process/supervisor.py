@@ -44,7 +44,14 @@ def local_control_plane(registry: Registry) -> str:
     return f"[{host}]:{plane.port}" if ":" in host else f"{host}:{plane.port}"
 
 
-def supervise(config_path: str, registry: Registry, workers: int, control_plane: str | None = None) -> int:
+def supervise(
+    config_path: str,
+    registry: Registry,
+    workers: int,
+    control_plane: str | None = None,
+    *,
+    socket_dir: str | None = None,
+) -> int:
     """Run until SIGTERM/SIGINT, then drain every process; returns the exit code.
 
     `control_plane` (host:port) names one running elsewhere; without it one runs here.
@@ -60,7 +67,7 @@ def supervise(config_path: str, registry: Registry, workers: int, control_plane:
             proc = spawn.Process(target=run_control_plane, args=(config_path,), name="control-plane")
         else:
             args = (config_path, address, port, workers, follow)
-            proc = spawn.Process(target=run_worker, args=args, name=f"broker-{port}")
+            proc = spawn.Process(target=run_worker, args=args, kwargs={"socket_dir": socket_dir}, name=f"broker-{port}")
         proc.start()
         return proc
 

@@ -156,7 +156,14 @@ async def _wait_for_live_weights(applied: asyncio.Event, control_plane: str) -> 
 
 
 async def serve_worker(
-    config_path: str, registry: Registry, *, address: str, port: int, workers: int, control_plane: str
+    config_path: str,
+    registry: Registry,
+    *,
+    address: str,
+    port: int,
+    workers: int,
+    control_plane: str,
+    socket_dir: str | None = None,
 ) -> None:
     store = open_feature_store(registry)
     # One pooled session per worker for every ensemble member call (connections open on first use,
@@ -177,9 +184,12 @@ async def serve_worker(
     following = asyncio.create_task(follow(control_plane, node_id, live.apply_layer))
     reloading = asyncio.create_task(follow_registry_file(config_path, lambda: live.registry, live.replace))
     await _wait_for_live_weights(live.weights_applied, control_plane)
-    http = await _serve_http(processor, registry, address, port)
+    index = port - registry.broker.port
+    http = await _serve_http(processor, registry, address, port, socket_dir)
     add_service(server, processor)
     server.add_insecure_port(f"{address}:{port}")
+    if socket_dir is not None:
+        server.add_insecure_port("unix:" + _fresh_socket(wire.broker_socket(socket_dir, "grpc", index)))
     await server.start()
     log.info("worker %d serving ext_proc on %s:%d (gRPC)%s", os.getpid(), address, port, http[1])
     stop = asyncio.Event()
@@ -201,26 +211,47 @@ async def serve_worker(
         await audit[1].drain(SHIP_ON_STOP_SECONDS)
 
 
+def _fresh_socket(path: str) -> str:
+    """A Unix socket path to bind, freed of the file a previous run of this worker left."""
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+    return path
+
+
 async def _serve_http(
-    processor: BrokerProcessor, registry: Registry, address: str, port: int
+    processor: BrokerProcessor, registry: Registry, address: str, port: int, socket_dir: str | None
 ) -> tuple[HttpService | None, str]:
-    """This worker's `http_service` port (the gRPC port's offset from `http_port`), unless `transport: grpc`."""
+    """This worker's `http_service` port (the gRPC port's offset from `http_port`) and socket, unless
+    `transport: grpc`."""
     broker = registry.broker
     if broker.transport == "grpc":
         return None, ""
-    http_port = broker.http_port + port - broker.port
+    index = port - broker.port
     # Envoy's JSON: base64 bodies (4/3) and the message around them.
     service = HttpService(processor, path=wire.HTTP_SERVICE_PATH, max_bytes=registry.limits.max_body_bytes * 2 + 65536)
-    await service.listen_tcp(address, http_port)
-    return service, f" and {address}:{http_port} (http_service)"
+    await service.listen_tcp(address, broker.http_port + index)
+    where = f" and {address}:{broker.http_port + index} (http_service)"
+    if socket_dir is not None:
+        path = _fresh_socket(wire.broker_socket(socket_dir, "http", index))
+        await service.listen_unix(path)
+        where += f", Unix sockets in {socket_dir}"
+    return service, where
 
 
-def run_worker(config_path: str, address: str, port: int, workers: int, control_plane: str) -> None:
+def run_worker(
+    config_path: str, address: str, port: int, workers: int, control_plane: str, *, socket_dir: str | None = None
+) -> None:
     """Process entry point (the supervisor spawns this); `workers` sizes this worker's spool share,
-    `control_plane` (host:port) is where the live weights come from."""
+    `control_plane` (host:port) is where the live weights come from, `socket_dir` where the Unix sockets go."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     registry = load_registry(config_path, envoy_files=False)
     serving = serve_worker(
-        config_path, registry, address=address, port=port, workers=workers, control_plane=control_plane
+        config_path,
+        registry,
+        address=address,
+        port=port,
+        workers=workers,
+        control_plane=control_plane,
+        socket_dir=socket_dir,
     )
     uvloop.run(serving)
