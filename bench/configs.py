@@ -28,6 +28,7 @@ from envoy_data_plane.google.protobuf import Any as AnyMessage
 from bench import workload
 from extproc.envoy import (
     EXT_PROC_FILTER,
+    Placement,
     bootstrap_dict,
     local_reply_config,
     route_configuration,
@@ -184,7 +185,9 @@ def plain_envoy_yaml(registry: Registry, listener: int, admin: int) -> str:
     return yaml.safe_dump(plain_envoy_bootstrap(registry, listener, admin).to_dict(), sort_keys=False)
 
 
-def broker_envoy_yaml(registry: Registry, workers: int, *, header_phase: bool = False) -> str:
+def broker_envoy_yaml(
+    registry: Registry, workers: int, *, header_phase: bool = False, socket_dir: str | None = None
+) -> str:
     """The generated bootstrap; `header_phase` also sends request headers (two messages per request).
 
     That variant exists only to price the header phase against the default
@@ -194,7 +197,7 @@ def broker_envoy_yaml(registry: Registry, workers: int, *, header_phase: bool = 
     forward the enriched body under the client's length; without the header
     the buffer filter sets the right one.
     """
-    doc = bootstrap_dict(settled(registry), workers)
+    doc = bootstrap_dict(settled(registry), workers, Placement(broker_socket_dir=socket_dir))
     if header_phase:
         filters = _http_filters(doc)
         ext_proc = next(f for f in filters if f["name"] == EXT_PROC_FILTER)

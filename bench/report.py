@@ -21,12 +21,14 @@ GOAL_BROKER_CPU_US = 50.0
 # At a fixed rate with no process saturated: what the broker may add over plain Envoy.
 GOAL_ADDED_P50_MS = 1.0
 GOAL_ADDED_P99_MS = 3.0
-BROKERS = ("broker", "broker-grpc", "broker-nocache", "broker-headers")
+BROKERS = ("broker", "broker-tcp", "broker-grpc", "broker-grpc-tcp", "broker-nocache", "broker-headers")
 # Side by side: (variant, baseline, what the ratio prices); a row appears when both ran.
 COMPARISONS = (
     ("broker-audit-moto", "broker", "audit to moto ÷ no audit"),
     ("broker-audit-jsonl", "broker", "audit to JSONL ÷ no audit"),
-    ("broker", "broker-grpc", "http_service ÷ gRPC"),
+    ("broker", "broker-grpc", "http_service ÷ gRPC (UDS)"),
+    ("broker", "broker-tcp", "UDS ÷ TCP (http_service)"),
+    ("broker-grpc", "broker-grpc-tcp", "UDS ÷ TCP (gRPC)"),
     ("ensemble-3", "broker", "ensemble of 3 ÷ single call"),
     ("ensemble-1", "broker", "ensemble of 1 ÷ single call"),
     ("ensemble-3", "ensemble-1", "ensemble of 3 ÷ ensemble of 1"),

@@ -42,11 +42,18 @@ Starter = Callable[[Shared], AbstractContextManager[Target]]
 # Every configuration the bench knows, in the order they are interleaved.
 CONFIGS: dict[str, Starter] = {
     "envoy": stacks.plain_envoy,
-    # The default transport: ext_proc http_service where the pinned Envoy honours it (probed).
-    "broker": lambda s: stacks.broker(s, "broker", "(b) Envoy + broker, http_service", cache_ttl_s=5),
-    # The same over gRPC (transport: grpc), as before issue 15 and on multi-phase routes.
+    # The default transport, ext_proc http_service (the pinned Envoy honours it: probed), over Unix
+    # sockets as `up` runs it on one host; then over TCP (Envoy and broker in separate pods).
+    "broker": lambda s: stacks.broker(s, "broker", "(b) Envoy + broker, http_service, UDS", cache_ttl_s=5),
+    "broker-tcp": lambda s: stacks.broker(
+        s, "broker-tcp", "(bt) Envoy + broker, http_service, TCP", cache_ttl_s=5, unix=False
+    ),
+    # The same over gRPC (transport: grpc), as before issue 15 and as multi-phase routes run.
     "broker-grpc": lambda s: stacks.broker(
-        s, "broker-grpc", "(bg) Envoy + broker, gRPC", cache_ttl_s=5, transport="grpc"
+        s, "broker-grpc", "(bg) Envoy + broker, gRPC, UDS", cache_ttl_s=5, transport="grpc"
+    ),
+    "broker-grpc-tcp": lambda s: stacks.broker(
+        s, "broker-grpc-tcp", "(bgt) Envoy + broker, gRPC, TCP", cache_ttl_s=5, transport="grpc", unix=False
     ),
     # Same work as the gateways, which do not cache: every request is an HMGET.
     "broker-nocache": lambda s: stacks.broker(s, "broker-nocache", "(b0) Envoy + broker, cache TTL 0", cache_ttl_s=0),

@@ -271,12 +271,21 @@ def run_broker(
     *,
     header_phase: bool = False,
     env: Mapping[str, str] | None = None,
+    unix: bool = True,
 ) -> Iterator[RunningBroker]:
-    """The broker supervisor and its Envoy for the registry at `config`, until the block ends."""
+    """The broker supervisor and its Envoy for the registry at `config`, until the block ends.
+
+    `unix`: Envoy reaches the workers over Unix sockets, as `up` does on one host; else over TCP
+    (Envoy and broker in different pods).
+    """
     registry: Registry = load_registry(config)
     envoy_yaml = shared.workdir / f"{name}.envoy.yaml"
+    socket_dir = shared.workdir / f"{name}-sockets"
+    socket_dir.mkdir()
+    sockets = str(socket_dir) if unix else None
     envoy_yaml.write_text(
-        configs.broker_envoy_yaml(registry, shared.broker_workers, header_phase=header_phase), encoding="utf-8"
+        configs.broker_envoy_yaml(registry, shared.broker_workers, header_phase=header_phase, socket_dir=sockets),
+        encoding="utf-8",
     )
     serve = [
         sys.executable,
@@ -287,6 +296,7 @@ def run_broker(
         str(config),
         "--workers",
         str(shared.broker_workers),
+        *(["--socket-dir", sockets] if sockets else []),
     ]
     broker_log, envoy_log = shared.workdir / f"{name}.broker.log", shared.workdir / f"{name}.envoy.log"
     # The control plane announces itself (admin URL and token) there: inside the work dir, deleted on exit.
@@ -327,10 +337,11 @@ def broker(
     cache_ttl_s: float,
     header_phase: bool = False,
     transport: str = "auto",
+    unix: bool = True,
 ) -> Iterator[Target]:
     """(b) Envoy + broker workers → model, features from Redis through the broker's TTL cache."""
     config = _registry(shared, name, cache_ttl_s=cache_ttl_s, transport=transport)
-    with run_broker(shared, name, label, config, header_phase=header_phase) as running:
+    with run_broker(shared, name, label, config, header_phase=header_phase, unix=unix) as running:
         yield Target(
             name=name,
             label=label,
