@@ -217,6 +217,7 @@ class FixedRate(Protocol):
     failures: int
     p50_ms: float
     p99_ms: float
+    failure_kinds: dict[str, int]
 
 
 class Named(Protocol):
@@ -234,8 +235,8 @@ def render_fixed_rate(results: Sequence[tuple[Named, FixedRate]], *, baseline: s
         f"At a fixed {results[0][1].rate:.0f} req/s (open loop, timed from when each request was due): "
         f"added latency goal p50 ≤ {GOAL_ADDED_P50_MS:g} ms, p99 ≤ {GOAL_ADDED_P99_MS:g} ms over plain Envoy.",
         "",
-        "| config | requests | failures | p50 ms | p99 ms | added p50 ms | added p99 ms |",
-        "|---|--:|--:|--:|--:|--:|--:|",
+        "| config | requests | failures | p50 ms | p99 ms | added p50 ms | added p99 ms | failures by kind |",
+        "|---|--:|--:|--:|--:|--:|--:|---|",
     ]
     for target, result in results:
         added = (
@@ -248,6 +249,10 @@ def render_fixed_rate(results: Sequence[tuple[Named, FixedRate]], *, baseline: s
         )
         lines.append(
             f"| {target.label} | {result.requests} | {result.failures} | {result.p50_ms:.2f} | {result.p99_ms:.2f} "
-            f"| {added[0]} | {added[1]} |"
+            f"| {added[0]} | {added[1]} | {_kinds(result.failure_kinds)} |"
         )
     return "\n".join([*lines, ""])
+
+
+def _kinds(kinds: dict[str, int]) -> str:
+    return ", ".join(f"{kind}: {count}" for kind, count in sorted(kinds.items())) or "-"

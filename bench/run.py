@@ -212,7 +212,7 @@ def fixed_rate_all(targets: Sequence[Target], args: argparse.Namespace) -> list[
         result = fixed_rate(target.url, args.fixed_rate, args.fixed_duration)
         print(
             f"  fixed {result.rate:.0f} req/s {target.name:<18} p50 {result.p50_ms:6.2f} ms"
-            f"  p99 {result.p99_ms:6.2f} ms  failures {result.failures}",
+            f"  p99 {result.p99_ms:6.2f} ms  failures {result.failures} {result.failure_kinds or ''}",
             file=sys.stderr,
             flush=True,
         )
