@@ -280,8 +280,10 @@ class BrokerProcessor(Processor):
         """Each row's features (one store call per distinct key, concurrently), or the policy's answer."""
         # TODO(issue 13): one pipelined round trip for all rows once the store takes batches.
         distinct = list(dict.fromkeys(keys))
+        fetches = [self._store.fetch(route.store_key(k), route.features) for k in distinct]
         try:
-            found = await asyncio.gather(*(self._store.fetch(route.store_key(k), route.features) for k in distinct))
+            # One key (the common case) is awaited in place: a task per row costs more than the lookup.
+            found = [await fetches[0]] if len(fetches) == 1 else await asyncio.gather(*fetches)
         except FeatureStoreUnavailable as exc:
             settled, degraded = route.settle_features(None, keys[0], unavailable=str(exc))
             return (settled if isinstance(settled, BrokerError) else []), degraded

@@ -6,6 +6,7 @@ Pure; every check returns a message (or a converted value), never raises on bad 
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Callable
 from typing import Any, Final, get_args
 
@@ -24,7 +25,7 @@ _INT_RANGES: Final = {
     "INT64": range(-(2**63), 2**63),
 }
 # Largest finite magnitude of each float datatype: beyond it the model would get inf.
-_FLOAT_MAX: Final = {"FP16": 65504.0, "FP32": 3.4028234663852886e38, "FP64": math.inf}
+_FLOAT_MAX: Final = {"FP16": 65504.0, "FP32": 3.4028234663852886e38, "FP64": sys.float_info.max}
 
 Converted = tuple[bool, Any]
 
@@ -38,12 +39,14 @@ def _integer(value: Any, datatype: str) -> Converted:
 
 
 def _float(value: Any, datatype: str) -> Converted:
-    if isinstance(value, bool) or not isinstance(value, int | float):
+    """Finite numbers within the datatype's range (NaN and infinities fail the comparison)."""
+    if type(value) is not float and type(value) is not int:  # exact types: bool is not a number here
         return False, None
-    number = float(value) if isinstance(value, float) or abs(value) < 2**1023 else math.inf
-    if not math.isfinite(number) or abs(number) > _FLOAT_MAX[datatype]:
+    try:
+        number = float(value)
+    except OverflowError:  # an integer past any float
         return False, None
-    return True, number
+    return (True, number) if abs(number) <= _FLOAT_MAX[datatype] else (False, None)
 
 
 def _bool(value: Any, datatype: str) -> Converted:
