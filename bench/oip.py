@@ -32,7 +32,7 @@ import yaml
 
 from bench.procs import cpu_seconds, process_group, process_tree, system_busy_seconds
 from bench.stacks import ROOT, Shared, redis_server, run_broker, wait_listening
-from bench.wrk import MARKER, WrkResult, parse_output
+from bench.wrk import LUA_DONE, MARKER, WrkResult, parse_output
 from extproc.process.launcher import free_port, free_port_run, wait_ready
 
 FEATURES = ("income", "debt_ratio", "age", "tenure")
@@ -52,15 +52,7 @@ function init(args)
   cursor = ((thread_index or 0) * 97) % #prepared
 end
 function request() cursor = cursor % #prepared + 1; return prepared[cursor] end
-function done(summary, latency, requests)
-  local e = summary.errors
-  io.write(string.format(
-    '{marker}{{"requests":%d,"duration_us":%d,"non_2xx":%d,"connect_errors":%d,"read_errors":%d,'
-      .. '"write_errors":%d,"timeouts":%d,"p50_us":%d,"p90_us":%d,"p99_us":%d,"max_us":%d}}\\n',
-    summary.requests, summary.duration, e.status, e.connect, e.read, e.write, e.timeout,
-    latency:percentile(50), latency:percentile(90), latency:percentile(99), latency.max))
-end
-"""
+{done}"""
 
 
 def rows() -> dict[str, dict[str, float]]:
@@ -233,7 +225,9 @@ def report(args: argparse.Namespace, direct: Side, broker: Side, workdir: Path) 
     for side in (direct, broker):
         script = workdir / f"{side.label.split()[0]}.lua"
         bodies = ",".join("[[" + b.decode() + "]]" for b in side.bodies)
-        script.write_text(LUA.format(path=_path(side.url), bodies=bodies, marker=MARKER), encoding="utf-8")
+        script.write_text(
+            LUA.format(path=_path(side.url), bodies=bodies, done=LUA_DONE.format(marker=MARKER)), encoding="utf-8"
+        )
         scripts[side.label] = script
     for side in (direct, broker):  # caches, connections: unmeasured
         wrk_run(side, scripts[side.label], args.connections, 2)

@@ -16,6 +16,18 @@ from bench import workload
 
 MARKER: Final = "BENCH_JSON "
 
+# wrk's `done()` hook: the run's numbers as one JSON line after MARKER (every script ends with it).
+LUA_DONE: Final = """\
+function done(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format(
+    '{marker}{{"requests":%d,"duration_us":%d,"non_2xx":%d,"connect_errors":%d,"read_errors":%d,'
+      .. '"write_errors":%d,"timeouts":%d,"p50_us":%d,"p90_us":%d,"p99_us":%d,"max_us":%d}}\\n',
+    summary.requests, summary.duration, e.status, e.connect, e.read, e.write, e.timeout,
+    latency:percentile(50), latency:percentile(90), latency:percentile(99), latency.max))
+end
+"""
+
 # Requests are pre-formatted once per thread (wrk.format is not free), then cycled;
 # each thread starts at its own offset so threads do not ask for the same customer in step.
 LUA_TEMPLATE: Final = """\
@@ -44,15 +56,7 @@ function request()
   return prepared[cursor]
 end
 
-function done(summary, latency, requests)
-  local e = summary.errors
-  io.write(string.format(
-    '{marker}{{"requests":%d,"duration_us":%d,"non_2xx":%d,"connect_errors":%d,"read_errors":%d,'
-      .. '"write_errors":%d,"timeouts":%d,"p50_us":%d,"p90_us":%d,"p99_us":%d,"max_us":%d}}\\n',
-    summary.requests, summary.duration, e.status, e.connect, e.read, e.write, e.timeout,
-    latency:percentile(50), latency:percentile(90), latency:percentile(99), latency.max))
-end
-"""
+{done}"""
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,7 +78,8 @@ class WrkResult:
 def write_script(path: Path, request_path: str = workload.MODEL_PATH) -> Path:
     """The Lua body formula is `workload.request_body`'s, so the preflight sends what wrk sends."""
     path.write_text(
-        LUA_TEMPLATE.format(path=request_path, customers=workload.CUSTOMERS, marker=MARKER), encoding="utf-8"
+        LUA_TEMPLATE.format(path=request_path, customers=workload.CUSTOMERS, done=LUA_DONE.format(marker=MARKER)),
+        encoding="utf-8",
     )
     return path
 

@@ -43,11 +43,12 @@ def _model(**overrides: Any) -> dict[str, Any]:
     return model
 
 
-def _problems(model: dict[str, Any]) -> list[str]:
+def _problems(model: dict[str, Any], ensembles: list[dict[str, Any]] | None = None) -> list[str]:
     doc = {
         "feature_store": {"embedded": {"path": "f.json"}},
         "entities": [{"name": "applicant", "join_key": "applicant_id"}],
         "models": [model],
+        "ensembles": ensembles or [],
     }
     try:
         parse_registry(doc)
@@ -264,19 +265,8 @@ def test_oip_errors_are_one_string() -> None:
 
 
 def _ensemble_problems(member: dict[str, Any], model: dict[str, Any]) -> list[str]:
-    doc = {
-        "feature_store": {"embedded": {"path": "f.json"}},
-        "entities": [{"name": "applicant", "join_key": "applicant_id"}],
-        "models": [model],
-        "ensembles": [
-            {"name": "blend", "path": "/blend", "members": [member], "aggregation": {"method": "mean", "field": "p"}}
-        ],
-    }
-    try:
-        parse_registry(doc)
-    except RegistryInvalid as exc:
-        return [str(p) for p in exc.problems]
-    return []
+    blend = {"name": "blend", "path": "/blend", "members": [member], "aggregation": {"method": "mean", "field": "p"}}
+    return _problems(model, [blend])
 
 
 def test_an_oip_member_says_which_output_element_is_combined() -> None:

@@ -44,6 +44,16 @@ def _refuse(status: int, code: str, message: str) -> DirectResponseAction:
     return DirectResponseAction(status=status, body_format=oip_error_json(code, message))
 
 
+def _refusal(name: str, match: RouteMatch, status: int, code: str, message: str) -> Route:
+    """A route Envoy answers alone, in OIP's error shape, without a broker call."""
+    return Route(
+        name=name,
+        match=match,
+        direct_response=_refuse(status, code, message),
+        typed_per_filter_config=_without_broker(),
+    )
+
+
 def _get(path: str) -> RouteMatch:
     return RouteMatch(path=path, headers=[HeaderMatcher(name=":method", string_match=StringMatcher(exact="GET"))])
 
@@ -62,18 +72,13 @@ def server_routes(registry: Registry) -> list[Route]:
     """`/v2/health/live`, `/v2/health/ready`, `/v2`, and the binary extension refused before any model route."""
     if not any(m.protocol == "open_inference" for m in registry.models):
         return []
-    binary = Route(
-        name="oip:binary",
-        match=RouteMatch(
-            prefix=f"{V2_PREFIX}/models/", headers=[HeaderMatcher(name=BINARY_HEADER, present_match=True)]
-        ),
-        direct_response=_refuse(
-            415,
-            "unsupported_media_type",
-            "binary tensor data (Inference-Header-Content-Length) is not supported; "
-            "send JSON tensors (tritonclient: binary_data=False)",
-        ),
-        typed_per_filter_config=_without_broker(),
+    binary = _refusal(
+        "oip:binary",
+        RouteMatch(prefix=f"{V2_PREFIX}/models/", headers=[HeaderMatcher(name=BINARY_HEADER, present_match=True)]),
+        415,
+        "unsupported_media_type",
+        "binary tensor data (Inference-Header-Content-Length) is not supported; "
+        "send JSON tensors (tritonclient: binary_data=False)",
     )
     http = over_http(registry)
     return [
@@ -86,11 +91,8 @@ def server_routes(registry: Registry) -> list[Route]:
 
 def catch_all() -> Route:
     """Anything else under /v2: OIP's 404, before the broker's own (JSON) catch-all."""
-    return Route(
-        name="oip:unknown",
-        match=RouteMatch(prefix=V2_PREFIX),
-        direct_response=_refuse(404, "unknown_model", "no model is served at this path"),
-        typed_per_filter_config=_without_broker(),
+    return _refusal(
+        "oip:unknown", RouteMatch(prefix=V2_PREFIX), 404, "unknown_model", "no model is served at this path"
     )
 
 
@@ -118,22 +120,23 @@ def model_routes(model: Model, served: Route, http: bool) -> list[Route]:
         routes.append(_broker_answers(wire.oip_route("ready", model.name, named), _get(path + "/ready"), http))
     known = ", ".join(v.name for v in model.versions)
     routes.append(
-        Route(
-            name=f"{model.name}:unknown-version",
-            match=RouteMatch(prefix=f"{base}/versions/"),
-            direct_response=_refuse(404, "unknown_version", f"{model.name} has no such version (versions: {known})"),
-            typed_per_filter_config=_without_broker(),
+        _refusal(
+            f"{model.name}:unknown-version",
+            RouteMatch(prefix=f"{base}/versions/"),
+            404,
+            "unknown_version",
+            f"{model.name} has no such version (versions: {known})",
         )
     )
-    routes.append(
-        Route(
-            name=f"{model.name}:method",
-            match=RouteMatch(path=f"{base}/infer"),
-            direct_response=_refuse(405, "method_not_allowed", f"{base}/infer accepts POST only"),
-            typed_per_filter_config=_without_broker(),
-            response_headers_to_add=[_header("allow", "POST")],
-        )
+    method = _refusal(
+        f"{model.name}:method",
+        RouteMatch(path=f"{base}/infer"),
+        405,
+        "method_not_allowed",
+        f"{base}/infer accepts POST only",
     )
+    method.response_headers_to_add = [_header("allow", "POST")]
+    routes.append(method)
     return routes
 
 
