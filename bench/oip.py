@@ -5,8 +5,8 @@ Not a test: nothing here asserts on time. The same MLServer (its own virtualenv,
 itself (`features` [1, 4] FP32), the broker's client sends only `applicant_id` and the
 broker adds the features from Redis. Two measures, interleaved rounds, medians:
 closed loop (wrk, fixed connections: req/s, p50/p99, CPU µs per request per process)
-and open loop at a fixed rate (default 200 req/s, where nothing is saturated: the
-latency the broker adds).
+and open loop at fixed rates (default 50 and 200 req/s, below saturation on a quiet
+box: the latency the broker adds).
 
     .venv/bin/python -m bench.oip            # ~2 min; table in bench/results/oip.md
 """
@@ -181,7 +181,7 @@ def main() -> None:
     parser.add_argument("--duration", type=float, default=8.0)
     parser.add_argument("--connections", type=int, default=16)
     parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--rate", type=float, default=200.0)
+    parser.add_argument("--rates", default="50,200", help="open-loop rates, req/s, comma-separated")
     parser.add_argument("--rate-seconds", type=float, default=10.0)
     parser.add_argument("--broker-workers", type=int, default=2)
     parser.add_argument("--output", type=Path, default=ROOT / "bench" / "results" / "oip.md")
@@ -232,12 +232,14 @@ def report(args: argparse.Namespace, direct: Side, broker: Side, workdir: Path) 
     for side in (direct, broker):  # caches, connections: unmeasured
         wrk_run(side, scripts[side.label], args.connections, 2)
     closed: dict[str, list[tuple[WrkResult, dict[str, float], float]]] = {direct.label: [], broker.label: []}
-    opened: dict[str, list[list[float]]] = {direct.label: [], broker.label: []}
+    rates = [float(r) for r in args.rates.split(",")]
+    opened: dict[tuple[float, str], list[float]] = {(r, s.label): [] for r in rates for s in (direct, broker)}
     for _ in range(args.rounds):
         for side in (direct, broker):
             closed[side.label].append(wrk_run(side, scripts[side.label], args.connections, args.duration))
-        for side in (direct, broker):
-            opened[side.label].append(asyncio.run(fixed_rate(side.url, side.bodies, args.rate, args.rate_seconds)))
+        for rate in rates:
+            for side in (direct, broker):
+                opened[rate, side.label] += asyncio.run(fixed_rate(side.url, side.bodies, rate, args.rate_seconds))
     table = render(args, closed, opened)
     print(table)
     args.output.parent.mkdir(parents=True, exist_ok=True)
@@ -251,7 +253,7 @@ def _path(url: str) -> str:
 def render(
     args: argparse.Namespace,
     closed: dict[str, list[tuple[WrkResult, dict[str, float], float]]],
-    opened: dict[str, list[list[float]]],
+    opened: dict[tuple[float, str], list[float]],
 ) -> str:
     load = os.getloadavg()
     lines = [
@@ -276,22 +278,23 @@ def render(
         )
     lines += [
         "",
-        f"Open loop at a fixed {args.rate:g} req/s, {args.rounds} x {args.rate_seconds:g} s (latency from each "
-        "request's scheduled send time, so queueing counts):",
+        f"Open loop at fixed rates, {args.rounds} x {args.rate_seconds:g} s each (latency from each request's "
+        "scheduled send time, so queueing counts):",
         "",
-        "| path | p50 ms | p90 ms | p99 ms | mean ms |",
-        "| --- | ---: | ---: | ---: | ---: |",
+        "| rate | path | p50 ms | p90 ms | p99 ms | mean ms |",
+        "| ---: | --- | ---: | ---: | ---: | ---: |",
     ]
-    merged = {label: [x for run in runs for x in run] for label, runs in opened.items()}
-    for label, values in merged.items():
+    by_rate: dict[float, list[list[float]]] = {}
+    for (rate, label), values in opened.items():
+        by_rate.setdefault(rate, []).append(values)
+        quantiles = " | ".join(f"{percentile(values, q):.2f}" for q in (50, 90, 99))
+        lines.append(f"| {rate:g} | {label} | {quantiles} | {statistics.fmean(values):.2f} |")
+    for rate, (direct, broker) in by_rate.items():
+        added = [percentile(broker, q) - percentile(direct, q) for q in (50, 90, 99)]
+        mean = statistics.fmean(broker) - statistics.fmean(direct)
         lines.append(
-            f"| {label} | {percentile(values, 50):.2f} | {percentile(values, 90):.2f} | "
-            f"{percentile(values, 99):.2f} | {statistics.fmean(values):.2f} |"
+            f"| {rate:g} | **added by the broker** | " + " | ".join(f"{x:+.2f}" for x in (*added, mean)) + " |"
         )
-    direct, broker = merged.values()
-    added = [percentile(broker, q) - percentile(direct, q) for q in (50, 90, 99)]
-    mean = statistics.fmean(broker) - statistics.fmean(direct)
-    lines.append("| **added by the broker** | " + " | ".join(f"{x:+.2f}" for x in (*added, mean)) + " |")
     return "\n".join(lines) + "\n"
 
 

@@ -391,11 +391,15 @@ class BrokerProcessor(Processor):
             body = orjson.dumps(error_json(error)) if ctx.oip else error_body(error, ctx.request_id)
             if not self._write_audit(ctx, error.status, body):
                 error = AUDIT_FULL
-        timing = (wire.HEADER_SERVER_TIMING, ctx.server_timing())
+        return self._error_answer(error, ctx, [(wire.HEADER_SERVER_TIMING, ctx.server_timing())])
+
+    @staticmethod
+    def _error_answer(error: BrokerError, ctx: RequestContext, headers: list[tuple[str, str]]) -> Answer:
+        """The error in the shape the route's clients read."""
         if ctx.oip:  # OIP clients read `error` as one string; the id travels in its header
-            headers = [timing, (wire.HEADER_REQUEST_ID, ctx.request_id)]
+            headers = [*headers, (wire.HEADER_REQUEST_ID, ctx.request_id)]
             return responses.immediate_json(error.status, error_json(error), details=error.code.value, headers=headers)
-        return responses.error_response(error, ctx.request_id, headers=[timing])
+        return responses.error_response(error, ctx.request_id, headers=headers)
 
     async def response_headers(self, msg: HttpHeaders, ctx: RequestContext) -> Answer:
         """Audited routes only: Envoy holds these headers until the body phase is answered."""
@@ -411,7 +415,7 @@ class BrokerProcessor(Processor):
         if ctx.audit is None or ctx.audit.written:
             return responses.continue_response_body()
         if not self._write_audit(ctx, ctx.response_status, msg.body):
-            return responses.error_response(AUDIT_FULL, ctx.request_id)
+            return self._error_answer(AUDIT_FULL, ctx, [])
         return responses.continue_response_body()
 
     def finish(self, ctx: RequestContext) -> None:

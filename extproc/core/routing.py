@@ -120,6 +120,7 @@ def describe_models(registry: Registry) -> dict[str, Any]:
             {
                 "name": m.name,
                 "path": m.path,
+                "protocol": m.protocol,
                 "entity": m.entity,
                 "features": list(m.required_features),
                 "failure_policy": m.failure_policy,
