@@ -249,3 +249,50 @@ async def test_audit_record_has_derived_values_and_the_rule(stack: Stack, sessio
     assert record["rule"] == {"name": "large", "outcome": "matched", "version": "v1", "errors": {}}
     assert record["version"] == "v1"
     assert record["features"]["ratio"] == reply.body["features"]["ratio"] == 1250.0
+
+
+async def eventually(check: Any, timeout_s: float = 20.0) -> None:
+    """Poll an async check until it holds; each worker re-reads the registry file once a second."""
+    for _ in range(int(timeout_s / 0.25)):
+        if await check():
+            return
+        await asyncio.sleep(0.25)
+    assert await check()
+
+
+async def test_rules_reload_and_a_bad_expression_is_refused(stack: Stack, session: aiohttp.ClientSession) -> None:
+    """An edited rule goes live without a restart; an edit with a bad expression is refused, logged, and the
+    rules being served stay."""
+    german = {"customer_id": customer("retail"), "amount": 10, "country": "DE"}
+    log = stack.procs["broker"].log
+    seen = log.read_text().count("unknown feature 'segmnt'")
+
+    def rewrite(change: Any) -> None:
+        doc = copy.deepcopy(stack.doc)
+        change(doc["models"][0])
+        stack.config.write_text(yaml.safe_dump(doc, sort_keys=False))
+
+    try:
+        rewrite(lambda m: m["rules"][1].update(when="features.segmnt == 'business'"))
+
+        async def refused() -> bool:
+            return log.read_text().count("unknown feature 'segmnt'") >= seen + 2  # every worker, at least
+
+        await eventually(refused)
+        assert {(await predict(session, stack, german)).headers["x-broker-version"] for _ in range(10)} == {"v2"}
+
+        rewrite(lambda m: m["rules"][0].update(version="v3"))
+
+        async def moved() -> bool:
+            replies = [await predict(session, stack, german) for _ in range(8)]
+            return all(r.headers["x-broker-version"] == "v3" for r in replies)
+
+        await eventually(moved)
+    finally:
+        stack.config.write_text(yaml.safe_dump(stack.doc, sort_keys=False))  # back to what the other tests expect
+
+    async def restored() -> bool:
+        replies = [await predict(session, stack, german) for _ in range(8)]
+        return all(r.headers["x-broker-version"] == "v2" for r in replies)
+
+    await eventually(restored)
