@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +49,35 @@ async def test_redis_store_fetches_typed_values(redis_server: RedisServer) -> No
         await store.close()
 
 
+async def test_redis_store_fetches_a_batch_in_one_pipeline(redis_server: RedisServer) -> None:
+    """A batch's rows come back in key order, an unknown entity as None, typed as single fetches are."""
+    redis_server.cli("HSET", "customer:b-1", "income", "41000", "segment", "retail")
+    redis_server.cli("HSET", "customer:b-2", "income", "52000.5")
+    store = RedisFeatureStore(redis_server.url, timeout_s=1.0)
+    try:
+        rows = await store.fetch_many(["customer:b-2", "customer:nobody", "customer:b-1"], ("income", "segment"))
+        assert rows == [
+            {"income": 52000.5, "segment": None},
+            None,
+            {"income": 41000, "segment": "retail"},
+        ]
+        assert await store.fetch_many(["customer:b-1", "customer:nobody"], ()) == [{}, None]
+    finally:
+        await store.close()
+
+
+async def test_cached_batch_asks_the_store_once_for_the_misses() -> None:
+    """Cached rows are served from the cache; the rest in one store call, then cached too."""
+    inner = CountingStore()
+    inner.rows["j"] = {"a": 2}
+    cached = CachedFeatureStore(inner, ttl_seconds=60, max_entries=10, timeout_s=1.0)
+    assert await cached.fetch("k", ("a",)) == {"a": 1}
+    assert await cached.fetch_many(["j", "k", "x", "j"], ("a",)) == [{"a": 2}, {"a": 1}, None, {"a": 2}]
+    assert inner.batches == [["j", "x"]]
+    assert await cached.fetch_many(["x", "j"], ("a",)) == [None, {"a": 2}]
+    assert inner.batches == [["j", "x"]]
+
+
 async def test_redis_down_is_feature_store_unavailable() -> None:
     """A refused connection is translated at the adapter edge, not leaked as a redis error."""
     store = RedisFeatureStore("redis://127.0.0.1:1/0", timeout_s=0.5)
@@ -66,6 +96,7 @@ class CountingStore:
         self.calls = 0
         self.delay = 0.0
         self.broken = False
+        self.batches: list[list[str]] = []
 
     async def fetch(self, key: str, names: tuple[str, ...]) -> Features | None:
         self.calls += 1
@@ -74,6 +105,10 @@ class CountingStore:
             raise FeatureStoreUnavailable("broken")
         row = self.rows.get(key)
         return None if row is None else {n: row.get(n) for n in names}
+
+    async def fetch_many(self, keys: Sequence[str], names: tuple[str, ...]) -> list[Features | None]:
+        self.batches.append(list(keys))
+        return [None if (row := self.rows.get(k)) is None else {n: row.get(n) for n in names} for k in keys]
 
     async def close(self) -> None:
         return None

@@ -8,7 +8,7 @@ degraded forward (fail-open) per model.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -24,6 +24,10 @@ Features = dict[str, Any]
 class FeatureStore(Protocol):
     async def fetch(self, key: str, names: tuple[str, ...]) -> Features | None:
         """The named features of one entity in one round trip; None when the entity is unknown."""
+        ...
+
+    async def fetch_many(self, keys: Sequence[str], names: tuple[str, ...]) -> list[Features | None]:
+        """Several entities' features (a batch request's rows) in one round trip, in `keys` order."""
         ...
 
     async def close(self) -> None: ...
@@ -67,6 +71,9 @@ class EmbeddedFeatureStore:
     async def fetch(self, key: str, names: tuple[str, ...]) -> Features | None:
         return pick(self._rows.get(key), names)
 
+    async def fetch_many(self, keys: Sequence[str], names: tuple[str, ...]) -> list[Features | None]:
+        return [pick(self._rows.get(key), names) for key in keys]
+
     async def close(self) -> None:
         return None
 
@@ -104,6 +111,32 @@ class CachedFeatureStore:
         if self._cache is not None:
             self._cache[cache_key] = found
         return found
+
+    async def fetch_many(self, keys: Sequence[str], names: tuple[str, ...]) -> list[Features | None]:
+        """Cached rows from the cache; the others from the store in one call, under one time budget."""
+        found: dict[str, Features | None] = {}
+        missing = []
+        for key in dict.fromkeys(keys):
+            try:
+                if self._cache is None:
+                    raise KeyError(key)
+                found[key] = self._cache[(key, names)]
+            except KeyError:
+                CACHE_MISS.inc()
+                missing.append(key)
+            else:
+                CACHE_HIT.inc()
+        if missing:
+            try:
+                async with asyncio.timeout(self._timeout_s):
+                    rows = await self._store.fetch_many(missing, names)
+            except TimeoutError:
+                raise FeatureStoreUnavailable(f"no answer within {self._timeout_s * 1000:.0f} ms") from None
+            for key, row in zip(missing, rows, strict=True):
+                found[key] = row
+                if self._cache is not None:
+                    self._cache[(key, names)] = row
+        return [found[key] for key in keys]
 
     async def close(self) -> None:
         await self._store.close()

@@ -6,7 +6,6 @@ asks "is there a handler?"; `BrokerProcessor` overrides the phases it uses.
 
 from __future__ import annotations
 
-import asyncio
 from importlib.metadata import version as package_version
 from typing import Any, Protocol
 
@@ -277,13 +276,13 @@ class BrokerProcessor(Processor):
         return self._forward(route, forward_body(plan, request, tensors), degraded, sticky, ctx)
 
     async def _feature_rows(self, route: ModelRoute, keys: tuple[str, ...]) -> tuple[list[Features] | BrokerError, str]:
-        """Each row's features (one store call per distinct key, concurrently), or the policy's answer."""
-        # TODO(issue 13): one pipelined round trip for all rows once the store takes batches.
+        """Each row's features (one store round trip for all distinct keys), or the policy's answer."""
         distinct = list(dict.fromkeys(keys))
-        fetches = [self._store.fetch(route.store_key(k), route.features) for k in distinct]
         try:
-            # One key (the common case) is awaited in place: a task per row costs more than the lookup.
-            found = [await fetches[0]] if len(fetches) == 1 else await asyncio.gather(*fetches)
+            if len(distinct) == 1:  # the common case: one HMGET, no pipeline
+                found = [await self._store.fetch(route.store_key(distinct[0]), route.features)]
+            else:
+                found = await self._store.fetch_many([route.store_key(k) for k in distinct], route.features)
         except FeatureStoreUnavailable as exc:
             settled, degraded = route.settle_features(None, keys[0], unavailable=str(exc))
             return (settled if isinstance(settled, BrokerError) else []), degraded
