@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 from typing import Any
 
 import orjson
@@ -19,6 +20,7 @@ from extproc.core.oip import (
     read_infer_request,
     tensor_problem,
 )
+from extproc.envoy import AUTHZ_FILTER, route_configuration
 from extproc.errors import BrokerError, ErrorCode
 from extproc.registry import RegistryInvalid, parse_registry
 
@@ -293,3 +295,20 @@ def test_an_oip_member_says_which_output_element_is_combined() -> None:
 def test_the_combiner_reads_one_output_element(answer: dict[str, Any], expected: Any) -> None:
     """Element 1 of `predict_proba`, row-major; None when the answer has no such element."""
     assert output_element(answer, "predict_proba", 1) == expected
+
+
+def test_metadata_and_readiness_follow_the_models_allow_list() -> None:
+    """With consumers, an OIP model's GET routes admit exactly the consumers that may call the model."""
+    doc = {
+        "feature_store": {"embedded": {"path": "f.json"}},
+        "entities": [{"name": "applicant", "join_key": "applicant_id"}],
+        "models": [_model()],
+        "consumers": [
+            {"name": "alice", "api_keys": ["sha256:" + "a" * 64], "models": ["risk"]},
+            {"name": "bob", "api_keys": ["sha256:" + "b" * 64], "models": []},
+        ],
+    }
+    routes = {r.name: r for r in route_configuration(parse_registry(doc)).virtual_hosts[0].routes}
+    for name in ("oip-metadata:risk", "oip-ready:risk/v1"):
+        authz = json.dumps(routes[name].typed_per_filter_config[AUTHZ_FILTER].to_dict())
+        assert "alice" in authz and "bob" not in authz, name
