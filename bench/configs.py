@@ -222,3 +222,24 @@ def _http_filters(doc: dict[str, Any]) -> list[dict[str, Any]]:
                 if filters is not None:
                     return filters
     raise LookupError("no HTTP filter chain in the generated bootstrap")
+
+
+def add_rules(doc: dict[str, Any]) -> None:
+    """The model with 3 derived features and 3 rules (issue 19), as `bench.rules_cost` prices them in-process.
+
+    A rules-only v2 (weight 0) on the same backend; for the workload's bodies the first two
+    rules never hold and the third holds for amounts over 2500 (about half the requests),
+    which then take the pinned route: all three conditions are evaluated on the rest.
+    """
+    model = doc["models"][0]
+    model["versions"].append({**model["versions"][0], "name": "v2", "weight": 0})
+    model["derived"] = [
+        {"name": "debt_score", "expr": "features.debt_ratio * features.tenure_months"},
+        {"name": "amount_over_income", "expr": "body.amount / features.income"},
+        {"name": "risky", "expr": "features.late_payments_12m > 2.0 && features.debt_ratio > 0.5", "type": "bool"},
+    ]
+    model["rules"] = [
+        {"name": "germany", "when": "has(body.country) && body.country == 'DE'", "version": "v2"},
+        {"name": "late", "when": "features.late_payments_12m >= 5.0 && features.debt_ratio > 0.95", "version": "v2"},
+        {"name": "large", "when": "body.amount > 2500.0", "version": "v2"},
+    ]

@@ -21,7 +21,15 @@ GOAL_BROKER_CPU_US = 50.0
 # At a fixed rate with no process saturated: what the broker may add over plain Envoy.
 GOAL_ADDED_P50_MS = 1.0
 GOAL_ADDED_P99_MS = 3.0
-BROKERS = ("broker", "broker-tcp", "broker-grpc", "broker-grpc-tcp", "broker-nocache", "broker-headers")
+BROKERS = (
+    "broker",
+    "broker-tcp",
+    "broker-grpc",
+    "broker-grpc-tcp",
+    "broker-nocache",
+    "broker-headers",
+    "broker-rules",
+)
 # Side by side: (variant, baseline, what the ratio prices); a row appears when both ran.
 COMPARISONS = (
     ("broker-audit-moto", "broker", "audit to moto ÷ no audit"),

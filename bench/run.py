@@ -23,7 +23,7 @@ from contextlib import AbstractContextManager
 from pathlib import Path
 from types import FrameType
 
-from bench import report, stacks
+from bench import configs, report, stacks
 from bench.fixed_rate import FixedRateResult, fixed_rate
 from bench.procs import children_cpu_seconds, cpu_seconds, process_tree, system_busy_seconds
 from bench.report import Sample
@@ -66,6 +66,10 @@ CONFIGS: dict[str, Starter] = {
         header_phase=True,
         transport="grpc",
     ),
+    # (b) with 3 derived features and 3 rules (issue 19): about half the requests pinned by a rule.
+    "broker-rules": lambda s: stacks.broker(
+        s, "broker-rules", "(br) Envoy + broker, 3 derived + 3 rules", cache_ttl_s=5, extend=configs.add_rules
+    ),
     "aiohttp": stacks.aiohttp_gateway,
     "fastapi": stacks.fastapi_gateway,
     # (b) with every execution audited (issue 4): to S3 + DynamoDB on moto, or to local JSONL files.
@@ -78,7 +82,7 @@ CONFIGS: dict[str, Starter] = {
     "ensemble-1": lambda s: stacks.ensemble(s, "ensemble-1", "(e1) ensemble of 1", members=1),
 }
 # Opt-in (--configs): they explain the default comparisons but would push the default run past ~8 min.
-OPT_IN = ("broker-audit-jsonl", "ensemble-1")
+OPT_IN = ("broker-audit-jsonl", "ensemble-1", "broker-rules")
 DEFAULT_CONFIGS = tuple(name for name in CONFIGS if name not in OPT_IN)
 
 

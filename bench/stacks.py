@@ -52,6 +52,8 @@ class Target:
     audit: AuditTrail | None = None
     # Shown when the preflight fails (the work directory is deleted on exit).
     logs: tuple[Path, ...] = ()
+    # Derived features (issue 19) the model also sees beside the seeded ones.
+    derived: tuple[str, ...] = ()
 
     @property
     def path(self) -> str:
@@ -338,9 +340,11 @@ def broker(
     header_phase: bool = False,
     transport: str = "auto",
     unix: bool = True,
+    extend: Extend | None = None,
 ) -> Iterator[Target]:
     """(b) Envoy + broker workers → model, features from Redis through the broker's TTL cache."""
-    config = _registry(shared, name, cache_ttl_s=cache_ttl_s, transport=transport)
+    config = _registry(shared, name, cache_ttl_s=cache_ttl_s, transport=transport, extend=extend)
+    derived = tuple(d.name for d in load_registry(config).models[0].derived)
     with run_broker(shared, name, label, config, header_phase=header_phase, unix=unix) as running:
         yield Target(
             name=name,
@@ -348,6 +352,7 @@ def broker(
             url=running.base + workload.MODEL_PATH,
             cpu_roots={**running.cpu_roots, **shared.common_roots},
             logs=running.logs,
+            derived=derived,
         )
 
 
@@ -482,8 +487,12 @@ def _preflight(target: Target) -> None:
         raise RuntimeError(f"preflight got {reply.status}: {reply.body[:300]!r}")
     expected = workload.customer_features(index) if target.enriches else {}
     for seen in _features_seen(target, json.loads(reply.body)):
-        if seen != expected:
-            raise RuntimeError(f"the model saw features {seen!r}, expected {expected!r}")
+        missing = [name for name in target.derived if name not in (seen or {})]
+        if missing:
+            raise RuntimeError(f"the model saw no derived {missing} in {seen!r}")
+        stored = {k: v for k, v in seen.items() if k not in target.derived} if target.derived else seen
+        if stored != expected:
+            raise RuntimeError(f"the model saw features {stored!r}, expected {expected!r}")
     if target.audit is not None:
         _check_audited(target.audit, reply.request_id, expected)
 

@@ -11,6 +11,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Iterable, Mapping
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server, values
 from prometheus_client.multiprocess import MultiProcessCollector
@@ -89,16 +90,15 @@ DERIVED_FAILURES = Counter(
 
 
 # Labelled children by label values: `labels()` validates and locks on every call.
-_STAGES: dict[tuple[str, str], Histogram] = {}
-_OUTCOMES: dict[tuple[str, str, str], Counter] = {}
-_RULES: dict[tuple[str, str, str], Counter] = {}
+_CHILDREN: dict[tuple[object, ...], Any] = {}
 
 
-def _rule_counter(model: str, rule: str, outcome: str) -> Counter:
-    counter = _RULES.get((model, rule, outcome))
-    if counter is None:
-        counter = _RULES[model, rule, outcome] = RULES.labels(model, rule, outcome)
-    return counter
+def _child(metric: Counter | Histogram, *labels: str) -> Any:
+    key = (metric, *labels)
+    child = _CHILDREN.get(key)
+    if child is None:
+        child = _CHILDREN[key] = metric.labels(*labels)
+    return child
 
 
 def record_logic(
@@ -106,23 +106,17 @@ def record_logic(
 ) -> None:
     """One request's derived-feature failures and rule decision (`outcome` None: the model has no rules)."""
     for feature in failed_features:
-        DERIVED_FAILURES.labels(model, feature).inc()
+        _child(DERIVED_FAILURES, model, feature).inc()
     for rule in failed_rules:
-        _rule_counter(model, rule, "error").inc()
+        _child(RULES, model, rule, "error").inc()
     if outcome is not None:
-        _rule_counter(model, decided_by or "", outcome).inc()
+        _child(RULES, model, decided_by or "", outcome).inc()
 
 
 def record_request(model: str, stages: Iterable[tuple[str, float]], outcome: str, consumer: str = "") -> None:
     for stage, seconds in stages:
-        child = _STAGES.get((model, stage))
-        if child is None:
-            child = _STAGES[model, stage] = STAGE_SECONDS.labels(model, stage)
-        child.observe(seconds)
-    counter = _OUTCOMES.get((model, outcome, consumer))
-    if counter is None:
-        counter = _OUTCOMES[model, outcome, consumer] = REQUESTS.labels(model, outcome, consumer)
-    counter.inc()
+        _child(STAGE_SECONDS, model, stage).observe(seconds)
+    _child(REQUESTS, model, outcome, consumer).inc()
 
 
 ROLLBACKS = Counter(
