@@ -49,6 +49,8 @@ class ErrorCode(StrEnum):
     # A feature the model needs could not be had (a derived one whose expression failed) and
     # the model's `missing_features` policy is `reject`.
     MISSING_FEATURES = "missing_features"
+    # Shedding load (Envoy's overload manager or circuit breaker, a worker at `broker.max_in_flight`).
+    OVERLOADED = "overloaded"
     # Control-plane admin API (weights, rollouts), not the request path.
     INVALID_WEIGHTS = "invalid_weights"
     ADMIN_UNAUTHORIZED = "admin_unauthorized"
@@ -84,6 +86,7 @@ STATUS: dict[ErrorCode, int] = {
     ErrorCode.MODEL_NOT_READY: 400,
     # The request is well formed, but what the model needs cannot be computed from it.
     ErrorCode.MISSING_FEATURES: 422,
+    ErrorCode.OVERLOADED: 503,
     ErrorCode.INVALID_WEIGHTS: 400,
     ErrorCode.ADMIN_UNAUTHORIZED: 401,
 }

@@ -56,6 +56,9 @@ RESPONSE_ATTRIBUTES: Final = (ATTR_RESPONSE_CODE, ATTR_UPSTREAM_VERSION, ATTR_RO
 # The key under which Envoy files the attributes in `ProcessingRequest.attributes`.
 ATTRIBUTES_FILTER_KEY: Final = "envoy.filters.http.ext_proc"
 
+# Every header under this prefix is the broker's: Envoy removes the client's copies first
+# (open mode included), so a model can trust the consumer, sticky key, shadow tag and parent id.
+BROKER_HEADER_PREFIX: Final = "x-broker-"
 # Response headers added by Envoy (never by the model, never by the client).
 HEADER_MODEL: Final = "x-broker-model"
 # Which version actually served: read by Envoy from the answering host's metadata.

@@ -41,10 +41,13 @@ class Signer:
         jwk = {"kty": "RSA", "alg": "RS256", "use": "sig", "kid": self.kid, "n": _uint(public.n), "e": _uint(public.e)}
         return {"keys": [jwk]}
 
-    def token(self, issuer: str, audience: str, subject: str = "svc", ttl_s: int = 300) -> str:
+    def token(self, issuer: str, audience: str, subject: str = "svc", ttl_s: int | None = 300) -> str:
+        """A signed token; `ttl_s=None` leaves `exp` out."""
         now = int(time.time())
         header = {"alg": "RS256", "typ": "JWT", "kid": self.kid}
-        claims = {"iss": issuer, "aud": audience, "sub": subject, "iat": now, "exp": now + ttl_s}
+        claims: dict[str, Any] = {"iss": issuer, "aud": audience, "sub": subject, "iat": now}
+        if ttl_s is not None:
+            claims["exp"] = now + ttl_s
         signing_input = f"{_b64(json.dumps(header).encode())}.{_b64(json.dumps(claims).encode())}"
         signature = self.key.sign(signing_input.encode(), padding.PKCS1v15(), hashes.SHA256())
         return f"{signing_input}.{_b64(signature)}"

@@ -54,6 +54,8 @@ def auth_registry(workdir: Path, signer: Signer) -> dict[str, Any]:
     cert, private_key = self_signed_pair(workdir)
     doc["listener"]["tls"] = {"certificate_chain": str(cert), "private_key": str(private_key)}
     doc["admin"]["public_endpoints"] = True
+    # The 401 cases here come from one address; the per-address guard is tested in test_overload.
+    doc["limits"]["unauthenticated"] = {"requests": 1000, "unit": "second"}
 
     def hashes(name: str) -> list[str]:
         return [hash_api_key(f"{name}-secret")]
@@ -174,6 +176,9 @@ def bad_tokens(signer: Signer) -> list[tuple[str, str]]:
     return [
         # Envoy allows 60 s of clock skew by default.
         ("expired", signer.token(ISSUER, AUDIENCE, ttl_s=-120)),
+        ("no-exp", signer.token(ISSUER, AUDIENCE, ttl_s=None)),
+        # Past jwt.max_lifetime_seconds (a day by default): a leaked token must not live for weeks.
+        ("too-long-lived", signer.token(ISSUER, AUDIENCE, ttl_s=3 * 86_400)),
         ("forged", forger.token(ISSUER, AUDIENCE)),
         ("wrong-audience", signer.token(ISSUER, "someone-else")),
         ("unknown-issuer", signer.token("https://evil.example", AUDIENCE)),
@@ -182,7 +187,7 @@ def bad_tokens(signer: Signer) -> list[tuple[str, str]]:
 
 
 async def test_bad_jwts_are_401(auth_stack: Stack, session: aiohttp.ClientSession, signer: Signer) -> None:
-    """Expired, forged, mis-addressed or malformed tokens: 401 JSON, even next to a valid API key."""
+    """Expired, exp-less, too long-lived, forged, mis-addressed or malformed tokens: 401 JSON, even beside a key."""
     for case, token in bad_tokens(signer):
         for headers in (bearer(token), {**bearer(token), "x-api-key": "alice-secret"}):
             reply = await call(session, auth_stack.base + CREDIT, BODY, headers=headers)

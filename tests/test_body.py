@@ -117,3 +117,27 @@ def test_integers_beyond_64_bits_are_refused_not_rounded(literal: bytes, accepte
     else:
         assert isinstance(result, BrokerError) and result.code == ErrorCode.INVALID_BODY
         assert "64-bit" in result.message
+
+
+BOMB = b'{"customer_id": "c-1", "x": [' + b",".join([b"[]", b"{}"] * 100) + b"]}"
+
+
+@pytest.mark.parametrize(
+    ("raw", "refused", "message"),
+    [
+        (BOMB, True, "more than 100 objects and arrays"),
+        (b'{"x": [' + b",".join([b"1"] * 1_001) + b"]}", True, "more than 1000 elements"),
+        (b'{"x": "' + b"[{" * 5_000 + b'"}', False, ""),
+        (b'{"x": [' + b",".join([b"[]"] * 98) + b"]}", False, ""),
+        (b'{"x": "' + b"," * 999 + b'"}', False, ""),
+    ],
+    ids=["container-bomb", "too-many-elements", "brackets-in-a-string", "at-the-limit", "commas-under-the-limit"],
+)
+def test_structure_limits(raw: bytes, refused: bool, message: str) -> None:
+    """Too many containers or elements is a 400 naming the limit; brackets inside strings are not containers."""
+    result = parse_json_object(raw, 32, max_containers=100, max_elements=1_000)
+    if refused:
+        assert isinstance(result, BrokerError) and result.code is ErrorCode.INVALID_BODY and result.status == 400
+        assert message in result.message
+    else:
+        assert isinstance(result, dict), result

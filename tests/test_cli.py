@@ -128,8 +128,15 @@ def test_secured_config_filter_order_and_private_admin(tmp_path: Path) -> None:
     result = run_cli("envoy-config", "--config", write(tmp_path, doc))
     assert result.returncode == 0, result.stderr
     config = yaml.safe_load(result.stdout)
-    hcm = config["staticResources"]["listeners"][0]["filterChains"][0]["filters"][0]["typedConfig"]
+    network = config["staticResources"]["listeners"][0]["filterChains"][0]["filters"]
+    assert [f["name"] for f in network] == [
+        "envoy.filters.network.connection_limit",
+        "envoy.filters.network.http_connection_manager",
+    ]
+    hcm = network[-1]["typedConfig"]
     assert [f["name"] for f in hcm["httpFilters"]] == [
+        "model_broker.strip_identity_headers",
+        "model_broker.unauthenticated_guard",
         "envoy.filters.http.jwt_authn",
         "envoy.filters.http.lua",
         "model_broker.authorize",

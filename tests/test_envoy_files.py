@@ -125,7 +125,7 @@ def inlined(xds: Path) -> dict[str, Any]:
     """The dynamic bootstrap with the files' resources put in place (validate mode ignores path sources)."""
     boot: dict[str, Any] = yaml.safe_load((xds / BOOTSTRAP_FILE).read_text())
     for listener in boot["staticResources"]["listeners"]:
-        hcm = listener["filterChains"][0]["filters"][0]["typedConfig"]
+        hcm = listener["filterChains"][0]["filters"][-1]["typedConfig"]
         if "rds" not in hcm:  # the stats listener's fixed routes are inline
             continue
         name = hcm.pop("rds")["routeConfigName"]

@@ -34,7 +34,7 @@ def with_change(path: str, value: Any) -> dict[str, Any]:
     *parents, last = path.split(".")
     node: Any = doc
     for part in parents:
-        node = node[int(part)] if part.isdigit() else node[part]
+        node = node[int(part)] if part.isdigit() else node.setdefault(part, {})
     node[int(last) if last.isdigit() else last] = value
     return doc
 
@@ -76,6 +76,10 @@ def test_required_features_are_the_union_over_live_versions() -> None:
         ("feature_store", {"redis": {"url": "http://x"}}, "feature_store.redis.url: should be a redis://, rediss://"),
         ("entities.0.store_key", "cust:{id}", "entities[0]: Value error, store_key must contain '{customer_id}'"),
         ("models.0.versions", [], "models[0].versions: declare at least one version"),
+        ("models.0.sticky", {"header": "x-broker-user"}, "models[0].sticky: Value error, 'x-broker-user' is reserved"),
+        ("listener.request_headers_timeout_ms", 0, "listener.request_headers_timeout_ms: Input should be greater"),
+        ("broker.max_in_flight", 0, "broker.max_in_flight: Input should be greater than or equal to 1"),
+        ("overload.max_heap_bytes", 1024, "overload.max_heap_bytes: Input should be greater than or equal to"),
     ],
     ids=[
         "negative-weight",
@@ -90,6 +94,10 @@ def test_required_features_are_the_union_over_live_versions() -> None:
         "redis-url-scheme",
         "store-key-template",
         "no-versions",
+        "sticky-header-is-the-brokers",
+        "no-header-timeout",
+        "no-in-flight",
+        "heap-too-small",
     ],
 )
 def test_problem_names_the_field(path: str, value: Any, expected: str) -> None:

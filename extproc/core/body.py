@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 from typing import Any
 
 import orjson
@@ -22,6 +23,8 @@ _JSON_TYPES = ("application/json",)
 # only bodies with a run that long pay for the exact (stdlib) second look.
 _LONG_DIGIT_RUN = re.compile(rb"\d{19}")
 _INT_RANGE = range(-(2**63), 2**64)
+# No structure limit unless the caller (the registry's `limits`) sets one.
+UNLIMITED = sys.maxsize
 
 
 def check_content_type(content_type: str) -> BrokerError | None:
@@ -36,33 +39,56 @@ def check_content_type(content_type: str) -> BrokerError | None:
     )
 
 
-def _depth_exceeds(value: Any, limit: int) -> bool:
-    """Iterative, so a hostile document cannot exhaust the Python stack."""
+def _shape_error(value: Any, max_depth: int, max_containers: int) -> str:
+    """Why the document is too deep or has too many objects and arrays, or "".
+
+    Iterative, so a hostile document cannot exhaust the Python stack; stops at the
+    first container past either limit, so the walk costs at most `max_containers` steps.
+    """
     stack: list[tuple[Any, int]] = [(value, 1)]
+    seen = 0
     while stack:
         node, depth = stack.pop()
-        if depth > limit:
-            return True
-        if isinstance(node, dict):
-            stack.extend((v, depth + 1) for v in node.values() if isinstance(v, (dict, list)))
-        elif isinstance(node, list):
-            stack.extend((v, depth + 1) for v in node if isinstance(v, (dict, list)))
-    return False
+        seen += 1
+        if depth > max_depth:
+            return f"the request body nests deeper than {max_depth} levels"
+        if seen > max_containers:
+            return f"the request body has more than {max_containers} objects and arrays"
+        children = node.values() if isinstance(node, dict) else node
+        stack.extend((v, depth + 1) for v in children if isinstance(v, (dict, list)))
+    return ""
 
 
-def parse_json_object(raw: bytes, max_depth: int) -> JSONObject | BrokerError:
-    """The body must be one UTF-8 JSON object no deeper than `max_depth`."""
+def _refused_unparsed(raw: bytes, max_elements: int) -> BrokerError | None:
+    """What needs no parsing: an empty body, more elements than the limit (each needs a comma)."""
     if not raw.strip():
         return BrokerError(ErrorCode.INVALID_JSON, "the request body is empty; send a JSON object")
+    if raw.count(b",") >= max_elements:
+        return BrokerError(ErrorCode.INVALID_BODY, f"the request body has more than {max_elements} elements")
+    return None
+
+
+def parse_json_object(
+    raw: bytes, max_depth: int, *, max_containers: int = UNLIMITED, max_elements: int = UNLIMITED
+) -> JSONObject | BrokerError:
+    """The body must be one UTF-8 JSON object within the depth and structure limits.
+
+    A body's cost is per node, not per byte (60 KB of `[]` cost ten times a flat 60 KB
+    body): the element count is bounded from the commas before parsing, the containers
+    from the brackets, both at C speed; only a body past a bracket count is walked.
+    """
+    if refused := _refused_unparsed(raw, max_elements):
+        return refused
     try:
         doc = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
         return BrokerError(ErrorCode.INVALID_JSON, f"the request body is not valid JSON: {exc}")
     if not isinstance(doc, dict):
         return BrokerError(ErrorCode.INVALID_BODY, f"the request body must be a JSON object, not {_kind(doc)}")
-    # Counting brackets is C-speed and bounds the depth from above: most bodies stop here.
-    if raw.count(b"{") + raw.count(b"[") > max_depth and _depth_exceeds(doc, max_depth):
-        return BrokerError(ErrorCode.INVALID_BODY, f"the request body nests deeper than {max_depth} levels")
+    # Counting brackets is C-speed and bounds depth and containers from above: most bodies stop here.
+    brackets = raw.count(b"{") + raw.count(b"[")
+    if brackets > min(max_depth, max_containers) and (shape := _shape_error(doc, max_depth, max_containers)):
+        return BrokerError(ErrorCode.INVALID_BODY, shape)
     if _LONG_DIGIT_RUN.search(raw) and (huge := _integer_out_of_range(raw)):
         return BrokerError(
             ErrorCode.INVALID_BODY, f"an integer ({huge[:40]}) is outside the 64-bit range; send it as a string"

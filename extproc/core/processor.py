@@ -6,6 +6,7 @@ asks "is there a handler?"; `BrokerProcessor` overrides the phases it uses.
 
 from __future__ import annotations
 
+import dataclasses
 from importlib.metadata import version as package_version
 from typing import Any, Protocol
 
@@ -14,6 +15,7 @@ import orjson
 from extproc import metrics, wire
 from extproc.audit.record import AuditDraft, AuditTrail, error_body, sha256
 from extproc.core import responses
+from extproc.core.admission import OVERLOADED, Admission
 from extproc.core.body import check_content_type, entity_key, inject_features, parse_json_object, sticky_key
 from extproc.core.context import RequestContext
 from extproc.core.ensemble.aggregate import MemberFailure, MemberOutcome, ensemble_answer
@@ -78,6 +80,9 @@ class BrokerProcessor(Processor):
         self._store = store
         self._egress = egress
         self._audit = audit
+        # The broker section is fixed until a restart, so a reload never resets the count.
+        self._admission = Admission(registry.broker.max_in_flight)
+        self._retry_after = str(registry.overload.retry_after_seconds)
         self.use_registry(registry)
 
     def use_registry(self, registry: Registry, declared: Registry | None = None) -> None:
@@ -97,7 +102,7 @@ class BrokerProcessor(Processor):
             wire.ROUTE_OIP_SERVER: server_metadata(package_version("model-broker")),
         }
         self._max_body = registry.limits.max_body_bytes
-        self._max_depth = registry.limits.max_json_depth
+        self._limits = registry.limits
         self._models_doc = orjson.dumps(describe_models(registry))
         self._health_doc = {"status": "ok", "registry_version": registry.registry_version}
 
@@ -130,6 +135,23 @@ class BrokerProcessor(Processor):
         return responses.immediate_json(200, found or {"name": endpoint.plan.model, "ready": True}, details="v2")
 
     async def request_body(self, msg: HttpBody, ctx: RequestContext) -> Answer:
+        """The work of a request happens here, so this is where a busy worker refuses more."""
+        if not self._admission.admit():
+            return self._shed(ctx)
+        try:
+            return await self._request_body(msg, ctx)
+        finally:
+            self._admission.release()
+
+    def _shed(self, ctx: RequestContext) -> Answer:
+        """503 overloaded + retry-after before any work (nothing started, so nothing to audit), in the route's shape."""
+        route = self._routes.get(ctx.route_name)
+        ctx.oip = route is not None and route.oip is not None
+        answer = self._reject(OVERLOADED, ctx)
+        assert isinstance(answer, responses.Immediate)  # a refusal is always an immediate answer
+        return dataclasses.replace(answer, headers=(*answer.headers, ("retry-after", self._retry_after)))
+
+    async def _request_body(self, msg: HttpBody, ctx: RequestContext) -> Answer:
         ensemble = self._ensembles.get(ctx.route_name)
         if ensemble is not None:
             return await self._ensemble_body(msg.body, ensemble, ctx)
@@ -253,7 +275,7 @@ class BrokerProcessor(Processor):
             return self._reject(self._too_large(), ctx)
         header_key = ctx.headers.get(plan.key_header, "") if plan.key_header is not None else ""
         request = read_infer_request(
-            plan, raw, content_type=ctx.content_type, header_key=header_key, max_depth=self._max_depth
+            plan, raw, content_type=ctx.content_type, header_key=header_key, max_depth=self._limits.max_json_depth
         )
         if isinstance(request, BrokerError):
             return self._reject(request, ctx)
@@ -368,7 +390,14 @@ class BrokerProcessor(Processor):
             return unsupported
         if len(raw) > self._max_body:
             return self._too_large()
-        return parse_json_object(raw, self._max_depth)
+        return self._parse(raw)
+
+    def _parse(self, raw: bytes) -> dict[str, Any] | BrokerError:
+        """The registry's depth and structure limits: refused before any walk over the document."""
+        limits = self._limits
+        return parse_json_object(
+            raw, limits.max_json_depth, max_containers=limits.max_json_containers, max_elements=limits.max_json_elements
+        )
 
     def _too_large(self) -> BrokerError:
         return BrokerError(ErrorCode.BODY_TOO_LARGE, f"the request body is larger than {self._max_body} bytes")

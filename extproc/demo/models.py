@@ -4,7 +4,8 @@ They read the whole body before answering (as real models do), and echo the
 features exactly as received so a newcomer can see what the broker injected.
 A body may steer one demo model by name for tests and demos, e.g.
 `"_demo": {"fraud": {"delay_ms": 500, "status": 500, "answer": {"score": 0.2}}}`:
-wait, fail with that status, or override fields of the answer. To the broker it is an
+wait, fail with that status, or override fields of the answer; `"echo_headers": true`
+adds the request headers the model received to the answer (what Envoy let through). To the broker it is an
 ordinary consumer field, passed through like any other; only the demo models act on it.
 """
 
@@ -69,6 +70,8 @@ def model_app(model: str, version: str, path: str = "/predict") -> web.Applicati
             "features": features,
             **(steer.get("answer") or {}),
         }
+        if steer.get("echo_headers"):
+            answer["headers"] = {name.lower(): value for name, value in request.headers.items()}
         # Set by Envoy's authentication filter (client copies are dropped); absent in open mode.
         consumer = request.headers.get(wire.HEADER_CONSUMER)
         if consumer is not None:

@@ -53,7 +53,17 @@ from envoy_data_plane.envoy.type.v3 import (
 from envoy_data_plane.google.protobuf import Empty
 
 from extproc import wire
-from extproc.envoy.common import AUTHENTICATE_LUA, AUTHZ_FILTER, JWT_FILTER, LUA_FILTER, RATE_LIMIT_KEY, _any, _ms
+from extproc.envoy.common import (
+    AUTHENTICATE_LUA,
+    AUTHZ_FILTER,
+    GUARD_FILTER,
+    JWT_FILTER,
+    LUA_FILTER,
+    RATE_LIMIT_KEY,
+    UNAUTHENTICATED_LUA,
+    _any,
+    _ms,
+)
 from extproc.registry import (
     Consumer,
     RateLimit,
@@ -109,6 +119,9 @@ def _jwt_provider(consumer: Consumer) -> JwtProvider:
         audiences=list(jwt.audiences),
         # The payload lands under the consumer's name: the Lua filter reads who was verified.
         payload_in_metadata=consumer.name,
+        # A token without `exp`, or valid for longer than this, is refused (401).
+        require_expiration=True,
+        max_lifetime=timedelta(seconds=jwt.max_lifetime_seconds),
     )
     if jwt.subject is not None:
         provider.subjects = StringMatcher(exact=jwt.subject)
@@ -180,11 +193,26 @@ def rate_limit_filter(consumers: list[Consumer]) -> HttpFilter:
     return HttpFilter(name="envoy.filters.http.local_ratelimit", typed_config=_any(config))
 
 
+def unauthenticated_guard(limit: RateLimit) -> HttpFilter:
+    """First of the auth filters: an address that keeps failing authentication gets 429 before any
+    signature check or key hash (`unauthenticated.lua`)."""
+    settings = {
+        "RATE": repr(limit.requests / limit.seconds),
+        "BURST": str(limit.burst or limit.requests),
+        "RETRY_AFTER": _lua_string(str(retry_after_seconds(limit))),
+    }
+    code = "".join(f"local {name} = {value}\n" for name, value in settings.items())
+    lua = Lua(default_source_code=DataSource(inline_string=code + UNAUTHENTICATED_LUA.read_text(encoding="utf-8")))
+    return HttpFilter(name=GUARD_FILTER, typed_config=_any(lua))
+
+
 def auth_filters(registry: Registry) -> list[HttpFilter]:
     """Authenticate, authorize, rate-limit: all in Envoy, before ext_proc; none without consumers."""
     if not registry.consumers:
         return []
-    filters = [jwt_filter(registry)] if any(c.jwt is not None for c in registry.consumers) else []
+    filters = [unauthenticated_guard(registry.limits.unauthenticated)]
+    if any(c.jwt is not None for c in registry.consumers):
+        filters.append(jwt_filter(registry))
     lua = Lua(default_source_code=DataSource(inline_string=authentication_lua(registry)))
     filters.append(HttpFilter(name=LUA_FILTER, typed_config=_any(lua)))
     filters.append(HttpFilter(name=AUTHZ_FILTER, typed_config=_any(Rbac())))

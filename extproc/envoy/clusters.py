@@ -63,6 +63,7 @@ from envoy_data_plane.google.protobuf import Struct
 from extproc import wire
 from extproc.envoy.auth import jwks_cluster_name
 from extproc.envoy.common import ADMIN_CLUSTER, HTTP_PROTOCOL_OPTIONS, SYSTEM_CA_BUNDLE, TLS_SOCKET, _any, _ms, _socket
+from extproc.envoy.edge import resilient
 from extproc.envoy.open_inference import path_rewrite_lua
 from extproc.registry import (
     Model,
@@ -104,9 +105,10 @@ def ext_proc_cluster(
             wire.EXT_PROC_CLUSTER, [wire.broker_socket(socket_dir, "grpc", i) for i in range(workers)]
         )
         cluster.typed_extension_protocol_options = _http2_options()
-        return cluster
+        return resilient(cluster, registry, workers)
     ports = [broker.port + i for i in range(workers)]
-    return _broker_grpc_cluster(wire.EXT_PROC_CLUSTER, host or broker.address, ports, ClusterLbPolicy.LEAST_REQUEST)
+    cluster = _broker_grpc_cluster(wire.EXT_PROC_CLUSTER, host or broker.address, ports, ClusterLbPolicy.LEAST_REQUEST)
+    return resilient(cluster, registry, workers)
 
 
 def ext_proc_http_cluster(
@@ -114,12 +116,13 @@ def ext_proc_http_cluster(
 ) -> Cluster:
     """The same workers' `http_service` ports (or Unix sockets): HTTP/1.1, keep-alive connections per Envoy thread."""
     if socket_dir is not None and host is None:
-        return _pipes_cluster(
+        pipes = _pipes_cluster(
             wire.EXT_PROC_HTTP_CLUSTER, [wire.broker_socket(socket_dir, "http", i) for i in range(workers)]
         )
+        return resilient(pipes, registry, workers)
     broker = registry.broker
     target = host or broker.address
-    return Cluster(
+    cluster = Cluster(
         name=wire.EXT_PROC_HTTP_CLUSTER,
         type=ClusterDiscoveryType.STATIC if _is_ip(target) else ClusterDiscoveryType.STRICT_DNS,
         dns_lookup_family=ClusterDnsLookupFamily.V4_PREFERRED,
@@ -129,6 +132,7 @@ def ext_proc_http_cluster(
             wire.EXT_PROC_HTTP_CLUSTER, [(target, broker.http_port + i) for i in range(workers)]
         ),
     )
+    return resilient(cluster, registry, workers)
 
 
 def _pipes_cluster(name: str, paths: list[str]) -> Cluster:
@@ -330,4 +334,8 @@ def admin_cluster(registry: Registry) -> Cluster:
 
 def model_clusters(registry: Registry) -> list[Cluster]:
     """One cluster per model version: the clusters file in dynamic mode."""
-    return [version_cluster(m, v) for m in registry.models for v in m.versions]
+    clusters = [version_cluster(m, v) for m in registry.models for v in m.versions]
+    for cluster in clusters:
+        # Envoy's edge recommendation: flow control beyond 32 KiB per model connection.
+        cluster.per_connection_buffer_limit_bytes = registry.listener.buffer_limit_bytes
+    return clusters

@@ -54,6 +54,9 @@ AUTHZ_FILTER = "model_broker.authorize"
 # tells a 403 apart from the broker-approved gate's denials (a 400, empty body).
 FORBIDDEN_POLICY = "model_broker_forbidden"
 AUTHENTICATE_LUA = Path(__file__).with_name("authenticate.lua")
+# Before authentication: per-address 429 for callers that keep failing it.
+GUARD_FILTER = "model_broker.unauthenticated_guard"
+UNAUTHENTICATED_LUA = Path(__file__).with_name("unauthenticated.lua")
 TLS_SOCKET = "envoy.transport_sockets.tls"
 # Rate-limit descriptor key of the consumer, filled from the auth metadata.
 RATE_LIMIT_KEY = "consumer"

@@ -30,6 +30,7 @@ from envoy_data_plane.envoy.extensions.transport_sockets.tls.v3 import (
 
 from extproc.envoy.auth import auth_filters
 from extproc.envoy.common import ADMIN_CLUSTER, RBAC_FILTER, STATS_PATHS, TLS_SOCKET, XdsFiles, _any, _routes, _socket
+from extproc.envoy.edge import limit_connections, protect, strip_identity_headers
 from extproc.envoy.ext_proc import ensemble_ext_proc_filter, ext_proc_filter, http_ext_proc_filters
 from extproc.envoy.local_replies import local_reply_config
 from extproc.envoy.routes import egress_route_configuration, route_configuration
@@ -60,6 +61,7 @@ def public_listener(registry: Registry, xds: XdsFiles | None = None) -> Listener
     hcm = HttpConnectionManager(
         stat_prefix="public",
         http_filters=[
+            strip_identity_headers(),
             *auth_filters(registry),
             ext_proc_filter(registry, dynamic),
             *([ensemble_ext_proc_filter(registry, dynamic)] if registry.ensembles or dynamic else []),
@@ -74,7 +76,7 @@ def public_listener(registry: Registry, xds: XdsFiles | None = None) -> Listener
             HttpFilter(name="envoy.filters.http.router", typed_config=_any(Router())),
         ],
         local_reply_config=local_reply_config(
-            auth=bool(registry.consumers),
+            registry,
             oip=dynamic or any(m.protocol == "open_inference" for m in registry.models),
         ),
         # Clients are external: Envoy sets x-forwarded-for and its own x-request-id.
@@ -83,7 +85,10 @@ def public_listener(registry: Registry, xds: XdsFiles | None = None) -> Listener
         always_set_request_id_in_response=True,
     )
     _routes(hcm, route_configuration(registry), xds)
-    return _listener("public", registry.listener.address, registry.listener.port, hcm, _downstream_tls(registry))
+    listener = _listener(
+        "public", registry.listener.address, registry.listener.port, protect(hcm, registry), _downstream_tls(registry)
+    )
+    return limit_connections(listener, registry)
 
 
 def _listener(

@@ -20,8 +20,11 @@ from envoy_data_plane.envoy.extensions.filters.network.http_connection_manager.v
 from envoy_data_plane.google.protobuf import Struct
 
 from extproc import wire
+from extproc.envoy.auth import retry_after_seconds
 from extproc.envoy.common import FORBIDDEN_POLICY, NOT_BROKER, _any, _header
+from extproc.envoy.edge import OVERLOAD_DETAILS
 from extproc.envoy.open_inference import OIP_PATHS, oip_error_json
+from extproc.registry import Registry
 
 
 def _error_json(code: str, message: str) -> SubstitutionFormatString:
@@ -53,7 +56,7 @@ def _mapper(condition: str, status: int, code: str, message: str, oip: bool) -> 
     )
 
 
-def _auth_mappers(oip: bool) -> list[ResponseMapper]:
+def _auth_mappers(unauthenticated_retry_after: int, oip: bool) -> list[ResponseMapper]:
     """401/403/429 from the authentication, authorization and rate-limit filters."""
     too_many = _mapper(
         "response.code_details == 'local_rate_limited'",
@@ -66,6 +69,15 @@ def _auth_mappers(oip: bool) -> list[ResponseMapper]:
     # x-ratelimit-reset is added after local_reply_config runs, so it cannot be copied.
     retry_after = f"%DYNAMIC_METADATA({wire.AUTH_NAMESPACE}:{wire.META_RETRY_AFTER})%"
     too_many.headers_to_add = [_header("retry-after", retry_after)]
+    # The guard before authentication (`unauthenticated.lua`): this address failed too often.
+    failing = _mapper(
+        "response.code == 429",
+        429,
+        "rate_limited",
+        "too many requests without a valid credential from this address; retry after retry-after seconds",
+        oip,
+    )
+    failing.headers_to_add = [_header("retry-after", str(unauthenticated_retry_after))]
     return [
         _mapper(
             # jwt_authn answers a token for another audience with 403: still not authenticated here.
@@ -83,19 +95,43 @@ def _auth_mappers(oip: bool) -> list[ResponseMapper]:
             oip,
         ),
         too_many,
+        failing,
     ]
 
 
-def local_reply_config(auth: bool = False, oip: bool = False) -> LocalReplyConfig:
-    """Envoy's own replies (body too large, broker down, model down) as JSON, details hidden;
+OVERLOADED = "the service is overloaded; retry after the number of seconds in retry-after"
+
+
+def _overload_mappers(retry_after: int, oip: bool) -> list[ResponseMapper]:
+    """Envoy shedding load: the overload manager, or the ext_proc cluster's circuit breaker.
+
+    A circuit-breaker overflow is a busy broker, not a missing one: it must not read
+    `broker_unavailable` (an operator would look for a dead process).
+    """
+    overflow = "response.code_details.startsWith('ext_proc') && response.code_details.contains('overflow')"
+    mappers = [
+        _mapper(f"response.code_details == '{OVERLOAD_DETAILS}'", 503, "overloaded", OVERLOADED, oip),
+        _mapper(overflow, 503, "overloaded", OVERLOADED, oip),
+    ]
+    for mapper in mappers:
+        mapper.headers_to_add = [_header("retry-after", str(retry_after))]
+    return mappers
+
+
+def local_reply_config(registry: Registry, oip: bool = False) -> LocalReplyConfig:
+    """Envoy's own replies (body too large, broker down, model down, overload) as JSON, details hidden;
     with `oip` (Open Inference Protocol models served), in OIP's shape on V2 paths."""
-    return LocalReplyConfig(mappers=[*(_mappers(auth, oip=True) if oip else []), *_mappers(auth, oip=False)])
+    return LocalReplyConfig(mappers=[*(_mappers(registry, oip=True) if oip else []), *_mappers(registry, oip=False)])
 
 
-def _mappers(auth: bool, oip: bool) -> list[ResponseMapper]:
+def _mappers(registry: Registry, oip: bool) -> list[ResponseMapper]:
+    unauthenticated = retry_after_seconds(registry.limits.unauthenticated)
     return [
-        *(_auth_mappers(oip) if auth else []),
+        *(_auth_mappers(unauthenticated, oip) if registry.consumers else []),
+        *_overload_mappers(registry.overload.retry_after_seconds, oip),
         _mapper("response.code == 413", 413, "body_too_large", "the request body is too large", oip),
+        _mapper("response.code == 408", 408, "request_timeout", "the request did not arrive in time", oip),
+        _mapper("response.code == 431", 431, "headers_too_large", "the request headers are too many or too large", oip),
         _mapper(
             "response.code_details.startsWith('rbac_access_denied')",
             400,

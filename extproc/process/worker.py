@@ -174,7 +174,7 @@ async def serve_worker(
         options=[
             ("grpc.so_reuseport", 0),  # one port per worker; a second bind must fail loudly
             ("grpc.max_receive_message_length", registry.limits.max_body_bytes * 2 + 65536),
-            ("grpc.http2.max_concurrent_streams", 1024),
+            ("grpc.http2.max_concurrent_streams", registry.broker.max_streams),
         ]
     )
     trail = audit[0] if audit else None

@@ -48,7 +48,7 @@ from extproc.registry.open_inference import (
 )
 from extproc.registry.patterns import API_KEY_HASH, DNS_LABEL, FEATURE_NAME, JSON_KEY, describe
 from extproc.registry.reload import POLL_SECONDS, log, refusal
-from extproc.registry.serving import Admin, Broker, ControlPlane, Limits, Listener, Metrics
+from extproc.registry.serving import Admin, Broker, ControlPlane, Http2Limits, Limits, Listener, Metrics, Overload
 
 __all__ = [
     "ALL_ROUTES",
@@ -86,6 +86,7 @@ __all__ = [
     "FeatureName",
     "FeatureStore",
     "FeatureTensor",
+    "Http2Limits",
     "JwtCredential",
     "Limits",
     "Listener",
@@ -94,6 +95,7 @@ __all__ = [
     "MissingPolicy",
     "Model",
     "OpenInference",
+    "Overload",
     "Port",
     "Problem",
     "RateLimit",

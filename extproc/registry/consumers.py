@@ -36,6 +36,8 @@ class JwtCredential(Strict):
     subject: Annotated[str, Field(min_length=1)] | None = None
     jwks_file: str | None = None
     jwks_uri: Annotated[str, Field(pattern=JWKS_URL)] | None = None
+    # Tokens must carry `exp`, at most this far after `iat` (or `nbf`): a leaked token does not live forever.
+    max_lifetime_seconds: Annotated[int, Field(ge=60, le=31_536_000)] = 86_400
 
     @model_validator(mode="after")
     def _one_source(self) -> JwtCredential:

@@ -9,7 +9,7 @@ from extproc.registry.consumers import Consumer
 from extproc.registry.ensembles import Ensemble
 from extproc.registry.features import Entity, FeatureStore
 from extproc.registry.models import Model
-from extproc.registry.serving import Admin, Broker, ControlPlane, Limits, Listener, Metrics
+from extproc.registry.serving import Admin, Broker, ControlPlane, Limits, Listener, Metrics, Overload
 
 
 class Registry(Strict):
@@ -27,6 +27,7 @@ class Registry(Strict):
     # readiness through; generated only with ensembles or open_inference models.
     egress: Address = Address(port=8081)
     limits: Limits = Limits()
+    overload: Overload = Overload()
     audit: Audit | None = None
     # None declared: open mode, anyone who reaches the listener may call any model.
     consumers: tuple[Consumer, ...] = ()

@@ -118,7 +118,8 @@ class Sticky(Strict):
     def _one_source(self) -> Sticky:
         if (self.body_field is None) == (self.header is None):
             raise ValueError("declare exactly one of 'body_field' or 'header'")
-        if self.header is not None and (self.header.startswith("x-envoy-") or self.header == wire.HEADER_STICKY_KEY):
+        # Envoy strips every client `x-broker-*` header: a sticky key there would never arrive.
+        if self.header is not None and self.header.startswith(("x-envoy-", wire.BROKER_HEADER_PREFIX)):
             raise ValueError(f"'{self.header}' is reserved")
         return self
 

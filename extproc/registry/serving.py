@@ -7,11 +7,39 @@ from typing import Annotated, Literal
 from pydantic import Field
 
 from extproc.registry.common import TLS, Address, Port, Strict
+from extproc.registry.consumers import RateLimit
+
+Milliseconds = Annotated[int, Field(ge=1, le=86_400_000)]
+
+
+class Http2Limits(Strict):
+    """HTTP/2 limits per client connection (Envoy's edge recommendations)."""
+
+    max_concurrent_streams: Annotated[int, Field(ge=1, le=2_147_483_647)] = 100
+    initial_stream_window_size: Annotated[int, Field(ge=65_535, le=2_147_483_647)] = 64 * 1024
+    initial_connection_window_size: Annotated[int, Field(ge=65_535, le=2_147_483_647)] = 1024 * 1024
 
 
 class Listener(Address):
+    """The public listener and what one client may hold on it."""
+
     # Declared certificate files switch the public listener to HTTPS only.
     tls: TLS | None = None
+    # Open connections on this listener; past it, new ones are closed at once.
+    max_connections: Annotated[int, Field(ge=1, le=10_000_000)] = 10_000
+    # A client must have sent all its headers by then (slowloris), else 408 and the connection closes.
+    request_headers_timeout_ms: Milliseconds = 10_000
+    # The whole request (body included) must have arrived by then.
+    request_timeout_ms: Milliseconds = 60_000
+    # A stream with no activity either way for this long is reset.
+    stream_idle_timeout_ms: Milliseconds = 300_000
+    # A connection with no stream for this long is closed.
+    idle_timeout_ms: Milliseconds = 300_000
+    max_request_headers_kb: Annotated[int, Field(ge=1, le=8192)] = 60
+    max_headers_count: Annotated[int, Field(ge=1, le=10_000)] = 100
+    # Bytes Envoy buffers per connection, downstream and to each model (flow control beyond).
+    buffer_limit_bytes: Annotated[int, Field(ge=1024, le=64 * 1024 * 1024)] = 32 * 1024
+    http2: Http2Limits = Http2Limits()
 
 
 class Admin(Address):
@@ -41,6 +69,11 @@ class Broker(Strict):
     workers: Annotated[int, Field(ge=1, le=64)] = 2
     # Envoy's per-message deadline for the broker; must cover the feature store budget.
     message_timeout_ms: Annotated[int, Field(ge=10, le=60_000)] = 500
+    # Requests one worker works on at once; more are refused (503 overloaded) rather than queued.
+    max_in_flight: Annotated[int, Field(ge=1, le=100_000)] = 256
+    # ext_proc streams Envoy keeps open to one worker (audited ones last as long as the model call);
+    # Envoy's circuit breaker on the ext_proc cluster is this times the workers.
+    max_streams: Annotated[int, Field(ge=1, le=1_000_000)] = 1024
 
 
 class Metrics(Strict):
@@ -70,3 +103,20 @@ class Limits(Strict):
     # Envoy buffers client body + injected features: its limit is the sum.
     feature_headroom_bytes: Annotated[int, Field(ge=0, le=16 * 1024 * 1024)] = 64 * 1024
     max_json_depth: Annotated[int, Field(ge=2, le=512)] = 32
+    # Objects and arrays in one body; past it 400 before any walk over the document.
+    max_json_containers: Annotated[int, Field(ge=1, le=10_000_000)] = 1_000
+    # Array items and object members (counted by the body's commas, strings included).
+    max_json_elements: Annotated[int, Field(ge=1, le=100_000_000)] = 50_000
+    # Per source address: 401s it may cause before every request from it gets 429 (consumers declared).
+    unauthenticated: RateLimit = RateLimit(requests=10, burst=20)
+
+
+class Overload(Strict):
+    """Envoy's overload manager: past these it refuses (503 overloaded) instead of falling over."""
+
+    # Heap Envoy may use; at 95% it returns free memory to the OS, at 98% it refuses new requests.
+    max_heap_bytes: Annotated[int, Field(ge=16 * 1024 * 1024, le=1 << 40)] = 1 << 30
+    # Connections on all listeners together; past it new ones are closed at once.
+    max_downstream_connections: Annotated[int, Field(ge=1, le=100_000_000)] = 50_000
+    # The retry-after of every `overloaded` answer.
+    retry_after_seconds: Annotated[int, Field(ge=1, le=3600)] = 1
