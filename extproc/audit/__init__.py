@@ -1,12 +1,14 @@
 """The audit trail: the record of each model execution, spooled before release, then shipped.
 
 `fields` (the record's documented schema) → `record` (record, redaction, sink protocol,
-`AuditTrail`) → `spool` (local append-only segments) → `shipper` (segments → sink, with
+`AuditTrail`) → `spool` (local append-only segments; `disk` says whether it can take a
+record now) → `shipper` (segments → sink, with
 backpressure metrics) → `objects` (one gzip JSON Lines object per segment, read back by
 byte range) → `local` (the embedded JSONL sink); `status` reads the spool for
 `audit status`. The AWS sink is `extproc.adapters.aws_audit`, the only module importing boto3.
 """
 
+from extproc.audit.disk import DiskCheck
 from extproc.audit.fields import FIELDS, SCHEMA_VERSION, Field
 from extproc.audit.local import LocalAuditStore, local_path
 from extproc.audit.objects import OBJECT_SUFFIX, Location, PackedObject, object_key, pack, pack_batch, record_at
@@ -56,6 +58,7 @@ __all__ = [
     "AuditSink",
     "AuditSinkUnavailable",
     "AuditTrail",
+    "DiskCheck",
     "Field",
     "LocalAuditStore",
     "Location",

@@ -214,6 +214,8 @@ class AuditTrail:
         self._rules = compile_redaction(redact_paths)
         self._registry_version = registry_version
         self.fail_closed = fail_closed
+        # Records not written since the last one that was: logs once per outage.
+        self._dropped = 0
 
     def use_registry(self, entities: dict[str, tuple[str, str]], registry_version: str) -> None:
         """A reloaded registry: models audited from now on, and the version records name."""
@@ -223,8 +225,9 @@ class AuditTrail:
         return route_name in self._entities
 
     def refuses(self) -> bool:
-        """True when the spool is full and the policy is fail-closed: run nothing that cannot be audited."""
-        return self.fail_closed and not self._spool.has_room()
+        """True when the spool cannot take a record and the policy is fail-closed: run nothing that
+        cannot be audited (asked before the model is called: bound, free space, write probe)."""
+        return self.fail_closed and not self._spool.writable()
 
     def write(
         self,
@@ -243,10 +246,17 @@ class AuditTrail:
         record = build_record(draft, where, status, body, self._rules)
         draft.written = True
         if self._spool.append(orjson.dumps(record) + b"\n"):
+            if self._dropped:
+                log.warning("audit spool takes records again after %d were not written", self._dropped)
+                self._dropped = 0
             return True
         metrics.AUDIT_DROPPED.labels(draft.model).inc()
-        if not self.fail_closed:
-            log.warning("audit spool full: record %s dropped (when_full: drop)", request_id)
+        if not self._dropped:  # once per outage, not once per request: the counter has the total
+            policy = "dropped (when_full: drop)" if not self.fail_closed else "refused (fail_closed)"
+            log.warning(
+                "audit spool cannot take record %s: %s; see model_broker_audit_dropped_total", request_id, policy
+            )
+        self._dropped += 1
         return not self.fail_closed
 
 

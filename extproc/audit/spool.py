@@ -20,6 +20,8 @@ from typing import Any
 
 import orjson
 
+from extproc.audit.disk import DiskCheck
+
 log = logging.getLogger("model_broker.spool")
 
 OPEN_SUFFIX = ".open"
@@ -75,11 +77,13 @@ class Spool:
         *,
         max_bytes: int,
         segment_bytes: int,
+        min_free_bytes: int = 0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.directory = directory
         self.max_bytes = max_bytes
         self.segment_bytes = segment_bytes
+        self.disk = DiskCheck(directory, min_free_bytes, clock)
         self._clock = clock
         self._seq = itertools.count()
         self._token = secrets.token_hex(4)
@@ -97,24 +101,42 @@ class Spool:
     def has_room(self, size: int = 1) -> bool:
         return self.used + size <= self.max_bytes
 
+    def writable(self) -> bool:
+        """Room under the bound and a disk that takes writes (see `DiskCheck`): asked before a model runs."""
+        return self.has_room() and self.disk.ok()
+
     def append(self, line: bytes) -> bool:
-        """Write one record line; False (nothing written) when it would pass the bound or the disk refuses."""
+        """Write one record line; False (nothing written) when it would pass the bound or the disk refuses.
+
+        A write the disk refuses half-way is cut back, so a segment never holds a partial line.
+        """
         if not self.has_room(len(line)):
             return False
+        segment = self._active
         try:
-            segment = self._active or self._start()
+            segment = segment or self._start()
             view = memoryview(line)
             while view:
                 written = os.write(segment.fd, view)
                 view = view[written:]
         except OSError as exc:
-            log.error("spool append failed: %s", exc)
+            if segment is not None:
+                self._cut_back(segment)
+            self.disk.failed(exc)
             return False
         segment.size += len(line)
         self.used += len(line)
         if segment.size >= self.segment_bytes:
             self.rotate()
         return True
+
+    @staticmethod
+    def _cut_back(segment: Segment) -> None:
+        """Drop the partial line a failed write left (appends resume at the new end: O_APPEND)."""
+        try:
+            os.ftruncate(segment.fd, segment.size)
+        except OSError as exc:  # the record is refused either way; the shipper skips a torn last line
+            log.error("could not cut a partial record from %s: %s", segment.path, exc)
 
     def _start(self) -> Segment:
         name = segment_name(int(time.time() * 1000), self._token, next(self._seq))

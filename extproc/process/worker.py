@@ -86,6 +86,7 @@ def open_audit(registry: Registry, port: int, workers: int) -> tuple[AuditTrail,
         Path(conf.spool.dir) / f"worker-{port}",
         max_bytes=conf.spool.max_bytes // workers,
         segment_bytes=conf.spool.segment_bytes,
+        min_free_bytes=conf.spool.min_free_bytes,
     )
     spool.open()
     trail = AuditTrail(

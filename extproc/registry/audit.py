@@ -22,6 +22,9 @@ class Spool(Strict):
     fsync_interval_ms: Annotated[int, Field(ge=10, le=60_000)] = 1000
     # fail_closed: no room for the record → 503 audit_unavailable. drop: answer, count the loss.
     when_full: Literal["fail_closed", "drop"] = "fail_closed"
+    # Free space the spool's filesystem must keep; below it the spool counts as full (the disk
+    # fills from elsewhere too, and a write that fails after the model ran is too late).
+    min_free_bytes: Annotated[int, Field(ge=0, le=1 << 50)] = 16 << 20
 
 
 class LocalAuditSink(Strict):
