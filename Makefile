@@ -8,7 +8,7 @@ DEMO_STAMP := $(VENV)/.installed-demo
 STAMP := $(VENV)/.installed
 BENCH_STAMP := $(VENV)/.installed-bench
 
-.PHONY: demo install check lint test bench clean envoy-configs crds lock
+.PHONY: demo install check lint test bench soak clean envoy-configs crds lock
 
 demo: $(DEMO_STAMP)  ## the bundled demo: Envoy + broker + demo models, no Redis, no AWS
 	$(VENV)/bin/model-broker demo
@@ -52,6 +52,10 @@ test: $(STAMP)
 bench: $(BENCH_STAMP)  ## side-by-side benchmark (not a test): plain Envoy, broker, Python gateways
 	scripts/ensure-system-packages redis-server wrk
 	$(PY) -m bench.run
+
+soak: $(BENCH_STAMP)  ## bounded soak (not a test): 1M requests through one broker stack, RSS of every process sampled
+	scripts/ensure-system-packages redis-server wrk
+	$(PY) -m bench.soak
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
