@@ -40,7 +40,7 @@ def rules_doc(redis_url: str) -> dict[str, Any]:
         feature_store={"redis": {"url": redis_url}, "timeout_ms": 1000, "cache": {"ttl_seconds": 0.5}}
     )
     doc["broker"]["message_timeout_ms"] = 1500
-    doc["ensembles"] = []
+    # The demo's underwriting ensemble (credit-risk and fraud) stays: members get derived features too.
     credit = doc["models"][0]
     # Not audited: a single-message route, so the rules run on the suite's transport (http_service
     # by default); the audited ratio-* models below run on gRPC (several phases per request).
@@ -109,6 +109,15 @@ async def test_derived_values_reach_the_model(stack: Stack, session: aiohttp.Cli
     assert features["high_debt"] is (features["debt"] > 50000)
     assert "x-broker-degraded" not in reply.headers
     assert re.search(r"broker-rules;dur=[0-9.]+", reply.headers["server-timing"]), reply.headers
+
+
+async def test_ensemble_members_get_their_derived_features(stack: Stack, session: aiohttp.ClientSession) -> None:
+    """A model called as an ensemble member receives its derived features too (its rules do not apply there)."""
+    reply = await call(session, stack.base + "/v1/ensembles/underwriting/predict", {"customer_id": "c-1", "amount": 1})
+    assert reply.status == 200, reply.raw
+    features = reply.body["results"]["credit-risk"]["output"]["features"]
+    assert features["debt"] == pytest.approx(features["debt_ratio"] * features["income"])
+    assert features["amount_over_income"] == pytest.approx(1 / features["income"])
 
 
 async def test_rule_on_the_body_pins_its_version(stack: Stack, session: aiohttp.ClientSession) -> None:

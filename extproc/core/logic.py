@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from extproc.core.derived import DerivedFeature, body_view, derive, read_body
+from extproc.core.derived import Derivation, DerivedFeature, body_view, derive, read_body
 from extproc.core.missing import settle_missing
 from extproc.core.rules import CompiledRule, RuleDecision, choose_version, sticky_draw
 from extproc.errors import BrokerError
@@ -63,6 +63,28 @@ def compile_logic(model: Model) -> ModelLogic | None:
     )
 
 
+def _derive(
+    logic: ModelLogic, doc: Mapping[str, Any], features: dict[str, Any], started_at: float
+) -> tuple[Derivation, dict[str, Any], datetime.datetime | None]:
+    now = datetime.datetime.fromtimestamp(started_at, datetime.UTC) if logic.uses_now else None
+    derivation = derive(logic.derived, body_view(doc, logic.body_fields), features, now)
+    return derivation, {**features, **derivation.values}, now
+
+
+def derived_features(
+    logic: ModelLogic, doc: Mapping[str, Any], features: dict[str, Any], *, started_at: float, degraded: str
+) -> dict[str, Any] | BrokerError:
+    """Stored plus derived features after the missing-features policy, without the rules: an ensemble
+    member is called through its egress route, whose weighted split decides its version."""
+    if not logic.derived:
+        return features
+    derivation, merged, _ = _derive(logic, doc, features, started_at)
+    if degraded:
+        return merged
+    settled, _ = settle_missing(logic.missing_features, merged, derivation.errors)
+    return settled
+
+
 @dataclass(frozen=True, slots=True)
 class LogicOutcome:
     """The features to inject (stored + derived, after the missing-features policy), why they are
@@ -90,10 +112,8 @@ def apply_logic(
     A request already degraded (store down under fail_open, unknown entity forwarded) has no
     stored features to derive from: derived features that fail are left out, not refused.
     """
-    now = datetime.datetime.fromtimestamp(started_at, datetime.UTC) if logic.uses_now else None
+    derivation, merged, now = _derive(logic, doc, features, started_at)
     body = body_view(doc, logic.body_fields)
-    derivation = derive(logic.derived, body, features, now)
-    merged = {**features, **derivation.values}
     settled: dict[str, Any] | BrokerError = merged
     if not degraded:
         settled, degraded = settle_missing(logic.missing_features, merged, derivation.errors)

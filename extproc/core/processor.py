@@ -330,7 +330,13 @@ class BrokerProcessor(Processor):
             return self._reject(AUDIT_FULL, ctx)
         ctx.lap("route")
         outcomes = await run_ensemble(
-            plan, doc, key, store=self._store, client=self._egress, parent_request_id=ctx.request_id
+            plan,
+            doc,
+            key,
+            store=self._store,
+            client=self._egress,
+            parent_request_id=ctx.request_id,
+            started_at=ctx.started_at,
         )
         ctx.lap("ensemble")
         if isinstance(outcomes, BrokerError):

@@ -18,6 +18,7 @@ from extproc import wire
 from extproc.core.body import inject_features
 from extproc.core.ensemble.aggregate import Combiner, MemberFailure, MemberOutcome, MemberResult
 from extproc.core.features import Features, FeatureStore, pick
+from extproc.core.logic import derived_features
 from extproc.core.oip import member_body
 from extproc.core.routing import ModelRoute
 from extproc.errors import BrokerError, ErrorCode, FeatureStoreUnavailable
@@ -155,6 +156,18 @@ async def _union_features(store: FeatureStore, plan: EnsemblePlan, key: str) -> 
         return None, str(exc)
 
 
+def _settled(
+    member: MemberPlan, doc: dict[str, Any], key: str, found: Features | None, *, unavailable: str, started_at: float
+) -> Features | BrokerError:
+    """The member's features after its store policies, with its derived features (its segment rules do
+    not apply: the member is called through its egress route, whose weighted split picks the version)."""
+    features, degraded = member.route.settle_features(found, key, unavailable)
+    logic = member.route.logic
+    if isinstance(features, BrokerError) or logic is None or member.route.oip is not None:
+        return features
+    return derived_features(logic, doc, features, started_at=started_at, degraded=degraded)
+
+
 def _member_body(
     member: MemberPlan, doc: dict[str, Any], key: str, features: Features | BrokerError
 ) -> bytes | BrokerError:
@@ -175,6 +188,7 @@ async def run_ensemble(
     store: FeatureStore,
     client: MemberClient,
     parent_request_id: str,
+    started_at: float = 0.0,
 ) -> list[MemberOutcome] | BrokerError:
     """Every member's outcome in declared order, or the one feature error all members share.
 
@@ -182,7 +196,10 @@ async def run_ensemble(
     """
     deadline = perf_counter() + plan.deadline_s
     union, unavailable = await _union_features(store, plan, key)
-    settled = [m.route.settle_features(pick(union, m.route.features), key, unavailable)[0] for m in plan.members]
+    settled = [
+        _settled(m, doc, key, pick(union, m.route.features), unavailable=unavailable, started_at=started_at)
+        for m in plan.members
+    ]
     bodies = [_member_body(m, doc, key, f) for m, f in zip(plan.members, settled, strict=True)]
     errors = [b for b in bodies if isinstance(b, BrokerError)]
     if len(errors) == len(bodies):
