@@ -17,9 +17,11 @@ $(PY):
 	python3 -m venv $(VENV)
 
 # The venv's own pip installs editable packages (PEP 660) already: no upgrade on the demo's path.
+# --no-compile: byte-compiling every dependency up front (botocore alone is thousands of modules)
+# cost a third of the install's CPU; Python compiles the few the demo imports on first use.
 $(DEMO_STAMP): pyproject.toml | $(PY)
 	@echo "installing the demo's dependencies into $(VENV)/ (once)"
-	$(PY) -m pip install -q -e .
+	$(PY) -m pip install -q --no-compile -e .
 	touch $@
 
 $(STAMP): pyproject.toml | $(PY)
