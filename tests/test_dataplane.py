@@ -268,6 +268,28 @@ async def test_broker_killed_503_then_recovers(embedded_stack: Stack, session: a
     assert reply.body["features"] == expected_features("c-1")
 
 
+async def test_broker_stalled_503_within_the_message_timeout(
+    embedded_stack: Stack, session: aiohttp.ClientSession
+) -> None:
+    """Broker frozen (SIGSTOP): Envoy gives up at `broker.message_timeout_ms` with 503 JSON; thawed: 200."""
+    timeout_s = embedded_stack.doc["broker"]["message_timeout_ms"] / 1000
+    embedded_stack.procs["broker"].signal(signal.SIGSTOP)
+    try:
+        started = time.monotonic()
+        reply = await call(session, embedded_stack.base + PATH, {"customer_id": "c-1"})
+        waited = time.monotonic() - started
+        assert reply.status == 503, reply.raw
+        assert reply.error_code() == "broker_unavailable"
+        # Not before the budget, and not long after it (a loaded box adds its own delay).
+        assert timeout_s * 0.9 <= waited < timeout_s + 5.0, waited
+    finally:
+        embedded_stack.procs["broker"].signal(signal.SIGCONT)
+    deadline = time.monotonic() + 10
+    while (reply := await call(session, embedded_stack.base + PATH, {"customer_id": "c-1"})).status != 200:
+        assert time.monotonic() < deadline, reply.raw
+        await asyncio.sleep(0.2)
+
+
 async def test_sigterm_drains_and_stops_the_broker(tmp_path: Path) -> None:
     """SIGTERM to `serve`: every worker exits cleanly and promptly."""
     with run_stack(demo_registry_doc(), tmp_path) as stack:
