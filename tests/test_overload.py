@@ -203,21 +203,38 @@ def overloaded(reply: Reply) -> bool:
     return reply.status == 503 and reply.error_code() == "overloaded" and reply.headers.get("retry-after") == "1"
 
 
-async def test_ext_proc_overflow_is_labelled_overloaded(tmp_path: Path, session: aiohttp.ClientSession) -> None:
-    """Past the ext_proc circuit breaker (workers x broker.max_streams): 503 overloaded, not broker_unavailable."""
-    doc = demo_registry_doc(ensembles=[])
+async def overflow_round(session: aiohttp.ClientSession, stack: Stack) -> list[Reply]:
+    """Bursts until one overflows the breaker (bounded: 20 rounds); that round's refusals."""
+    for _ in range(20):
+        refused = [r for r in await burst(session, stack.base + CREDIT, 24) if r.status != 200]
+        if refused:
+            return refused
+    return []
+
+
+def one_stream_stack(doc: dict[str, Any]) -> dict[str, Any]:
     doc["broker"]["workers"] = 1
     doc["broker"]["max_streams"] = 1
-    with run_stack(doc, tmp_path / "stack") as stack:
-        overflow = "cluster.model_broker_ext_proc.upstream_rq_pending_overflow"
-        replies: list[Reply] = []
-        for _ in range(20):  # bounded: stop at the first round that overflowed
-            replies = await burst(session, stack.base + CREDIT, 24)
-            if any(r.status != 200 for r in replies):
-                break
-        refused = [r for r in replies if r.status != 200]
+    return doc
+
+
+async def test_ext_proc_overflow_is_labelled_overloaded(tmp_path: Path, session: aiohttp.ClientSession) -> None:
+    """Past the ext_proc circuit breaker (workers x broker.max_streams): 503 overloaded, not broker_unavailable."""
+    with run_stack(one_stream_stack(demo_registry_doc(ensembles=[])), tmp_path / "stack") as stack:
+        refused = await overflow_round(session, stack)
         assert refused and all(overloaded(r) for r in refused), [r.raw for r in refused]
-        assert await stat(session, stack, overflow) >= 1
+        assert await stat(session, stack, "cluster.model_broker_ext_proc.upstream_rq_pending_overflow") >= 1
+
+
+async def test_http_service_overflow_is_counted(tmp_path: Path, session: aiohttp.ClientSession) -> None:
+    """On http_service routes Envoy reports every side-call failure alike (503 broker_unavailable); a counter tells."""
+    doc = one_stream_stack(demo_registry_doc(ensembles=[]))
+    del doc["audit"]  # single-message routes: Envoy reaches the broker over http_service
+    with run_stack(doc, tmp_path / "stack") as stack:
+        refused = await overflow_round(session, stack)
+        assert refused and all(r.status == 503 and r.error_code() == "broker_unavailable" for r in refused)
+        overflowed = await stat(session, stack, "cluster.model_broker_ext_proc_http.upstream_rq_pending_overflow")
+        assert overflowed >= 1
 
 
 async def test_busy_worker_sheds_with_503_overloaded(
