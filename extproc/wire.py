@@ -44,7 +44,7 @@ ATTR_REQUEST_ID: Final = "request.id"
 ATTR_HEADER_PREFIX: Final = "request.headers['"
 ATTR_CONTENT_TYPE: Final = ATTR_HEADER_PREFIX + "content-type']"
 REQUEST_ATTRIBUTES: Final = (ATTR_ROUTE_NAME, ATTR_REQUEST_ID, ATTR_CONTENT_TYPE)
-# Response attributes, sent with the response headers message on audited routes only.
+# Response attributes, sent with the response body message on audited routes only (their one response phase).
 # The status Envoy is about to send (the model's, or Envoy's own local reply's).
 ATTR_RESPONSE_CODE: Final = "response.code"
 # The version that served, from the answering upstream host's metadata (see

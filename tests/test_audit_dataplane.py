@@ -252,6 +252,30 @@ async def test_aws_outage_loses_nothing_and_duplicates_nothing(
     assert sorted(r["request_id"] for r in moto.records("audit-outage")) == sorted(i["request_id"]["S"] for i in items)
 
 
+async def upstream_active(stack: Stack, model: str) -> int:
+    """Requests Envoy has in flight to `model`'s versions (its own counters, from the admin port)."""
+    async with aiohttp.ClientSession() as client, client.get(f"{stack.admin}/stats?filter=upstream_rq_active") as r:
+        text = await r.text()
+    return sum(int(line.rsplit(" ", 1)[1]) for line in text.splitlines() if f"cluster.{model}--" in line)
+
+
+async def test_an_audited_answer_leaves_only_after_its_record(aws_stack: Stack, session: aiohttp.ClientSession) -> None:
+    """The status waits for the record: a broker stalled while the model answers turns it into a 503, never a 200."""
+    target, broker = url(aws_stack, "audit-misc"), aws_stack.procs["broker"]
+    body = {"customer_id": "c-3", "_demo": {"audit-misc": {"delay_ms": 1500}}}  # the model takes its time
+    pending = asyncio.create_task(call(session, target, body))
+    deadline = time.monotonic() + 15
+    while await upstream_active(aws_stack, "audit-misc") == 0:  # the broker has answered the request phase
+        assert time.monotonic() < deadline and not pending.done()
+        await asyncio.sleep(0.02)
+    broker.signal(signal.SIGSTOP)
+    try:
+        reply = await pending
+    finally:
+        broker.signal(signal.SIGCONT)
+    assert (reply.status, reply.error_code()) == (503, "broker_unavailable")
+
+
 async def test_redacted_fields_never_leave_the_broker(
     aws_stack: Stack, moto: Moto, session: aiohttp.ClientSession
 ) -> None:

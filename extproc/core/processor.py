@@ -435,17 +435,17 @@ class BrokerProcessor(Processor):
             return responses.immediate_json(error.status, error_json(error), details=error.code.value, headers=headers)
         return responses.error_response(error, ctx.request_id, headers=headers)
 
-    async def response_headers(self, msg: HttpHeaders, ctx: RequestContext) -> Answer:
-        """Audited routes only: Envoy holds these headers until the body phase is answered."""
+    async def response_body(self, msg: HttpBody, ctx: RequestContext) -> Answer:
+        """Audited routes only: the record reaches the spool before the response is released.
+
+        The response's status and version arrive as attributes of this message; Envoy's
+        audit hold keeps the headers back until this answer (see `envoy.audit_hold`).
+        """
         ctx.lap("upstream")
+        ctx.finished = True  # the last phase any route asks for
         if ctx.audit is None and self._audit is not None and self._audit.covers(ctx.route_name):
             # Envoy refused the request before any body phase (it had no body): audit that answer too.
             ctx.audit = AuditDraft(ctx.route_name, ctx.started_at, consumer=ctx.consumer or None)
-        return responses.continue_response_headers()
-
-    async def response_body(self, msg: HttpBody, ctx: RequestContext) -> Answer:
-        """The record reaches the spool before the response is released to the client."""
-        ctx.finished = True  # the last phase any route asks for
         if ctx.audit is None or ctx.audit.written:
             return responses.continue_response_body()
         if not self._write_audit(ctx, ctx.response_status, msg.body):

@@ -34,6 +34,8 @@ ENSEMBLE_EXT_PROC_FILTER = "model_broker.ensemble_ext_proc"
 # by the single-message routes, which then switch the gRPC ones off.
 HTTP_EXT_PROC_FILTER = "model_broker.http_ext_proc"
 HTTP_ENSEMBLE_EXT_PROC_FILTER = "model_broker.http_ensemble_ext_proc"
+# A Lua filter before ext_proc holding an audited response until its record is spooled (`audit_hold`).
+AUDIT_HOLD_FILTER = "model_broker.audit_hold"
 RBAC_FILTER = "envoy.filters.http.rbac"
 HTTP_PROTOCOL_OPTIONS = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
 # How often every Envoy pushes its stats to the control plane (canary judgement granularity).

@@ -43,7 +43,9 @@ from envoy_data_plane.envoy.type.v3 import (
 from envoy_data_plane.google.protobuf import Any as AnyMessage
 
 from extproc import wire
+from extproc.envoy.audit_hold import audit_hold_on
 from extproc.envoy.common import (
+    AUDIT_HOLD_FILTER,
     DYNAMIC_ENSEMBLE_DEADLINE_MS,
     ENSEMBLE_EXT_PROC_FILTER,
     EXT_PROC_FILTER,
@@ -98,9 +100,13 @@ def http_ext_proc_filters(registry: Registry, dynamic: bool = False) -> list[Htt
     return filters
 
 
+def audits_any(registry: Registry, dynamic: bool) -> bool:
+    """Whether some route may be audited; in dynamic mode any model may become audited without a new listener."""
+    return registry.audit is not None if dynamic else any(registry.audited(m) for m in registry.models)
+
+
 def _ext_proc(registry: Registry, timeout_ms: int, dynamic: bool) -> ExternalProcessor:
-    # Dynamic mode: any model may become audited without a new listener.
-    audited = registry.audit is not None if dynamic else any(registry.audited(m) for m in registry.models)
+    audited = audits_any(registry, dynamic)
     return ExternalProcessor(
         grpc_service=GrpcService(
             envoy_grpc=GrpcServiceEnvoyGrpc(cluster_name=wire.EXT_PROC_CLUSTER),
@@ -205,17 +211,16 @@ def _model_phases(model: Model, audited: bool) -> AnyMessage | None:
     """The broker phases of a model route beyond the request body, or None (the hot path).
 
     An override replaces the whole processing mode, so every field is spelled out.
-    Audited routes add the response headers and body. The response header phase is
-    on although the broker only reads attributes there: with it skipped, Envoy 1.40
-    sends the headers downstream before the buffered body is answered (measured), and
-    the status would leave before the audit record is spooled. Sticky-by-body routes
-    add the request header phase: Envoy drops the body phase's header mutation otherwise.
+    Audited routes add the buffered response body, with status and version as its
+    attributes; `audit_hold` keeps the response headers from leaving before the broker
+    answers it. Sticky-by-body routes add the request header phase: Envoy drops the
+    body phase's header mutation otherwise.
     """
     sticky = model.sticky is not None and model.sticky.body_field is not None
     if not (audited or sticky):
         return None
     if audited:
-        mode = _body_mode(response_headers=Send.SEND, response_body=Body.BUFFERED)
+        mode = _body_mode(response_headers=Send.SKIP, response_body=Body.BUFFERED)
     else:
         mode = _body_mode(response_headers=Send.SKIP, response_body=Body.NONE)
     if sticky:
@@ -244,7 +249,7 @@ def _hash_policy(model: Model) -> list[RouteActionHashPolicy]:
 
 
 def _model_filters(model: Model, audited: bool, http: bool) -> dict[str, AnyMessage]:
-    """Per-route filter settings of the public model route: broker phases, shadow recording.
+    """Per-route filter settings of the public model route: broker phases, the audit hold, shadow recording.
 
     Only the hot path (one message) moves to `http_service`: audited and sticky-by-body
     routes keep one gRPC stream for their phases.
@@ -255,6 +260,8 @@ def _model_filters(model: Model, audited: bool, http: bool) -> dict[str, AnyMess
         filters[EXT_PROC_FILTER] = phases
     elif http:
         filters.update(single_message(body_only(), http=True))
+    if audited:
+        filters[AUDIT_HOLD_FILTER] = audit_hold_on()
     if model.shadow is not None:
         filters[wire.SHADOW_RECORDER_FILTER] = _recorder_on()
     return filters

@@ -28,10 +28,11 @@ from envoy_data_plane.envoy.extensions.transport_sockets.tls.v3 import (
     TlsCertificate,
 )
 
+from extproc.envoy.audit_hold import audit_hold_filter
 from extproc.envoy.auth import auth_filters
 from extproc.envoy.common import ADMIN_CLUSTER, RBAC_FILTER, STATS_PATHS, TLS_SOCKET, XdsFiles, _any, _routes, _socket
 from extproc.envoy.edge import limit_connections, protect, strip_identity_headers
-from extproc.envoy.ext_proc import ensemble_ext_proc_filter, ext_proc_filter, http_ext_proc_filters
+from extproc.envoy.ext_proc import audits_any, ensemble_ext_proc_filter, ext_proc_filter, http_ext_proc_filters
 from extproc.envoy.local_replies import local_reply_config
 from extproc.envoy.routes import egress_route_configuration, route_configuration
 from extproc.envoy.shadow import _shadowed, shadow_recorder_filter
@@ -63,6 +64,8 @@ def public_listener(registry: Registry, xds: XdsFiles | None = None) -> Listener
         http_filters=[
             strip_identity_headers(),
             *auth_filters(registry),
+            # Before ext_proc: on the way out it holds an audited response ext_proc has not released yet.
+            *([audit_hold_filter()] if audits_any(registry, dynamic) else []),
             ext_proc_filter(registry, dynamic),
             *([ensemble_ext_proc_filter(registry, dynamic)] if registry.ensembles or dynamic else []),
             *http_ext_proc_filters(registry, dynamic),
