@@ -252,7 +252,7 @@ def _audited_registry(args: argparse.Namespace) -> tuple[Registry, Audit] | int:
 
 def _audit_store(args: argparse.Namespace) -> AuditStore | int:
     """The registry's audit store, or the exit code explaining why there is none."""
-    from extproc.process.worker import open_audit_store
+    from extproc.adapters.audit_store import open_audit_store
 
     audited = _audited_registry(args)
     return audited if isinstance(audited, int) else open_audit_store(audited[1], reader=True)

@@ -187,3 +187,18 @@ def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "extproc.cli", *args], capture_output=True, text=True, timeout=60, check=False
     )
+
+
+async def wait_listed(
+    config: str, model: str, until: Callable[[list[dict[str, Any]]], bool], timeout_s: float = 30.0
+) -> list[dict[str, Any]]:
+    """Poll `audit list --model` (the last hour) until its summaries meet `until`; those summaries."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        done = await asyncio.to_thread(run_cli, "audit", "list", "--model", model, "--since", "1h", "-c", config)
+        assert done.returncode == 0, done.stderr
+        listed: list[dict[str, Any]] = json.loads(done.stdout)
+        if until(listed) or time.monotonic() > deadline:
+            assert until(listed), f"`audit list --model {model}` not as expected within {timeout_s:.0f} s"
+            return listed
+        await asyncio.sleep(0.5)

@@ -15,17 +15,22 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from extproc.audit import (
     FIELDS,
+    REDACTED,
     SCHEMA_VERSION,
     LocalAuditStore,
     Shipper,
     ShipTiming,
     Spool,
+    compile_redaction,
     half_full_message,
     object_key,
     pack_batch,
     record_at,
+    rollout_record,
+    shadow_record,
     ship_counters,
     spool_status,
+    summary,
 )
 
 README = Path(__file__).resolve().parent.parent / "README.md"
@@ -174,3 +179,30 @@ def test_readme_documents_every_field_of_the_schema() -> None:
     rows = re.findall(r"^\| `([^`]+)` \| (\w+)(\??) \| (\d+) \|", section, flags=re.MULTILINE)
     assert rows == [(f.path, f.type, "?" if f.nullable else "", str(f.since)) for f in FIELDS]
     assert f"schema version {SCHEMA_VERSION}" in section
+
+
+def test_rollout_and_shadow_records_share_the_trail_and_its_summary() -> None:
+    """Rollout and shadow records carry their kind, a stable id and the model's partition; summaries fit every kind."""
+    event = rollout_record("rollback", "credit-risk", "rollback", {"revision": 7, "reason": "error_rate"}, 1.7e9)
+    assert (event["kind"], event["model"], event["rollout"]["reason"]) == ("rollout", "credit-risk", "error_rate")
+    assert event["request_id"] == "rollout:credit-risk:1700000000000:7"
+    comparison = {
+        "request_id": "req-9",
+        "model": "credit-risk",
+        "primary_version": "v1",
+        "shadow_version": "v3",
+        "field": "score",
+        "match": False,
+        "abs_diff": 0.25,
+        "primary": {"score": 0.5, "contact": {"email": "a@b"}},
+        "shadow": {"score": 0.25},
+    }
+    shadow = shadow_record(comparison, compile_redaction(["contact.email"]), 1.7e9)
+    assert (shadow["request_id"], shadow["parent_request_id"], shadow["version"]) == ("shadow:req-9", "req-9", "v1")
+    assert shadow["shadow"]["primary"]["contact"]["email"] == REDACTED and shadow["shadow"]["version"] == "v3"
+    (packed,) = pack_batch("audit", "seg", [event, shadow])
+    assert packed.key.startswith("audit/date=2023-11-14/model=credit-risk/")
+    kinds = {summary(r)["kind"]: summary(r) for r in (event, shadow)}
+    assert kinds["rollout"]["event"] == "rollback" and kinds["rollout"]["status"] is None
+    assert kinds["shadow"]["parent_request_id"] == "req-9"
+    assert summary({"request_id": "old", "timestamp": "t", "model": "m"})["kind"] == "execution"  # schema 1

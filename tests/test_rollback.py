@@ -17,6 +17,7 @@ from aiohttp import web
 from extproc.process.launcher import free_port
 from extproc.rollout.control_plane import events_path
 from extproc.rollout.discovery import TOKEN_ENV
+from tests.aws import run_cli, wait_listed
 from tests.conftest import Stack, demo_registry_doc, run_stack
 from tests.http import call
 
@@ -128,6 +129,15 @@ async def test_failing_canary_is_rolled_back(rollback_stack: Stack, session: aio
     assert rollback["model"] == "credit-risk" and rollback["canary"] == "v2" and rollback["reason"] == "error_rate"
     assert rollback["after"] == {"v1": 50, "v2": 0}
     assert rollback["requests"] >= POLICY["min_requests"] and rollback["error_rate"] > POLICY["max_error_rate"]
+    # The same rollback, reason and all, in the audit trail beside the model's executions.
+    config = str(rollback_stack.config)
+    listed = await wait_listed(config, "credit-risk", lambda ss: any(s.get("event") == "rollback" for s in ss))
+    (listed,) = [s for s in listed if s.get("event") == "rollback"]
+    shown = await asyncio.to_thread(run_cli, "audit", "show", listed["request_id"], "--config", config)
+    assert shown.returncode == 0, shown.stderr
+    audited = json.loads(shown.stdout)
+    assert audited["kind"] == "rollout" and audited["rollout"]["reason"] == "error_rate"
+    assert audited["rollout"]["after"] == {"v1": 50, "v2": 0} and audited["rollout"]["source"] == "rollback"
     async with session.get(f"http://127.0.0.1:{rollback_stack.doc['metrics']['port']}/metrics") as resp:
         text = await resp.text()
     found = re.search(

@@ -15,6 +15,7 @@ from extproc.process.launcher import free_port
 from extproc.registry import RegistryInvalid, parse_registry
 from extproc.rollout.control_plane import shadow_path
 from extproc.rollout.shadow import Answer, ShadowPairs, compare_answers
+from tests.aws import wait_listed
 from tests.conftest import Stack, demo_registry_doc, run_stack
 from tests.http import call
 
@@ -85,6 +86,15 @@ async def test_shadow_sees_the_enriched_request_and_the_client_never_sees_it(
         assert record["shadow"]["version"] == "v3"
         assert record["shadow"]["features"] == record["primary"]["features"]
         assert record["match"] is True and record["abs_diff"] == 0
+    # Each comparison is in the audit trail too, linked to its execution by the client's request id.
+    ids = {r.headers["x-request-id"] for r in replies}
+    config = str(shadow_stack.config)
+    trail = await wait_listed(
+        config, "credit-risk", lambda ss: ids <= {s["parent_request_id"] for s in ss if s["kind"] == "shadow"}
+    )
+    shadows = [s for s in trail if s["kind"] == "shadow" and s["parent_request_id"] in ids]
+    assert sorted(s["parent_request_id"] for s in shadows) == sorted(ids)
+    assert {s["version"] for s in shadows} == {"v1"}
 
 
 async def test_agreement_metrics_move_when_the_shadow_disagrees(

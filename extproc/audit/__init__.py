@@ -1,15 +1,17 @@
 """The audit trail: the record of each model execution, spooled before release, then shipped.
 
 `fields` (the record's documented schema) → `record` (record, redaction, sink protocol,
-`AuditTrail`) → `spool` (local append-only segments; `disk` says whether it can take a
-record now) → `shipper` (segments → sink, with
-backpressure metrics) → `objects` (one gzip JSON Lines object per segment, read back by
-byte range) → `local` (the embedded JSONL sink); `status` reads the spool for
-`audit status`. The AWS sink is `extproc.adapters.aws_audit`, the only module importing boto3.
+`AuditTrail`) and `events` (rollout and shadow records, from the control plane) →
+`spool` (local append-only segments; `disk` says whether it can take a record now) →
+`shipper` (segments → sink, with backpressure metrics) → `objects` (one gzip JSON
+Lines object per segment, read back by byte range) → `local` (the embedded JSONL
+sink); `status` reads the spool for `audit status`. The AWS sink is
+`extproc.adapters.aws_audit`, the only module importing boto3.
 """
 
 from extproc.audit.disk import DiskCheck
-from extproc.audit.fields import FIELDS, SCHEMA_VERSION, Field
+from extproc.audit.events import rollout_record, shadow_record
+from extproc.audit.fields import FIELDS, KINDS, SCHEMA_VERSION, Field
 from extproc.audit.local import LocalAuditStore, local_path
 from extproc.audit.objects import OBJECT_SUFFIX, Location, PackedObject, object_key, pack, pack_batch, record_at
 from extproc.audit.record import (
@@ -49,6 +51,7 @@ __all__ = [
     "BACKOFF_FIRST_S",
     "BACKOFF_MAX_S",
     "FIELDS",
+    "KINDS",
     "OBJECT_SUFFIX",
     "OPEN_SUFFIX",
     "REDACTED",
@@ -88,8 +91,10 @@ __all__ = [
     "record_at",
     "redact",
     "response_error_code",
+    "rollout_record",
     "segment_name",
     "sha256",
+    "shadow_record",
     "ship_counters",
     "ship_segment",
     "spool_status",

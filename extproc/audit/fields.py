@@ -14,6 +14,8 @@ from typing import Final, Literal
 SCHEMA_VERSION: Final = 2
 
 FieldType = Literal["int64", "double", "string", "timestamp", "object", "json"]
+# What a record is about. Records without `kind` (schema 1) are executions.
+KINDS: Final = ("execution", "rollout", "shadow")
 
 
 @dataclass(frozen=True, slots=True)
@@ -29,6 +31,7 @@ class Field:
 
 FIELDS: Final = (
     Field("schema", "int64", False, "version of this schema the record follows"),
+    Field("kind", "string", True, "`execution`, `rollout` (a weight change) or `shadow` (a shadow comparison)", 2),
     Field("request_id", "string", False, "Envoy's `x-request-id` of the call (the key of `audit show`)"),
     Field("parent_request_id", "string", True, "the client's request id when this was an ensemble member call"),
     Field("timestamp", "timestamp", False, "when the broker saw the request: fixed-width UTC, sorts as a string"),
@@ -63,4 +66,6 @@ FIELDS: Final = (
     Field("latency_ms.total", "double", False, "the broker's and the model's time, in milliseconds"),
     Field("latency_ms", "object", False, "milliseconds per stage: route, features, body, upstream, reject"),
     Field("error_code", "string", True, "the error the client got (broker code or `http_<status>`); null on success"),
+    Field("rollout", "object", True, "rollout records: event, source, revision, weights before and after, reason", 2),
+    Field("shadow", "object", True, "shadow records: shadow version, compared field, both values, match", 2),
 )

@@ -135,6 +135,7 @@ def build_record(
     error_code = draft.error_code or (response_error_code(status, answer) if status is not None else "incomplete")
     return {
         "schema": SCHEMA_VERSION,
+        "kind": "execution",
         "request_id": where.request_id,
         "parent_request_id": draft.parent_request_id,
         "timestamp": iso_utc(draft.started_at),
@@ -163,22 +164,32 @@ def error_body(error: BrokerError, request_id: str) -> bytes:
     return orjson.dumps(error.to_json(request_id))
 
 
+def _at(record: Record, *path: str) -> Any:
+    """A nested field, or None where the record has no such part (rollout and shadow records)."""
+    value: Any = record
+    for key in path:
+        value = value.get(key) if isinstance(value, dict) else None
+    return value
+
+
 def summary(record: Record) -> dict[str, Any]:
-    """The metadata kept beside the payload (the DynamoDB item, the `audit list` line)."""
+    """The metadata kept beside the payload (the DynamoDB item, the `audit list` line), for every kind."""
     return {
         "request_id": record["request_id"],
         "timestamp": record["timestamp"],
         "model": record["model"],
-        "version": record["version"],
-        "route": record["route"],
-        "status": record["response"]["status"],
-        "error_code": record["error_code"],
-        "latency_ms": record["latency_ms"]["total"],
-        "registry_version": record["registry_version"],
-        "entity_key": record["entity"]["key"],
-        "parent_request_id": record["parent_request_id"],
-        "request_sha256": record["sha256"]["request"],
-        "response_sha256": record["sha256"]["response"],
+        "kind": record.get("kind") or "execution",  # schema 1 had executions only
+        "version": record.get("version"),
+        "route": record.get("route"),
+        "status": _at(record, "response", "status"),
+        "error_code": record.get("error_code"),
+        "latency_ms": _at(record, "latency_ms", "total"),
+        "registry_version": record.get("registry_version"),
+        "entity_key": _at(record, "entity", "key"),
+        "parent_request_id": record.get("parent_request_id"),
+        "request_sha256": _at(record, "sha256", "request"),
+        "response_sha256": _at(record, "sha256", "response"),
+        "event": _at(record, "rollout", "event"),
     }
 
 

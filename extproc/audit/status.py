@@ -51,7 +51,9 @@ def worker_status(worker: Path, now: float) -> dict[str, Any]:
 
 def spool_status(directory: Path, max_bytes: int, now: float) -> dict[str, Any]:
     """Depth per worker and in total, against the bound; ages in seconds (None: nothing waits)."""
-    workers = [worker_status(w, now) for w in sorted(directory.glob("worker-*")) if w.is_dir()]
+    # One directory per writing process: `worker-<port>` for each broker worker, `control-plane`.
+    owners = sorted(p for p in directory.iterdir() if p.is_dir()) if directory.is_dir() else []
+    workers = [worker_status(w, now) for w in owners]
     ages = [w["oldest_unshipped_seconds"] for w in workers if w["oldest_unshipped_seconds"] is not None]
     used = sum(w["bytes"] for w in workers)
     return {

@@ -8,25 +8,19 @@ import logging
 import os
 import signal
 import socket
-from pathlib import Path
-from typing import TYPE_CHECKING
 
 import grpc
 import uvloop
 
 from extproc import wire
+from extproc.adapters.audit_store import open_spool
 from extproc.adapters.egress import EgressClient
 from extproc.adapters.redis_store import RedisFeatureStore
-from extproc.audit.local import LocalAuditStore
 from extproc.audit.record import AuditTrail
-
-if TYPE_CHECKING:
-    from extproc.adapters.aws_audit import AwsAuditStore
-from extproc.audit.shipper import Shipper, ShipTiming
-from extproc.audit.spool import Spool
+from extproc.audit.shipper import Shipper
 from extproc.core.features import CachedFeatureStore, EmbeddedFeatureStore, FeatureStore
 from extproc.core.processor import BrokerProcessor
-from extproc.registry import Audit, Registry, load_registry
+from extproc.registry import Registry, load_registry
 from extproc.registry.reload import follow_registry_file
 from extproc.rollout.follow import Layer, follow
 from extproc.rollout.weights import apply_weights, weights_of_layer
@@ -56,17 +50,6 @@ def open_feature_store(registry: Registry) -> CachedFeatureStore:
     )
 
 
-def open_audit_store(conf: Audit, *, reader: bool = False) -> AwsAuditStore | LocalAuditStore:
-    """The configured sink, which is also what `audit show|list` reads (`reader`)."""
-    if conf.sink.aws is not None:
-        from extproc.adapters.aws_audit import AwsAuditStore, reader_budget  # boto3 loads only where AWS is configured
-
-        sink = conf.sink.aws
-        return AwsAuditStore(sink, timeout_s=reader_budget(sink) if reader else sink.timeout_ms / 1000)
-    assert conf.sink.local is not None  # the registry guarantees one of the two
-    return LocalAuditStore(Path(conf.sink.local.dir))
-
-
 def audited_entities(registry: Registry) -> dict[str, tuple[str, str]]:
     """Audited model → (entity name, join key), what each record names the caller by."""
     entities = {}
@@ -82,13 +65,7 @@ def open_audit(registry: Registry, port: int, workers: int) -> tuple[AuditTrail,
     conf = registry.audit
     if conf is None:
         return None
-    spool = Spool(
-        Path(conf.spool.dir) / f"worker-{port}",
-        max_bytes=conf.spool.max_bytes // workers,
-        segment_bytes=conf.spool.segment_bytes,
-        min_free_bytes=conf.spool.min_free_bytes,
-    )
-    spool.open()
+    spool, shipper = open_spool(conf, f"worker-{port}", conf.spool.max_bytes // workers)
     trail = AuditTrail(
         spool,
         entities=audited_entities(registry),
@@ -96,12 +73,7 @@ def open_audit(registry: Registry, port: int, workers: int) -> tuple[AuditTrail,
         registry_version=registry.registry_version,
         fail_closed=conf.spool.when_full == "fail_closed",
     )
-    timing = ShipTiming(
-        interval_s=conf.ship_interval_ms / 1000,
-        seal_after_s=conf.spool.seal_after_ms / 1000,
-        fsync_interval_s=conf.spool.fsync_interval_ms / 1000,
-    )
-    return trail, Shipper(spool, open_audit_store(conf), timing)
+    return trail, shipper
 
 
 async def _orphan_watch(parent: int, stop: asyncio.Event) -> None:

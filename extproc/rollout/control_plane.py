@@ -48,6 +48,7 @@ from extproc.rollout.health import (
 )
 from extproc.rollout.shadow import Answer, Comparison, ShadowPairs, add_shadow_recorder, compare_answers
 from extproc.rollout.state import RolloutState, load_state, save_state
+from extproc.rollout.trail import ControlPlaneTrail, open_trail
 from extproc.rollout.weights import (
     LiveWeights,
     change_weights,
@@ -81,8 +82,10 @@ def shadow_path(state_file: str) -> Path:
 class ControlPlane:
     """Live weights: validated, persisted, then pushed; changes are serialised by one lock."""
 
-    def __init__(self, registry: Registry, state: RolloutState) -> None:
+    def __init__(self, registry: Registry, state: RolloutState, trail: ControlPlaneTrail | None = None) -> None:
         self._state = state
+        # The audit trail, when the registry has one: events and comparisons beside the executions.
+        self._trail = trail
         self._lock = asyncio.Lock()
         # Models with an automatic change in flight: exports from other Envoys must not start another.
         self._changing: set[str] = set()
@@ -172,7 +175,9 @@ class ControlPlane:
             metrics.set_weights(model, checked)
             self._forget_outcomes(model)
             event = {ROLLBACK: "rollback", PROMOTION: "promotion"}.get(source, "weights_changed")
-            self.record_event(event, model, source, before=before[model], after=checked, **(detail or {}))
+            self.record_event(
+                event, model, source, before=before[model], after=checked, revision=revision, **(detail or {})
+            )
         (acked, connected), (brokers_acked, brokers) = await asyncio.gather(
             self.hub.wait_acked(revision, ACK_TIMEOUT_SECONDS), self.brokers.wait_acked(revision, ACK_TIMEOUT_SECONDS)
         )
@@ -263,15 +268,20 @@ class ControlPlane:
             second,
         )
         metrics.record_shadow(model.name, shadow.version, match, abs_diff)
+        record = comparison.record()
         with self._shadow_log.open("ab") as out:
-            out.write(orjson.dumps(comparison.record()) + b"\n")
+            out.write(orjson.dumps(record) + b"\n")
+        if self._trail is not None:
+            self._trail.shadow(record)
 
     def record_event(self, event: str, model: str, source: str, **fields: Any) -> None:
-        """One JSON line per rollout event; the audit subsystem (issue 4) picks these up."""
+        """One JSON line per rollout event beside the state file, and one record in the audit trail."""
         record = {"time": time.time(), "event": event, "model": model, "source": source, **fields}
         log.info("rollout event %s", json.dumps(record, sort_keys=True))
         with self._events.open("ab") as out:
             out.write(orjson.dumps(record) + b"\n")
+        if self._trail is not None:
+            self._trail.rollout(event, model, source, fields)
 
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -338,7 +348,8 @@ def add_metrics_service(server: grpc.aio.Server, plane: ControlPlane) -> None:
 
 async def serve_control_plane(registry_file: str, registry: Registry) -> None:
     conf = registry.control_plane
-    plane = ControlPlane(registry, load_state(conf.state_file))
+    trail = open_trail(registry)
+    plane = ControlPlane(registry, load_state(conf.state_file), trail)
     server = grpc.aio.server()
     add_runtime_service(server, plane.hub, plane.brokers)
     add_metrics_service(server, plane)
@@ -358,6 +369,7 @@ async def serve_control_plane(registry_file: str, registry: Registry) -> None:
         loop.add_signal_handler(sig, stop.set)
     parent = os.getppid()
     reloading = asyncio.create_task(follow_registry_file(registry_file, lambda: plane.registry, plane.use_registry))
+    shipping = asyncio.create_task(trail.run(stop)) if trail is not None else None
     try:
         while not stop.is_set() and os.getppid() == parent:  # stop with the supervisor, even if it was killed
             with contextlib.suppress(TimeoutError):
@@ -367,6 +379,9 @@ async def serve_control_plane(registry_file: str, registry: Registry) -> None:
         announced.unlink(missing_ok=True)
         await runner.cleanup()
         await server.stop(1.0)
+        stop.set()
+        if shipping is not None:
+            await shipping
 
 
 def run_control_plane(config_path: str) -> None:
