@@ -82,10 +82,10 @@ def shadow_path(state_file: str) -> Path:
 class ControlPlane:
     """Live weights: validated, persisted, then pushed; changes are serialised by one lock."""
 
-    def __init__(self, registry: Registry, state: RolloutState, trail: ControlPlaneTrail | None = None) -> None:
+    def __init__(self, registry: Registry, state: RolloutState) -> None:
         self._state = state
-        # The audit trail, when the registry has one: events and comparisons beside the executions.
-        self._trail = trail
+        # The audit trail, once opened, when the registry has one: events and comparisons beside the executions.
+        self.trail: ControlPlaneTrail | None = None
         self._lock = asyncio.Lock()
         # Models with an automatic change in flight: exports from other Envoys must not start another.
         self._changing: set[str] = set()
@@ -271,8 +271,8 @@ class ControlPlane:
         record = comparison.record()
         with self._shadow_log.open("ab") as out:
             out.write(orjson.dumps(record) + b"\n")
-        if self._trail is not None:
-            self._trail.shadow(record)
+        if self.trail is not None:
+            self.trail.shadow(record)
 
     def record_event(self, event: str, model: str, source: str, **fields: Any) -> None:
         """One JSON line per rollout event beside the state file, and one record in the audit trail."""
@@ -280,8 +280,8 @@ class ControlPlane:
         log.info("rollout event %s", json.dumps(record, sort_keys=True))
         with self._events.open("ab") as out:
             out.write(orjson.dumps(record) + b"\n")
-        if self._trail is not None:
-            self._trail.rollout(event, model, source, fields)
+        if self.trail is not None:
+            self.trail.rollout(event, model, source, fields)
 
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -348,8 +348,7 @@ def add_metrics_service(server: grpc.aio.Server, plane: ControlPlane) -> None:
 
 async def serve_control_plane(registry_file: str, registry: Registry) -> None:
     conf = registry.control_plane
-    trail = open_trail(registry)
-    plane = ControlPlane(registry, load_state(conf.state_file), trail)
+    plane = ControlPlane(registry, load_state(conf.state_file))
     server = grpc.aio.server()
     add_runtime_service(server, plane.hub, plane.brokers)
     add_metrics_service(server, plane)
@@ -369,7 +368,9 @@ async def serve_control_plane(registry_file: str, registry: Registry) -> None:
         loop.add_signal_handler(sig, stop.set)
     parent = os.getppid()
     reloading = asyncio.create_task(follow_registry_file(registry_file, lambda: plane.registry, plane.use_registry))
-    shipping = asyncio.create_task(trail.run(stop)) if trail is not None else None
+    # Once serving: its AWS client must not delay the live weights every Envoy and worker waits for.
+    plane.trail = await asyncio.to_thread(open_trail, registry)
+    shipping = asyncio.create_task(plane.trail.run(stop)) if plane.trail is not None else None
     try:
         while not stop.is_set() and os.getppid() == parent:  # stop with the supervisor, even if it was killed
             with contextlib.suppress(TimeoutError):
