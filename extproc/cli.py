@@ -39,11 +39,48 @@ def cmd_check(args: argparse.Namespace) -> int:
     registry = _load(args.config)
     if registry is None:
         return 2
+    if args.feast_repo and not _check_feast_repo(registry, args):
+        return 2
     print(
         f"{args.config}: ok ({len(registry.models)} models, {len(registry.ensembles)} ensembles, "
         f"registry_version {registry.registry_version})"
     )
     return 0
+
+
+def _check_feast_repo(registry: Registry, args: argparse.Namespace) -> bool:
+    """The Feast section against the repo, described by the Feast SDK in its own environment."""
+    import shutil
+    import subprocess
+    from pathlib import Path
+
+    from extproc.registry import compare_feast_repo
+
+    python = args.feast_python
+    if python is None:
+        feast = shutil.which("feast")
+        python = str(Path(feast).parent / "python") if feast else None
+    if python is None:
+        print("check: --feast-repo needs the Feast SDK: pass --feast-python or put `feast` on PATH", file=sys.stderr)
+        return False
+    describe = Path(__file__).parent / "registry" / "feast_describe.py"
+    # -P: the script's directory must not shadow the `feast` package.
+    run = subprocess.run(
+        [python, "-P", str(describe), args.feast_repo], capture_output=True, text=True, timeout=300, check=False
+    )
+    if run.returncode != 0:
+        print(f"check: could not read the Feast repo {args.feast_repo}:\n{run.stderr[-2000:]}", file=sys.stderr)
+        return False
+    report = compare_feast_repo(registry, json.loads(run.stdout))
+    for line in report.references:
+        print(f"  {line}")
+    for warning in report.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    for problem in report.problems:
+        print(f"  {problem}", file=sys.stderr)
+    if report.problems:
+        print(f"{args.config}: {len(report.problems)} problem(s) against {args.feast_repo}", file=sys.stderr)
+    return not report.problems
 
 
 def cmd_envoy_config(args: argparse.Namespace) -> int:
@@ -329,6 +366,12 @@ def _audit_parser(sub: Any) -> None:
         action.set_defaults(func=cmd_audit)
 
 
+def _check_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--feast-repo", help="also check the feast section against this Feast repo (feature_store.yaml)")
+    p.add_argument("--feast-python", help="a Python with the feast SDK (default: the one beside `feast` on PATH)")
+    p.set_defaults(func=cmd_check)
+
+
 def parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(prog="model-broker", description="ML models behind Envoy, enriched by ext_proc.")
     sub = top.add_subparsers(dest="command", required=True)
@@ -339,7 +382,7 @@ def parser() -> argparse.ArgumentParser:
             p.add_argument("--config", "-c", required=True, help="registry YAML file")
         return p
 
-    command("check", "validate a registry; exit 2 listing every problem").set_defaults(func=cmd_check)
+    _check_arguments(command("check", "validate a registry; exit 2 listing every problem"))
     p = command("envoy-config", "print the Envoy bootstrap generated from a registry")
     p.add_argument("--workers", type=int, help="broker workers (default: broker.workers)")
     p.add_argument("--broker-host", help="DNS name Envoy resolves for the broker, e.g. a headless Service")

@@ -46,8 +46,8 @@ class ErrorCode(StrEnum):
     UNKNOWN_VERSION = "unknown_version"
     INVALID_FEATURE = "invalid_feature"
     MODEL_NOT_READY = "model_not_ready"
-    # A feature the model needs could not be had (a derived one whose expression failed) and
-    # the model's `missing_features` policy is `reject`.
+    # A feature the model needs could not be had (absent from the store, stale past its view's
+    # TTL, a derived one whose expression failed) and the model's `missing_features` policy is `reject`.
     MISSING_FEATURES = "missing_features"
     # Shedding load (Envoy's overload manager or circuit breaker, a worker at `broker.max_in_flight`).
     OVERLOADED = "overloaded"

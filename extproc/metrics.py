@@ -65,6 +65,12 @@ AUDIT_SHIPPED = Counter("model_broker_audit_shipped_total", "Audit records shipp
 AUDIT_SHIP_FAILURES = Counter(
     "model_broker_audit_ship_failures_total", "Segments the sink did not take (retried with backoff)."
 )
+FEATURES = Counter(
+    "model_broker_features_total",
+    "Requested features by model, feature and status (present, missing, stale), one count per row.",
+    # Bounded: the features the registry declares for each model.
+    ["model", "feature", "status"],
+)
 CACHE_HIT = FEATURE_CACHE.labels("hit")
 CACHE_MISS = FEATURE_CACHE.labels("miss")
 # Written by the control plane process; "mostrecent" so a restarted control plane's value wins.
@@ -111,6 +117,17 @@ def record_logic(
         _child(RULES, model, rule, "error").inc()
     if outcome is not None:
         _child(RULES, model, decided_by or "", outcome).inc()
+
+
+_FEATURES: dict[tuple[str, str, str], Counter] = {}
+
+
+def record_feature_status(model: str, statuses: Mapping[str, str]) -> None:
+    for feature, status in statuses.items():
+        counter = _FEATURES.get((model, feature, status))
+        if counter is None:
+            counter = _FEATURES[model, feature, status] = FEATURES.labels(model, feature, status)
+        counter.inc()
 
 
 def record_request(model: str, stages: Iterable[tuple[str, float]], outcome: str, consumer: str = "") -> None:

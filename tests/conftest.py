@@ -242,6 +242,16 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServ
     server.stop()
 
 
+@pytest.fixture(scope="session")
+def feast_python() -> Path:
+    """The Feast SDK's own virtualenv (its pins clash with ours), built once per requirements hash."""
+    out = subprocess.run(
+        [str(ROOT / "scripts" / "feast-venv")], capture_output=True, text=True, timeout=1800, check=False
+    )
+    assert out.returncode == 0, out.stderr[-4000:]
+    return Path(out.stdout.strip()) / "bin" / "python"
+
+
 @contextlib.contextmanager
 def run_stack(doc: dict[str, Any], workdir: Path, *, demo_models: bool = True) -> Iterator[Stack]:
     stack = Stack(doc, workdir, demo_models=demo_models)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -11,9 +12,24 @@ import orjson
 import pytest
 
 from extproc.adapters.redis_store import RedisFeatureStore
-from extproc.core.features import CachedFeatureStore, EmbeddedFeatureStore, Features, decode_value
+from extproc.core.features import (
+    CachedFeatureStore,
+    EmbeddedFeatureStore,
+    EntityKey,
+    FeatureRow,
+    Features,
+    FeatureStore,
+    decode_value,
+    pick,
+)
 from extproc.errors import FeatureStoreUnavailable
 from tests.conftest import DEMO_DIR, RedisServer
+
+
+async def one(store: FeatureStore, key: str, names: tuple[str, ...]) -> Features | None:
+    """One entity's values (None when unknown): what most tests here look at."""
+    row = (await store.fetch_rows([key], names))[0]
+    return None if row is None else row.values
 
 
 @pytest.mark.parametrize(
@@ -29,53 +45,27 @@ def test_decode_value(raw: bytes, value: Any) -> None:
 async def test_embedded_store_reads_the_demo_file() -> None:
     """The demo file has customers c-1 … c-100 with the demo features."""
     store = EmbeddedFeatureStore.from_file(DEMO_DIR / "features.json")
-    found = await store.fetch("customer:c-100", ("income", "debt_ratio"))
+    found = await one(store, "customer:c-100", ("income", "debt_ratio"))
     assert found is not None and set(found) == {"income", "debt_ratio"}
-    assert await store.fetch("customer:c-101", ("income",)) is None
+    assert await one(store, "customer:c-101", ("income",)) is None
 
 
 async def test_redis_store_fetches_typed_values(redis_server: RedisServer) -> None:
-    """One HMGET returns the requested features, decoded; absent fields are null."""
+    """One HMGET per entity returns the requested features, decoded; absent fields are null and marked missing."""
     redis_server.cli("HSET", "customer:t-1", "income", "41000", "segment", "retail")
+    redis_server.cli("HSET", "customer:t-2", "income", "7")
     store = RedisFeatureStore(redis_server.url, timeout_s=1.0)
     try:
-        assert await store.fetch("customer:t-1", ("income", "segment", "nope")) == {
-            "income": 41000,
-            "segment": "retail",
-            "nope": None,
-        }
-        assert await store.fetch("customer:t-unknown", ("income",)) is None
-    finally:
-        await store.close()
-
-
-async def test_redis_store_fetches_a_batch_in_one_pipeline(redis_server: RedisServer) -> None:
-    """A batch's rows come back in key order, an unknown entity as None, typed as single fetches are."""
-    redis_server.cli("HSET", "customer:b-1", "income", "41000", "segment", "retail")
-    redis_server.cli("HSET", "customer:b-2", "income", "52000.5")
-    store = RedisFeatureStore(redis_server.url, timeout_s=1.0)
-    try:
-        rows = await store.fetch_many(["customer:b-2", "customer:nobody", "customer:b-1"], ("income", "segment"))
+        rows = await store.fetch_rows(["customer:t-1", "customer:t-unknown", "customer:t-2"], ("income", "segment"))
         assert rows == [
-            {"income": 52000.5, "segment": None},
+            FeatureRow({"income": 41000, "segment": "retail"}),
             None,
-            {"income": 41000, "segment": "retail"},
+            FeatureRow({"income": 7, "segment": None}, {"segment": "missing"}),
         ]
-        assert await store.fetch_many(["customer:b-1", "customer:nobody"], ()) == [{}, None]
+        # Without names, a batch asks only whether each entity exists.
+        assert await store.fetch_rows(["customer:t-2", "customer:nobody"], ()) == [FeatureRow({}), None]
     finally:
         await store.close()
-
-
-async def test_cached_batch_asks_the_store_once_for_the_misses() -> None:
-    """Cached rows are served from the cache; the rest in one store call, then cached too."""
-    inner = CountingStore()
-    inner.rows["j"] = {"a": 2}
-    cached = CachedFeatureStore(inner, ttl_seconds=60, max_entries=10, timeout_s=1.0)
-    assert await cached.fetch("k", ("a",)) == {"a": 1}
-    assert await cached.fetch_many(["j", "k", "x", "j"], ("a",)) == [{"a": 2}, {"a": 1}, None, {"a": 2}]
-    assert inner.batches == [["j", "x"]]
-    assert await cached.fetch_many(["x", "j"], ("a",)) == [None, {"a": 2}]
-    assert inner.batches == [["j", "x"]]
 
 
 async def test_redis_down_is_feature_store_unavailable() -> None:
@@ -83,7 +73,7 @@ async def test_redis_down_is_feature_store_unavailable() -> None:
     store = RedisFeatureStore("redis://127.0.0.1:1/0", timeout_s=0.5)
     try:
         with pytest.raises(FeatureStoreUnavailable):
-            await store.fetch("customer:c-1", ("income",))
+            await one(store, "customer:c-1", ("income",))
     finally:
         await store.close()
 
@@ -92,23 +82,19 @@ class CountingStore:
     """A real in-memory store that counts calls and can be made slow or broken."""
 
     def __init__(self) -> None:
-        self.rows: dict[str, Features] = {"k": {"a": 1}}
+        self.rows: dict[str, Features] = {"k": {"a": 1}, "j": {"a": 2}}
         self.calls = 0
+        self.keys: list[list[EntityKey]] = []
         self.delay = 0.0
         self.broken = False
-        self.batches: list[list[str]] = []
 
-    async def fetch(self, key: str, names: tuple[str, ...]) -> Features | None:
+    async def fetch_rows(self, keys: Sequence[EntityKey], names: tuple[str, ...]) -> list[FeatureRow | None]:
         self.calls += 1
+        self.keys.append(list(keys))
         await asyncio.sleep(self.delay)
         if self.broken:
             raise FeatureStoreUnavailable("broken")
-        row = self.rows.get(key)
-        return None if row is None else {n: row.get(n) for n in names}
-
-    async def fetch_many(self, keys: Sequence[str], names: tuple[str, ...]) -> list[Features | None]:
-        self.batches.append(list(keys))
-        return [None if (row := self.rows.get(k)) is None else {n: row.get(n) for n in names} for k in keys]
+        return [pick(self.rows.get(str(key)), names) for key in keys]
 
     async def close(self) -> None:
         return None
@@ -119,11 +105,11 @@ async def test_cache_serves_repeats_and_unknowns_until_ttl() -> None:
     inner = CountingStore()
     cached = CachedFeatureStore(inner, ttl_seconds=0.2, max_entries=10, timeout_s=1.0)
     for _ in range(3):
-        assert await cached.fetch("k", ("a",)) == {"a": 1}
-        assert await cached.fetch("missing", ("a",)) is None
+        assert await one(cached, "k", ("a",)) == {"a": 1}
+        assert await one(cached, "missing", ("a",)) is None
     assert inner.calls == 2
     await asyncio.sleep(0.25)
-    await cached.fetch("k", ("a",))
+    await one(cached, "k", ("a",))
     assert inner.calls == 3
 
 
@@ -133,9 +119,9 @@ async def test_failures_are_not_cached() -> None:
     inner.broken = True
     cached = CachedFeatureStore(inner, ttl_seconds=60, max_entries=10, timeout_s=1.0)
     with pytest.raises(FeatureStoreUnavailable):
-        await cached.fetch("k", ("a",))
+        await one(cached, "k", ("a",))
     inner.broken = False
-    assert await cached.fetch("k", ("a",)) == {"a": 1}
+    assert await one(cached, "k", ("a",)) == {"a": 1}
 
 
 async def test_slow_store_times_out_within_budget() -> None:
@@ -145,7 +131,7 @@ async def test_slow_store_times_out_within_budget() -> None:
     cached = CachedFeatureStore(inner, ttl_seconds=0, max_entries=10, timeout_s=0.05)
     started = asyncio.get_running_loop().time()
     with pytest.raises(FeatureStoreUnavailable, match="50 ms"):
-        await cached.fetch("k", ("a",))
+        await one(cached, "k", ("a",))
     assert asyncio.get_running_loop().time() - started < 1.0
 
 
@@ -153,6 +139,36 @@ async def test_embedded_store_values_survive_reserialisation(tmp_path: Path) -> 
     """An integer too large for JSON serialisation loads as a number the broker can still send."""
     path = tmp_path / "features.json"
     path.write_text('{"customer:x": {"big": 123456789012345678901234567890}}')
-    found = await EmbeddedFeatureStore.from_file(path).fetch("customer:x", ("big",))
+    found = await one(EmbeddedFeatureStore.from_file(path), "customer:x", ("big",))
     assert found is not None
     assert orjson.loads(orjson.dumps(found))["big"] == pytest.approx(1.2345678901234568e29)
+
+
+async def test_batch_fetches_only_the_misses_in_one_call() -> None:
+    """Rows already cached are served from the cache; the rest (each key once) go to the store together."""
+    inner = CountingStore()
+    cached = CachedFeatureStore(inner, ttl_seconds=60, max_entries=10, timeout_s=1.0)
+    await one(cached, "k", ("a",))
+    rows = await cached.fetch_rows(["k", "j", "nope", "j"], ("a",))
+    assert rows == [FeatureRow({"a": 1}), FeatureRow({"a": 2}), None, FeatureRow({"a": 2})]
+    assert inner.keys == [["k"], ["j", "nope"]]
+    assert await cached.fetch_rows(["nope", "j"], ("a",)) == [None, FeatureRow({"a": 2})]
+    assert inner.keys == [["k"], ["j", "nope"]]
+
+
+async def test_outage_logged_once_per_transition(caplog: pytest.LogCaptureFixture) -> None:
+    """Down: one error line with the cause, however many requests fail; back: one line."""
+    inner = CountingStore()
+    inner.broken = True
+    cached = CachedFeatureStore(inner, ttl_seconds=0, max_entries=10, timeout_s=1.0)
+    with caplog.at_level(logging.INFO, logger="model_broker.features"):
+        for _ in range(3):
+            with pytest.raises(FeatureStoreUnavailable):
+                await one(cached, "k", ("a",))
+        inner.broken = False
+        for _ in range(2):
+            await one(cached, "k", ("a",))
+    assert [r.getMessage() for r in caplog.records] == [
+        "feature store unavailable: broken",
+        "feature store reachable again",
+    ]

@@ -1,4 +1,4 @@
-"""Redis as the feature store: one hash per entity, one HMGET per request (pipelined for a batch's rows)."""
+"""Redis as the feature store: one hash per entity, one pipelined HMGET per request."""
 
 from __future__ import annotations
 
@@ -10,60 +10,48 @@ from redis.backoff import NoBackoff
 from redis.exceptions import RedisError, ResponseError
 from redis.retry import Retry
 
-from extproc.core.features import Features, decode_value
+from extproc.core.features import EntityKey, FeatureRow, decode_value, pick
 from extproc.errors import FeatureStoreUnavailable
-
-
-def _row(names: tuple[str, ...], values: list[bytes | str | None]) -> Features | None:
-    """An HMGET reply as features; an entity with none of them is unknown."""
-    if all(v is None for v in values):
-        return None
-    return {
-        name: None if raw is None else decode_value(raw if isinstance(raw, bytes) else raw.encode())
-        for name, raw in zip(names, values, strict=True)
-    }
 
 
 def _text(raw: bytes | str) -> str:
     return raw.decode() if isinstance(raw, bytes) else raw
 
 
+def connect(url: str, timeout_s: float) -> Redis:
+    """A client whose failures are quick: the caller's time budget decides, not Redis's retries."""
+    # One immediate retry: after a Redis restart every pooled connection is stale
+    # and its first use fails; a second attempt on a fresh connection succeeds.
+    # Anything more is left to the caller's time budget (a clear 503, not a slow one).
+    return Redis.from_url(
+        url,
+        socket_timeout=timeout_s,
+        socket_connect_timeout=timeout_s,
+        retry=Retry(NoBackoff(), retries=1),
+    )
+
+
 class RedisFeatureStore:
     def __init__(self, url: str, timeout_s: float) -> None:
-        # One immediate retry: after a Redis restart every pooled connection is stale
-        # and its first use fails; a second attempt on a fresh connection succeeds.
-        # Anything more is left to the caller's time budget (a clear 503, not a slow one).
-        self._redis = Redis.from_url(
-            url,
-            socket_timeout=timeout_s,
-            socket_connect_timeout=timeout_s,
-            retry=Retry(NoBackoff(), retries=1),
-        )
+        self._redis = connect(url, timeout_s)
 
-    async def fetch(self, key: str, names: tuple[str, ...]) -> Features | None:
+    async def fetch_rows(self, keys: Sequence[EntityKey], names: tuple[str, ...]) -> list[FeatureRow | None]:
         try:
             if not names:
-                return {} if await self._redis.exists(key) else None
-            values = await self._redis.hmget(key, list(names))
-        except (RedisError, OSError) as exc:
-            raise FeatureStoreUnavailable(f"redis: {exc}") from None
-        return _row(names, values)
-
-    async def fetch_many(self, keys: Sequence[str], names: tuple[str, ...]) -> list[Features | None]:
-        """One pipelined round trip: an HMGET (or EXISTS, without names) per key."""
-        try:
-            async with self._redis.pipeline(transaction=False) as pipe:
+                pipe = self._redis.pipeline(transaction=False)
                 for key in keys:
-                    if names:
-                        pipe.hmget(key, list(names))
-                    else:
-                        pipe.exists(key)
+                    pipe.exists(str(key))
+                return [FeatureRow({}) if n else None for n in await pipe.execute()]
+            if len(keys) == 1:  # the common case: no pipeline object to build
+                replies = [await self._redis.hmget(str(keys[0]), list(names))]
+            else:
+                pipe = self._redis.pipeline(transaction=False)
+                for key in keys:
+                    pipe.hmget(str(key), list(names))
                 replies = await pipe.execute()
         except (RedisError, OSError) as exc:
             raise FeatureStoreUnavailable(f"redis: {exc}") from None
-        if not names:
-            return [{} if exists else None for exists in replies]
-        return [_row(names, values) for values in replies]
+        return [pick(_decoded(names, values), names) for values in replies]
 
     async def sample_rows(self, match: str, limit: int = 20) -> dict[str, dict[str, None]]:
         """Up to `limit` hashes whose key matches a glob, with their field names (values left out).
@@ -88,3 +76,12 @@ class RedisFeatureStore:
 
     async def close(self) -> None:
         await self._redis.aclose()
+
+
+def _decoded(names: tuple[str, ...], values: list[bytes | str | None]) -> dict[str, object] | None:
+    if all(v is None for v in values):
+        return None
+    return {
+        name: None if raw is None else decode_value(raw if isinstance(raw, bytes) else raw.encode())
+        for name, raw in zip(names, values, strict=True)
+    }

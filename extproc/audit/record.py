@@ -40,6 +40,8 @@ class AuditDraft:
     entity_key: str | None = None
     features: dict[str, Any] | None = None
     feature_status: str | None = None
+    # Each requested feature's status (present, missing, stale); a list of them for a batch.
+    feature_statuses: Any = None
     error_code: str | None = None
     # Set by ensembles for each member call; a single call has none.
     parent_request_id: str | None = None
@@ -153,6 +155,7 @@ def build_record(
         "feature_status": draft.feature_status,
         "derived": redact(draft.derived, rules),
         "rule": draft.rule,
+        "feature_statuses": draft.feature_statuses,
         "response": {"status": status, "body": redact(answer, rules)},
         "sha256": {"request": draft.request_sha256, "response": sha256(body) if status is not None else ""},
         "latency_ms": latency,

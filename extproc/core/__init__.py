@@ -12,7 +12,22 @@ config, Kubernetes, AWS or any network client (a test enforces it).
 from extproc.core.body import JSONObject, check_content_type, entity_key, inject_features, parse_json_object, sticky_key
 from extproc.core.context import RequestContext
 from extproc.core.derived import DerivedFeature, derive
-from extproc.core.features import CachedFeatureStore, EmbeddedFeatureStore, Features, FeatureStore, decode_value, pick
+from extproc.core.entity import EntityRef, KeyPlan
+from extproc.core.feast_codec import FeastValueError
+from extproc.core.feast_read import FeastKey, FeastView, ReadPlan
+from extproc.core.features import (
+    MISSING,
+    STALE,
+    CachedFeatureStore,
+    EmbeddedFeatureStore,
+    EntityKey,
+    FeatureRow,
+    Features,
+    FeatureStore,
+    decode_value,
+    narrow,
+    pick,
+)
 from extproc.core.logic import LogicOutcome, ModelLogic, apply_logic, compile_logic
 from extproc.core.messages import HttpBody, HttpHeaders
 from extproc.core.missing import DEGRADED_MISSING, settle_missing
@@ -32,7 +47,8 @@ from extproc.core.responses import (
     immediate_json,
     reroute_request_body,
 )
-from extproc.core.routing import ModelRoute, compile_routes, describe_models, resolve_route
+from extproc.core.routing import ModelRoute, compile_routes, describe_models, feast_views, resolve_route
+from extproc.core.rows import Rows, Settled, body_rows, fetch_features, inject_rows
 from extproc.core.rules import CompiledRule, RuleDecision, choose_version
 
 __all__ = [
@@ -40,6 +56,8 @@ __all__ = [
     "CONTINUE",
     "DEGRADED_MISSING",
     "DETAILS_PREFIX",
+    "MISSING",
+    "STALE",
     "Answer",
     "BrokerProcessor",
     "CachedFeatureStore",
@@ -47,6 +65,12 @@ __all__ = [
     "Continue",
     "DerivedFeature",
     "EmbeddedFeatureStore",
+    "EntityKey",
+    "EntityRef",
+    "FeastKey",
+    "FeastValueError",
+    "FeastView",
+    "FeatureRow",
     "FeatureStore",
     "Features",
     "HeaderPairs",
@@ -54,13 +78,18 @@ __all__ = [
     "HttpHeaders",
     "Immediate",
     "JSONObject",
+    "KeyPlan",
     "LogicOutcome",
     "ModelLogic",
     "ModelRoute",
     "Processor",
+    "ReadPlan",
     "RequestContext",
+    "Rows",
     "RuleDecision",
+    "Settled",
     "apply_logic",
+    "body_rows",
     "check_content_type",
     "choose_version",
     "compile_logic",
@@ -74,8 +103,12 @@ __all__ = [
     "describe_models",
     "entity_key",
     "error_response",
+    "feast_views",
+    "fetch_features",
     "immediate_json",
     "inject_features",
+    "inject_rows",
+    "narrow",
     "parse_json_object",
     "pick",
     "reroute_request_body",

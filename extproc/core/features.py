@@ -1,14 +1,16 @@
-"""Features for one entity: the store protocol, the embedded store, and the TTL cache.
+"""Features for entities: the store protocol, the embedded store, and the TTL cache.
 
 Every store call runs under the store's time budget; a timeout or refusal is
 `FeatureStoreUnavailable`, which the processor turns into 503 (fail-closed) or a
-degraded forward (fail-open) per model.
+degraded forward (fail-open) per model. One call serves every row of a request.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Mapping, Sequence
+import logging
+from collections.abc import Hashable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -18,16 +20,29 @@ from cachetools import TTLCache
 from extproc.errors import FeatureStoreUnavailable
 from extproc.metrics import CACHE_HIT, CACHE_MISS
 
+log = logging.getLogger("model_broker.features")
+
 Features = dict[str, Any]
+# What a store looks one entity up by: the own layout's hash key, Feast's (join key, value) pairs.
+EntityKey = Hashable
+
+# A requested feature the store did not give: never written (or expired), or older than its view's TTL.
+MISSING = "missing"
+STALE = "stale"
+
+
+@dataclass(frozen=True, slots=True)
+class FeatureRow:
+    """One entity's features: every requested name (None where absent), and why each absent one is."""
+
+    values: Features
+    # Only the names that are not present; empty when the row is complete.
+    absent: Mapping[str, str] = field(default_factory=dict)
 
 
 class FeatureStore(Protocol):
-    async def fetch(self, key: str, names: tuple[str, ...]) -> Features | None:
-        """The named features of one entity in one round trip; None when the entity is unknown."""
-        ...
-
-    async def fetch_many(self, keys: Sequence[str], names: tuple[str, ...]) -> list[Features | None]:
-        """Several entities' features (a batch request's rows) in one round trip, in `keys` order."""
+    async def fetch_rows(self, keys: Sequence[EntityKey], names: tuple[str, ...]) -> list[FeatureRow | None]:
+        """The named features of each entity in one round trip; None for an entity the store does not know."""
         ...
 
     async def close(self) -> None: ...
@@ -41,12 +56,25 @@ def decode_value(raw: bytes) -> Any:
         return raw.decode("utf-8", errors="replace")
 
 
-def pick(row: Mapping[str, Any] | None, names: tuple[str, ...]) -> Features | None:
-    """An entity with none of the requested features counts as unknown."""
+def pick(row: Mapping[str, Any] | None, names: tuple[str, ...]) -> FeatureRow | None:
+    """A stored row cut to `names`; an entity with none of them counts as unknown."""
     if row is None:
         return None
     found = {name: row.get(name) for name in names}
-    return found if any(v is not None for v in found.values()) or not names else None
+    if names and all(v is None for v in found.values()):
+        return None
+    return FeatureRow(found, {name: MISSING for name, v in found.items() if v is None})
+
+
+def narrow(row: FeatureRow | None, names: tuple[str, ...]) -> FeatureRow | None:
+    """The part of a fetched row one consumer asked for (an ensemble member of a union fetch)."""
+    if row is None:
+        return None
+    values = {name: row.values.get(name) for name in names}
+    absent = {name: row.absent[name] for name in names if name in row.absent}
+    if names and len(absent) == len(names):
+        return None
+    return FeatureRow(values, absent)
 
 
 class EmbeddedFeatureStore:
@@ -68,11 +96,8 @@ class EmbeddedFeatureStore:
         """Every stored row: `up` takes the keys of its example requests from here."""
         return self._rows
 
-    async def fetch(self, key: str, names: tuple[str, ...]) -> Features | None:
-        return pick(self._rows.get(key), names)
-
-    async def fetch_many(self, keys: Sequence[str], names: tuple[str, ...]) -> list[Features | None]:
-        return [pick(self._rows.get(key), names) for key in keys]
+    async def fetch_rows(self, keys: Sequence[EntityKey], names: tuple[str, ...]) -> list[FeatureRow | None]:
+        return [pick(self._rows.get(key) if isinstance(key, str) else None, names) for key in keys]
 
     async def close(self) -> None:
         return None
@@ -83,39 +108,21 @@ class CachedFeatureStore:
 
     Unknown entities are cached too, so a flood of bad keys does not become a
     flood of store calls. Failures are never cached: recovery is immediate.
+    The store's state is logged once per transition (down with its cause, back up).
     """
 
     def __init__(self, store: FeatureStore, *, ttl_seconds: float, max_entries: int, timeout_s: float) -> None:
         self._store = store
         self._timeout_s = timeout_s
-        self._cache: TTLCache[tuple[str, tuple[str, ...]], Features | None] | None = (
+        self._cache: TTLCache[tuple[EntityKey, tuple[str, ...]], FeatureRow | None] | None = (
             TTLCache(maxsize=max_entries, ttl=ttl_seconds) if ttl_seconds > 0 else None
         )
+        self._down = False
 
-    async def fetch(self, key: str, names: tuple[str, ...]) -> Features | None:
-        cache_key = (key, names)
-        if self._cache is not None:
-            try:
-                found = self._cache[cache_key]
-            except KeyError:
-                CACHE_MISS.inc()
-            else:
-                CACHE_HIT.inc()
-                return found
-        try:
-            # Fail policy is the caller's (per model); here a slow store is simply unavailable.
-            async with asyncio.timeout(self._timeout_s):
-                found = await self._store.fetch(key, names)
-        except TimeoutError:
-            raise FeatureStoreUnavailable(f"no answer within {self._timeout_s * 1000:.0f} ms") from None
-        if self._cache is not None:
-            self._cache[cache_key] = found
-        return found
-
-    async def fetch_many(self, keys: Sequence[str], names: tuple[str, ...]) -> list[Features | None]:
-        """Cached rows from the cache; the others from the store in one call, under one time budget."""
-        found: dict[str, Features | None] = {}
-        missing = []
+    async def fetch_rows(self, keys: Sequence[EntityKey], names: tuple[str, ...]) -> list[FeatureRow | None]:
+        """Cached rows from the cache; the others (each key once) from the store in one call, one time budget."""
+        found: dict[EntityKey, FeatureRow | None] = {}
+        wanted: list[EntityKey] = []
         for key in dict.fromkeys(keys):
             try:
                 if self._cache is None:
@@ -123,20 +130,36 @@ class CachedFeatureStore:
                 found[key] = self._cache[(key, names)]
             except KeyError:
                 CACHE_MISS.inc()
-                missing.append(key)
+                wanted.append(key)
             else:
                 CACHE_HIT.inc()
-        if missing:
-            try:
-                async with asyncio.timeout(self._timeout_s):
-                    rows = await self._store.fetch_many(missing, names)
-            except TimeoutError:
-                raise FeatureStoreUnavailable(f"no answer within {self._timeout_s * 1000:.0f} ms") from None
-            for key, row in zip(missing, rows, strict=True):
+        if wanted:
+            for key, row in zip(wanted, await self._fetch(wanted, names), strict=True):
                 found[key] = row
                 if self._cache is not None:
                     self._cache[(key, names)] = row
         return [found[key] for key in keys]
+
+    async def _fetch(self, keys: list[EntityKey], names: tuple[str, ...]) -> list[FeatureRow | None]:
+        try:
+            # Fail policy is the caller's (per model); here a slow store is simply unavailable.
+            async with asyncio.timeout(self._timeout_s):
+                rows = await self._store.fetch_rows(keys, names)
+        except TimeoutError:
+            self._went_down(f"no answer within {self._timeout_s * 1000:.0f} ms")
+            raise FeatureStoreUnavailable(f"no answer within {self._timeout_s * 1000:.0f} ms") from None
+        except FeatureStoreUnavailable as exc:
+            self._went_down(str(exc))
+            raise
+        if self._down:
+            self._down = False
+            log.warning("feature store reachable again")
+        return rows
+
+    def _went_down(self, cause: str) -> None:
+        if not self._down:
+            self._down = True
+            log.error("feature store unavailable: %s", cause)
 
     async def close(self) -> None:
         await self._store.close()

@@ -16,10 +16,11 @@ from extproc import metrics, wire
 from extproc.audit.record import AuditDraft, AuditTrail, error_body, sha256
 from extproc.core import responses
 from extproc.core.admission import OVERLOADED, Admission
-from extproc.core.body import check_content_type, entity_key, inject_features, parse_json_object, sticky_key
+from extproc.core.body import check_content_type, parse_json_object, sticky_key
 from extproc.core.context import RequestContext
 from extproc.core.ensemble.aggregate import MemberFailure, MemberOutcome, ensemble_answer
 from extproc.core.ensemble.fanout import EnsemblePlan, MemberClient, compile_ensembles, run_ensemble
+from extproc.core.entity import EntityRef
 from extproc.core.features import Features, FeatureStore
 from extproc.core.logic import LogicOutcome, ModelLogic, apply_logic, audit_rule
 from extproc.core.messages import HttpBody, HttpHeaders
@@ -37,7 +38,8 @@ from extproc.core.oip import (
 from extproc.core.oip import answer as oip_answer
 from extproc.core.responses import Answer
 from extproc.core.routing import ModelRoute, compile_routes, describe_models, resolve_route
-from extproc.errors import BrokerError, ErrorCode, FeatureStoreUnavailable
+from extproc.core.rows import Rows, body_rows, fetch_features, inject_rows
+from extproc.errors import BrokerError, ErrorCode
 from extproc.registry import Registry
 
 
@@ -179,18 +181,18 @@ class BrokerProcessor(Processor):
         doc = self._document(raw, ctx)
         if isinstance(doc, BrokerError):
             return self._reject(doc, ctx)
-        key = entity_key(doc, route.join_key)
+        rows = body_rows(doc, route)
         if ctx.audit is not None:
-            # A shallow copy: injection replaces one top-level key of `doc`.
-            ctx.audit.input, ctx.audit.entity_key = dict(doc), key if isinstance(key, str) else None
-        if isinstance(key, BrokerError):
-            return self._reject(key, ctx)
+            # A shallow copy: injection replaces one top-level key of `doc` (or of each batch row).
+            ctx.audit.input, ctx.audit.entity_key = dict(doc), None if isinstance(rows, BrokerError) else rows.label
+        if isinstance(rows, BrokerError):
+            return self._reject(rows, ctx)
         ctx.lap("route")
-        settled = await self._settled_features(route, doc, key, ctx)
+        settled = await self._settled_features(route, doc, rows, ctx)
         if isinstance(settled, BrokerError):
             return self._reject(settled, ctx)
         features, degraded, pinned = settled
-        body = inject_features(doc, route.inject_as, features)
+        body = inject_rows(doc, rows, route.inject_as, features)
         sticky = sticky_key(doc, route.sticky_field) if route.sticky_field is not None else None
         return self._forward(route, body, degraded, sticky, ctx, pinned=pinned)
 
@@ -220,21 +222,29 @@ class BrokerProcessor(Processor):
         return responses.continue_request_body(body, metadata, reroute=pinned is not None)
 
     async def _settled_features(
-        self, route: ModelRoute, doc: dict[str, Any], key: str, ctx: RequestContext
-    ) -> tuple[Features, str, str | None] | BrokerError:
-        """Stored features (after the store policies), then derived ones and the rules' pinned version."""
-        features, degraded = await self._features(route, key)
+        self, route: ModelRoute, doc: dict[str, Any], rows: Rows, ctx: RequestContext
+    ) -> tuple[list[Features], str, str | None] | BrokerError:
+        """Each row's stored features (after the store policies), then derived ones and the rules' pinned version.
+
+        Derived features and rules take one row (the registry refuses them beside `batch`).
+        """
+        settled = await fetch_features(self._store, route, rows)
         ctx.lap("features")
-        if ctx.audit is not None and not isinstance(features, BrokerError):
-            ctx.audit.features, ctx.audit.feature_status = features, degraded or "ok"
-        if isinstance(features, BrokerError) or route.logic is None:
-            return features if isinstance(features, BrokerError) else (features, degraded, None)
-        outcome = self._run_logic(route, route.logic, doc, features, degraded=degraded, ctx=ctx)
+        if isinstance(settled, BrokerError):
+            return settled
+        degraded = settled.degraded
+        if ctx.audit is not None:
+            ctx.audit.features = settled.audit_features(rows.batched)
+            ctx.audit.feature_status = degraded or "ok"
+            ctx.audit.feature_statuses = settled.audit_statuses(rows.batched)
+        if route.logic is None or rows.batched:
+            return settled.features, degraded, None
+        outcome = self._run_logic(route, route.logic, doc, settled.features[0], degraded=degraded, ctx=ctx)
         ctx.lap("rules")
         if isinstance(outcome, BrokerError):
             return outcome
         decision = outcome.decision
-        return outcome.features, outcome.degraded, decision.version if decision is not None else None
+        return [outcome.features], outcome.degraded, decision.version if decision is not None else None
 
     def _run_logic(
         self,
@@ -298,23 +308,20 @@ class BrokerProcessor(Processor):
         return self._forward(route, forward_body(plan, request, tensors), degraded, sticky, ctx)
 
     async def _feature_rows(self, route: ModelRoute, keys: tuple[str, ...]) -> tuple[list[Features] | BrokerError, str]:
-        """Each row's features (one store round trip for all distinct keys), or the policy's answer."""
-        distinct = list(dict.fromkeys(keys))
-        try:
-            if len(distinct) == 1:  # the common case: one HMGET, no pipeline
-                found = [await self._store.fetch(route.store_key(distinct[0]), route.features)]
-            else:
-                found = await self._store.fetch_many([route.store_key(k) for k in distinct], route.features)
-        except FeatureStoreUnavailable as exc:
-            settled, degraded = route.settle_features(None, keys[0], unavailable=str(exc))
-            return (settled if isinstance(settled, BrokerError) else []), degraded
-        by_key: dict[str, Features] = {}
-        for key, row in zip(distinct, found, strict=True):
-            settled, _ = route.settle_features(row, key)
-            if isinstance(settled, BrokerError):
-                return settled, ""
-            by_key[key] = settled
-        return [by_key[k] for k in keys], ""
+        """Each row's features (every distinct key in one store round trip), or the policy's answer."""
+        refs: list[EntityRef] = []
+        for key in dict.fromkeys(keys):
+            ref = route.keys.ref_of_text(key)
+            if isinstance(ref, BrokerError):
+                return ref, ""
+            refs.append(ref)
+        settled = await fetch_features(self._store, route, Rows([{}] * len(refs), refs))
+        if isinstance(settled, BrokerError):
+            return settled, ""
+        if settled.degraded == "feature_store_unavailable":  # fail-open with the store down: no rows
+            return [], settled.degraded
+        by_key = dict(zip(dict.fromkeys(keys), settled.features, strict=True))
+        return [by_key[k] for k in keys], settled.degraded
 
     async def _ensemble_body(self, raw: bytes, plan: EnsemblePlan, ctx: RequestContext) -> Answer:
         """Always an immediate response: the members were called here, through Envoy's egress listener."""
@@ -322,9 +329,9 @@ class BrokerProcessor(Processor):
         doc = self._document(raw, ctx)
         if isinstance(doc, BrokerError):
             return self._reject(doc, ctx)
-        key = entity_key(doc, plan.join_key)
-        if isinstance(key, BrokerError):
-            return self._reject(key, ctx)
+        ref = plan.keys.ref(doc)
+        if isinstance(ref, BrokerError):
+            return self._reject(ref, ctx)
         audited = self._audit is not None and any(self._audit.covers(m.route.model) for m in plan.members)
         if audited and self._audit is not None and self._audit.refuses():  # nothing runs that cannot be audited
             return self._reject(AUDIT_FULL, ctx)
@@ -332,7 +339,7 @@ class BrokerProcessor(Processor):
         outcomes = await run_ensemble(
             plan,
             doc,
-            key,
+            ref,
             store=self._store,
             client=self._egress,
             parent_request_id=ctx.request_id,
@@ -346,7 +353,7 @@ class BrokerProcessor(Processor):
         )
         ctx.finished = True  # an immediate response: Envoy sends nothing more
         if audited:
-            self._audit_members(outcomes, doc, key, sha256(raw), ctx)
+            self._audit_members(outcomes, doc, ref.label, sha256(raw), ctx)
         # Labelled by route name, as `_reject` labels this ensemble's early errors.
         outcome = answer["error"]["code"] if "error" in answer else "ok"
         metrics.record_request(ctx.route_name, ctx.stages, outcome, ctx.consumer)
@@ -407,14 +414,6 @@ class BrokerProcessor(Processor):
 
     def _too_large(self) -> BrokerError:
         return BrokerError(ErrorCode.BODY_TOO_LARGE, f"the request body is larger than {self._max_body} bytes")
-
-    async def _features(self, route: ModelRoute, key: str) -> tuple[Features | BrokerError, str]:
-        """The features to inject, and why they are missing when a policy let that pass."""
-        try:
-            found = await self._store.fetch(route.store_key(key), route.features)
-        except FeatureStoreUnavailable as exc:
-            return route.settle_features(None, key, unavailable=str(exc))
-        return route.settle_features(found, key)
 
     def _reject(self, error: BrokerError, ctx: RequestContext) -> Answer:
         ctx.lap("reject")

@@ -10,11 +10,14 @@ from dataclasses import dataclass
 from typing import Any
 
 from extproc import wire
-from extproc.core.features import Features
+from extproc.core.entity import KeyPlan
+from extproc.core.feast_read import FeastView
+from extproc.core.features import FeatureRow, Features
 from extproc.core.logic import ModelLogic, compile_logic
+from extproc.core.missing import settle_missing
 from extproc.core.oip import OipPlan, compile_plan
 from extproc.errors import BrokerError, ErrorCode
-from extproc.registry import Model, Registry, rule_name
+from extproc.registry import MissingPolicy, Model, Registry, injected_name, model_refs, rule_name
 
 
 @dataclass(frozen=True, slots=True)
@@ -22,9 +25,8 @@ class ModelRoute:
     """One model's request plan, compiled once at load so the hot path only reads it."""
 
     model: str
-    join_key: str
-    key_prefix: str
-    key_suffix: str
+    keys: KeyPlan
+    # What the store is asked for, and the name each is injected under (Feast: `view:feature` → `feature`).
     features: tuple[str, ...]
     inject_as: str
     fail_open: bool
@@ -37,28 +39,53 @@ class ModelRoute:
     logic: ModelLogic | None = None
     # Versions taken out of traffic live (rolled back, or set to 0): never pinned by a rule.
     withdrawn: frozenset[str] = frozenset()
+    # What a row missing some of its features becomes (the model's `missing_features`).
+    missing_features: MissingPolicy = "reject"
+    injected_names: tuple[str, ...] = ()
+    # Batch requests: the body field holding the rows, and how many it may hold.
+    batch_field: str | None = None
+    max_rows: int = 1
 
-    def store_key(self, entity_key: str) -> str:
-        return self.key_prefix + entity_key + self.key_suffix
+    @property
+    def join_key(self) -> str:
+        return self.keys.join_key
 
-    def settle_features(
-        self, found: Features | None, key: str, unavailable: str = ""
-    ) -> tuple[Features | BrokerError, str]:
-        """The model's failure policies applied to one store outcome (`unavailable`: why the store failed).
+    def settle_unavailable(self, why: str) -> tuple[Features | BrokerError, str]:
+        """The model's failure policy when the store failed (`why`)."""
+        if self.fail_open:  # declared fail-open: the model copes without features
+            return {}, "feature_store_unavailable"
+        return BrokerError(ErrorCode.FEATURE_STORE_UNAVAILABLE, f"the feature store is unavailable ({why})"), ""
 
-        Returns the features to inject, and why they are missing when a policy let that pass.
+    def settle_features(self, row: FeatureRow | None, label: str) -> tuple[Features | BrokerError, str]:
+        """The model's policies applied to one entity's row (`label` names the entity, never a store key).
+
+        Returns the features to inject, and why some are missing when a policy let that pass.
         """
-        if unavailable:
-            if self.fail_open:  # declared fail-open: the model copes without features
-                return {}, "feature_store_unavailable"
-            return BrokerError(
-                ErrorCode.FEATURE_STORE_UNAVAILABLE, f"the feature store is unavailable ({unavailable})"
-            ), ""
-        if found is None:
+        if row is None:
             if self.forward_unknown_entity:
                 return {}, "unknown_entity"
-            return BrokerError(ErrorCode.UNKNOWN_ENTITY, f"no features are stored for {self.join_key} '{key}'"), ""
-        return found, ""
+            return BrokerError(ErrorCode.UNKNOWN_ENTITY, f"no features are stored for {self._entity(label)}"), ""
+        values = row.values
+        names = self.injected_names or self.features
+        if names != self.features:
+            values = {new: values[old] for old, new in zip(self.features, names, strict=True)}
+        if not row.absent:
+            return values, ""
+        # Each absent feature by the name the model knows, and why (with its reference when they differ).
+        absent = {
+            name: why if name == ref else f"{why} ({ref})"
+            for ref, name in zip(self.features, names, strict=True)
+            if (why := row.absent.get(ref))
+        }
+        settled, degraded = settle_missing(self.missing_features, values, absent)
+        if isinstance(settled, BrokerError):  # errors name the entity by its key, never by a store key
+            return BrokerError(settled.code, f"{self._entity(label)}: {settled.message}"), ""
+        return settled, degraded
+
+    def _entity(self, label: str) -> str:
+        if len(self.keys.join_keys) == 1:
+            return f"{self.join_key} '{label}'"
+        return f"the entity ({label})"
 
 
 def withdrawn_versions(live: Model, declared: Model | None) -> frozenset[str]:
@@ -75,17 +102,23 @@ def withdrawn_versions(live: Model, declared: Model | None) -> frozenset[str]:
 def compile_routes(registry: Registry, declared: Registry | None = None) -> dict[str, ModelRoute]:
     """Every model's plan; `declared` is the registry file as written, when `registry` carries live weights."""
     routes: dict[str, ModelRoute] = {}
+    feast = registry.feature_store.feast
     for model in registry.models:
         entity = registry.entity(model.entity)
         if entity is None:  # parse_registry already rejected this; kept for the type checker
             raise ValueError(f"model {model.name}: unknown entity {model.entity}")
-        prefix, _, suffix = entity.key_template.partition("{" + entity.join_key + "}")
+        features = model_refs(registry, model)
+        if feast is None:
+            prefix, _, suffix = entity.key_template.partition("{" + entity.join_key + "}")
+            keys = KeyPlan(((entity.join_key, entity.value_type),), prefix=prefix, suffix=suffix)
+            injected = features
+        else:
+            keys = KeyPlan(_feast_join_keys(registry, features) or ((entity.join_key, entity.value_type),), feast=True)
+            injected = tuple(injected_name(ref, feast.full_feature_names) for ref in features)
         routes[model.name] = ModelRoute(
             model=model.name,
-            join_key=entity.join_key,
-            key_prefix=prefix,
-            key_suffix=suffix,
-            features=model.required_features,
+            keys=keys,
+            features=features,
             inject_as=model.inject_as,
             fail_open=model.failure_policy == "fail_open",
             forward_unknown_entity=model.unknown_entity == "forward",
@@ -93,6 +126,10 @@ def compile_routes(registry: Registry, declared: Registry | None = None) -> dict
             oip=compile_plan(model, entity.join_key) if model.protocol == "open_inference" else None,
             logic=compile_logic(model),
             withdrawn=withdrawn_versions(model, declared.model(model.name) if declared is not None else None),
+            missing_features=model.missing_features,
+            injected_names=injected,
+            batch_field=model.batch.field if model.batch is not None else None,
+            max_rows=model.batch.max_rows if model.batch is not None else 1,
         )
     return routes
 
@@ -101,6 +138,30 @@ def _describe_rule(model: Model, index: int) -> dict[str, Any]:
     rule = model.rules[index]
     target: dict[str, Any] = {"version": rule.version} if rule.version is not None else {"split": rule.split}
     return {"name": rule_name(rule, index), "when": rule.when, **target}
+
+
+def _feast_join_keys(registry: Registry, refs: tuple[str, ...]) -> tuple[tuple[str, str], ...]:
+    """Every join key the views of `refs` are keyed by, in first-use order."""
+    views = feast_views(registry)
+    keys = dict.fromkeys(jk for ref in refs for jk in views[ref.partition(":")[0]].join_keys)
+    return tuple(keys)
+
+
+def feast_views(registry: Registry) -> dict[str, FeastView]:
+    """The declared feature views as the Feast reader needs them (join keys with their value types)."""
+    feast = registry.feature_store.feast
+    if feast is None:
+        return {}
+    views = {}
+    for view in feast.feature_views:
+        join_keys = []
+        for name in view.entities:
+            entity = registry.entity(name)
+            if entity is None:  # parse_registry already rejected this; kept for the type checker
+                raise ValueError(f"feature view {view.name}: unknown entity {name}")
+            join_keys.append((entity.join_key, entity.value_type))
+        views[view.name] = FeastView(view.name, tuple(join_keys), view.ttl_seconds)
+    return views
 
 
 def resolve_route(routes: dict[str, ModelRoute], route_name: str) -> ModelRoute | BrokerError:
@@ -122,7 +183,7 @@ def describe_models(registry: Registry) -> dict[str, Any]:
                 "path": m.path,
                 "protocol": m.protocol,
                 "entity": m.entity,
-                "features": list(m.required_features),
+                "features": list(model_refs(registry, m)),
                 "failure_policy": m.failure_policy,
                 "missing_features": m.missing_features,
                 "derived": [d.model_dump() for d in m.derived],

@@ -72,6 +72,8 @@ def model_app(model: str, version: str, path: str = "/predict") -> web.Applicati
         }
         if steer.get("echo_headers"):
             answer["headers"] = {name.lower(): value for name, value in request.headers.items()}
+        if steer.get("echo"):  # tests: the whole body as the model received it
+            answer["received"] = body
         # Set by Envoy's authentication filter (client copies are dropped); absent in open mode.
         consumer = request.headers.get(wire.HEADER_CONSUMER)
         if consumer is not None:

@@ -15,11 +15,13 @@ import uvloop
 from extproc import wire
 from extproc.adapters.audit_store import open_spool
 from extproc.adapters.egress import EgressClient
+from extproc.adapters.feast_store import FeastFeatureStore
 from extproc.adapters.redis_store import RedisFeatureStore
 from extproc.audit.record import AuditTrail
 from extproc.audit.shipper import Shipper
 from extproc.core.features import CachedFeatureStore, EmbeddedFeatureStore, FeatureStore
 from extproc.core.processor import BrokerProcessor
+from extproc.core.routing import feast_views
 from extproc.registry import Registry, load_registry
 from extproc.registry.reload import follow_registry_file
 from extproc.rollout.follow import Layer, follow
@@ -40,7 +42,10 @@ def open_feature_store(registry: Registry) -> CachedFeatureStore:
     conf = registry.feature_store
     timeout_s = conf.timeout_ms / 1000
     store: FeatureStore
-    if conf.redis is not None:
+    if conf.feast is not None:
+        views = feast_views(registry)
+        store = FeastFeatureStore(conf.feast.redis.url, project=conf.feast.project, views=views, timeout_s=timeout_s)
+    elif conf.redis is not None:
         store = RedisFeatureStore(conf.redis.url, timeout_s)
     else:
         assert conf.embedded is not None  # the registry guarantees one of the two

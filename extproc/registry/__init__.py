@@ -18,12 +18,24 @@ from extproc.registry.common import (
 from extproc.registry.consumers import Consumer, JwtCredential, RateLimit, hash_api_key
 from extproc.registry.document import Registry
 from extproc.registry.ensembles import FIELD_METHODS, Aggregation, AggregationMethod, Ensemble, EnsembleMember
-from extproc.registry.features import EmbeddedStore, Entity, FeatureCache, FeatureStore, RedisStore
+from extproc.registry.feast_refs import feast_problems, injected_name, model_refs
+from extproc.registry.feast_repo import FeastReport, compare_feast_repo
+from extproc.registry.features import (
+    EmbeddedStore,
+    Entity,
+    FeastService,
+    FeastStore,
+    FeastView,
+    FeatureCache,
+    FeatureStore,
+    RedisStore,
+)
 from extproc.registry.load import LIVE_SECTIONS, file_signature, load_registry, restart_only_changes
 from extproc.registry.logic import Derived, MissingPolicy, Rule, expression_scopes, logic_problems, rule_name
 from extproc.registry.models import (
     LOOPBACK_HOSTS,
     Backend,
+    Batch,
     CredentialSource,
     Model,
     RolloutPolicy,
@@ -71,6 +83,7 @@ __all__ = [
     "AuditSinks",
     "AwsAuditSink",
     "Backend",
+    "Batch",
     "Broker",
     "Consumer",
     "ControlPlane",
@@ -82,6 +95,10 @@ __all__ = [
     "EnsembleMember",
     "Entity",
     "EntityKeySource",
+    "FeastReport",
+    "FeastService",
+    "FeastStore",
+    "FeastView",
     "FeatureCache",
     "FeatureName",
     "FeatureStore",
@@ -112,16 +129,20 @@ __all__ = [
     "Strict",
     "TensorElement",
     "Version",
+    "compare_feast_repo",
     "describe",
     "entity_key_source",
     "expression_scopes",
+    "feast_problems",
     "file_signature",
     "hash_api_key",
     "infer_path",
+    "injected_name",
     "is_v2_path",
     "load_registry",
     "log",
     "logic_problems",
+    "model_refs",
     "open_inference_settings",
     "parse_registry",
     "refusal",

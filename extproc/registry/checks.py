@@ -17,6 +17,7 @@ from extproc import wire
 from extproc.registry.common import ALL_ROUTES
 from extproc.registry.document import Registry
 from extproc.registry.ensembles import Ensemble, EnsembleMember
+from extproc.registry.feast_refs import feast_problems
 from extproc.registry.logic import logic_problems
 from extproc.registry.open_inference import is_v2_path, model_problems
 from extproc.registry.patterns import describe
@@ -254,6 +255,17 @@ def _audit_references(reg: Registry) -> Iterator[Problem]:
         )
 
 
+def _batch_problems(reg: Registry) -> Iterator[Problem]:
+    """A batch is N rows in one JSON body: no OIP request (its rows are tensors), no per-request logic."""
+    for i, model in enumerate(reg.models):
+        if model.batch is None:
+            continue
+        if model.protocol == "open_inference":
+            yield Problem(f"models[{i}].batch", "an open_inference model takes its rows as tensors; drop 'batch'")
+        if model.derived or model.rules:
+            yield Problem(f"models[{i}].batch", "derived features and rules take one row; drop 'batch' or them")
+
+
 def _cross_references(reg: Registry) -> Iterator[Problem]:
     """What field validation cannot see: names that must exist, be unique or not collide."""
     yield from _unique_names(reg)
@@ -266,6 +278,8 @@ def _cross_references(reg: Registry) -> Iterator[Problem]:
         # Envoy's admin interface has no authentication and can stop Envoy or rewrite its runtime.
         yield Problem("admin.address", f"'{reg.admin.address}' is not loopback; Envoy's admin interface must not be")
     yield from _audit_references(reg)
+    yield from (Problem(path, message) for path, message in feast_problems(reg))
+    yield from _batch_problems(reg)
 
 
 def parse_registry(data: Any) -> Registry:

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
-from extproc.registry.common import Strict
-from extproc.registry.patterns import DNS_LABEL, JSON_KEY, REDIS_URL
+from extproc.registry.common import FeatureName, Strict
+from extproc.registry.patterns import DNS_LABEL, FEAST_NAME, FEAST_PROJECT, JSON_KEY, REDIS_URL
 
 
 class RedisStore(Strict):
@@ -25,16 +25,61 @@ class FeatureCache(Strict):
     max_entries: Annotated[int, Field(ge=1, le=10_000_000)] = 100_000
 
 
+class FeastView(Strict):
+    """A Feast feature view: which entities key it, and its max age."""
+
+    name: Annotated[str, Field(pattern=FEAST_NAME)]
+    # Names of `entities[]`: their join keys, sorted as Feast sorts them, make the Redis key.
+    entities: Annotated[tuple[str, ...], Field(min_length=1)]
+    # Feast's `ttl`: values older than this (from the view's `_ts`) count as stale; 0 = no max age.
+    ttl_seconds: Annotated[float, Field(ge=0, le=10 * 365 * 86_400)] = 0
+
+
+class FeastService(Strict):
+    """A Feast feature service: a named list of references a model can ask for at once."""
+
+    name: Annotated[str, Field(pattern=FEAST_NAME)]
+    features: Annotated[tuple[FeatureName, ...], Field(min_length=1)]
+
+
+class FeastStore(Strict):
+    redis: RedisStore
+    project: Annotated[str, Field(pattern=FEAST_PROJECT)]
+    entity_key_serialization_version: int = 3
+    # Inject `view__feature` (Feast's full feature names) instead of `feature`.
+    full_feature_names: bool = False
+    feature_views: Annotated[tuple[FeastView, ...], Field(min_length=1)]
+    feature_services: tuple[FeastService, ...] = ()
+
+    @field_validator("entity_key_serialization_version")
+    @classmethod
+    def _version_3(cls, version: int) -> int:
+        if version != 3:
+            raise ValueError(
+                f"version {version} is not supported: Feast writes version 3 (its default since 0.38; "
+                "earlier ones are deprecated); re-serialize the online store with Feast's guide"
+            )
+        return version
+
+    def view(self, name: str) -> FeastView | None:
+        return next((v for v in self.feature_views if v.name == name), None)
+
+    def service(self, name: str) -> FeastService | None:
+        return next((s for s in self.feature_services if s.name == name), None)
+
+
 class FeatureStore(Strict):
     redis: RedisStore | None = None
     embedded: EmbeddedStore | None = None
+    # Feast's Redis online store, read natively (Feast's keys, fields and values).
+    feast: FeastStore | None = None
     timeout_ms: Annotated[int, Field(ge=1, le=60_000)] = 50
     cache: FeatureCache = FeatureCache()
 
     @model_validator(mode="after")
     def _one_source(self) -> FeatureStore:
-        if (self.redis is None) == (self.embedded is None):
-            raise ValueError("declare exactly one of 'redis' or 'embedded'")
+        if sum(source is not None for source in (self.redis, self.embedded, self.feast)) != 1:
+            raise ValueError("declare exactly one of 'redis', 'embedded' or 'feast'")
         return self
 
 
@@ -43,6 +88,8 @@ class Entity(Strict):
 
     name: Annotated[str, Field(pattern=DNS_LABEL)]
     join_key: Annotated[str, Field(pattern=JSON_KEY)]
+    # Feast's value type of the join key (how Feast serializes it); the own layout ignores it.
+    value_type: Literal["string", "int64", "int32"] = "string"
     # Redis hash key; `{<join_key>}` is replaced by the entity's key.
     store_key: str | None = None
 

@@ -158,6 +158,14 @@ class Shadow(Strict):
     compare_field: Annotated[str, Field(pattern=JSON_KEY)]
 
 
+class Batch(Strict):
+    """Batch requests: a body field holding N rows, each with its entity key and its own features."""
+
+    field: Annotated[str, Field(pattern=JSON_KEY)]
+    # More rows than this: 413 too_many_rows. All rows are fetched in one store round trip.
+    max_rows: Annotated[int, Field(ge=1, le=10_000)] = 100
+
+
 class Model(Strict):
     name: Annotated[str, Field(pattern=DNS_LABEL)]
     # Required for `json` models (checked with the other models); an `open_inference` model is
@@ -179,6 +187,9 @@ class Model(Strict):
     failure_policy: Literal["fail_closed", "fail_open"] = "fail_closed"
     # reject: unknown entity → 404 unknown_entity. forward: send with empty features.
     unknown_entity: Literal["reject", "forward"] = "reject"
+    # A Feast feature service whose features this model needs too (feature_store.feast only).
+    feature_service: str | None = None
+    batch: Batch | None = None
     timeout_ms: Annotated[int, Field(ge=1, le=600_000)] = 15_000
     # None follows `audit.enabled`; true/false overrides it for this model.
     audit: bool | None = None
@@ -189,7 +200,8 @@ class Model(Strict):
     derived: tuple[Derived, ...] = ()
     # Segment rules (CEL), in order: the first that holds pins the version; none → the weighted split.
     rules: tuple[Rule, ...] = ()
-    # A feature the model needs and cannot have (a derived one that failed): refuse, forward degraded, null.
+    # A feature the model needs and cannot have (absent from the store, stale past its view's TTL, a derived
+    # one that failed): reject → 422 missing_features; forward_degraded → without it; null → as null.
     missing_features: MissingPolicy = "reject"
     versions: tuple[Version, ...]
 

@@ -30,6 +30,9 @@ FIELD_PATH = r"^[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*$"
 # Open Inference Protocol: an input tensor's name, a request `parameters` entry's name.
 TENSOR_NAME = r"^[A-Za-z_][A-Za-z0-9_.:/-]{0,127}$"
 PARAMETER_NAME = r"^[A-Za-z_][A-Za-z0-9_.-]{0,63}$"
+# Feast's names: views and services (letters, digits, '_', '-'), projects (letters, digits, '_').
+FEAST_NAME = r"^[A-Za-z_][A-Za-z0-9_-]{0,127}$"
+FEAST_PROJECT = r"^[A-Za-z0-9_]{1,128}$"
 
 # pattern → (what a valid value looks like, an example of one)
 _WORDS: dict[str, tuple[str, str]] = {
@@ -78,6 +81,8 @@ _WORDS: dict[str, tuple[str, str]] = {
         "customer_id",
     ),
     FIELD_PATH: ("a field path (names of letters, digits, '_' or '-' joined by '.')", "contact.email"),
+    FEAST_NAME: ("a Feast name (a letter or '_', then up to 127 letters, digits, '_' or '-')", "customer_stats"),
+    FEAST_PROJECT: ("a Feast project name (1 to 128 letters, digits or '_')", "fraud_detection"),
 }
 
 

@@ -17,7 +17,8 @@ import orjson
 from extproc import wire
 from extproc.core.body import inject_features
 from extproc.core.ensemble.aggregate import Combiner, MemberFailure, MemberOutcome, MemberResult
-from extproc.core.features import Features, FeatureStore, pick
+from extproc.core.entity import EntityRef, KeyPlan, union_of
+from extproc.core.features import FeatureRow, Features, FeatureStore, narrow
 from extproc.core.logic import derived_features
 from extproc.core.oip import member_body
 from extproc.core.routing import ModelRoute
@@ -66,14 +67,8 @@ class EnsemblePlan:
     deadline_s: float
     min_success: int
     combiner: Combiner
-
-    @property
-    def join_key(self) -> str:
-        # The registry guarantees one entity for all members.
-        return self.members[0].route.join_key
-
-    def store_key(self, entity_key: str) -> str:
-        return self.members[0].route.store_key(entity_key)
+    # The members' join keys together: one entity lookup serves them all.
+    keys: KeyPlan
 
 
 def _plan(ensemble: Ensemble, registry: Registry, routes: dict[str, ModelRoute]) -> EnsemblePlan:
@@ -97,6 +92,7 @@ def _plan(ensemble: Ensemble, registry: Registry, routes: dict[str, ModelRoute])
             weights={m.model: m.weight for m in ensemble.members},
             outputs={m.model: (m.output.tensor, m.output.index) for m in ensemble.members if m.output is not None},
         ),
+        keys=union_of([m.route.keys for m in members]),
     )
 
 
@@ -148,20 +144,27 @@ async def _call(client: MemberClient, member: MemberPlan, body: bytes, parent_re
     return MemberFailure(model, error, _ms(perf_counter() - started), parent_request_id=parent_request_id)
 
 
-async def _union_features(store: FeatureStore, plan: EnsemblePlan, key: str) -> tuple[Features | None, str]:
+async def _union_features(store: FeatureStore, plan: EnsemblePlan, ref: EntityRef) -> tuple[FeatureRow | None, str]:
     """The members' features in one store call, and why the store failed ("" when it did not)."""
     try:
-        return await store.fetch(plan.store_key(key), plan.features), ""
+        return (await store.fetch_rows([ref.key], plan.features))[0], ""
     except FeatureStoreUnavailable as exc:
         return None, str(exc)
 
 
 def _settled(
-    member: MemberPlan, doc: dict[str, Any], key: str, found: Features | None, *, unavailable: str, started_at: float
+    member: MemberPlan,
+    doc: dict[str, Any],
+    label: str,
+    found: FeatureRow | None,
+    *,
+    unavailable: str,
+    started_at: float,
 ) -> Features | BrokerError:
     """The member's features after its store policies, with its derived features (its segment rules do
     not apply: the member is called through its egress route, whose weighted split picks the version)."""
-    features, degraded = member.route.settle_features(found, key, unavailable)
+    route = member.route
+    features, degraded = route.settle_unavailable(unavailable) if unavailable else route.settle_features(found, label)
     logic = member.route.logic
     if isinstance(features, BrokerError) or logic is None or member.route.oip is not None:
         return features
@@ -183,7 +186,7 @@ def _member_body(
 async def run_ensemble(
     plan: EnsemblePlan,
     doc: dict[str, Any],
-    key: str,
+    ref: EntityRef,
     *,
     store: FeatureStore,
     client: MemberClient,
@@ -195,12 +198,12 @@ async def run_ensemble(
     The deadline counts from the body's arrival, feature fetch included.
     """
     deadline = perf_counter() + plan.deadline_s
-    union, unavailable = await _union_features(store, plan, key)
+    union, unavailable = await _union_features(store, plan, ref)
     settled = [
-        _settled(m, doc, key, pick(union, m.route.features), unavailable=unavailable, started_at=started_at)
+        _settled(m, doc, ref.label, narrow(union, m.route.features), unavailable=unavailable, started_at=started_at)
         for m in plan.members
     ]
-    bodies = [_member_body(m, doc, key, f) for m, f in zip(plan.members, settled, strict=True)]
+    bodies = [_member_body(m, doc, ref.label, f) for m, f in zip(plan.members, settled, strict=True)]
     errors = [b for b in bodies if isinstance(b, BrokerError)]
     if len(errors) == len(bodies):
         # No member can be called (store down, entity unknown): the client hears it as for a model.
