@@ -48,6 +48,7 @@ DATAPLANE_TESTS := tests/test_dataplane.py tests/test_ensembles.py tests/test_au
 
 test: $(STAMP)
 	scripts/ensure-system-packages redis-server
+	scripts/feast-venv >/dev/null  # the Feast SDK's own venv for tests/test_feast*.py (cached by requirements hash)
 	$(VENV)/bin/pytest
 	MODEL_BROKER_TEST_TRANSPORT=grpc $(VENV)/bin/pytest -q $(DATAPLANE_TESTS)
 

@@ -30,6 +30,11 @@ BROKERS = (
     "broker-headers",
     "broker-rules",
 )
+# Issue 13: the broker's enriched hop (Envoy included) against `feast serve` answering the lookup
+# alone, and the Feast read against the own-layout read (broker CPU, same cache setting).
+GOAL_FEAST_READ_VS_OWN = 1.10
+FEAST_PAIRS = (("broker-feast", "broker"), ("broker-feast-nocache", "broker-nocache"))
+FEAST_SERVERS = ("feast-serve", "feast-serve-2")
 # Side by side: (variant, baseline, what the ratio prices); a row appears when both ran.
 COMPARISONS = (
     ("broker-audit-moto", "broker", "audit to moto ÷ no audit"),
@@ -131,8 +136,43 @@ def _cpu(row: Row, role: str) -> str:
 
 
 def _proxy_cpu(row: Row) -> str:
-    """The Python tier's CPU: the broker's workers, or the gateway's."""
-    return _cpu(row, "broker") if "broker" in row.cpu_us else _cpu(row, "gateway")
+    """The Python tier's CPU: the broker's workers, the gateway's, or `feast serve`'s."""
+    role = next((r for r in ("broker", "gateway", "feast") if r in row.cpu_us), "broker")
+    return _cpu(row, role)
+
+
+def _hop_cpu(row: Row) -> float:
+    """What answering costs beyond the model and the store: Envoy + broker, or the feature server."""
+    return sum(row.cpu_us.get(role, 0.0) for role in ("envoy", "broker", "gateway", "feast"))
+
+
+def feast_table(rows: Sequence[Row]) -> list[str]:
+    """The Feast read against the own layout and against `feast serve`; empty unless a Feast config ran."""
+    by_key = {(r.config, r.connections): r for r in rows}
+    lines = []
+    for connections in sorted({r.connections for r in rows}):
+        servers = [r for r in (by_key.get((n, connections)) for n in FEAST_SERVERS) if r is not None]
+        cheapest = min(servers, key=_hop_cpu) if servers else None
+        for variant, baseline in FEAST_PAIRS:
+            row, base = by_key.get((variant, connections)), by_key.get((baseline, connections))
+            if row is None:
+                continue
+            vs_own = _ratio(row.cpu_us.get("broker", 0.0), base.cpu_us.get("broker") if base else None)
+            vs_serve = _ratio(_hop_cpu(row), _hop_cpu(cheapest) if cheapest else None)
+            lines.append(
+                f"| {row.label} | {connections} | {row.rps:,.0f} | {row.p99_ms:.2f} | {_cpu(row, 'broker')} "
+                f"| {_hop_cpu(row):.0f} | {vs_own} | {cheapest.label if cheapest else '-'}: "
+                f"{_hop_cpu(cheapest) if cheapest else 0:.0f} | {vs_serve} |"
+            )
+    if not lines:
+        return []
+    return [
+        f"| Feast read | conns | req/s | p99 ms | broker CPU µs/req | Envoy + broker CPU µs/req "
+        f"| broker CPU ÷ own layout (goal ≤ {GOAL_FEAST_READ_VS_OWN:.2f}) | cheapest `feast serve` CPU µs/req "
+        "| enriched hop ÷ feast serve (goal < 1) |",
+        "|---|--:|--:|--:|--:|--:|--:|--:|--:|",
+        *lines,
+    ]
 
 
 def results_table(rows: Sequence[Row]) -> list[str]:
@@ -215,7 +255,11 @@ def _comparison(what: str, row: Row, base: Row) -> str:
 
 
 def render(rows: Sequence[Row], header: Sequence[str]) -> str:
-    tables = [table for table in (results_table(rows), ratios_table(rows), comparisons_table(rows)) if table]
+    tables = [
+        table
+        for table in (results_table(rows), ratios_table(rows), comparisons_table(rows), feast_table(rows))
+        if table
+    ]
     return "\n".join([*header, *(line for table in tables for line in ["", *table]), ""])
 
 

@@ -23,7 +23,7 @@ from contextlib import AbstractContextManager
 from pathlib import Path
 from types import FrameType
 
-from bench import configs, report, stacks
+from bench import configs, feast, report, stacks
 from bench.fixed_rate import FixedRateResult, fixed_rate
 from bench.procs import children_cpu_seconds, cpu_seconds, process_tree, system_busy_seconds
 from bench.report import Sample
@@ -80,9 +80,24 @@ CONFIGS: dict[str, Starter] = {
     # One request, several copies of the model called concurrently through Envoy (issue 5).
     "ensemble-3": lambda s: stacks.ensemble(s, "ensemble-3", "(e3) ensemble of 3", members=3),
     "ensemble-1": lambda s: stacks.ensemble(s, "ensemble-1", "(e1) ensemble of 1", members=1),
+    # Issue 13: the same features in a Feast repo, read natively by the broker, and by `feast serve`.
+    "broker-feast": lambda s: feast.broker_feast(s, "broker-feast", "(f) Envoy + broker, Feast's Redis", cache_ttl_s=5),
+    "broker-feast-nocache": lambda s: feast.broker_feast(
+        s, "broker-feast-nocache", "(f0) Envoy + broker, Feast's Redis, cache TTL 0", cache_ttl_s=0
+    ),
+    "feast-serve": lambda s: feast.feast_serve(s, "feast-serve", "(g) feast serve, defaults", workers=1),
+    "feast-serve-2": lambda s: feast.feast_serve(s, "feast-serve-2", "(g2) feast serve --workers 2", workers=2),
 }
 # Opt-in (--configs): they explain the default comparisons but would push the default run past ~8 min.
-OPT_IN = ("broker-audit-jsonl", "ensemble-1", "broker-rules")
+OPT_IN = (
+    "broker-audit-jsonl",
+    "ensemble-1",
+    "broker-rules",
+    "broker-feast",
+    "broker-feast-nocache",
+    "feast-serve",
+    "feast-serve-2",
+)
 DEFAULT_CONFIGS = tuple(name for name in CONFIGS if name not in OPT_IN)
 
 

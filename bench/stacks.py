@@ -48,6 +48,8 @@ class Target:
     enriches: bool = True
     # Ensembles: how many members answer, each with its own output (0: a single model call).
     members: int = 0
+    # `feast serve`: the lookup answered by Feast's feature server itself, no model call.
+    feast_serve: bool = False
     # Audited configurations: the spool each run waits on, and the sink the preflight reads back.
     audit: AuditTrail | None = None
     # Shown when the preflight fails (the work directory is deleted on exit).
@@ -315,7 +317,7 @@ def run_broker(
         yield RunningBroker(base, {"envoy": (envoy.pid,), "broker": (supervisor.pid,)}, (broker_log, envoy_log))
 
 
-def _registry(
+def variant_registry(
     shared: Shared, name: str, *, cache_ttl_s: float = 5, extend: Extend | None = None, transport: str = "auto"
 ) -> Path:
     return write_registry(
@@ -343,8 +345,8 @@ def broker(
     extend: Extend | None = None,
 ) -> Iterator[Target]:
     """(b) Envoy + broker workers → model, features from Redis through the broker's TTL cache."""
-    config = _registry(shared, name, cache_ttl_s=cache_ttl_s, transport=transport, extend=extend)
-    derived = tuple(d.name for d in load_registry(config).models[0].derived)
+    config = variant_registry(shared, name, cache_ttl_s=cache_ttl_s, transport=transport, extend=extend)
+    derived = tuple(d.name for d in loadvariant_registry(config).models[0].derived)
     with run_broker(shared, name, label, config, header_phase=header_phase, unix=unix) as running:
         yield Target(
             name=name,
@@ -363,7 +365,7 @@ def broker_audit(shared: Shared, name: str, label: str, *, sink: Literal["moto",
         sink_doc, sink_roots = _audit_sink(stack, shared, name, sink)
         spool = shared.workdir / f"{name}.spool"
         section = configs.audit_section(spool, sink_doc)
-        config = _registry(shared, name, extend=lambda doc: doc.update(audit=section))
+        config = variant_registry(shared, name, extend=lambda doc: doc.update(audit=section))
         trail = AuditTrail(spool, config, child_env(**AWS_ENV))
         if sink == "moto":
             trail.init()
@@ -395,7 +397,9 @@ def _audit_sink(
 def ensemble(shared: Shared, name: str, label: str, *, members: int) -> Iterator[Target]:
     """(e) One POST, `members` copies of the model called concurrently through Envoy's egress listener."""
     egress = free_port()
-    config = _registry(shared, name, extend=lambda doc: configs.add_ensemble(doc, members=members, egress=egress))
+    config = variant_registry(
+        shared, name, extend=lambda doc: configs.add_ensemble(doc, members=members, egress=egress)
+    )
     with run_broker(shared, name, label, config) as running:
         yield Target(
             name=name,
@@ -482,6 +486,9 @@ def preflight(target: Target) -> None:
 
 def _preflight(target: Target) -> None:
     index = 7
+    if target.feast_serve:
+        _preflight_feast_serve(target, index)
+        return
     reply = post(target.url, workload.request_body(index))
     if reply.status != 200:
         raise RuntimeError(f"preflight got {reply.status}: {reply.body[:300]!r}")
@@ -495,6 +502,19 @@ def _preflight(target: Target) -> None:
             raise RuntimeError(f"the model saw features {stored!r}, expected {expected!r}")
     if target.audit is not None:
         _check_audited(target.audit, reply.request_id, expected)
+
+
+def _preflight_feast_serve(target: Target, index: int) -> None:
+    """Feast's answer: the requested features' values for the customer, all PRESENT."""
+    reply = post(target.url, workload.feast_body(index), timeout_s=30)
+    if reply.status != 200:
+        raise RuntimeError(f"preflight got {reply.status}: {reply.body[:300]!r}")
+    answer = json.loads(reply.body)
+    names = answer["metadata"]["feature_names"]
+    seen = {name: result["values"][0] for name, result in zip(names, answer["results"], strict=True)}
+    expected = {workload.JOIN_KEY: workload.customer_id(index), **workload.customer_features(index)}
+    if seen != expected:
+        raise RuntimeError(f"feast serve answered {seen!r}, expected {expected!r}")
 
 
 def _features_seen(target: Target, answer: dict[str, Any]) -> list[Any]:

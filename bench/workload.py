@@ -19,6 +19,10 @@ BACKEND_PATH: Final = "/predict"
 JOIN_KEY: Final = "customer_id"
 INJECT_AS: Final = "features"
 FEATURES: Final = ("income", "debt_ratio", "tenure_months", "late_payments_12m")
+# The Feast configurations: the same features in one feature view of a Feast repo, and `feast serve`'s route.
+FEAST_PROJECT: Final = "bench"
+FEAST_VIEW: Final = "customer_features"
+FEAST_SERVE_PATH: Final = "/get-online-features"
 # Enough distinct customers that a load run measures the store path, not only a warm cache.
 CUSTOMERS: Final = 1000
 # The broker's feature-store budget; the gateways get the same one.
@@ -47,6 +51,12 @@ def customer_features(index: int) -> dict[str, int | float]:
 
 def request_body(index: int) -> bytes:
     return orjson.dumps({JOIN_KEY: customer_id(index), "amount": 100 + index * 37 % 5000})
+
+
+def feast_body(index: int) -> bytes:
+    """`feast serve`'s lookup of the same features for the same customer."""
+    features = [f"{FEAST_VIEW}:{name}" for name in FEATURES]
+    return orjson.dumps({"features": features, "entities": {JOIN_KEY: [customer_id(index)]}})
 
 
 def decode_value(raw: bytes | str) -> Any:

@@ -45,7 +45,7 @@ end
 function init(args)
   local headers = {{["Content-Type"] = "application/json"}}
   for i = 1, customers do
-    local body = string.format('{{"customer_id":"c-%d","amount":%d}}', i, 100 + (i * 37) % 5000)
+    local body = {body}
     prepared[i] = wrk.format("POST", "{path}", headers, body)
   end
   cursor = ((thread_index or 0) * 397) % customers
@@ -75,10 +75,23 @@ class WrkResult:
         return self.requests / self.duration_s if self.duration_s else 0.0
 
 
+# Lua expressions of the customer index `i`: the body each request path takes.
+MODEL_BODY: Final = """string.format('{"customer_id":"c-%d","amount":%d}', i, 100 + (i * 37) % 5000)"""
+FEAST_BODY: Final = (
+    """string.format('{"features":["""
+    + ",".join(f'"{workload.FEAST_VIEW}:{name}"' for name in workload.FEATURES)
+    + """],"entities":{"customer_id":["c-%d"]}}', i)"""
+)
+
+
 def write_script(path: Path, request_path: str = workload.MODEL_PATH) -> Path:
-    """The Lua body formula is `workload.request_body`'s, so the preflight sends what wrk sends."""
+    """The Lua body formulas are `workload.request_body`'s and `workload.feast_body`'s, so the preflight
+    sends what wrk sends."""
+    body = FEAST_BODY if request_path == workload.FEAST_SERVE_PATH else MODEL_BODY
     path.write_text(
-        LUA_TEMPLATE.format(path=request_path, customers=workload.CUSTOMERS, done=LUA_DONE.format(marker=MARKER)),
+        LUA_TEMPLATE.format(
+            path=request_path, customers=workload.CUSTOMERS, done=LUA_DONE.format(marker=MARKER), body=body
+        ),
         encoding="utf-8",
     )
     return path
