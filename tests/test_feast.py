@@ -293,10 +293,10 @@ def commandstats(redis: RedisServer) -> dict[str, int]:
 @pytest.mark.parametrize(
     ("model_name", "customer", "status", "expected"),
     [
-        ("reject", STALE_CUSTOMER, 404, "recent_stats:velocity (stale)"),
+        ("reject", STALE_CUSTOMER, 422, "'velocity': stale (recent_stats:velocity)"),
         ("degraded", STALE_CUSTOMER, 200, {"txn_count": 2**62 + 3}),
         ("nulls", STALE_CUSTOMER, 200, {"txn_count": 2**62 + 3, "velocity": None}),
-        ("service", PARTIAL_CUSTOMER, 404, "customer_stats:segment (missing)"),
+        ("service", PARTIAL_CUSTOMER, 422, "'segment': missing (customer_stats:segment)"),
         ("reject", 99_999, 404, "no features are stored for customer_id '99999'"),
         ("reject", OTHER_ONLY, 404, f"no features are stored for customer_id '{OTHER_ONLY}'"),
     ],
@@ -315,7 +315,7 @@ async def test_missing_feature_policies(
         assert f"customer_id '{customer}'" in message  # the entity key, never a Redis key
         return
     assert reply.body["features"] == expected
-    assert reply.headers.get("x-broker-degraded") == ("missing_features" if model_name == "degraded" else None)
+    assert reply.headers.get("x-broker-degraded") == ("missing-features" if model_name == "degraded" else None)
 
 
 async def test_composite_keys(feast_stack: FeastStack, session: aiohttp.ClientSession) -> None:
@@ -330,7 +330,7 @@ async def test_composite_keys(feast_stack: FeastStack, session: aiohttp.ClientSe
     wrong_merchant = await predict(
         session, feast_stack.stack, "pair", {"customer_id": CUSTOMERS[1], "merchant_id": "m-9"}
     )
-    assert wrong_merchant.status == 404 and wrong_merchant.error_code() == "missing_features"
+    assert wrong_merchant.status == 422 and wrong_merchant.error_code() == "missing_features"
     assert "customer_id=" in wrong_merchant.body["error"]["message"]
     no_merchant = await predict(session, feast_stack.stack, "pair", {"customer_id": CUSTOMERS[1]})
     assert no_merchant.status == 400 and no_merchant.error_code() == "missing_entity_key"
