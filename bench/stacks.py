@@ -346,7 +346,7 @@ def broker(
 ) -> Iterator[Target]:
     """(b) Envoy + broker workers → model, features from Redis through the broker's TTL cache."""
     config = variant_registry(shared, name, cache_ttl_s=cache_ttl_s, transport=transport, extend=extend)
-    derived = tuple(d.name for d in loadvariant_registry(config).models[0].derived)
+    derived = tuple(d.name for d in load_registry(config).models[0].derived)
     with run_broker(shared, name, label, config, header_phase=header_phase, unix=unix) as running:
         yield Target(
             name=name,
