@@ -52,9 +52,19 @@ class ControlPlaneTrail:
 
 
 def open_trail(registry: Registry) -> ControlPlaneTrail | None:
-    """The control plane's spool and shipper, when the registry has an audit section."""
+    """The control plane's spool and shipper, when the registry has an audit section.
+
+    None also when the spool cannot be opened: the control plane keeps serving weights
+    (fail open: its events stay in the local log beside the state file), loudly.
+    """
     conf = registry.audit
     if conf is None:
         return None
-    spool, shipper = open_spool(conf, SPOOL_NAME, conf.spool.max_bytes // registry.broker.workers)
+    try:
+        spool, shipper = open_spool(conf, SPOOL_NAME, conf.spool.max_bytes // registry.broker.workers)
+    except OSError as exc:
+        log.error(
+            "audit spool %s/%s unusable, rollout events stay out of the trail: %s", conf.spool.dir, SPOOL_NAME, exc
+        )
+        return None
     return ControlPlaneTrail(spool, shipper, conf.redact)
