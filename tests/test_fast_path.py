@@ -26,10 +26,18 @@ def test_the_pinned_envoy_honours_the_fast_path() -> None:
     assert verdict.open, verdict.reason
 
 
+def _hcm(config: dict[str, Any]) -> dict[str, Any]:
+    """The public listener's HTTP connection manager."""
+    filters = config["staticResources"]["listeners"][0]["filterChains"][0]["filters"]
+    found: dict[str, Any] = next(
+        f["typedConfig"] for f in filters if f["name"] == "envoy.filters.network.http_connection_manager"
+    )
+    return found
+
+
 def _without_override(config: dict[str, Any]) -> None:
     """An Envoy that ignores the per-route override behaves as if the override were not there."""
-    hcm = config["staticResources"]["listeners"][0]["filterChains"][0]["filters"][0]["typedConfig"]
-    for route in hcm["routeConfig"]["virtualHosts"][0]["routes"]:
+    for route in _hcm(config)["routeConfig"]["virtualHosts"][0]["routes"]:
         route.get("typedPerFilterConfig", {}).pop(HTTP_EXT_PROC_FILTER, None)
 
 
@@ -82,8 +90,7 @@ def test_http_refuses_to_start_when_closed() -> None:
 
 
 def _filters(config: dict[str, Any]) -> list[str]:
-    hcm = config["staticResources"]["listeners"][0]["filterChains"][0]["filters"][0]["typedConfig"]
-    return [f["name"] for f in hcm["httpFilters"]]
+    return [f["name"] for f in _hcm(config)["httpFilters"]]
 
 
 def test_envoy_config_falls_back_to_grpc_for_an_envoy_that_closed_the_door(tmp_path: Path) -> None:
