@@ -18,7 +18,7 @@ from urllib.parse import urlsplit
 
 from bench import workload
 from bench.procs import process_group
-from bench.stacks import ROOT, START_TIMEOUT_S, Shared, Target, run_broker, starting, variant_registry, wait_listening
+from bench.stacks import ROOT, START_TIMEOUT_S, Shared, Target, broker, starting, wait_listening
 from extproc.process.launcher import free_port
 
 DEFINITIONS = f"""
@@ -92,17 +92,10 @@ def _use_feast(shared: Shared, doc: dict[str, Any]) -> None:
 
 @contextlib.contextmanager
 def broker_feast(shared: Shared, name: str, label: str, *, cache_ttl_s: float) -> Iterator[Target]:
-    """(f) Envoy + broker → model, features read natively from Feast's Redis online store."""
+    """(f) (b) with the same features read natively from Feast's Redis online store."""
     _repo(shared)
-    config = variant_registry(shared, name, cache_ttl_s=cache_ttl_s, extend=lambda doc: _use_feast(shared, doc))
-    with run_broker(shared, name, label, config) as running:
-        yield Target(
-            name=name,
-            label=label,
-            url=running.base + workload.MODEL_PATH,
-            cpu_roots={**running.cpu_roots, **shared.common_roots},
-            logs=running.logs,
-        )
+    with broker(shared, name, label, cache_ttl_s=cache_ttl_s, extend=lambda doc: _use_feast(shared, doc)) as target:
+        yield target
 
 
 @contextlib.contextmanager
