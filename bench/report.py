@@ -151,7 +151,9 @@ def feast_table(rows: Sequence[Row]) -> list[str]:
     by_key = {(r.config, r.connections): r for r in rows}
     lines = []
     for connections in sorted({r.connections for r in rows}):
-        servers = [r for r in (by_key.get((n, connections)) for n in FEAST_SERVERS) if r is not None]
+        # A feature server whose worker was replaced mid-run lost that worker's CPU (a negative delta): not a figure.
+        found = (by_key.get((n, connections)) for n in FEAST_SERVERS)
+        servers = [r for r in found if r is not None and _hop_cpu(r) > 0]
         cheapest = min(servers, key=_hop_cpu) if servers else None
         for variant, baseline in FEAST_PAIRS:
             row, base = by_key.get((variant, connections)), by_key.get((baseline, connections))
