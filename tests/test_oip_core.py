@@ -88,6 +88,7 @@ def test_an_oip_model_is_served_at_its_v2_path() -> None:
             "models[0].open_inference.entity_key.input: 'applicant_id' is also a feature tensor's name",
         ),
         ({"protocol": "json", "path": "/v2/score"}, "models[0].path: paths under /v2/ are the Open Inference"),
+        ({"missing_features": "null"}, "models[0].missing_features: a tensor has no null"),
         (
             {"open_inference": {"feature_tensor": {"name": "f"}, "entity_key": {"input": "a", "header": "x-a"}}},
             "declare exactly one of 'input', 'parameter' or 'header'",
@@ -101,6 +102,7 @@ def test_an_oip_model_is_served_at_its_v2_path() -> None:
         "backend-path",
         "key-clash",
         "json-v2",
+        "missing-null",
         "two-key-sources",
     ],
 )

@@ -133,6 +133,13 @@ def _settings_problems(model: Model, join_key: str, here: str) -> Iterator[tuple
         yield f"{here}.unknown_entity", "a tensor has no row for an unknown entity; use 'reject'"
     if model.sticky is not None and model.sticky.body_field is not None:
         yield f"{here}.sticky.body_field", "OIP requests have no body fields; use 'sticky.header'"
+    if model.missing_features != "reject":
+        yield f"{here}.missing_features", "a tensor has no null and no missing column; use 'reject'"
+    # Not wired into the OIP body yet: refused rather than silently skipped.
+    if model.derived:
+        yield f"{here}.derived", "derived features are not supported on open_inference models yet"
+    if model.rules:
+        yield f"{here}.rules", "segment rules are not supported on open_inference models yet"
 
 
 def _version_problems(model: Model, here: str) -> Iterator[tuple[str, str]]:
