@@ -279,14 +279,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         contextlib.ExitStack() as stack,
     ):
         workdir = Path(tmp)
-        redis_url, redis_pid = stack.enter_context(stacks.redis_server(workdir))
-        backend_port, backend_pid = stack.enter_context(stacks.model_backend(workdir, redis_url))
-        shared = Shared(
-            workdir=workdir,
-            redis_url=redis_url,
-            backend_port=backend_port,
-            backend_pid=backend_pid,
-            redis_pid=redis_pid,
+        shared = stacks.start_shared(
+            stack,
+            workdir,
             broker_workers=args.broker_workers,
             gateway_workers=args.gateway_workers,
             envoy_concurrency=args.envoy_concurrency,

@@ -21,7 +21,6 @@ from pathlib import Path
 from bench import stacks
 from bench.procs import process_tree
 from bench.run import stop_on_sigterm
-from bench.stacks import Shared
 from bench.wrk import WrkResult, run_wrk, write_script
 
 DEFAULT_OUTPUT = Path(__file__).parent / "results" / "soak.md"
@@ -150,10 +149,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         contextlib.ExitStack() as stack,
     ):
         workdir = Path(tmp)
-        redis_url, redis_pid = stack.enter_context(stacks.redis_server(workdir))
-        backend_port, backend_pid = stack.enter_context(stacks.model_backend(workdir, redis_url))
-        shared = Shared(
-            workdir, redis_url, backend_port, backend_pid, redis_pid, args.broker_workers, 1, args.envoy_concurrency
+        shared = stacks.start_shared(
+            stack,
+            workdir,
+            broker_workers=args.broker_workers,
+            gateway_workers=1,
+            envoy_concurrency=args.envoy_concurrency,
         )
         target = stack.enter_context(stacks.broker(shared, "broker", "broker", cache_ttl_s=5))
         stacks.preflight(target)

@@ -136,6 +136,24 @@ def post(url: str, body: bytes, timeout_s: float = 5.0) -> Reply:
         return Reply(exc.code, exc.read(), exc.headers.get("x-request-id"))
 
 
+def start_shared(
+    stack: contextlib.ExitStack, workdir: Path, *, broker_workers: int, gateway_workers: int, envoy_concurrency: int
+) -> Shared:
+    """Redis and the model backend for every configuration, stopped when `stack` closes."""
+    redis_url, redis_pid = stack.enter_context(redis_server(workdir))
+    backend_port, backend_pid = stack.enter_context(model_backend(workdir, redis_url))
+    return Shared(
+        workdir=workdir,
+        redis_url=redis_url,
+        backend_port=backend_port,
+        backend_pid=backend_pid,
+        redis_pid=redis_pid,
+        broker_workers=broker_workers,
+        gateway_workers=gateway_workers,
+        envoy_concurrency=envoy_concurrency,
+    )
+
+
 @contextlib.contextmanager
 def redis_server(workdir: Path) -> Iterator[tuple[str, int]]:
     """A throwaway redis-server on a free loopback port, no persistence, seeded; yields (url, pid)."""
