@@ -65,6 +65,8 @@ STRIP_FILTER = "model_broker.strip_identity_headers"
 # The ext_proc cluster: a worker that refuses a connection is ejected at once and
 # probed back; the probe is a TCP connect (the worker serves nothing else).
 HEALTH_INTERVAL_MS, EJECTION_MS = 500, 5_000
+# A probe waits longer than the interval: a worker slowed by a busy machine is not a dead one.
+HEALTH_TIMEOUT_MS = 1_000
 
 
 def overload_manager(registry: Registry) -> OverloadManager:
@@ -166,7 +168,7 @@ def resilient(cluster: Cluster, registry: Registry, workers: int) -> Cluster:
     )
     cluster.health_checks = [
         HealthCheck(
-            timeout=_ms(HEALTH_INTERVAL_MS),
+            timeout=_ms(HEALTH_TIMEOUT_MS),
             interval=_ms(HEALTH_INTERVAL_MS),
             no_traffic_interval=_ms(HEALTH_INTERVAL_MS),
             unhealthy_interval=_ms(HEALTH_INTERVAL_MS),
