@@ -178,6 +178,25 @@ def record_shadow(model: str, shadow: str, match: bool, abs_diff: float | None) 
         SHADOW_ABS_DIFF.labels(model, shadow).observe(abs_diff)
 
 
+# Written by the control plane's model-registry follower.
+MODEL_REGISTRY_UP = Gauge(
+    "model_broker_model_registry_up",
+    "1 when the model's registry (MLflow) answered the last poll, 0 when it could not be reached.",
+    ["model"],
+    multiprocess_mode="mostrecent",
+)
+MODEL_REGISTRY_ERRORS = Counter(
+    "model_broker_model_registry_errors_total",
+    "Registry polls that changed nothing because of a problem (registry_unreachable, two_aliases, ...).",
+    ["model", "code"],
+)
+RELEASES = Counter(
+    "model_broker_releases_total",
+    "Releases from the model registry by outcome: started, promoted, rolled_back, aborted, replaced.",
+    ["model", "outcome"],
+)
+
+
 def set_weights(model: str, weights: Mapping[str, int]) -> None:
     for version, weight in weights.items():
         VERSION_WEIGHT.labels(model, version).set(weight)

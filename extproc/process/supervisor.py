@@ -18,9 +18,9 @@ from multiprocessing.process import BaseProcess
 from types import FrameType
 
 from extproc.metrics import prepare_multiprocess_dir, remove_multiprocess_dir, serve_aggregate
+from extproc.process.plane import run_control_plane_process
 from extproc.process.worker import DRAIN_SECONDS, run_worker
 from extproc.registry import Registry
-from extproc.rollout.control_plane import run_control_plane
 
 log = logging.getLogger("model_broker.supervisor")
 
@@ -64,7 +64,7 @@ def supervise(
 
     def start(port: int) -> BaseProcess:
         if port == plane_port:  # the control plane is supervised like a worker, under its own port
-            proc = spawn.Process(target=run_control_plane, args=(config_path,), name="control-plane")
+            proc = spawn.Process(target=run_control_plane_process, args=(config_path,), name="control-plane")
         else:
             args = (config_path, address, port, workers, follow)
             proc = spawn.Process(target=run_worker, args=args, kwargs={"socket_dir": socket_dir}, name=f"broker-{port}")

@@ -30,8 +30,22 @@ from extproc.registry.features import (
     FeatureStore,
     RedisStore,
 )
-from extproc.registry.load import LIVE_SECTIONS, file_signature, load_registry, restart_only_changes
+from extproc.registry.load import (
+    LIVE_SECTIONS,
+    file_signature,
+    load_registry,
+    resolved_versions_path,
+    restart_only_changes,
+)
 from extproc.registry.logic import Derived, MissingPolicy, Rule, expression_scopes, logic_problems, rule_name
+from extproc.registry.model_registry import (
+    ALIAS,
+    BackendTemplate,
+    MlflowSource,
+    ModelRegistrySource,
+    SageMakerTemplate,
+    ServiceTemplate,
+)
 from extproc.registry.models import (
     LOOPBACK_HOSTS,
     Backend,
@@ -59,10 +73,24 @@ from extproc.registry.open_inference import (
     open_inference_settings,
 )
 from extproc.registry.patterns import API_KEY_HASH, DNS_LABEL, FEATURE_NAME, JSON_KEY, describe
-from extproc.registry.reload import POLL_SECONDS, log, refusal
+from extproc.registry.reload import POLL_SECONDS, log, refusal, signatures
+from extproc.registry.resolved import (
+    VERSION_NAME,
+    Resolved,
+    ResolvedModel,
+    ResolvedVersion,
+    merge_versions,
+    read_versions,
+    render_backend,
+    version_name,
+    versions_path,
+    write_json_atomically,
+    write_versions,
+)
 from extproc.registry.serving import Admin, Broker, ControlPlane, Http2Limits, Limits, Listener, Metrics, Overload
 
 __all__ = [
+    "ALIAS",
     "ALL_ROUTES",
     "API_KEY_HASH",
     "BACKEND_INFER_SUFFIX",
@@ -75,6 +103,7 @@ __all__ = [
     "POLL_SECONDS",
     "TLS",
     "V2_PREFIX",
+    "VERSION_NAME",
     "Address",
     "Admin",
     "Aggregation",
@@ -83,6 +112,7 @@ __all__ = [
     "AuditSinks",
     "AwsAuditSink",
     "Backend",
+    "BackendTemplate",
     "Batch",
     "Broker",
     "Consumer",
@@ -110,7 +140,9 @@ __all__ = [
     "LocalAuditSink",
     "Metrics",
     "MissingPolicy",
+    "MlflowSource",
     "Model",
+    "ModelRegistrySource",
     "OpenInference",
     "Overload",
     "Port",
@@ -119,10 +151,15 @@ __all__ = [
     "RedisStore",
     "Registry",
     "RegistryInvalid",
+    "Resolved",
+    "ResolvedModel",
+    "ResolvedVersion",
     "RolloutPolicy",
     "Rule",
     "SageMakerBackend",
+    "SageMakerTemplate",
     "ServiceBackend",
+    "ServiceTemplate",
     "Shadow",
     "Spool",
     "Sticky",
@@ -142,10 +179,19 @@ __all__ = [
     "load_registry",
     "log",
     "logic_problems",
+    "merge_versions",
     "model_refs",
     "open_inference_settings",
     "parse_registry",
+    "read_versions",
     "refusal",
+    "render_backend",
+    "resolved_versions_path",
     "restart_only_changes",
     "rule_name",
+    "signatures",
+    "version_name",
+    "versions_path",
+    "write_json_atomically",
+    "write_versions",
 ]

@@ -88,9 +88,9 @@ def _model_references(reg: Registry) -> Iterator[Problem]:
         elif model.path in paths:
             yield Problem(f"{here}.path", f"'{model.path}' is already the path of models[{paths[model.path]}]")
         paths.setdefault(model.path, i)
-        if not model.versions:
+        if not model.versions and model.registry is None:
             yield Problem(f"{here}.versions", "declare at least one version")
-        elif not model.live_versions:
+        elif model.versions and not model.live_versions:
             yield Problem(f"{here}.versions", "at least one version needs a weight above 0")
         seen: set[str] = set()
         for j, version in enumerate(model.versions):
@@ -99,7 +99,7 @@ def _model_references(reg: Registry) -> Iterator[Problem]:
             seen.add(version.name)
         if model.shadow is not None and model.shadow.version not in seen:
             yield Problem(f"{here}.shadow.version", f"'{model.shadow.version}' is not a version of {model.name}")
-        if model.rollout is not None and model.rollout.canary not in seen:
+        if model.rollout is not None and model.rollout.canary not in (*seen, None):
             yield Problem(f"{here}.rollout.canary", f"'{model.rollout.canary}' is not a version of {model.name}")
 
 
@@ -168,6 +168,10 @@ def _members(reg: Registry, ensemble: Ensemble, here: str) -> Iterator[Problem]:
                 else f"unknown model '{member.model}'"
             )
             yield Problem(f"{at}.model", f"{what} (models: {known})")
+            continue
+        if model.registry is not None:
+            # Its versions come and go with the registry's aliases; it is not served before the first.
+            yield Problem(f"{at}.model", f"'{member.model}' follows a model registry and cannot be a member")
             continue
         yield from _member_output(ensemble, member, model.protocol, at)
         if entity is None:

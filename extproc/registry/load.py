@@ -6,6 +6,7 @@ import json
 import os
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -14,6 +15,14 @@ from extproc.registry.checks import Problem, RegistryInvalid, parse_registry
 from extproc.registry.common import TLS
 from extproc.registry.document import Registry
 from extproc.registry.features import EmbeddedStore
+from extproc.registry.resolved import (
+    DEFAULT_STATE_FILE,
+    Resolved,
+    merge_versions,
+    read_versions,
+    render_backend,
+    versions_path,
+)
 
 # What a running broker applies from a rewritten registry file; any other section is read at start.
 LIVE_SECTIONS = frozenset({"registry_version", "entities", "models", "ensembles"})
@@ -35,11 +44,15 @@ def file_signature(path: str | Path) -> tuple[int, int, int] | None:
     return st.st_ino, st.st_size, st.st_mtime_ns
 
 
-def load_registry(path: str | Path, *, envoy_files: bool = True) -> Registry:
+def load_registry(
+    path: str | Path, *, envoy_files: bool = True, versions: Resolved | None = None, keep_pending: bool = False
+) -> Registry:
     """Read and validate a registry file; relative store paths resolve next to it.
 
     `envoy_files=False` skips checking the files only Envoy reads (TLS, JWKS): broker
-    and control-plane pods on Kubernetes do not mount them.
+    and control-plane pods on Kubernetes do not mount them. Models that follow a model
+    registry get their versions from the control plane's versions file (or `versions`);
+    one it never resolved is left out unless `keep_pending`.
     """
     file = Path(path)
     try:
@@ -48,11 +61,41 @@ def load_registry(path: str | Path, *, envoy_files: bool = True) -> Registry:
         raise RegistryInvalid([Problem("", f"cannot read {file}: {exc.strerror}")]) from None
     except yaml.YAMLError as exc:
         raise RegistryInvalid([Problem("", f"not valid YAML: {exc}")]) from None
-    reg = _resolve_files(parse_registry(data), file)
-    problems = list(_file_problems(reg)) if envoy_files else []
+    reg = _resolve_files(parse_registry(_with_versions(data, file, versions)), file)
+    problems = [*_template_problems(reg), *(_file_problems(reg) if envoy_files else ())]
     if problems:
         raise RegistryInvalid(problems)
-    return reg
+    if keep_pending:
+        return reg
+    return reg.model_copy(update={"models": tuple(m for m in reg.models if m.versions)})
+
+
+def resolved_versions_path(data: Any, file: Path) -> Path:
+    """Where the control plane keeps what it resolved: beside its state file (relative to the registry)."""
+    plane = data.get("control_plane") if isinstance(data, dict) else None
+    state_file = plane.get("state_file") if isinstance(plane, dict) else None
+    return versions_path(_beside(file, state_file if isinstance(state_file, str) else DEFAULT_STATE_FILE))
+
+
+def _with_versions(data: Any, file: Path, versions: Resolved | None) -> Any:
+    if versions is None:
+        found = read_versions(resolved_versions_path(data, file))
+        if not isinstance(found, dict):
+            raise RegistryInvalid([found])
+        versions = found
+    merged, problems = merge_versions(data, versions)
+    if problems:
+        raise RegistryInvalid(problems)
+    return merged
+
+
+def _template_problems(reg: Registry) -> Iterator[Problem]:
+    """A backend template must give a valid backend (checked with version 1) before any version exists."""
+    for i, model in enumerate(reg.models):
+        if model.backend_template is not None:
+            rendered = render_backend(model.backend_template, 1)
+            if isinstance(rendered, str):
+                yield Problem(f"models[{i}].backend_template", rendered)
 
 
 def _resolve_files(reg: Registry, file: Path) -> Registry:

@@ -10,6 +10,7 @@ from pydantic import ConfigDict, Field, field_validator, model_validator
 from extproc import wire
 from extproc.registry.common import FeatureName, Port, Strict
 from extproc.registry.logic import Derived, MissingPolicy, Rule
+from extproc.registry.model_registry import BackendTemplate, ModelRegistrySource
 from extproc.registry.open_inference import OpenInference, infer_path
 from extproc.registry.patterns import (
     ABSOLUTE_PATH,
@@ -131,7 +132,8 @@ class RolloutPolicy(Strict):
     nothing is decided before `min_requests` reached the canary within the window.
     """
 
-    canary: Annotated[str, Field(pattern=DNS_LABEL)]
+    # Required, except on a model that follows a model registry: there the challenger is the canary.
+    canary: Annotated[str, Field(pattern=DNS_LABEL)] | None = None
     window_seconds: Annotated[float, Field(ge=2, le=3600)] = 60.0
     min_requests: Annotated[int, Field(ge=1, le=1_000_000)] = 20
     # 5xx responses (from the canary, or Envoy's for it: resets, timeouts) over requests.
@@ -203,7 +205,27 @@ class Model(Strict):
     # A feature the model needs and cannot have (absent from the store, stale past its view's TTL, a derived
     # one that failed): reject → 422 missing_features; forward_degraded → without it; null → as null.
     missing_features: MissingPolicy = "reject"
-    versions: tuple[Version, ...]
+    # Versions from a model registry (MLflow aliases) instead of `versions`; each gets `backend_template`.
+    registry: ModelRegistrySource | None = None
+    backend_template: BackendTemplate | None = None
+    versions: tuple[Version, ...] = ()
+
+    @model_validator(mode="after")
+    def _versions_source(self) -> Model:
+        if self.registry is None:
+            if self.backend_template is not None:
+                raise ValueError("backend_template is only for a model with a `registry`")
+            if self.rollout is not None and self.rollout.canary is None:
+                raise ValueError("rollout.canary: name the version to judge")
+            return self
+        if self.backend_template is None:
+            raise ValueError("a model with a `registry` needs a backend_template for its versions")
+        if self.shadow is not None:
+            raise ValueError("a model with a `registry` has no fixed version to shadow")
+        steps = self.rollout.promote_steps if self.rollout is not None else ()
+        if not steps or steps[-1] != 100:
+            raise ValueError("a model with a `registry` needs rollout.promote_steps ending at 100")
+        return self
 
     @model_validator(mode="before")
     @classmethod

@@ -16,6 +16,7 @@ from collections.abc import Awaitable, Callable
 from extproc.registry.checks import RegistryInvalid
 from extproc.registry.document import Registry
 from extproc.registry.load import file_signature, load_registry, restart_only_changes
+from extproc.registry.resolved import versions_path
 
 log = logging.getLogger("model_broker.reload")
 
@@ -27,6 +28,11 @@ def refusal(current: Registry, new: Registry) -> str | None:
     """Why `new` cannot replace `current` while running, or None when it can."""
     needs_restart = restart_only_changes(current, new)
     return f"{', '.join(needs_restart)} changed; restart to apply" if needs_restart else None
+
+
+def signatures(path: str, registry: Registry) -> tuple[object, ...]:
+    """The registry file's and the control plane's versions file's (models that follow a model registry)."""
+    return file_signature(path), file_signature(versions_path(registry.control_plane.state_file))
 
 
 async def follow_registry_file(
@@ -41,10 +47,10 @@ async def follow_registry_file(
 
     `envoy_files`: also check the files Envoy reads (TLS, JWKS), for Envoy's config watcher.
     """
-    seen = file_signature(path)
+    seen = signatures(path, current())
     while True:
         await asyncio.sleep(POLL_SECONDS)
-        signature = file_signature(path)
+        signature = signatures(path, current())
         if signature == seen:
             continue
         seen = signature

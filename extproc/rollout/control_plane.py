@@ -17,7 +17,7 @@ import os
 import secrets
 import signal
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -95,6 +95,12 @@ class ControlPlane:
         self._events = events_path(registry.control_plane.state_file)
         self._shadow_log = shadow_path(registry.control_plane.state_file)
         self._shadow_pairs = ShadowPairs()
+        # Canaries that passed their last step (once per split); the registry follower acts on them.
+        self._passed: set[str] = set()
+        self.on_passed: Callable[[str, str], Awaitable[None]] | None = None
+        self.on_rolled_back: Callable[[str, str, dict[str, Any]], Awaitable[None]] | None = None
+        self.describe_registries: Callable[[], dict[str, Any]] = dict
+        self._hooks: set[asyncio.Task[None]] = set()
         if self._adopt(registry):  # a new revision, so nobody mistakes the new split for one it acknowledged
             self._state = replace(self._state, revision=self._state.revision + 1)
             save_state(registry.control_plane.state_file, self._state)
@@ -111,13 +117,15 @@ class ControlPlane:
             declared = {model: self._state.declared[model] for model in kept if model in self._state.declared}
             self._state = RolloutState(self._state.revision, kept, declared)
         self.registry, self._live, self._declared = registry, live, declared_weights(registry)
-        self._policies = {m.name: m.rollout for m in registry.models if m.rollout is not None}
+        self._policies = {m.name: m.rollout for m in registry.models if m.rollout is not None and m.rollout.canary}
+        # The version each policy judges: declared, or the registry's challenger while one is in flight.
+        self._canary = {name: policy.canary or "" for name, policy in self._policies.items()}
         self._versions = {
             wire.version_cluster(m.name, v.name): (m.name, v.name) for m in registry.models for v in m.versions
         }
         now = time.monotonic()
         self._stage_since = {model: self._stage_since.get(model, now) for model in self._policies}
-        windows = {wire.version_cluster(m, p.canary): p.window_seconds for m, p in self._policies.items()}
+        windows = {wire.version_cluster(m, self._canary[m]): p.window_seconds for m, p in self._policies.items()}
         self._windows = {c: self._windows.get(c) or OutcomeWindow(seconds) for c, seconds in windows.items()}
         for model, weights in live.items():
             metrics.set_weights(model, weights)
@@ -150,6 +158,7 @@ class ControlPlane:
             "models": self.live,
             "envoys": self.hub.subscribers(),
             "brokers": self.brokers.subscribers(),
+            "model_registries": self.describe_registries(),
         }
 
     async def set_weights(
@@ -194,9 +203,10 @@ class ControlPlane:
     def _forget_outcomes(self, model: str) -> None:
         """A new split starts a new judgement: errors from before it must not roll it back."""
         policy = self._policies.get(model)
+        self._passed.discard(model)
         if policy is not None:
             self._stage_since[model] = time.monotonic()
-            self._windows[wire.version_cluster(model, policy.canary)] = OutcomeWindow(policy.window_seconds)
+            self._windows[wire.version_cluster(model, self._canary[model])] = OutcomeWindow(policy.window_seconds)
 
     async def observe(self, export: ExportMetricsServiceRequest) -> None:
         """One Envoy's stats for the last flush interval: count them, then judge every canary."""
@@ -207,27 +217,46 @@ class ControlPlane:
             if cluster in self._windows:
                 self._windows[cluster].add(now, outcomes)
         for model, policy in self._policies.items():
-            if self._live[model].get(policy.canary, 0) == 0 or model in self._changing:
+            canary = self._canary[model]
+            if self._live[model].get(canary, 0) == 0 or model in self._changing:
                 continue
-            health = self._windows[wire.version_cluster(model, policy.canary)].health(now)
+            health = self._windows[wire.version_cluster(model, canary)].health(now)
             breach = judge(policy, health)
             if breach is not None:
-                await self._roll_back(model, policy.canary, breach)
+                await self._roll_back(model, canary, breach)
             elif (
                 health.requests >= policy.min_requests
                 and now - self._stage_since[model] >= policy.promote_after_seconds
             ):
                 await self._promote(model, policy, health)
 
+    def _hook(self, call: Awaitable[None]) -> None:
+        """Run a follower's hook beside the stats export that triggered it (it may call the registry)."""
+
+        async def run() -> None:
+            try:
+                await call
+            except Exception:
+                log.exception("rollout hook failed")
+
+        task = asyncio.create_task(run())
+        self._hooks.add(task)
+        task.add_done_callback(self._hooks.discard)
+
     async def _promote(self, model: str, policy: RolloutPolicy, health: Health) -> None:
-        step = next_step(policy, self._live[model])
+        canary = self._canary[model]
+        step = next_step(policy, self._live[model], canary)
         if step is None:
+            if self.on_passed is not None and model not in self._passed:
+                self._passed.add(model)
+                log.info("%s: canary %s passed its last step", model, canary)
+                self._hook(self.on_passed(model, canary))
             return
         self._changing.add(model)
         try:
-            detail = {"canary": policy.canary, "percent": step, "requests": health.requests, "errors": health.errors}
-            log.info("promoting %s: canary %s healthy, to %d%%", model, policy.canary, step)
-            await self.set_weights(model, promotion_weights(self._live[model], policy.canary, step), PROMOTION, detail)
+            detail = {"canary": canary, "percent": step, "requests": health.requests, "errors": health.errors}
+            log.info("promoting %s: canary %s healthy, to %d%%", model, canary, step)
+            await self.set_weights(model, promotion_weights(self._live[model], canary, step), PROMOTION, detail)
         finally:
             self._changing.discard(model)
 
@@ -242,6 +271,8 @@ class ControlPlane:
                 log.error("rollback of %s refused: %s", model, result.message)
             else:
                 metrics.ROLLBACKS.labels(model, canary, breach.reason).inc()
+                if self.on_rolled_back is not None:
+                    self._hook(self.on_rolled_back(model, canary, breach.detail()))
         finally:
             self._changing.discard(model)
 
@@ -346,7 +377,11 @@ def add_metrics_service(server: grpc.aio.Server, plane: ControlPlane) -> None:
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(METRICS_SERVICE, {"Export": method}),))
 
 
-async def serve_control_plane(registry_file: str, registry: Registry) -> None:
+# Runs beside the control plane for its lifetime (the model-registry follower, wired in `extproc.process`).
+Companion = Callable[[ControlPlane, str], Coroutine[Any, Any, None]]
+
+
+async def serve_control_plane(registry_file: str, registry: Registry, companion: Companion | None = None) -> None:
     conf = registry.control_plane
     plane = ControlPlane(registry, load_state(conf.state_file))
     server = grpc.aio.server()
@@ -371,12 +406,17 @@ async def serve_control_plane(registry_file: str, registry: Registry) -> None:
     # Once serving: its AWS client must not delay the live weights every Envoy and worker waits for.
     plane.trail = await asyncio.to_thread(open_trail, registry)
     shipping = asyncio.create_task(plane.trail.run(stop)) if plane.trail is not None else None
+    beside = asyncio.create_task(companion(plane, registry_file)) if companion is not None else None
     try:
         while not stop.is_set() and os.getppid() == parent:  # stop with the supervisor, even if it was killed
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), 1.0)
     finally:
         reloading.cancel()
+        if beside is not None:
+            beside.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await beside
         announced.unlink(missing_ok=True)
         await runner.cleanup()
         await server.stop(1.0)
@@ -385,8 +425,8 @@ async def serve_control_plane(registry_file: str, registry: Registry) -> None:
             await shipping
 
 
-def run_control_plane(config_path: str) -> None:
+def run_control_plane(config_path: str, companion: Companion | None = None) -> None:
     """Process entry point (the supervisor spawns this beside the workers)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     registry = load_registry(config_path, envoy_files=False)
-    uvloop.run(serve_control_plane(str(Path(config_path).resolve()), registry))
+    uvloop.run(serve_control_plane(str(Path(config_path).resolve()), registry, companion))

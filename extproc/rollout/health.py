@@ -167,9 +167,9 @@ def canary_percent(weights: Weights, canary: str) -> float:
     return 100 * weights.get(canary, 0) / total if total else 0.0
 
 
-def next_step(policy: RolloutPolicy, weights: Weights) -> int | None:
-    """The next promotion step above the canary's current share, if any."""
-    current = canary_percent(weights, policy.canary)
+def next_step(policy: RolloutPolicy, weights: Weights, canary: str | None = None) -> int | None:
+    """The next promotion step above the canary's (declared, or the registry's challenger) share, if any."""
+    current = canary_percent(weights, canary or policy.canary or "")
     return next((step for step in policy.promote_steps if step > current + 1e-9), None)
 
 
