@@ -25,6 +25,9 @@ if TYPE_CHECKING:
     AuditStore = AwsAuditStore | LocalAuditStore
 
 
+WHEN_HELP = "use an ISO date or time (2026-01-31, 2026-01-31T12:00Z) or an age (15m, 2h, 7d)"
+
+
 def _load(path: str, *, envoy_files: bool = True) -> Registry | None:
     try:
         return load_registry(path, envoy_files=envoy_files)
@@ -216,6 +219,36 @@ def cmd_up(args: argparse.Namespace) -> int:
     return up(args.config, args.workers)
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    """`report MODEL`: every release of the model in the window, from the control plane's persisted events."""
+    from datetime import datetime
+
+    from extproc.audit.record import parse_when
+    from extproc.rollout.events import read_events
+    from extproc.rollout.report import build_releases, render_json, render_markdown
+
+    registry = _load(args.config, envoy_files=False)
+    if registry is None:
+        return 2
+    since = None
+    if args.since:
+        when = parse_when(args.since, time.time())
+        if when is None:
+            print(
+                "--since: use an ISO date or time (2026-01-31, 2026-01-31T12:00Z) or an age (15m, 2h, 7d)",
+                file=sys.stderr,
+            )
+            return 2
+        since = datetime.fromisoformat(when.replace("Z", "+00:00")).timestamp()
+    events = read_events(registry.control_plane.state_file, model=args.model, since=since)
+    releases = build_releases(events, args.model)
+    if args.format == "json":
+        print(json.dumps(render_json(args.model, releases, since), indent=2))
+    else:
+        print(render_markdown(args.model, releases, since))
+    return 0
+
+
 def cmd_hash_key(args: argparse.Namespace) -> int:
     """Keys come from stdin, never argv: a key on the command line ends up in shell history."""
     from extproc.registry import hash_api_key
@@ -320,10 +353,7 @@ def cmd_audit(args: argparse.Namespace) -> int:
     since = parse_when(args.since, now) if args.action == "list" else ""
     until = parse_when(args.until, now) if args.action == "list" and args.until else iso_utc(now + 1)
     if since is None or until is None:
-        print(
-            "--since/--until: use an ISO date or time (2026-01-31, 2026-01-31T12:00Z) or an age (15m, 2h, 7d)",
-            file=sys.stderr,
-        )
+        print(f"--since/--until: {WHEN_HELP}", file=sys.stderr)
         return 2
     store = _audit_store(args)
     if isinstance(store, int):
@@ -454,6 +484,7 @@ def parser() -> argparse.ArgumentParser:
         help="control plane admin API: weight-only changes go live there, no roll; token: $MODEL_BROKER_ADMIN_TOKEN",
     )
     p.set_defaults(func=cmd_reconcile)
+    _add_report(command("report", "every release and rollback of a model: steps, traffic share, errors, p95"))
     p = command("weights", "show or change live traffic weights on every Envoy (no restart)", config=False)
     p.add_argument("action", choices=["show", "set"])
     p.add_argument("model", nargs="?", help="model name (set)")
@@ -463,6 +494,13 @@ def parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_weights)
     return top
+
+
+def _add_report(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model")
+    p.add_argument("--since", help="ISO date/time (UTC unless an offset is given) or age: 2h (default: all)")
+    p.add_argument("--format", choices=["md", "json"], default="md")
+    p.set_defaults(func=cmd_report)
 
 
 def main(argv: list[str] | None = None) -> int:

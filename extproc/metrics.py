@@ -196,6 +196,27 @@ RELEASES = Counter(
     ["model", "outcome"],
 )
 
+# From the persisted rollout events, so a restarted control plane reports the same rate.
+PROMOTION_RATE = Gauge(
+    "model_broker_promotion_rate",
+    "Releases promoted over releases started from the model registry, per model (absent before the first).",
+    ["model"],
+    multiprocess_mode="mostrecent",
+)
+PROMOTIONS = Gauge(
+    "model_broker_promotions",
+    "Releases from the model registry per model: started, and promoted (succeeded), since the events log began.",
+    ["model", "outcome"],
+    multiprocess_mode="mostrecent",
+)
+
+
+def set_promotion_rate(model: str, started: int, promoted: int) -> None:
+    PROMOTIONS.labels(model, "started").set(started)
+    PROMOTIONS.labels(model, "promoted").set(promoted)
+    if started:
+        PROMOTION_RATE.labels(model).set(promoted / started)
+
 
 def set_weights(model: str, weights: Mapping[str, int]) -> None:
     for version, weight in weights.items():

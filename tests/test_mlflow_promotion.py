@@ -11,6 +11,7 @@ import asyncio
 import collections
 import json
 import re
+import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -45,6 +46,8 @@ POLICY = {
 }
 # Poll interval 1 s, the watcher's cluster-then-route pause 2 s: traffic within ~5 s; generous on a busy box.
 REACH_S = 60
+# MLflow answers in milliseconds on a quiet box; a loaded CI box can take seconds.
+REGISTRY_TIMEOUT_MS = 30_000
 RELEASE_S = 120
 
 
@@ -91,7 +94,7 @@ def registry_doc(mlflow_url: str, model_port: int) -> dict[str, Any]:
     """The README's model, on this test's MLflow, backends on loopback and a policy quick enough for a test."""
     (model,) = yaml.safe_load(walkthrough("registry"))["models"]
     assert model["registry"]["mlflow"]["tracking_uri"] == README_TRACKING_URI
-    model["registry"]["mlflow"]["tracking_uri"] = mlflow_url
+    model["registry"]["mlflow"].update(tracking_uri=mlflow_url, timeout_ms=REGISTRY_TIMEOUT_MS)
     model["backend_template"]["service"].update(host="127.0.0.{version}", port=model_port)
     model["rollout"] = POLICY
     doc = demo_registry_doc()
@@ -178,7 +181,7 @@ async def until_served(session: aiohttp.ClientSession, up: Up, version: str) -> 
 
 async def test_mlflow_adapter_speaks_the_rest_api(mlflow: MlflowServer) -> None:
     """The broker's aiohttp client reads and moves aliases and tags; refusals and outages become our errors."""
-    registry = MlflowRegistry(mlflow.url, 5000)
+    registry = MlflowRegistry(mlflow.url, REGISTRY_TIMEOUT_MS)
     try:
         with pytest.raises(RegistryRefused) as unknown:
             await registry.aliases("adapter-check")
@@ -245,6 +248,7 @@ async def test_healthy_challenger_is_promoted(up: Up, mlflow: MlflowServer, sess
     steps = [e["percent"] for e in up.events() if e["event"] == "promotion"]
     assert steps == STEPS[1:]
     assert await metric(session, up, r'model_broker_releases_total\{model="credit-risk",outcome="promoted"\}') == 1
+    assert await metric(session, up, r'model_broker_promotion_rate\{model="credit-risk"\}') == 1.0
 
 
 async def test_failing_challenger_is_rolled_back(up: Up, mlflow: MlflowServer, session: aiohttp.ClientSession) -> None:
@@ -268,6 +272,45 @@ async def test_failing_challenger_is_rolled_back(up: Up, mlflow: MlflowServer, s
     await asyncio.sleep(3)  # several polls: a rolled-back challenger is not canaried again
     assert all(r.headers.get("x-broker-version") == "v2" for r in await burst(session, up, 16))
     assert [e["event"] for e in up.events()][-1] == "release_rolled_back"
+    assert await metric(session, up, r'model_broker_promotion_rate\{model="credit-risk"\}') == 0.5
+
+
+def test_report_tells_each_release(up: Up) -> None:
+    """`model-broker report` (JSON and Markdown) gives both releases, their steps and endings, from the events."""
+    out = subprocess.run(
+        [sys.executable, "-m", "extproc.cli", "report", "credit-risk", "--config", str(up.config), "--format", "json"],
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    releases = json.loads(out.stdout)["releases"]
+    assert [(r["version"], r["outcome"], r["started_by"]) for r in releases] == [
+        ("v2", "promoted", "model registry"),
+        ("v3", "rolled_back", "model registry"),
+    ]
+    events = up.events()
+    promoted, rolled_back = releases
+    assert [(s["decision"], s["share_percent"]) for s in promoted["steps"]] == [("start", 20), ("promote", 100)]
+    assert promoted["started_at"] == next(e["time"] for e in events if e["event"] == "release_started")
+    step = promoted["steps"][1]
+    promotion = next(e for e in events if e["event"] == "promotion")
+    assert (step["requests"], step["errors"], step["p95_ms"]) == (
+        promotion["requests"],
+        promotion["errors"],
+        promotion["p95_ms"],
+    )
+    assert rolled_back["reason"] == "error_rate" and rolled_back["steps"][-1]["decision"] == "roll back"
+    assert rolled_back["steps"][-1]["error_rate"] > POLICY["max_error_rate"]
+    markdown = subprocess.run(
+        [sys.executable, "-m", "extproc.cli", "report", "credit-risk", "--config", str(up.config), "--since", "1h"],
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    ).stdout
+    assert "## v2 (registry version 2): promoted" in markdown
+    assert "## v3 (registry version 3): rolled back" in markdown
 
 
 async def test_registry_problems_change_nothing(up: Up, mlflow: MlflowServer, session: aiohttp.ClientSession) -> None:

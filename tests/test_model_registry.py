@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,7 @@ from extproc.registry import (
     write_versions,
 )
 from extproc.registry.model_registry import BackendTemplate
+from extproc.rollout.events import PromotionRate, events_path, promotion_rates, read_events
 from extproc.rollout.releases import (
     AbortCanary,
     Keep,
@@ -229,3 +231,23 @@ def test_canary_joins_at_zero_and_leaves_remembered() -> None:
     assert [(v.number, v.weight) for v in started.versions] == [(1, 100), (2, 0)] and started.canary == 2
     assert without_canary(started, reject=True) == ResolvedModel(1, (ResolvedVersion(1, 100),), None, (2,))
     assert without_canary(started, reject=False).rejected == ()
+
+
+def test_promotion_rate_counts_releases_from_the_persisted_events(tmp_path: Path) -> None:
+    """Started and promoted releases per model, from the events file; a torn last line is skipped."""
+    state = tmp_path / "rollout-state.json"
+    lines = [
+        {"time": 1, "event": "release_started", "model": "a"},
+        {"time": 2, "event": "weights_changed", "model": "a"},
+        {"time": 3, "event": "release_promoted", "model": "a"},
+        {"time": 4, "event": "release_started", "model": "a"},
+        {"time": 5, "event": "release_rolled_back", "model": "a"},
+        {"time": 6, "event": "release_started", "model": "b"},
+    ]
+    events_path(state).write_text("".join(json.dumps(e) + "\n" for e in lines) + '{"time": 7, "ev')
+    rates = promotion_rates(read_events(state))
+    assert rates["a"] == PromotionRate(2, 1) and rates["a"].rate == 0.5
+    assert rates["b"].rate == 0.0
+    assert PromotionRate(0, 0).rate is None
+    assert [e["time"] for e in read_events(state, model="a", since=3)] == [3, 4, 5]
+    assert read_events(tmp_path / "none.json") == []

@@ -36,6 +36,7 @@ from extproc.errors import BrokerError, ErrorCode
 from extproc.registry import Registry, RolloutPolicy, load_registry
 from extproc.registry.reload import follow_registry_file
 from extproc.rollout import discovery
+from extproc.rollout.events import events_path
 from extproc.rollout.health import (
     Breach,
     Health,
@@ -67,11 +68,6 @@ ACK_TIMEOUT_SECONDS = 5.0
 ROLLBACK = "rollback"
 PROMOTION = "promotion"
 METRICS_SERVICE = "opentelemetry.proto.collector.metrics.v1.MetricsService"
-
-
-def events_path(state_file: str) -> Path:
-    """Rollout events (weight changes, rollbacks) as JSON lines beside the state file, for the audit."""
-    return Path(state_file).with_suffix(".events.jsonl")
 
 
 def shadow_path(state_file: str) -> Path:
@@ -254,7 +250,14 @@ class ControlPlane:
             return
         self._changing.add(model)
         try:
-            detail = {"canary": canary, "percent": step, "requests": health.requests, "errors": health.errors}
+            detail = {
+                "canary": canary,
+                "percent": step,
+                "requests": health.requests,
+                "errors": health.errors,
+                "error_rate": round(health.error_rate, 4),
+                "p95_ms": health.p95_ms,
+            }
             log.info("promoting %s: canary %s healthy, to %d%%", model, canary, step)
             await self.set_weights(model, promotion_weights(self._live[model], canary, step), PROMOTION, detail)
         finally:

@@ -32,6 +32,7 @@ from extproc.registry import (
     write_versions,
 )
 from extproc.rollout.control_plane import ControlPlane
+from extproc.rollout.events import PromotionRate, promotion_rates, read_events
 from extproc.rollout.health import promotion_weights
 from extproc.rollout.releases import (
     TAG_ERROR,
@@ -120,6 +121,19 @@ class RegistryFollower:
         except RegistryInvalid:
             return  # the file follower logs why; keep following what we had
         self._followed = {m.name: m for m in reg.models if m.registry is not None}
+        for name in self._followed:
+            self._count_releases(name)
+
+    def _count_releases(self, name: str) -> None:
+        """The promotion rate from the persisted events: the same after a restart."""
+        events = read_events(self._plane.registry.control_plane.state_file, model=name)
+        counted = promotion_rates(events).get(name, PromotionRate(0, 0))
+        metrics.set_promotion_rate(name, counted.started, counted.promoted)
+        self.status.setdefault(name, {})["releases"] = {
+            "started": counted.started,
+            "promoted": counted.promoted,
+            "promotion_rate": counted.rate,
+        }
 
     async def poll(self, name: str) -> None:
         """One look at the aliases, and what they ask for; under the lock, so hooks never interleave."""
@@ -188,6 +202,7 @@ class RegistryFollower:
             registry_version=decision.number,
         )
         metrics.RELEASES.labels(model.name, "promoted").inc()
+        self._count_releases(model.name)
         return None
 
     async def _bring_in(
@@ -254,6 +269,7 @@ class RegistryFollower:
             features=list(features),
         )
         metrics.RELEASES.labels(model.name, "started").inc()
+        self._count_releases(model.name)
         weights = promotion_weights(self._plane.live[model.name], canary, first)
         result = await self._plane.set_weights(model.name, weights, REGISTRY, {"canary": canary, "percent": first})
         return ReleaseProblem(result.code.value, result.message) if isinstance(result, BrokerError) else None

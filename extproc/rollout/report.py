@@ -1,0 +1,171 @@
+"""Release and rollback reports: the persisted rollout events of one model, grouped into releases. Pure.
+
+A release starts when the model registry's challenger gets a canary (`release_started`) or
+an operator gives a version with no traffic some (`weights set`, the admin API); each weight
+change after it is a step, with the numbers the control plane judged it on; it ends
+promoted, rolled back, aborted or replaced. Rendered as Markdown or JSON.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from extproc.rollout.events import Event
+
+# How each ending event reads in a report.
+OUTCOMES = {
+    "release_promoted": "promoted",
+    "release_rolled_back": "rolled_back",
+    "release_aborted": "aborted",
+    "release_replaced": "replaced",
+}
+# Weight changes, and who made them (the event's `source`).
+WEIGHT_EVENTS = ("weights_changed", "promotion", "rollback")
+STARTED_BY = {"registry": "model registry", "admin": "operator (CLI / admin API)", "rollback": "automatic rollback"}
+
+
+@dataclass(slots=True)
+class Step:
+    time: float
+    decision: str
+    source: str
+    weights: dict[str, int]
+    share_percent: float
+    requests: int | None = None
+    errors: int | None = None
+    error_rate: float | None = None
+    p95_ms: float | None = None
+    reason: str | None = None
+
+
+@dataclass(slots=True)
+class Release:
+    model: str
+    version: str
+    started_at: float
+    started_by: str
+    champion: str | None = None
+    registry_version: int | None = None
+    steps: list[Step] = field(default_factory=list)
+    outcome: str = "in_progress"
+    reason: str | None = None
+    ended_at: float | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _share(weights: dict[str, int], version: str) -> float:
+    total = sum(weights.values())
+    return round(100 * weights.get(version, 0) / total, 2) if total else 0.0
+
+
+def _step(event: Event, version: str) -> Step:
+    after = {str(k): int(v) for k, v in (event.get("after") or {}).items()}
+    requests, errors = event.get("requests"), event.get("errors")
+    rate = event.get("error_rate")
+    if rate is None and isinstance(requests, int) and requests and isinstance(errors, int):
+        rate = round(errors / requests, 4)
+    return Step(
+        time=float(event.get("time", 0)),
+        decision={"weights_changed": "start", "promotion": "promote", "rollback": "roll back"}[event["event"]],
+        source=str(event.get("source", "")),
+        weights=after,
+        share_percent=_share(after, version),
+        requests=requests,
+        errors=errors,
+        error_rate=rate,
+        p95_ms=event.get("p95_ms"),
+        reason=event.get("reason"),
+    )
+
+
+def _newly_live(event: Event) -> str | None:
+    before, after = event.get("before") or {}, event.get("after") or {}
+    return next((v for v, w in after.items() if w > 0 and not before.get(v)), None)
+
+
+def build_releases(events: Iterable[Event], model: str) -> list[Release]:
+    """The releases of `model` in `events` (oldest first), each with its steps and how it ended."""
+    releases: list[Release] = []
+    current: Release | None = None
+    for event in sorted((e for e in events if e.get("model") == model), key=lambda e: e.get("time", 0)):
+        started = _start(event, model)
+        if started is not None:
+            current = started
+            releases.append(current)
+        if current is not None and _advance(current, event):
+            current = None
+    return releases
+
+
+def _start(event: Event, model: str) -> Release | None:
+    kind, when = event.get("event"), float(event.get("time", 0))
+    if kind == "release_started":
+        return Release(
+            model,
+            str(event.get("version")),
+            when,
+            STARTED_BY["registry"],
+            event.get("champion"),
+            event.get("registry_version"),
+        )
+    if kind in WEIGHT_EVENTS and event.get("source") == "admin" and _newly_live(event):
+        return Release(model, str(_newly_live(event)), when, STARTED_BY["admin"])
+    return None
+
+
+def _advance(release: Release, event: Event) -> bool:
+    """Add the event to the release; True once it ended."""
+    kind, when = event.get("event"), float(event.get("time", 0))
+    if kind in WEIGHT_EVENTS:
+        release.steps.append(_step(event, release.version))
+    if kind in OUTCOMES:
+        release.outcome, release.ended_at = OUTCOMES[kind], when
+        release.reason = event.get("reason") or release.reason
+    elif release.registry_version is None and kind == "rollback":
+        release.outcome, release.reason, release.ended_at = "rolled_back", event.get("reason"), when
+    elif release.registry_version is None and kind == "promotion" and release.steps[-1].share_percent >= 100:
+        release.outcome, release.ended_at = "promoted", when
+    return release.ended_at is not None
+
+
+def _iso(when: float | None) -> str:
+    return "—" if when is None else time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(when))
+
+
+def _cell(value: object) -> str:
+    return "—" if value is None else str(value)
+
+
+def render_markdown(model: str, releases: list[Release], since: float | None) -> str:
+    window = f" since {_iso(since)}" if since is not None else ""
+    lines = [f"# Releases of {model}{window}", ""]
+    if not releases:
+        lines.append("No release in this window.")
+    for release in releases:
+        origin = f" (registry version {release.registry_version})" if release.registry_version is not None else ""
+        lines += [
+            f"## {release.version}{origin}: {release.outcome.replace('_', ' ')}",
+            "",
+            f"- started {_iso(release.started_at)} by {release.started_by}"
+            + (f", champion {release.champion}" if release.champion else ""),
+            f"- ended {_iso(release.ended_at)}" + (f": {release.reason}" if release.reason else ""),
+            "",
+            "| time | decision | by | share of traffic | requests | errors | error rate | p95 ms | reason |",
+            "| --- | --- | --- | --: | --: | --: | --: | --: | --- |",
+        ]
+        for s in release.steps:
+            lines.append(
+                f"| {_iso(s.time)} | {s.decision} | {s.source} | {s.share_percent:g}% | {_cell(s.requests)} | "
+                f"{_cell(s.errors)} | {_cell(s.error_rate)} | {_cell(s.p95_ms)} | {_cell(s.reason)} |"
+            )
+        lines.append("")
+    return "\n".join(lines)
+
+
+def render_json(model: str, releases: list[Release], since: float | None) -> dict[str, Any]:
+    return {"model": model, "since": since, "releases": [r.to_json() for r in releases]}

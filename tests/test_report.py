@@ -1,0 +1,128 @@
+"""Release reports from rollout events: grouping into releases, steps, endings, Markdown and JSON."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from extproc.rollout.report import build_releases, render_json, render_markdown
+
+OPERATOR: list[dict[str, Any]] = [
+    {
+        "time": 10,
+        "event": "weights_changed",
+        "model": "m",
+        "source": "admin",
+        "before": {"v1": 100, "v2": 0},
+        "after": {"v1": 90, "v2": 10},
+    },
+    {
+        "time": 20,
+        "event": "promotion",
+        "model": "m",
+        "source": "promotion",
+        "before": {"v1": 90, "v2": 10},
+        "after": {"v1": 50, "v2": 50},
+        "requests": 40,
+        "errors": 1,
+        "p95_ms": 25.0,
+    },
+    {
+        "time": 30,
+        "event": "promotion",
+        "model": "m",
+        "source": "promotion",
+        "before": {"v1": 50, "v2": 50},
+        "after": {"v1": 0, "v2": 100},
+        "requests": 80,
+        "errors": 0,
+        "p95_ms": 25.0,
+    },
+    {
+        "time": 40,
+        "event": "weights_changed",
+        "model": "m",
+        "source": "admin",
+        "before": {"v1": 0, "v2": 100},
+        "after": {"v1": 10, "v2": 90},
+    },
+    {
+        "time": 50,
+        "event": "rollback",
+        "model": "m",
+        "source": "rollback",
+        "before": {"v1": 10, "v2": 90},
+        "after": {"v1": 0, "v2": 100},
+        "reason": "p95_latency",
+        "requests": 30,
+        "errors": 0,
+        "error_rate": 0.0,
+        "p95_ms": 900.0,
+    },
+    {
+        "time": 60,
+        "event": "weights_changed",
+        "model": "other",
+        "source": "admin",
+        "before": {"a": 0},
+        "after": {"a": 1},
+    },
+]
+
+
+def test_operator_releases_are_grouped_and_ended() -> None:
+    """A weights set that gives a version traffic starts a release; 100% ends it promoted, a rollback ends it."""
+    first, second = build_releases(OPERATOR, "m")
+    assert (first.version, first.outcome, first.started_by, first.ended_at) == (
+        "v2",
+        "promoted",
+        "operator (CLI / admin API)",
+        30.0,
+    )
+    assert [(s.decision, s.share_percent, s.requests, s.error_rate) for s in first.steps] == [
+        ("start", 10.0, None, None),
+        ("promote", 50.0, 40, 0.025),
+        ("promote", 100.0, 80, 0.0),
+    ]
+    assert (second.version, second.outcome, second.reason) == ("v1", "rolled_back", "p95_latency")
+    assert second.steps[-1].p95_ms == 900.0
+
+
+def test_registry_release_ends_with_its_release_event() -> None:
+    """A registry release runs from release_started to release_promoted, whatever the steps in between."""
+    events = [
+        {
+            "time": 1,
+            "event": "release_started",
+            "model": "m",
+            "source": "registry",
+            "version": "v4",
+            "champion": "v3",
+            "registry_version": 4,
+        },
+        {
+            "time": 2,
+            "event": "weights_changed",
+            "model": "m",
+            "source": "registry",
+            "before": {"v3": 100, "v4": 0},
+            "after": {"v3": 80, "v4": 20},
+        },
+        {
+            "time": 3,
+            "event": "promotion",
+            "model": "m",
+            "source": "promotion",
+            "before": {"v3": 80, "v4": 20},
+            "after": {"v3": 0, "v4": 100},
+            "requests": 12,
+            "errors": 0,
+        },
+        {"time": 4, "event": "release_promoted", "model": "m", "source": "registry", "version": "v4"},
+    ]
+    (release,) = build_releases(events, "m")
+    assert (release.outcome, release.champion, release.registry_version, release.ended_at) == ("promoted", "v3", 4, 4.0)
+    assert [s.share_percent for s in release.steps] == [20.0, 100.0]
+    text = render_markdown("m", [release], since=0.0)
+    assert "## v4 (registry version 4): promoted" in text and "| 20% |" in text
+    assert render_json("m", [release], None)["releases"][0]["steps"][1]["requests"] == 12
+    assert "No release in this window." in render_markdown("m", [], None)
