@@ -47,8 +47,9 @@ lint: $(STAMP)
 DATAPLANE_TESTS := tests/test_dataplane.py tests/test_ensembles.py tests/test_auth.py tests/test_rollout.py
 
 test: $(STAMP)
-	scripts/ensure-system-packages redis-server
+	scripts/ensure-system-packages redis-server chromium
 	scripts/feast-venv >/dev/null  # the Feast SDK's own venv for tests/test_feast*.py (cached by requirements hash)
+	scripts/mlflow-venv >/dev/null  # MLflow's server and client for tests/test_mlflow_promotion.py (cached the same way)
 	$(VENV)/bin/pytest
 	MODEL_BROKER_TEST_TRANSPORT=grpc $(VENV)/bin/pytest -q $(DATAPLANE_TESTS)
 

@@ -244,6 +244,14 @@ def cmd_report(args: argparse.Namespace) -> int:
     releases = build_releases(events, args.model)
     if args.format == "json":
         print(json.dumps(render_json(args.model, releases, since), indent=2))
+    elif args.format == "html":
+        from extproc.rollout.report_html import ChartUnavailable, render_html
+
+        try:
+            print(render_html(args.model, releases, events, since))
+        except ChartUnavailable as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
     else:
         print(render_markdown(args.model, releases, since))
     return 0
@@ -499,7 +507,7 @@ def parser() -> argparse.ArgumentParser:
 def _add_report(p: argparse.ArgumentParser) -> None:
     p.add_argument("model")
     p.add_argument("--since", help="ISO date/time (UTC unless an offset is given) or age: 2h (default: all)")
-    p.add_argument("--format", choices=["md", "json"], default="md")
+    p.add_argument("--format", choices=["md", "json", "html"], default="md")
     p.set_defaults(func=cmd_report)
 
 

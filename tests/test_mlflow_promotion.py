@@ -11,6 +11,7 @@ import asyncio
 import collections
 import json
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -22,6 +23,7 @@ import aiohttp
 import pytest
 import yaml
 from aiohttp import web
+from PIL import Image
 
 from extproc.adapters.mlflow import MlflowRegistry
 from extproc.process.launcher import free_port, wait_ready
@@ -33,6 +35,9 @@ from tests.http import Reply, call
 from tests.mlflow_server import README_TRACKING_URI, MlflowServer
 
 PATH = "/v1/models/credit-risk/predict"
+# Kept after the run (CI uploads or a person opens it): the HTML report as chromium drew it.
+ARTIFACTS = ROOT / "test-artifacts"
+SIZE, TO = "1200,1500", 180
 TOKEN = "mlflow-test-token"
 # Version N of the registry serves on 127.0.0.N (the template below); these answer 500.
 BROKEN = {3}
@@ -102,6 +107,12 @@ def registry_doc(mlflow_url: str, model_port: int) -> dict[str, Any]:
     doc["ensembles"] = []
     doc["models"] = [model]
     return doc
+
+
+def chromium() -> str:
+    found = shutil.which("chromium")
+    assert found, "chromium is not installed: run `make check` (scripts/ensure-system-packages chromium)"
+    return found
 
 
 class Up:
@@ -311,6 +322,35 @@ def test_report_tells_each_release(up: Up) -> None:
     ).stdout
     assert "## v2 (registry version 2): promoted" in markdown
     assert "## v3 (registry version 3): rolled back" in markdown
+
+
+def test_html_report_renders_in_a_real_browser(up: Up) -> None:
+    """The HTML report (tables + matplotlib chart) loads in Debian's headless chromium; the screenshot is kept."""
+    page = up.workdir / "report.html"
+    with page.open("w") as out:
+        cmd = [sys.executable, "-m", "extproc.cli", "report", "credit-risk", "--config", str(up.config)]
+        subprocess.run([*cmd, "--format", "html"], check=True, stdout=out, timeout=120)
+    ARTIFACTS.mkdir(exist_ok=True)
+    shot = ARTIFACTS / "release-report.png"
+    shot.unlink(missing_ok=True)
+    browser = [
+        chromium(),
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--hide-scrollbars",
+        "--window-size=1200,1500",
+    ]
+    dom = subprocess.run(
+        [*browser, "--dump-dom", page.as_uri()], check=True, capture_output=True, text=True, timeout=120
+    )
+    assert "<svg" in dom.stdout and "rolled back" in dom.stdout  # parsed: the chart and the tables are in the DOM
+    subprocess.run([*browser, f"--screenshot={shot}", page.as_uri()], check=True, capture_output=True, timeout=TO)
+    with Image.open(shot) as image:
+        assert image.size == (1200, 1500)
+        grey = image.convert("L")
+        drawn = sum(1 for value in grey.getdata() if value < 200)
+    assert drawn > 0.01 * 1200 * 1500, "the screenshot is (nearly) blank"
 
 
 async def test_registry_problems_change_nothing(up: Up, mlflow: MlflowServer, session: aiohttp.ClientSession) -> None:

@@ -126,3 +126,16 @@ def test_registry_release_ends_with_its_release_event() -> None:
     assert "## v4 (registry version 4): promoted" in text and "| 20% |" in text
     assert render_json("m", [release], None)["releases"][0]["steps"][1]["requests"] == 12
     assert "No release in this window." in render_markdown("m", [], None)
+
+
+def test_html_report_has_the_chart_and_escapes_text() -> None:
+    """The HTML form carries an inline SVG chart (no script, no network) and the steps; text is escaped."""
+    from extproc.rollout.report_html import render_html, share_series
+
+    releases = build_releases(OPERATOR, "m")
+    assert share_series(OPERATOR, "m")["v2"][:2] == [(10.0, 10.0), (20.0, 50.0)]
+    page = render_html("m", releases, OPERATOR, None)
+    assert page.count("<svg") == 1 and "<script" not in page
+    assert "rolled back" in page and "p95_latency" in page
+    hostile = build_releases([{**OPERATOR[0], "after": {"<b>x</b>": 1}, "before": {}}], "m")
+    assert "<b>x</b>" not in render_html("m", hostile, [], None)

@@ -133,7 +133,7 @@ def _advance(release: Release, event: Event) -> bool:
     return release.ended_at is not None
 
 
-def _iso(when: float | None) -> str:
+def iso_time(when: float | None) -> str:
     return "—" if when is None else time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(when))
 
 
@@ -142,7 +142,7 @@ def _cell(value: object) -> str:
 
 
 def render_markdown(model: str, releases: list[Release], since: float | None) -> str:
-    window = f" since {_iso(since)}" if since is not None else ""
+    window = f" since {iso_time(since)}" if since is not None else ""
     lines = [f"# Releases of {model}{window}", ""]
     if not releases:
         lines.append("No release in this window.")
@@ -151,16 +151,16 @@ def render_markdown(model: str, releases: list[Release], since: float | None) ->
         lines += [
             f"## {release.version}{origin}: {release.outcome.replace('_', ' ')}",
             "",
-            f"- started {_iso(release.started_at)} by {release.started_by}"
+            f"- started {iso_time(release.started_at)} by {release.started_by}"
             + (f", champion {release.champion}" if release.champion else ""),
-            f"- ended {_iso(release.ended_at)}" + (f": {release.reason}" if release.reason else ""),
+            f"- ended {iso_time(release.ended_at)}" + (f": {release.reason}" if release.reason else ""),
             "",
             "| time | decision | by | share of traffic | requests | errors | error rate | p95 ms | reason |",
             "| --- | --- | --- | --: | --: | --: | --: | --: | --- |",
         ]
         for s in release.steps:
             lines.append(
-                f"| {_iso(s.time)} | {s.decision} | {s.source} | {s.share_percent:g}% | {_cell(s.requests)} | "
+                f"| {iso_time(s.time)} | {s.decision} | {s.source} | {s.share_percent:g}% | {_cell(s.requests)} | "
                 f"{_cell(s.errors)} | {_cell(s.error_rate)} | {_cell(s.p95_ms)} | {_cell(s.reason)} |"
             )
         lines.append("")
