@@ -349,7 +349,7 @@ def test_html_report_renders_in_a_real_browser(up: Up) -> None:
     with Image.open(shot) as image:
         assert image.size == (1200, 1500)
         grey = image.convert("L")
-        drawn = sum(1 for value in grey.getdata() if value < 200)
+        drawn = sum(grey.histogram()[:200])  # pixels darker than light grey: text, lines, table rules
     assert drawn > 0.01 * 1200 * 1500, "the screenshot is (nearly) blank"
 
 

@@ -47,11 +47,15 @@ def chart_svg(events: list[Event], model: str, releases: list[Release]) -> str:
     except ImportError as exc:
         raise ChartUnavailable("the HTML report needs matplotlib: pip install 'model-broker[report]'") from exc
     series = share_series(events, model)
+    # One colour per version in both panels, so a canary's error rate sits under its own traffic line.
+    palette = pyplot.rcParams["axes.prop_cycle"].by_key()["color"]
+    names = sorted(set(series) | {r.version for r in releases})
+    colour = {name: palette[i % len(palette)] for i, name in enumerate(names)}
     start = min((p[0] for points in series.values() for p in points), default=time.time())
     figure, (share, errors) = pyplot.subplots(2, 1, figsize=(9, 5), sharex=True, height_ratios=(2, 1))
     for version, points in sorted(series.items()):
         xs = [(t - start) / 60 for t, _ in points]
-        share.step(xs, [p for _, p in points], where="post", label=version, linewidth=2)
+        share.step(xs, [p for _, p in points], where="post", label=version, linewidth=2, color=colour[version])
     share.set_ylabel("traffic share (%)")
     share.set_ylim(-5, 105)
     share.legend(loc="center left", bbox_to_anchor=(1, 0.5), title="version")
