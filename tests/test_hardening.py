@@ -182,7 +182,8 @@ def sync_stub() -> Iterator[ext_proc_grpc.ExternalProcessorStub]:
         yield ext_proc_grpc.ExternalProcessorStub(channel)
 
 
-header_values = st.text(alphabet=st.characters(codec=None), max_size=60) | st.sampled_from(
+# Envoy sends attributes as protobuf strings: valid UTF-8, so no lone surrogates (the test client could not encode one).
+header_values = st.text(alphabet=st.characters(codec="utf-8"), max_size=60) | st.sampled_from(
     ["application/json\r\nx-evil: 1", "application/json\n", "application/json; charset=\x00", "\r\n\r\n"]
 )
 bodies = st.one_of(
