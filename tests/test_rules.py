@@ -58,6 +58,19 @@ def rules_doc(redis_url: str) -> dict[str, Any]:
         {"name": "experiment", "when": "body.amount > 100000.0", "split": {"v1": 50, "v3": 50}},
     ]
     template = doc["models"][1]
+    sticky = copy.deepcopy(template)
+    sticky.update(
+        name="sticky-split",
+        path="/v1/models/sticky-split/predict",
+        audit=False,
+        sticky={"header": "x-user-id"},
+        rules=[{"name": "everyone", "when": "true", "split": {"v1": 50, "v2": 50}}],
+    )
+    sticky["versions"] = [
+        {"name": "v1", "weight": 100, "backend": service(free_port())},
+        {"name": "v2", "weight": 0, "backend": service(free_port())},
+    ]
+    doc["models"].append(sticky)
     for policy in POLICIES:
         model = copy.deepcopy(template)
         model.update(
@@ -157,6 +170,21 @@ async def test_sub_split_within_tolerance(stack: Stack, session: aiohttp.ClientS
     seen = collections.Counter(await asyncio.gather(*(one() for _ in range(2000))))
     assert set(seen) == {"v1", "v3"}, seen
     assert 45 <= seen["v3"] / 20 <= 55, seen  # ±4.5 standard deviations of a fair 50/50 over 2,000
+
+
+async def test_sub_split_keeps_a_sticky_user_on_one_version(stack: Stack, session: aiohttp.ClientSession) -> None:
+    """On a model sticky by header, a rule's sub-split hashes the same header: each user keeps one version."""
+    seen: dict[str, set[str]] = collections.defaultdict(set)
+    for i in range(120):
+        user = f"user-{i % 40}"
+        headers = {"content-type": "application/json", "x-user-id": user}
+        reply = await call(
+            session, stack.base + "/v1/models/sticky-split/predict", {"customer_id": "c-1"}, headers=headers
+        )
+        assert reply.status == 200, reply.raw
+        seen[user].add(reply.headers["x-broker-version"])
+    assert all(len(versions) == 1 for versions in seen.values()), seen
+    assert {next(iter(v)) for v in seen.values()} == {"v1", "v2"}  # the split still splits users
 
 
 async def test_a_rolled_back_version_is_never_chosen(stack: Stack, session: aiohttp.ClientSession) -> None:

@@ -258,6 +258,8 @@ class BrokerProcessor(Processor):
     ) -> LogicOutcome | BrokerError:
         """Derived features and rules for one request, counted and kept for its audit record."""
         sticky = sticky_key(doc, route.sticky_field) if route.sticky_field is not None else None
+        if route.sticky_header is not None:
+            sticky = ctx.headers.get(route.sticky_header, "")
         outcome = apply_logic(
             logic, doc, features, started_at=ctx.started_at, degraded=degraded, withdrawn=route.withdrawn, sticky=sticky
         )

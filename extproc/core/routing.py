@@ -33,6 +33,8 @@ class ModelRoute:
     forward_unknown_entity: bool
     # Body field copied into wire.HEADER_STICKY_KEY (sticky A/B); None on plain routes.
     sticky_field: str | None = None
+    # Client header Envoy hashes (`sticky.header`); a rule's sub-split hashes it too.
+    sticky_header: str | None = None
     # Open Inference Protocol models: how the request carries keys and takes features; None for JSON.
     oip: OipPlan | None = None
     # Derived features and segment rules (CEL); None when the model declares neither.
@@ -123,6 +125,7 @@ def compile_routes(registry: Registry, declared: Registry | None = None) -> dict
             fail_open=model.failure_policy == "fail_open",
             forward_unknown_entity=model.unknown_entity == "forward",
             sticky_field=model.sticky.body_field if model.sticky is not None else None,
+            sticky_header=model.sticky.header if model.sticky is not None else None,
             oip=compile_plan(model, entity.join_key) if model.protocol == "open_inference" else None,
             logic=compile_logic(model),
             withdrawn=withdrawn_versions(model, declared.model(model.name) if declared is not None else None),

@@ -229,13 +229,16 @@ def _model_phases(model: Model, audited: bool) -> AnyMessage | None:
 
 
 def request_attributes(registry: Registry) -> list[str]:
-    """What every request carries to the broker, and the headers OIP models take entity keys from.
+    """What every request carries to the broker, the headers OIP models take entity keys from, and the
+    sticky headers of models with rules.
 
     In the filter, not per route: Envoy 1.40 ignores a route's `request_attributes` override
     (measured). A header attribute is sent only when the request has that header.
     """
     keys = [m.open_inference.entity_key for m in registry.models if m.open_inference is not None]
     headers = [k.header for k in keys if k is not None and k.header is not None]
+    # Sticky-by-header models with a rule's sub-split: the broker hashes the same key Envoy does.
+    headers += [m.sticky.header for m in registry.models if m.sticky is not None and m.sticky.header and m.rules]
     return [*wire.REQUEST_ATTRIBUTES, *(wire.header_attribute(h) for h in dict.fromkeys(headers))]
 
 
