@@ -286,16 +286,15 @@ async def test_failing_challenger_is_rolled_back(up: Up, mlflow: MlflowServer, s
     assert await metric(session, up, r'model_broker_promotion_rate\{model="credit-risk"\}') == 0.5
 
 
+def report(up: Up, *args: str) -> str:
+    """`model-broker report credit-risk` on the stack's registry, as a person runs it."""
+    cmd = [sys.executable, "-m", "extproc.cli", "report", "credit-risk", "--config", str(up.config), *args]
+    return subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=120).stdout
+
+
 def test_report_tells_each_release(up: Up) -> None:
     """`model-broker report` (JSON and Markdown) gives both releases, their steps and endings, from the events."""
-    out = subprocess.run(
-        [sys.executable, "-m", "extproc.cli", "report", "credit-risk", "--config", str(up.config), "--format", "json"],
-        check=True,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    releases = json.loads(out.stdout)["releases"]
+    releases = json.loads(report(up, "--format", "json"))["releases"]
     assert [(r["version"], r["outcome"], r["started_by"]) for r in releases] == [
         ("v2", "promoted", "model registry"),
         ("v3", "rolled_back", "model registry"),
@@ -313,13 +312,7 @@ def test_report_tells_each_release(up: Up) -> None:
     )
     assert rolled_back["reason"] == "error_rate" and rolled_back["steps"][-1]["decision"] == "roll back"
     assert rolled_back["steps"][-1]["error_rate"] > POLICY["max_error_rate"]
-    markdown = subprocess.run(
-        [sys.executable, "-m", "extproc.cli", "report", "credit-risk", "--config", str(up.config), "--since", "1h"],
-        check=True,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    ).stdout
+    markdown = report(up, "--since", "1h")
     assert "## v2 (registry version 2): promoted" in markdown
     assert "## v3 (registry version 3): rolled back" in markdown
 
@@ -327,9 +320,7 @@ def test_report_tells_each_release(up: Up) -> None:
 def test_html_report_renders_in_a_real_browser(up: Up) -> None:
     """The HTML report (tables + matplotlib chart) loads in Debian's headless chromium; the screenshot is kept."""
     page = up.workdir / "report.html"
-    with page.open("w") as out:
-        cmd = [sys.executable, "-m", "extproc.cli", "report", "credit-risk", "--config", str(up.config)]
-        subprocess.run([*cmd, "--format", "html"], check=True, stdout=out, timeout=120)
+    page.write_text(report(up, "--format", "html"))
     ARTIFACTS.mkdir(exist_ok=True)
     shot = ARTIFACTS / "release-report.png"
     shot.unlink(missing_ok=True)

@@ -7,12 +7,11 @@ Envoys hear of the live weights from it over RTDS.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from extproc.registry import write_json_atomically
 from extproc.rollout.weights import LiveWeights
 
 
@@ -69,15 +68,4 @@ def load_state(path: str | Path) -> RolloutState:
 
 def save_state(path: str | Path, state: RolloutState) -> None:
     """Write-then-rename, fsynced: a reader sees the old state or the new one, never half."""
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=target.name + ".", suffix=".tmp", dir=target.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as out:
-            json.dump(state.to_json(), out, indent=2, sort_keys=True)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_json_atomically(path, state.to_json())
