@@ -22,8 +22,16 @@ from envoy_data_plane.google.protobuf import Any as AnyMessage
 from extproc.envoy.common import AUDIT_HOLD_FILTER, _any
 
 # `body()` suspends the script, and with it the headers, until the last byte has passed ext_proc.
+# ext_proc dropped `content-length` (a body phase without a header phase could have changed the
+# body); the hold knows the final body, so it restores it and clients get no chunked encoding.
 HOLD_SCRIPT = "hold"
-HOLD_LUA = "function envoy_on_response(response) response:body() end\n"
+HOLD_LUA = """function envoy_on_response(response)
+  local body = response:body()
+  if body ~= nil then
+    response:headers():replace("content-length", tostring(body:length()))
+  end
+end
+"""
 
 
 def audit_hold_filter() -> HttpFilter:
