@@ -14,9 +14,9 @@ from urllib.parse import urlsplit
 from pydantic import ConfigDict, Field, field_validator, model_validator
 
 from extproc.registry.common import Port, Strict
+from extproc.registry.patterns import MLFLOW_ALIAS
 
-# MLflow's alias rule: letters, digits, `_` and `-`; `latest` and `v<N>` are reserved (checked below).
-ALIAS = r"^[A-Za-z0-9_-]{1,255}$"
+ALIAS = MLFLOW_ALIAS
 
 
 class MlflowSource(Strict):

@@ -33,6 +33,8 @@ PARAMETER_NAME = r"^[A-Za-z_][A-Za-z0-9_.-]{0,63}$"
 # Feast's names: views and services (letters, digits, '_', '-'), projects (letters, digits, '_').
 FEAST_NAME = r"^[A-Za-z_][A-Za-z0-9_-]{0,127}$"
 FEAST_PROJECT = r"^[A-Za-z0-9_]{1,128}$"
+# MLflow's alias rule: letters, digits, `_` and `-`; `latest` and `v<N>` are reserved (model_registry checks).
+MLFLOW_ALIAS = r"^[A-Za-z0-9_-]{1,255}$"
 
 # pattern → (what a valid value looks like, an example of one)
 _WORDS: dict[str, tuple[str, str]] = {
@@ -83,6 +85,7 @@ _WORDS: dict[str, tuple[str, str]] = {
     FIELD_PATH: ("a field path (names of letters, digits, '_' or '-' joined by '.')", "contact.email"),
     FEAST_NAME: ("a Feast name (a letter or '_', then up to 127 letters, digits, '_' or '-')", "customer_stats"),
     FEAST_PROJECT: ("a Feast project name (1 to 128 letters, digits or '_')", "fraud_detection"),
+    MLFLOW_ALIAS: ("an MLflow alias (1 to 255 letters, digits, '_' or '-')", "champion"),
 }
 
 
