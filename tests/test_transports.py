@@ -36,7 +36,7 @@ from extproc.core.processor import BrokerProcessor, Processor
 from extproc.core.responses import Answer, Continue
 from extproc.process.launcher import free_port
 from extproc.registry import parse_registry
-from extproc.transport import HttpService, add_service
+from extproc.transport import HttpService, add_service, read_consumer
 from tests.conftest import DEMO_DIR, demo_registry_doc
 
 Exchange = Callable[[ProcessingRequest], Awaitable[dict[str, Any]]]
@@ -150,8 +150,9 @@ async def test_body_is_enriched_with_metadata(exchange: Exchange) -> None:
         ),
         ("credit-risk", b'{"customer_id": "c-1"}', "text/csv", 415, "unsupported_media_type"),
         ("credit-risk", b"{not json", "application/json", 400, "invalid_json"),
+        ("", b'{"customer_id": "c-1"}', "application/json", 404, "unknown_model"),
     ],
-    ids=["unknown-route", "over-limit", "csv", "not-json"],
+    ids=["unknown-route", "over-limit", "csv", "not-json", "no-attributes-route"],
 )
 async def test_refusals_are_the_same_on_both(
     exchange: Exchange, route: str, body: bytes, content_type: str, status: int, code: str
@@ -295,3 +296,23 @@ async def test_drain_answers_the_message_in_flight_then_closes() -> None:
     assert len(processor.finished) == 1
     with pytest.raises(ConnectionRefusedError):
         await asyncio.open_connection("127.0.0.1", port)
+
+
+async def test_trailers_are_refused_loudly_over_grpc() -> None:
+    """The generated config never sends trailers; if something does, the stream fails, it does not hang."""
+    async with served("grpc") as ask:
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await ask(ProcessingRequest(request_trailers={}))
+    assert caught.value.code() == grpc.StatusCode.UNIMPLEMENTED
+
+
+def test_consumer_is_read_from_the_auth_namespace_only() -> None:
+    """The request context takes the consumer from Envoy's auth metadata, never from another namespace."""
+    request = ProcessingRequest()
+    request.metadata_context.filter_metadata[wire.METADATA_NAMESPACE].update({wire.META_CONSUMER: "mallory"})
+    ctx = RequestContext()
+    read_consumer(request.metadata_context.filter_metadata, ctx)
+    assert ctx.consumer == ""
+    request.metadata_context.filter_metadata[wire.AUTH_NAMESPACE].update({wire.META_CONSUMER: "alice"})
+    read_consumer(request.metadata_context.filter_metadata, ctx)
+    assert ctx.consumer == "alice"
