@@ -44,7 +44,7 @@ def cel_expr_python() -> Callable[[], Any]:
 def common_expression_language() -> Callable[[], Any]:
     # Its extension module directly: the package shares the top-level name `cel` with
     # xds-protos' `cel.expr`, and whichever installs last owns `cel/__init__.py`.
-    from cel import cel  # type: ignore[attr-defined]  # optional, for this comparison only
+    from cel import cel  # type: ignore[attr-defined,unused-ignore]  # optional, for this comparison only
 
     programs = [cel.compile(e) for e in EXPRESSIONS]
 

@@ -154,7 +154,7 @@ def plain_envoy_bootstrap(registry: Registry, listener: int, admin: int) -> Boot
         stat_prefix="plain",
         route_config=route_configuration(registry),
         http_filters=[HttpFilter(name="envoy.filters.http.router", typed_config=AnyMessage.pack(Router()))],
-        local_reply_config=local_reply_config(),
+        local_reply_config=local_reply_config(registry),
         use_remote_address=True,
     )
     return Bootstrap(

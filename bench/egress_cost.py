@@ -16,6 +16,8 @@ import multiprocessing
 import os
 import sys
 import time
+from collections.abc import Callable, Coroutine
+from typing import Any
 
 import aiohttp
 import httptools
@@ -96,10 +98,11 @@ def main(argv: list[str] | None = None) -> int:
     peer = multiprocessing.get_context("spawn").Process(target=_serve, args=(port,), daemon=True)
     peer.start()
     wait_listening(port)
-    for name, run in (
+    runs: tuple[tuple[str, Callable[[], Coroutine[Any, Any, float]]], ...] = (
         ("aiohttp", lambda: _aiohttp(f"http://127.0.0.1:{port}/m", args.calls, args.concurrency)),
         ("Http1Pool", lambda: _lean(port, args.calls, args.concurrency)),
-    ):
+    )
+    for name, run in runs:
         uvloop.run(run())  # warm-up: connections, imports
         cpu = uvloop.run(run())
         print(f"{name:<10} {cpu * 1e6 / args.calls:6.1f} µs client CPU per call")

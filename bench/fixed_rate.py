@@ -78,4 +78,5 @@ def _error_code(body: bytes) -> str:
 
 def fixed_rate(url: str, rate: float, duration_s: float) -> FixedRateResult:
     """`rate` requests per second to `url` for `duration_s`, open loop; latency percentiles."""
-    return uvloop.run(_run(url, rate, duration_s))
+    result: FixedRateResult = uvloop.run(_run(url, rate, duration_s))
+    return result

@@ -76,7 +76,8 @@ def json_object(provider: atheris.FuzzedDataProvider, depth: int, count: int) ->
 
 def body_from(provider: atheris.FuzzedDataProvider) -> bytes:
     if provider.ConsumeBool():
-        return provider.ConsumeBytes(provider.remaining_bytes())
+        raw: bytes = provider.ConsumeBytes(provider.remaining_bytes())
+        return raw
     text = json_object(provider, 0, provider.ConsumeIntInRange(1, 5))
     return text.encode("utf-8", errors="surrogatepass")
 

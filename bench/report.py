@@ -266,17 +266,25 @@ def render(rows: Sequence[Row], header: Sequence[str]) -> str:
 
 
 class FixedRate(Protocol):
-    rate: float
-    requests: int
-    failures: int
-    p50_ms: float
-    p99_ms: float
-    failure_kinds: dict[str, int]
+    @property
+    def rate(self) -> float: ...
+    @property
+    def requests(self) -> int: ...
+    @property
+    def failures(self) -> int: ...
+    @property
+    def p50_ms(self) -> float: ...
+    @property
+    def p99_ms(self) -> float: ...
+    @property
+    def failure_kinds(self) -> dict[str, int]: ...
 
 
 class Named(Protocol):
-    name: str
-    label: str
+    @property
+    def name(self) -> str: ...
+    @property
+    def label(self) -> str: ...
 
 
 def render_fixed_rate(results: Sequence[tuple[Named, FixedRate]], *, baseline: str) -> str:

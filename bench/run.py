@@ -8,20 +8,16 @@ configuration. Not a test: nothing here asserts on time.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import datetime as dt
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
-import tempfile
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractContextManager
 from pathlib import Path
-from types import FrameType
 
 from bench import configs, feast, report, stacks
 from bench.fixed_rate import FixedRateResult, fixed_rate
@@ -150,21 +146,6 @@ def require_tools() -> None:
         sys.exit(f"missing {' and '.join(missing)}: run `scripts/ensure-system-packages wrk redis-server`")
 
 
-@contextlib.contextmanager
-def stop_on_sigterm() -> Iterator[None]:
-    """SIGTERM/SIGHUP unwind like Ctrl-C, so every child process group is stopped."""
-
-    def interrupt(_signum: int, _frame: FrameType | None) -> None:
-        raise KeyboardInterrupt
-
-    previous = {sig: signal.signal(sig, interrupt) for sig in (signal.SIGTERM, signal.SIGHUP)}
-    try:
-        yield
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-
-
 def measure(target: Target, script: Path, connections: int, round_no: int, args: argparse.Namespace) -> Sample:
     """One wrk run with the CPU of every process charged to the target read before and after.
 
@@ -273,19 +254,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     budget = len(args.configs) * (args.warmup + args.rounds * len(args.connections) * (args.duration + 0.6))
     shipping = " plus the wait for audit shipping" if any(c.startswith("broker-audit") for c in args.configs) else ""
     print(f"bench: {', '.join(args.configs)}; about {budget / 60:.1f} min of load{shipping}", file=sys.stderr)
-    with (
-        stop_on_sigterm(),
-        tempfile.TemporaryDirectory(prefix="model-broker-bench-") as tmp,
-        contextlib.ExitStack() as stack,
-    ):
-        workdir = Path(tmp)
-        shared = stacks.start_shared(
-            stack,
-            workdir,
-            broker_workers=args.broker_workers,
-            gateway_workers=args.gateway_workers,
-            envoy_concurrency=args.envoy_concurrency,
-        )
+    with stacks.session(
+        "bench",
+        broker_workers=args.broker_workers,
+        gateway_workers=args.gateway_workers,
+        envoy_concurrency=args.envoy_concurrency,
+    ) as (stack, shared):
+        workdir = shared.workdir
         targets = [stack.enter_context(CONFIGS[name](shared)) for name in args.configs]
         for target in targets:
             stacks.preflight(target)

@@ -8,10 +8,8 @@ it writes a table (first sample after warm-up, peak, last, last minus first) so 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Mapping, Sequence
@@ -20,7 +18,6 @@ from pathlib import Path
 
 from bench import stacks
 from bench.procs import process_tree
-from bench.run import stop_on_sigterm
 from bench.wrk import WrkResult, run_wrk, write_script
 
 DEFAULT_OUTPUT = Path(__file__).parent / "results" / "soak.md"
@@ -143,19 +140,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    with (
-        stop_on_sigterm(),
-        tempfile.TemporaryDirectory(prefix="model-broker-soak-") as tmp,
-        contextlib.ExitStack() as stack,
-    ):
-        workdir = Path(tmp)
-        shared = stacks.start_shared(
-            stack,
-            workdir,
-            broker_workers=args.broker_workers,
-            gateway_workers=1,
-            envoy_concurrency=args.envoy_concurrency,
-        )
+    with stacks.session(
+        "soak", broker_workers=args.broker_workers, gateway_workers=1, envoy_concurrency=args.envoy_concurrency
+    ) as (stack, shared):
+        workdir = shared.workdir
         target = stack.enter_context(stacks.broker(shared, "broker", "broker", cache_ttl_s=5))
         stacks.preflight(target)
         script = write_script(workdir / "post.lua", target.path)

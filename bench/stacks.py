@@ -12,6 +12,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.parse
@@ -26,7 +27,7 @@ import yaml
 
 from bench import configs, workload
 from bench.audit import AWS_ENV, BUCKET, TABLE, AuditTrail, moto_server
-from bench.procs import log_tail, process_group, wait_for_line
+from bench.procs import log_tail, process_group, stop_on_sigterm, wait_for_line
 from extproc.process.launcher import envoy_binary, free_port, free_port_run, wait_ready
 from extproc.registry import Registry, load_registry
 from extproc.rollout.discovery import RUNTIME_DIR_ENV
@@ -152,6 +153,28 @@ def start_shared(
         gateway_workers=gateway_workers,
         envoy_concurrency=envoy_concurrency,
     )
+
+
+@contextlib.contextmanager
+def session(
+    name: str, *, broker_workers: int, gateway_workers: int, envoy_concurrency: int
+) -> Iterator[tuple[contextlib.ExitStack, Shared]]:
+    """A run's scratch folder and shared services; SIGTERM unwinds it like Ctrl-C, so nothing is left running."""
+    with (
+        stop_on_sigterm(),
+        tempfile.TemporaryDirectory(prefix=f"model-broker-{name}-") as tmp,
+        contextlib.ExitStack() as stack,
+    ):
+        yield (
+            stack,
+            start_shared(
+                stack,
+                Path(tmp),
+                broker_workers=broker_workers,
+                gateway_workers=gateway_workers,
+                envoy_concurrency=envoy_concurrency,
+            ),
+        )
 
 
 @contextlib.contextmanager

@@ -99,6 +99,7 @@ def catch_all() -> Route:
 def model_routes(model: Model, served: Route, http: bool) -> list[Route]:
     """`served` is the model's infer route (the split); around it, the rest of the model's V2 paths."""
     base = f"{V2_PREFIX}/models/{model.name}"
+    assert served.match is not None  # built with one; the generated classes type every field optional
     routes = [served]
     pinned_filters = {k: v for k, v in served.typed_per_filter_config.items() if k != wire.SHADOW_RECORDER_FILTER}
     for version in model.versions:

@@ -179,6 +179,9 @@ def _pinned_routes(model: Model, served: Route) -> list[Route]:
     leaves out versions taken out of traffic). Everything else is the served route's: name (so
     audit, authorization and shadow recording see the model), filters, mirror, headers.
     """
+    # The generated classes type every message field optional; `served` is always built with both.
+    assert served.match is not None
+    assert served.route is not None
     routes = []
     for name in model.rule_versions:
         version = next(v for v in model.versions if v.name == name)
