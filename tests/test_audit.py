@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import copy
 import hashlib
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import orjson
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from extproc.adapters.aws_audit import dynamo_item, from_dynamo_item
 from extproc.audit.local import LocalAuditStore
@@ -20,6 +23,7 @@ from extproc.audit.record import (
     RecordContext,
     build_record,
     compile_redaction,
+    iso_utc,
     parse_when,
     redact,
     response_error_code,
@@ -105,7 +109,7 @@ def test_failed_executions_have_an_error_code(
     status: int | None, body: bytes, error_code: str | None, expected: str | None
 ) -> None:
     """Failures are recorded with the code the client saw, or http_<status>, or `incomplete`."""
-    record = build_record(draft(error_code=error_code), WHERE, status, body, ())
+    record = build_record(draft(error_code=error_code), WHERE, status, body, compile_redaction([]))
     assert record["error_code"] == expected
     assert record["response"]["status"] == status
 
@@ -126,7 +130,7 @@ def test_redacted_join_key_hides_the_entity_key() -> None:
 
 def test_dynamo_item_round_trip() -> None:
     """The summary survives DynamoDB's typed attributes; nulls are left out, numbers stay numbers."""
-    meta = summary(build_record(draft(), WHERE, 200, b"{}", ()))
+    meta = summary(build_record(draft(), WHERE, 200, b"{}", compile_redaction([])))
     item = dynamo_item(meta, Location("k", "bytes=10-99", 3))
     assert item["status"] == {"N": "200"} and item["request_id"] == {"S": "req-1"}
     assert "parent_request_id" not in item
@@ -349,3 +353,9 @@ def test_drop_policy_answers_and_fail_closed_refuses(tmp_path: Path) -> None:
         results[policy] = trail.write(big, request_id="r", route="m", version=None, stages=[], status=200, body=b"")
         assert spool.used == 0
     assert results == {True: False, False: True}
+
+
+@given(st.floats(min_value=0, max_value=4e9))
+def test_timestamps_are_datetimes_own_rendering(epoch: float) -> None:
+    """The fast formatter rounds to the microsecond exactly as datetime does (records sort by it)."""
+    assert iso_utc(epoch) == datetime.fromtimestamp(epoch, UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")

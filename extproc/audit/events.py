@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from extproc.audit.fields import SCHEMA_VERSION
-from extproc.audit.record import Record, RedactRule, iso_utc, redact
+from extproc.audit.record import Record, Redaction, iso_utc, redact
 
 
 def rollout_record(event: str, model: str, source: str, fields: Mapping[str, Any], now: float) -> Record:
@@ -31,7 +31,7 @@ def rollout_record(event: str, model: str, source: str, fields: Mapping[str, Any
     }
 
 
-def shadow_record(comparison: Mapping[str, Any], rules: tuple[RedactRule, ...], now: float) -> Record:
+def shadow_record(comparison: Mapping[str, Any], rules: Redaction, now: float) -> Record:
     """The primary's and the shadow's answer to one request, compared; linked to the execution by its id."""
     request_id = comparison["request_id"]
     # Both answers whole, redacted as an execution's response is (a rule matches at any depth).

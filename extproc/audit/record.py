@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
+import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -26,7 +28,15 @@ log = logging.getLogger("model_broker.audit")
 REDACTED = "[REDACTED]"
 
 Record = dict[str, Any]
-RedactRule = tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Redaction:
+    """Field paths to hide (`contact.email` → ("contact", "email")), compiled once per registry."""
+
+    rules: tuple[tuple[str, ...], ...] = ()
+    # Only a key that ends some rule can match: one set lookup spares the path test for the rest.
+    last: frozenset[str] = frozenset()
 
 
 @dataclass(slots=True)
@@ -59,33 +69,44 @@ def sha256(data: bytes) -> str:
 
 def iso_utc(epoch_seconds: float) -> str:
     """Fixed-width UTC timestamps sort as strings: DynamoDB's sort key relies on it."""
-    return datetime.fromtimestamp(epoch_seconds, UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    # datetime's own rounding (fraction to the nearest microsecond), at a fifth of its cost.
+    fraction, whole = math.modf(epoch_seconds)
+    seconds, micros = divmod(int(whole) * 1_000_000 + round(fraction * 1_000_000), 1_000_000)
+    return f"{time.strftime('%Y-%m-%dT%H:%M:%S', time.gmtime(seconds))}.{micros:06d}Z"
 
 
-def compile_redaction(paths: Iterable[str]) -> tuple[RedactRule, ...]:
-    return tuple(tuple(path.split(".")) for path in paths)
+def compile_redaction(paths: Iterable[str]) -> Redaction:
+    rules = tuple(tuple(path.split(".")) for path in paths)
+    return Redaction(rules, frozenset(rule[-1] for rule in rules))
 
 
-def _matches(trail: tuple[str, ...], rules: tuple[RedactRule, ...]) -> bool:
-    return any(trail[-len(rule) :] == rule for rule in rules if len(rule) <= len(trail))
+def _matches(trail: tuple[str, ...], redaction: Redaction) -> bool:
+    return trail[-1] in redaction.last and any(
+        trail[-len(rule) :] == rule for rule in redaction.rules if len(rule) <= len(trail)
+    )
 
 
-def redact(value: Any, rules: tuple[RedactRule, ...], trail: tuple[str, ...] = ()) -> Any:
+def redact(value: Any, redaction: Redaction, trail: tuple[str, ...] = ()) -> Any:
     """A copy of `value` with every key whose path ends with a rule replaced by a marker.
 
     A rule matches at any depth (`email` hits `customer.email` and `email`), so a
     field the model echoes back in its answer is caught as well as the input's.
     """
-    if not rules:
+    if not redaction.rules:
         return value
     if isinstance(value, dict):
         out = {}
         for key, item in value.items():
             path = (*trail, str(key))
-            out[key] = REDACTED if _matches(path, rules) else redact(item, rules, path)
+            if _matches(path, redaction):
+                out[key] = REDACTED
+            elif isinstance(item, dict | list):
+                out[key] = redact(item, redaction, path)
+            else:
+                out[key] = item
         return out
     if isinstance(value, list):
-        return [redact(item, rules, trail) for item in value]
+        return [redact(item, redaction, trail) if isinstance(item, dict | list) else item for item in value]
     return value
 
 
@@ -126,9 +147,7 @@ class RecordContext:
     stages: Sequence[tuple[str, float]]
 
 
-def build_record(
-    draft: AuditDraft, where: RecordContext, status: int | None, body: bytes, rules: tuple[RedactRule, ...]
-) -> Record:
+def build_record(draft: AuditDraft, where: RecordContext, status: int | None, body: bytes, rules: Redaction) -> Record:
     """The record of one execution, redacted; `status` None means no response was seen."""
     answer = parse_json_or_none(body)
     latency = {name: round(seconds * 1000, 3) for name, seconds in where.stages}
