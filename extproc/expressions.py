@@ -75,6 +75,10 @@ class Expression:
     body_fields: tuple[str, ...] | None
     features: tuple[str, ...]
     uses_now: bool
+    # Second-level names read under a top-level field (`body.inputs.age` → ("inputs", "age")), and the
+    # top-level fields read otherwise (`size(body.inputs)`): what an OIP request's row view must hold.
+    body_paths: tuple[tuple[str, str], ...] = ()
+    opaque_fields: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,7 +118,9 @@ def compile_expression(source: str, declared: tuple[str, ...], result: ResultTyp
     if problem:
         return problem
     body = None if walk.whole_body else tuple(sorted(walk.body_fields))
-    return Expression(source, program, result, body, tuple(sorted(walk.features)), walk.uses_now)
+    paths = tuple(sorted(walk.body_paths))
+    opaque = tuple(sorted(walk.opaque_fields))
+    return Expression(source, program, result, body, tuple(sorted(walk.features)), walk.uses_now, paths, opaque)
 
 
 def _checked(program: Any) -> checked_pb2.CheckedExpr:
@@ -132,6 +138,8 @@ class _Walk:
         self.nodes = 0
         self.nested_loop = False
         self.body_fields: set[str] = set()
+        self.body_paths: set[tuple[str, str]] = set()
+        self.opaque_fields: set[str] = set()
         self.whole_body = False
         self.features: set[str] = set()
         self.features_as_whole = False
@@ -163,11 +171,7 @@ class _Walk:
         if kind == "ident_expr":
             self._ident(node.ident_expr.name, bound)
         elif kind == "select_expr":
-            operand = node.select_expr.operand
-            if not self._named(operand, node.select_expr.field, bound):
-                self.visit(operand, bound=bound, in_loop=in_loop)
-            else:
-                self.nodes += 1
+            self._select(node.select_expr, bound, in_loop)
         elif kind == "call_expr":
             self._call(node.call_expr, bound, in_loop)
         elif kind == "list_expr":
@@ -187,6 +191,15 @@ class _Walk:
             for part in (loop.loop_condition, loop.loop_step, loop.result):
                 self.visit(part, bound=inner, in_loop=True)
 
+    def _select(self, select: syntax_pb2.Expr.Select, bound: frozenset[str], in_loop: bool) -> None:
+        """`body.x.y`, `body.x`, `features.x` record names; any other select walks its operand."""
+        if self._nested(select.operand, select.field, bound):
+            self.nodes += 2
+        elif self._named(select.operand, select.field, bound):
+            self.nodes += 1
+        else:
+            self.visit(select.operand, bound=bound, in_loop=in_loop)
+
     def _ident(self, name: str, bound: frozenset[str]) -> None:
         if name in bound:
             return
@@ -203,26 +216,53 @@ class _Walk:
             return False
         if operand.ident_expr.name == BODY:
             self.body_fields.add(name)
+            self.opaque_fields.add(name)  # read as a value, not only through names under it
             return True
         if operand.ident_expr.name == FEATURES:
             self.features.add(name)
             return True
         return False
 
+    def _body_field(self, node: syntax_pb2.Expr, bound: frozenset[str]) -> str | None:
+        """X when `node` is `body.X` or `body['X']` (body not shadowed by a loop variable)."""
+        kind = node.WhichOneof("expr_kind")
+        if kind == "select_expr" and not node.select_expr.test_only:
+            operand = node.select_expr.operand
+            if operand.WhichOneof("expr_kind") == "ident_expr" and operand.ident_expr.name not in bound:
+                return node.select_expr.field if operand.ident_expr.name == BODY else None
+        if kind == "call_expr" and node.call_expr.function == "_[_]" and len(node.call_expr.args) == 2:
+            target, key = node.call_expr.args
+            if target.WhichOneof("expr_kind") == "ident_expr" and target.ident_expr.name == BODY and BODY not in bound:
+                return _constant_string(key)
+        return None
+
+    def _nested(self, operand: syntax_pb2.Expr, name: str, bound: frozenset[str]) -> bool:
+        """`body.X.name` (or with constant string indexes): record the path X.name."""
+        field = self._body_field(operand, bound)
+        if field is None:
+            return False
+        self.body_fields.add(field)
+        self.body_paths.add((field, name))
+        return True
+
     def _call(self, call: syntax_pb2.Expr.Call, bound: frozenset[str], in_loop: bool) -> None:
         if call.function in NON_DETERMINISTIC and not call.HasField("target"):
             self.refused.add(call.function)
         if call.function == "_[_]" and len(call.args) == 2:
-            key = call.args[1]
-            constant = key.WhichOneof("expr_kind") == "const_expr"
-            if constant and key.const_expr.WhichOneof("constant_kind") == "string_value":  # noqa: SIM102
-                if self._named(call.args[0], key.const_expr.string_value, bound):
-                    self.nodes += 2
-                    return
+            key = _constant_string(call.args[1])
+            if key is not None and (self._nested(call.args[0], key, bound) or self._named(call.args[0], key, bound)):
+                self.nodes += 2
+                return
         if call.HasField("target"):
             self.visit(call.target, bound=bound, in_loop=in_loop)
         for arg in call.args:
             self.visit(arg, bound=bound, in_loop=in_loop)
+
+
+def _constant_string(node: syntax_pb2.Expr) -> str | None:
+    if node.WhichOneof("expr_kind") == "const_expr" and node.const_expr.WhichOneof("constant_kind") == "string_value":
+        return str(node.const_expr.string_value)
+    return None
 
 
 def cel_json(value: Any) -> Any:

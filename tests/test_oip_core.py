@@ -76,7 +76,7 @@ def test_an_oip_model_is_served_at_its_v2_path() -> None:
         ({"open_inference": {}}, "models[0].open_inference: declare 'feature_tensor' or 'feature_inputs'"),
         (
             {"open_inference": {"feature_inputs": {"income": "FP64"}}},
-            "models[0].open_inference.feature_inputs: must name exactly the model's features",
+            "models[0].open_inference.feature_inputs: must name every feature of the model",
         ),
         ({"unknown_entity": "forward"}, "models[0].unknown_entity: a tensor has no row for an unknown entity"),
         (

@@ -31,6 +31,8 @@ class ModelLogic:
     uses_now: bool
     # A rule reads a derived feature: its inputs are rebuilt after derivation.
     rules_read_derived: bool
+    # OIP models: the client input tensors read (`body.inputs.<name>`); None for all of them.
+    body_inputs: tuple[str, ...] | None = ()
 
 
 def compile_logic(model: Model) -> ModelLogic | None:
@@ -60,7 +62,17 @@ def compile_logic(model: Model) -> ModelLogic | None:
         body_fields=read_body(tuple(programs)),
         uses_now=any(p.uses_now for p in programs),
         rules_read_derived=any(derived_names & set(r.when.features) for r in rules),
+        body_inputs=_inputs_read(programs),
     )
+
+
+def _inputs_read(programs: list[Expression]) -> tuple[str, ...] | None:
+    names: set[str] = set()
+    for program in programs:
+        if program.body_fields is None or "inputs" in program.opaque_fields:
+            return None
+        names.update(name for section, name in program.body_paths if section == "inputs")
+    return tuple(sorted(names))
 
 
 def _derive(
@@ -124,7 +136,7 @@ def apply_logic(
         inputs = Inputs(body, merged, now) if logic.rules_read_derived else derivation.inputs
         # A sticky key lands on the same version of a sub-split every time; otherwise a random draw.
         draw = sticky_draw(sticky) if sticky is not None else random.random()  # a traffic split, not a secret
-        decision = choose_version(logic.rules, inputs, withdrawn, draw)
+        decision = choose_version(logic.rules, (inputs,), withdrawn, draw)
     return LogicOutcome(settled, degraded, derivation.values, derivation.errors, decision)
 
 

@@ -26,8 +26,11 @@ from extproc.core.logic import LogicOutcome, ModelLogic, apply_logic, audit_rule
 from extproc.core.messages import HttpBody, HttpHeaders
 from extproc.core.oip import (
     BackendReader,
+    InferRequest,
     ModelEndpoint,
+    OipLogicOutcome,
     OipPlan,
+    apply_oip_logic,
     compile_endpoints,
     error_json,
     feature_tensors,
@@ -39,6 +42,7 @@ from extproc.core.oip import answer as oip_answer
 from extproc.core.responses import Answer
 from extproc.core.routing import ModelRoute, compile_routes, describe_models, resolve_route
 from extproc.core.rows import Rows, body_rows, fetch_features, inject_rows
+from extproc.core.rules import RuleDecision
 from extproc.errors import BrokerError, ErrorCode
 from extproc.registry import Registry
 
@@ -264,19 +268,22 @@ class BrokerProcessor(Processor):
             logic, doc, features, started_at=ctx.started_at, degraded=degraded, withdrawn=route.withdrawn, sticky=sticky
         )
         if isinstance(outcome, LogicOutcome):
-            decision = outcome.decision
-            metrics.record_logic(
-                route.model,
-                outcome.derived_errors,
-                decision.rule if decision is not None else None,
-                decision.outcome if decision is not None else None,
-                (rule for rule, _ in decision.errors) if decision is not None else (),
-            )
+            self._record_logic(route, outcome.derived_errors, outcome.decision)
             if ctx.audit is not None:
                 ctx.audit.features, ctx.audit.feature_status = outcome.features, outcome.degraded or "ok"
                 ctx.audit.derived = {"values": outcome.derived, "errors": outcome.derived_errors}
                 ctx.audit.rule = audit_rule(outcome.decision)
         return outcome
+
+    @staticmethod
+    def _record_logic(route: ModelRoute, failed: dict[str, str], decision: RuleDecision | None) -> None:
+        metrics.record_logic(
+            route.model,
+            failed,
+            decision.rule if decision is not None else None,
+            decision.outcome if decision is not None else None,
+            (rule for rule, _ in decision.errors) if decision is not None else (),
+        )
 
     async def _oip_body(self, raw: bytes, route: ModelRoute, plan: OipPlan, ctx: RequestContext) -> Answer:
         """An OIP infer request: keys from its tensor, parameter or header; features added as tensors."""
@@ -299,15 +306,72 @@ class BrokerProcessor(Processor):
         ctx.lap("features")
         if isinstance(rows, BrokerError):
             return self._reject(rows, ctx)
-        # Fail-open with the store down: the model gets the client's tensors only.
-        tensors = feature_tensors(plan, request.keys, rows, route.join_key) if not degraded else []
-        if isinstance(tensors, BrokerError):
-            return self._reject(tensors, ctx)
         if ctx.audit is not None:
-            ctx.audit.features = dict(zip(request.keys, rows, strict=True))
+            ctx.audit.features = dict(zip(request.keys, rows, strict=True)) if rows else None
             ctx.audit.feature_status = degraded or "ok"
+        prepared = self._oip_tensors(route, plan, request, rows, degraded=degraded, ctx=ctx)
+        if isinstance(prepared, BrokerError):
+            return self._reject(prepared, ctx)
+        tensors, pinned = prepared
         sticky = None  # OIP models are sticky by header only (the registry checks): Envoy hashes it
-        return self._forward(route, forward_body(plan, request, tensors), degraded, sticky, ctx)
+        return self._forward(route, forward_body(plan, request, tensors), degraded, sticky, ctx, pinned=pinned)
+
+    def _oip_tensors(
+        self,
+        route: ModelRoute,
+        plan: OipPlan,
+        request: InferRequest,
+        rows: list[Features],
+        *,
+        degraded: str,
+        ctx: RequestContext,
+    ) -> tuple[list[dict[str, Any]], str | None] | BrokerError:
+        """The tensors to inject (stored and derived features) and the version a rule pinned."""
+        pinned = None
+        if route.logic is not None:
+            outcome = self._oip_logic(
+                route, route.logic, request, rows or [{}] * len(request.keys), degraded=degraded, ctx=ctx
+            )
+            if isinstance(outcome, BrokerError):
+                return outcome
+            pinned = outcome.decision.version if outcome.decision is not None else None
+            rows = outcome.rows if rows else rows
+        # Fail-open with the store down: the model gets the client's tensors only.
+        if degraded:
+            return [], pinned
+        tensors = feature_tensors(plan, request.keys, rows, route.join_key)
+        return tensors if isinstance(tensors, BrokerError) else (tensors, pinned)
+
+    def _oip_logic(
+        self,
+        route: ModelRoute,
+        logic: ModelLogic,
+        request: InferRequest,
+        rows: list[Features],
+        *,
+        degraded: str,
+        ctx: RequestContext,
+    ) -> OipLogicOutcome | BrokerError:
+        """Derived features per row and the rules over all rows, counted and kept for the audit record."""
+        outcome = apply_oip_logic(
+            logic,
+            request.doc,
+            request.keys,
+            rows,
+            join_key=route.join_key,
+            started_at=ctx.started_at,
+            degraded=degraded,
+            withdrawn=route.withdrawn,
+            sticky=ctx.headers.get(route.sticky_header, "") if route.sticky_header is not None else None,
+        )
+        ctx.lap("rules")
+        if isinstance(outcome, OipLogicOutcome):
+            self._record_logic(route, outcome.failed_features, outcome.decision)
+            if ctx.audit is not None:
+                ctx.audit.features = dict(zip(request.keys, outcome.rows, strict=True))
+                ctx.audit.derived = {"values": outcome.derived, "errors": outcome.derived_errors}
+                ctx.audit.rule = audit_rule(outcome.decision)
+        return outcome
 
     async def _feature_rows(self, route: ModelRoute, keys: tuple[str, ...]) -> tuple[list[Features] | BrokerError, str]:
         """Each row's features (every distinct key in one store round trip), or the policy's answer."""

@@ -8,6 +8,7 @@ supplies the random draw, so tests and sticky keys can make it deterministic.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from extproc.expressions import EvaluationError, Expression, Inputs
@@ -56,13 +57,14 @@ def sticky_draw(key: str) -> float:
 
 
 def choose_version(
-    rules: tuple[CompiledRule, ...], inputs: Inputs, withdrawn: frozenset[str], draw: float
+    rules: tuple[CompiledRule, ...], rows: Sequence[Inputs], withdrawn: frozenset[str], draw: float
 ) -> RuleDecision:
-    """The first rule that holds decides. A version taken out of traffic (rolled back, or set to 0
-    live) is never chosen: its rule's request goes to the live weighted split instead."""
+    """The first rule that holds decides: for every row of `rows` (one request goes to one version, so
+    a batch is in a segment when all its rows are). A version taken out of traffic (rolled back, or
+    set to 0 live) is never chosen: its rule's request goes to the live weighted split instead."""
     errors: list[tuple[str, str]] = []
     for rule in rules:
-        held = inputs.evaluate(rule.when)
+        held = _holds(rule.when, rows)
         if isinstance(held, EvaluationError):
             errors.append((rule.name, f"`{rule.when.source}`: {held.message}"))
             continue
@@ -71,3 +73,15 @@ def choose_version(
             outcome = MATCHED if version is not None else WITHDRAWN
             return RuleDecision(rule.name, version, outcome, tuple(errors))
     return RuleDecision(None, None, NO_MATCH, tuple(errors))
+
+
+def _holds(when: Expression, rows: Sequence[Inputs]) -> bool | EvaluationError:
+    """True when `when` holds for every row; the first row that fails to evaluate is an error (named
+    by its index in a batch)."""
+    for i, inputs in enumerate(rows):
+        held = inputs.evaluate(when)
+        if isinstance(held, EvaluationError):
+            return held if len(rows) == 1 else EvaluationError(f"row {i}: {held.message}")
+        if not held:
+            return False
+    return bool(rows)

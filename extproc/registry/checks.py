@@ -106,10 +106,6 @@ def _model_references(reg: Registry) -> Iterator[Problem]:
 def _model_logic(reg: Registry) -> Iterator[Problem]:
     """Every derived feature and rule compiles (CEL, type-checked) and names what exists."""
     for i, model in enumerate(reg.models):
-        if model.protocol == "open_inference" and (model.derived or model.rules):
-            # TODO(issue 19): derived features as tensors and rules over OIP rows.
-            yield Problem(f"models[{i}]", "derived features and rules are for JSON models so far")
-            continue
         for path, message in logic_problems(model, {v.name for v in model.versions}):
             yield Problem(f"models[{i}].{path}", message)
 

@@ -13,7 +13,9 @@ from typing import TYPE_CHECKING, Annotated, Literal
 
 from pydantic import Field, model_validator
 
+from extproc.expressions import ResultType, compile_expression
 from extproc.registry.common import Strict
+from extproc.registry.logic import expression_scopes
 from extproc.registry.patterns import FEATURE_NAME, HEADER_NAME, PARAMETER_NAME, TENSOR_NAME
 
 if TYPE_CHECKING:
@@ -85,6 +87,30 @@ class OpenInference(Strict):
         return self
 
 
+# A derived feature's own input tensor takes the datatype of its declared type, unless `feature_inputs`
+# names it with another datatype that type can fill.
+DERIVED_DATATYPES: dict[ResultType, str] = {"double": "FP64", "int": "INT64", "bool": "BOOL", "string": "BYTES"}
+_FILLS: dict[ResultType, frozenset[str]] = {
+    "double": frozenset({"FP16", "FP32", "FP64"}),
+    "int": frozenset({"INT8", "INT16", "INT32", "INT64", "UINT8", "UINT16", "UINT32", "UINT64", "FP32", "FP64"}),
+    "bool": frozenset({"BOOL"}),
+    "string": frozenset({"BYTES"}),
+}
+# What `body` holds on an OIP request: this row's value of each client input tensor, and the request's
+# `parameters` (the OIP JSON body's own two fields, so `body.inputs.x` reads as the request is written).
+BODY_SECTIONS = ("inputs", "parameters")
+
+
+def derived_layout(model: Model) -> tuple[tuple[str, ...], tuple[tuple[str, str], ...]]:
+    """Where each derived feature goes: extra columns of the feature tensor (after the stored ones, in
+    declared order), or one [N, 1] input each, named after it: (columns, ((input, datatype), ...))."""
+    oip = open_inference_settings(model)
+    if oip.feature_tensor is not None:
+        return tuple(d.name for d in model.derived), ()
+    declared = oip.feature_inputs or {}
+    return (), tuple((d.name, declared.get(d.name, DERIVED_DATATYPES[d.type])) for d in model.derived)
+
+
 def infer_path(model: str) -> str:
     return f"{V2_PREFIX}/models/{model}/infer"
 
@@ -127,19 +153,67 @@ def _settings_problems(model: Model, join_key: str, here: str) -> Iterator[tuple
         yield f"{here}.path", f"an open_inference model is served at {infer_path(model.name)}; leave 'path' out"
     if model.features and oip.feature_tensor is None and oip.feature_inputs is None:
         yield f"{here}.open_inference", "declare 'feature_tensor' or 'feature_inputs': how features become tensors"
-    if oip.feature_inputs is not None and set(oip.feature_inputs) != set(model.features):
-        yield f"{here}.open_inference.feature_inputs", "must name exactly the model's features"
+    derived = {d.name: d.type for d in model.derived}
+    if oip.feature_inputs is not None and not set(model.features) <= set(oip.feature_inputs) <= {
+        *model.features,
+        *derived,
+    }:
+        yield (
+            f"{here}.open_inference.feature_inputs",
+            "must name every feature of the model, and may name its derived features (nothing else)",
+        )
+    yield from _derived_problems(model, key.input, derived, here)
     if model.unknown_entity == "forward":
         yield f"{here}.unknown_entity", "a tensor has no row for an unknown entity; use 'reject'"
     if model.sticky is not None and model.sticky.body_field is not None:
         yield f"{here}.sticky.body_field", "OIP requests have no body fields; use 'sticky.header'"
     if model.missing_features != "reject":
         yield f"{here}.missing_features", "a tensor has no null and no missing column; use 'reject'"
-    # Not wired into the OIP body yet: refused rather than silently skipped.
-    if model.derived:
-        yield f"{here}.derived", "derived features are not supported on open_inference models yet"
-    if model.rules:
-        yield f"{here}.rules", "segment rules are not supported on open_inference models yet"
+    yield from _body_problems(model, injected, here)
+
+
+def _derived_problems(
+    model: Model, key_input: str | None, derived: dict[str, ResultType], here: str
+) -> Iterator[tuple[str, str]]:
+    oip = open_inference_settings(model)
+    for j, (name, kind) in enumerate(derived.items()):
+        at = f"{here}.derived[{j}]"
+        if oip.feature_tensor is not None and kind not in ("double", "int"):
+            yield (
+                f"{at}.type",
+                f"derived '{name}' is a {kind}, but it would be a column of the {oip.feature_tensor.datatype} "
+                f"tensor '{oip.feature_tensor.name}'; declare 'feature_inputs' to send it as its own input",
+            )
+        datatype = (oip.feature_inputs or {}).get(name)
+        if datatype is not None and datatype not in _FILLS[kind]:
+            yield (
+                f"{here}.open_inference.feature_inputs.{name}",
+                f"a {kind} derived feature cannot fill a {datatype} tensor",
+            )
+        if name == key_input:
+            yield f"{at}.name", f"'{name}' is also the entity key tensor's name"
+
+
+def _body_problems(model: Model, injected: set[str], here: str) -> Iterator[tuple[str, str]]:
+    """What an expression reads of an OIP request: `body.inputs.<tensor>` and `body.parameters.<name>`."""
+    names = injected | {name for name, _ in derived_layout(model)[1]}
+    for path, label, source, result, visible in expression_scopes(model):
+        compiled = compile_expression(source, visible, result)
+        if isinstance(compiled, str):  # logic_problems reports it
+            continue
+        problem = ""
+        outside = sorted(set(compiled.body_fields or ()) - set(BODY_SECTIONS))
+        if compiled.body_fields is None or outside:
+            read = "the whole body" if compiled.body_fields is None else f"body.{outside[0]}"
+            problem = (
+                f"reads {read}; on an open_inference model `body` holds `inputs` (this row's value of each "
+                "input tensor: body.inputs.<tensor>) and `parameters` (the request's: body.parameters.<name>)"
+            )
+        spoofed = sorted(name for section, name in compiled.body_paths if section == "inputs" and name in names)
+        if spoofed:
+            problem = f"body.inputs.{spoofed[0]} is a tensor the broker injects; read features.{spoofed[0]}"
+        if problem:
+            yield f"{here}.{path}", f"{model.name}: {label} `{source}`: {problem}"
 
 
 def _version_problems(model: Model, here: str) -> Iterator[tuple[str, str]]:

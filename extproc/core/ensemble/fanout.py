@@ -20,7 +20,7 @@ from extproc.core.ensemble.aggregate import Combiner, MemberFailure, MemberOutco
 from extproc.core.entity import EntityRef, KeyPlan, union_of
 from extproc.core.features import FeatureRow, Features, FeatureStore, narrow
 from extproc.core.logic import derived_features
-from extproc.core.oip import member_body
+from extproc.core.oip import member_body, member_view
 from extproc.core.routing import ModelRoute
 from extproc.errors import BrokerError, ErrorCode, FeatureStoreUnavailable
 from extproc.registry import Ensemble, Registry
@@ -166,8 +166,10 @@ def _settled(
     route = member.route
     features, degraded = route.settle_unavailable(unavailable) if unavailable else route.settle_features(found, label)
     logic = member.route.logic
-    if isinstance(features, BrokerError) or logic is None or member.route.oip is not None:
+    if isinstance(features, BrokerError) or logic is None:
         return features
+    if route.oip is not None:  # `body` as for an OIP request of the one row the member is sent
+        doc = member_view(route.oip.key_input, label)
     return derived_features(logic, doc, features, started_at=started_at, degraded=degraded)
 
 

@@ -1,7 +1,8 @@
 """The Open Inference Protocol (KServe V2) on the request path: tensors, infer requests, GET endpoints.
 
 `tensors` (datatypes, shapes, conversion) → `infer` (entity keys from a request, feature
-tensors, the forwarded body, OIP errors) → `endpoints` (health, server and model metadata,
+tensors, the forwarded body, OIP errors) → `logic` (derived features and rules, per row)
+→ `endpoints` (health, server and model metadata,
 readiness, read from the backends through Envoy's egress listener). Pure but for `endpoints`,
 which reads through a `BackendReader` the process layer supplies.
 """
@@ -28,6 +29,7 @@ from extproc.core.oip.infer import (
     output_element,
     read_infer_request,
 )
+from extproc.core.oip.logic import OipLogicOutcome, apply_oip_logic, member_view, row_bodies
 from extproc.core.oip.tensors import DATATYPES, convert, element_count, flatten, tensor_problem
 
 __all__ = [
@@ -36,8 +38,10 @@ __all__ = [
     "BackendUnreachable",
     "InferRequest",
     "ModelEndpoint",
+    "OipLogicOutcome",
     "OipPlan",
     "answer",
+    "apply_oip_logic",
     "check_oip_content_type",
     "client_metadata",
     "compile_endpoints",
@@ -50,8 +54,10 @@ __all__ = [
     "flatten",
     "forward_body",
     "member_body",
+    "member_view",
     "output_element",
     "read_infer_request",
+    "row_bodies",
     "server_metadata",
     "tensor_problem",
 ]

@@ -15,7 +15,7 @@ import orjson
 from extproc.core.body import check_content_type, parse_json_object
 from extproc.core.oip.tensors import convert, flatten, tensor_problem
 from extproc.errors import BrokerError, ErrorCode
-from extproc.registry import Model, entity_key_source, open_inference_settings
+from extproc.registry import Model, derived_layout, entity_key_source, open_inference_settings
 
 # The longest entity key accepted, as on JSON routes.
 MAX_KEY_LENGTH = 256
@@ -37,11 +37,15 @@ class OipPlan:
     tensor: tuple[str, str] | None = None
     inputs: tuple[tuple[str, str], ...] = ()
     max_rows: int = 256
+    # Derived features: extra columns of `tensor` (after `features`), or one [N, 1] input each.
+    derived_columns: tuple[str, ...] = ()
+    derived_inputs: tuple[tuple[str, str], ...] = ()
 
     @property
     def injected(self) -> frozenset[str]:
         """Input names the broker writes; a client's tensor of the same name is replaced."""
-        return frozenset([self.tensor[0]] if self.tensor else [name for name, _ in self.inputs])
+        stored = [self.tensor[0]] if self.tensor else [name for name, _ in self.inputs]
+        return frozenset(stored) | {name for name, _ in self.derived_inputs}
 
     @property
     def entity_description(self) -> str:
@@ -57,6 +61,10 @@ def compile_plan(model: Model, join_key: str) -> OipPlan:
     settings = open_inference_settings(model)
     key = entity_key_source(model, join_key)
     tensor = settings.feature_tensor
+    columns, derived_inputs = derived_layout(model)
+    inputs = tuple(
+        (name, datatype) for name, datatype in (settings.feature_inputs or {}).items() if name in model.features
+    )
     return OipPlan(
         model=model.name,
         features=model.features,
@@ -66,8 +74,10 @@ def compile_plan(model: Model, join_key: str) -> OipPlan:
         key_parameter=key.parameter,
         key_header=key.header,
         tensor=(tensor.name, tensor.datatype) if tensor is not None else None,
-        inputs=tuple(settings.feature_inputs.items()) if settings.feature_inputs else (),
+        inputs=inputs,
         max_rows=settings.max_rows,
+        derived_columns=columns,
+        derived_inputs=derived_inputs,
     )
 
 
@@ -182,18 +192,19 @@ def feature_tensors(
 ) -> list[dict[str, Any]] | BrokerError:
     """The injected tensors for N rows; a value the declared datatype cannot hold is an error naming it."""
     n = len(rows)
+    tensors = []
     if plan.tensor is not None:
         name, datatype = plan.tensor
+        columns = (*plan.features, *plan.derived_columns)
         data = []
         for key, row in zip(keys, rows, strict=True):
-            for feature in plan.features:
+            for feature in columns:
                 value = _converted(row.get(feature), datatype, feature, key, join_key)
                 if isinstance(value, BrokerError):
                     return value
                 data.append(value)
-        return [{"name": name, "shape": [n, len(plan.features)], "datatype": datatype, "data": data}]
-    tensors = []
-    for feature, datatype in plan.inputs:
+        tensors.append({"name": name, "shape": [n, len(columns)], "datatype": datatype, "data": data})
+    for feature, datatype in (*plan.inputs, *plan.derived_inputs):
         column = []
         for key, row in zip(keys, rows, strict=True):
             value = _converted(row.get(feature), datatype, feature, key, join_key)
