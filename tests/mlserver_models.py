@@ -2,8 +2,11 @@
 
 Run by the MLServer virtualenv's python (scripts/mlserver-venv), never imported by pytest:
     python tests/mlserver_models.py DIR HTTP_PORT GRPC_PORT METRICS_PORT
-Models: `risk` v1 and v2 (logistic regressions on one [N, 4] FP32 tensor, `features`) and
-`risk-columns` v1 (the same four features as one [N, 1] input each, MLServer's pandas codec).
+Models: `risk` v1 and v2 (logistic regressions on one [N, 4] FP32 tensor, `features`),
+`risk-columns` v1 (the same four features as one [N, 1] input each, MLServer's pandas codec),
+and two trained on derived features as well, so their answers depend on the broker computing
+them: `risk-derived` (one [N, 5] FP64 tensor, the fifth column debt = debt_ratio x income) and
+`risk-derived-columns` (pandas: the four features, then debt FP64, senior BOOL, age_band INT64).
 """
 
 from __future__ import annotations
@@ -40,6 +43,37 @@ def write_model(root: Path, folder: str, settings: dict[str, object], model: Log
     (directory / "model-settings.json").write_text(json.dumps(settings))
 
 
+def derived_columns(data: pd.DataFrame) -> pd.DataFrame:
+    """The derived features as the registry's CEL computes them, columns in declared order."""
+    frame = data.copy()
+    frame["debt"] = frame["debt_ratio"] * frame["income"]
+    frame["senior"] = frame["age"] >= 60
+    frame["age_band"] = (frame["age"] // 10).astype("int64")
+    return frame
+
+
+def write_derived_models(root: Path, data: pd.DataFrame) -> None:
+    """Labels driven by the derived values: a wrong or missing derived value changes the answer."""
+    frame = derived_columns(data)
+    labels = (frame["debt"] > frame["debt"].median()).astype(int)
+    tensor = LogisticRegression(max_iter=1000).fit(frame[[*FEATURES, "debt"]].to_numpy(dtype=np.float64), labels)
+    settings = {
+        "name": "risk-derived",
+        "implementation": "mlserver_sklearn.SKLearnModel",
+        "inputs": [{"name": "features", "datatype": "FP64", "shape": [-1, 5]}],
+        "outputs": [{"name": "predict_proba", "datatype": "FP64", "shape": [-1, 2]}],
+        "parameters": {"uri": "./model.joblib", "version": "v1"},
+    }
+    write_model(root, "risk-derived", settings, tensor)
+    labels = ((frame["debt"] > frame["debt"].median()) | frame["senior"]).astype(int)
+    columns = {
+        "name": "risk-derived-columns",
+        "implementation": "mlserver_sklearn.SKLearnModel",
+        "parameters": {"uri": "./model.joblib", "version": "v1", "content_type": "pd"},
+    }
+    write_model(root, "risk-derived-columns", columns, LogisticRegression(max_iter=1000).fit(frame, labels))
+
+
 def main(root: Path, http_port: int, grpc_port: int, metrics_port: int) -> None:
     data = training_data(14)
     tensor_io = {
@@ -65,6 +99,7 @@ def main(root: Path, http_port: int, grpc_port: int, metrics_port: int) -> None:
         "parameters": {"uri": "./model.joblib", "version": "v1", "content_type": "pd"},
     }
     write_model(root, "risk-columns", columns, LogisticRegression(max_iter=1000).fit(data, labels))
+    write_derived_models(root, data)
     settings = {
         "host": "127.0.0.1",
         "http_port": http_port,

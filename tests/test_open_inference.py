@@ -12,6 +12,7 @@ import http.client
 import json
 import random
 import subprocess
+import sys
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -95,7 +96,8 @@ def mlserver(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MLServer]:
     proc = Proc("mlserver", [str(Path(venv) / "bin" / "mlserver"), "start", str(root)], root / "mlserver.log").start()
     try:
         ready = ["/v2/models/risk/versions/v1/ready", "/v2/models/risk/versions/v2/ready"]
-        _wait_models_ready(http_port, [*ready, "/v2/models/risk-columns/ready"], proc)
+        others = ["risk-columns", "risk-derived", "risk-derived-columns"]
+        _wait_models_ready(http_port, [*ready, *(f"/v2/models/{m}/ready" for m in others)], proc)
         yield MLServer(http_port, proc)
     finally:
         proc.stop()
@@ -164,8 +166,68 @@ def oip_registry(server: MLServer, redis: RedisServer) -> dict[str, Any]:
             },
             "versions": [{"name": "v1", "weight": 1, "backend": _service(server, "risk", "v1")}],
         },
+        *logic_models(server),
     ]
     return doc
+
+
+# Derived features as the models were trained on them (tests/mlserver_models.py, derived_columns).
+DEBT = {"name": "debt", "expr": "features.debt_ratio * features.income"}
+SENIOR = {"name": "senior", "expr": "features.age >= 60.0", "type": "bool"}
+AGE_BAND = {"name": "age_band", "expr": "int(features.age / 10.0)", "type": "int"}
+# A segment of the feature store: the rule on a fetched feature sends these applicants to v2.
+RICH = 70.0
+VIP = "a-7"
+
+
+def logic_models(server: MLServer) -> list[dict[str, Any]]:
+    """OIP models with derived features (each layout) and segment rules."""
+    columns = {"income": "FP64", "debt_ratio": "FP64", "age": "INT64", "tenure": "FP64"}
+    base = {"protocol": "open_inference", "entity": "applicant", "features": list(FEATURES)}
+    tensor = {"feature_tensor": {"name": "features", "datatype": "FP64"}}
+    return [
+        {
+            **base,
+            "name": "risk-derived",
+            "open_inference": tensor,
+            "derived": [DEBT],
+            "versions": [{"name": "v1", "weight": 1, "backend": _service(server, "risk-derived")}],
+        },
+        {
+            **base,
+            "name": "risk-derived-columns",
+            "open_inference": {"entity_key": {"header": "x-applicant-id"}, "feature_inputs": columns},
+            "derived": [DEBT, SENIOR, AGE_BAND],
+            "versions": [{"name": "v1", "weight": 1, "backend": _service(server, "risk-derived-columns")}],
+        },
+        {
+            # The same model, its derived column scaled by a request parameter: fails at run time on 0 or none.
+            **base,
+            "name": "risk-scaled",
+            "open_inference": tensor,
+            "derived": [{"name": "debt", "expr": "features.debt_ratio * features.income / body.parameters.scale"}],
+            "versions": [{"name": "v1", "weight": 1, "backend": _service(server, "risk-derived")}],
+        },
+        {
+            **base,
+            "name": "risk-ruled",
+            "open_inference": {"feature_tensor": {"name": "features", "datatype": "FP32"}},
+            "rules": [
+                {
+                    "name": "partner",
+                    "when": "has(body.parameters.channel) && body.parameters.channel == 'partner'",
+                    "version": "v2",
+                },
+                {"name": "vip", "when": f"body.inputs.applicant_id == '{VIP}'", "version": "v2"},
+                {"name": "rich", "when": f"features.income > {RICH}", "version": "v2"},
+            ],
+            # v2 is reached through the rules only.
+            "versions": [
+                {"name": "v1", "weight": 1, "backend": _service(server, "risk", "v1")},
+                {"name": "v2", "weight": 0, "backend": _service(server, "risk", "v2")},
+            ],
+        },
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -471,3 +533,182 @@ def test_wrong_method_on_infer_is_an_oip_405(oip_stack: Stack) -> None:
     status, headers, reply = _post(oip_stack, "/v2/models/risk/infer", b"", {}, method="GET")
     assert status == 405 and headers["allow"] == "POST"
     assert reply["error"].startswith("method_not_allowed: "), reply
+
+
+# Derived features and segment rules on OIP models (the models in `logic_models`).
+
+
+def derived_row(key: str) -> dict[str, Any]:
+    """One row's features and derived values, computed by hand as tests/mlserver_models.py trained them."""
+    row = feature_rows()[key]
+    return {
+        **row,
+        "debt": row["debt_ratio"] * row["income"],
+        "senior": row["age"] >= 60,
+        "age_band": row["age"] // 10,
+    }
+
+
+def derived_tensor(keys: list[str], debt: list[float] | None = None) -> triton.InferInput:
+    """The [N, 5] FP64 tensor risk-derived was trained on; `debt` overrides the derived column."""
+    rows = [derived_row(k) for k in keys]
+    column = debt if debt is not None else [r["debt"] for r in rows]
+    values = np.array([[*(r[f] for f in FEATURES), d] for r, d in zip(rows, column, strict=True)], dtype=np.float64)
+    tensor = triton.InferInput("features", list(values.shape), "FP64")
+    tensor.set_data_from_numpy(values, binary_data=False)
+    return tensor
+
+
+def test_a_derived_column_reaches_the_model_row_by_row(oip_stack: Stack, mlserver: MLServer) -> None:
+    """16 keys in one request: each row's debt = debt_ratio x income is the fifth column, as the model was
+    trained; the answer equals MLServer called with the column by hand, and differs without it."""
+    keys = ENTITIES[20:36]
+    result = broker_client(oip_stack).infer("risk-derived", [key_input(keys)], outputs=probabilities())
+    direct = client_of(mlserver.url)
+    expected = direct.infer("risk-derived", [derived_tensor(keys)], outputs=probabilities())
+    got = result.as_numpy("predict_proba").tolist()
+    assert got == expected.as_numpy("predict_proba").tolist()
+    # The model reads the derived column: the same rows with debt 0 answer otherwise.
+    zeroed = direct.infer("risk-derived", [derived_tensor(keys, [0.0] * len(keys))], outputs=probabilities())
+    assert all(a != b for a, b in zip(got, zeroed.as_numpy("predict_proba").tolist(), strict=True))
+
+
+def derived_inputs(key: str) -> list[triton.InferInput]:
+    """risk-derived-columns' inputs by hand: the four features, then debt FP64, senior BOOL, age_band INT64."""
+    row = derived_row(key)
+    inputs = column_inputs(key)
+    for name, datatype, dtype in (
+        ("debt", "FP64", np.float64),
+        ("senior", "BOOL", np.bool_),
+        ("age_band", "INT64", np.int64),
+    ):
+        tensor = triton.InferInput(name, [1, 1], datatype)
+        tensor.set_data_from_numpy(np.array([[row[name]]], dtype=dtype), binary_data=False)
+        inputs.append(tensor)
+    return inputs
+
+
+def test_derived_inputs_reach_the_model_with_their_types_datatypes(oip_stack: Stack, mlserver: MLServer) -> None:
+    """One [1, 1] input per derived feature (double → FP64, bool → BOOL, int → INT64), as MLServer's pandas
+    codec reads DataFrame columns: the answers equal MLServer with the same inputs written by hand."""
+    keys = [k for k in ENTITIES if feature_rows()[k]["age"] >= 60][:3] + [
+        k for k in ENTITIES if feature_rows()[k]["age"] < 60
+    ][:3]
+    direct = client_of(mlserver.url)
+    for key in keys:
+        result = broker_client(oip_stack).infer(
+            "risk-derived-columns", [], outputs=probabilities(), headers={"x-applicant-id": key}
+        )
+        expected = direct.infer("risk-derived-columns", derived_inputs(key), outputs=probabilities())
+        assert result.as_numpy("predict_proba").tolist() == expected.as_numpy("predict_proba").tolist(), key
+
+
+def test_a_derived_feature_reads_a_request_parameter(oip_stack: Stack, mlserver: MLServer) -> None:
+    """`body.parameters.scale` is the request's parameter: scale 1 gives the trained column."""
+    key = ENTITIES[3]
+    result = broker_client(oip_stack).infer(
+        "risk-scaled", [key_input([key])], outputs=probabilities(), parameters={"scale": 1.0}
+    )
+    expected = client_of(mlserver.url).infer("risk-derived", [derived_tensor([key])], outputs=probabilities())
+    assert result.as_numpy("predict_proba").tolist() == expected.as_numpy("predict_proba").tolist()
+
+
+def _cluster_requests(stack: Stack, model: str) -> int:
+    with urllib.request.urlopen(f"{stack.admin}/stats?filter=upstream_rq_total", timeout=10) as resp:
+        lines = resp.read().decode().splitlines()
+    return sum(int(line.rsplit(": ", 1)[1]) for line in lines if line.startswith(f"cluster.{model}--"))
+
+
+@pytest.mark.parametrize(
+    ("parameters", "cause"),
+    [
+        pytest.param(
+            {"scale": 0}, "the result is inf (a division by zero?), not a finite number", id="division-by-zero"
+        ),
+        pytest.param({}, 'missing input: "scale"', id="missing-input"),
+        pytest.param({"scale": "two"}, "type mismatch", id="type-mismatch"),
+    ],
+)
+def test_a_derived_feature_failing_at_run_time_is_refused_in_oip_shape(
+    oip_stack: Stack, parameters: dict[str, Any], cause: str
+) -> None:
+    """OIP models `reject` a feature they cannot have: 422 `missing_features: …` naming the entity, the
+    feature, its expression and the cause, with x-request-id; the model is never called."""
+    before = _cluster_requests(oip_stack, "risk-scaled")
+    key = {"name": "applicant_id", "shape": [1, 1], "datatype": "BYTES", "data": [ENTITIES[3]]}
+    body = json.dumps({"inputs": [key], "parameters": parameters}).encode()
+    status, headers, reply = _post(oip_stack, "/v2/models/risk-scaled/infer", body, {})
+    assert status == 422, reply
+    assert set(reply) == {"error"} and headers.get("x-request-id"), (headers, reply)
+    assert reply["error"].startswith(
+        f"missing_features: applicant_id '{ENTITIES[3]}': features the model needs are missing: 'debt': "
+        "`features.debt_ratio * features.income / body.parameters.scale`: "
+    ), reply
+    assert cause in reply["error"], reply
+    assert _cluster_requests(oip_stack, "risk-scaled") == before
+
+
+def _version_of(stack: Stack, keys: list[str], **kw: Any) -> str:
+    result = broker_client(stack).infer("risk-ruled", [key_input(keys)], outputs=probabilities(), **kw)
+    return str(result.get_response()["model_version"])
+
+
+def test_rules_on_an_oip_request_pin_the_version(oip_stack: Stack, mlserver: MLServer) -> None:
+    """A request parameter, an input tensor's value and a fetched feature each pin v2 (weight 0: reached
+    through the rules only); no rule holding leaves Envoy's split (all v1). The pinned answer is v2's."""
+    rows = feature_rows()
+    plain = [k for k in ENTITIES if rows[k]["income"] <= RICH and k != VIP][:5]
+    rich = [k for k in ENTITIES if rows[k]["income"] > RICH]
+    assert len(rich) >= 2 and rows[VIP]["income"] <= RICH
+    assert {_version_of(oip_stack, [k]) for k in plain} == {"v1"}
+    assert {_version_of(oip_stack, [k], parameters={"channel": "partner"}) for k in plain} == {"v2"}
+    assert {_version_of(oip_stack, [k], parameters={"channel": "direct"}) for k in plain} == {"v1"}
+    assert _version_of(oip_stack, [VIP]) == "v2"
+    assert {_version_of(oip_stack, [k]) for k in rich} == {"v2"}
+    # The pinned request reaches v2 with its features: the answer is v2's for those features.
+    result = broker_client(oip_stack).infer(
+        "risk-ruled", [key_input(plain[:1])], outputs=probabilities(), parameters={"channel": "partner"}
+    )
+    expected = client_of(mlserver.url).infer(
+        "risk", [feature_tensor(plain[:1])], model_version="v2", outputs=probabilities()
+    )
+    assert result.as_numpy("predict_proba").tolist() == expected.as_numpy("predict_proba").tolist()
+
+
+def test_a_batch_is_pinned_when_every_row_is_in_the_segment(oip_stack: Stack) -> None:
+    """One request goes to one version: all rows rich → v2; one row outside the segment → the split."""
+    rows = feature_rows()
+    rich = [k for k in ENTITIES if rows[k]["income"] > RICH]
+    plain = [k for k in ENTITIES if rows[k]["income"] <= RICH and k != VIP]
+    assert _version_of(oip_stack, rich) == "v2"
+    assert _version_of(oip_stack, [*rich, plain[0]]) == "v1"
+
+
+def test_a_named_version_is_served_whatever_the_rules_say(oip_stack: Stack) -> None:
+    """`…/versions/v1/infer` names its version: a rule holding does not move it."""
+    result = broker_client(oip_stack).infer(
+        "risk-ruled", [key_input([VIP])], model_version="v1", outputs=probabilities()
+    )
+    assert result.get_response()["model_version"] == "v1"
+
+
+def test_check_refuses_a_json_body_field_on_an_oip_model(oip_stack: Stack, tmp_path: Path) -> None:
+    """`model-broker check` names the model, the rule and what an OIP `body` holds instead."""
+    doc = json.loads(json.dumps(oip_stack.doc))
+    ruled = next(i for i, m in enumerate(doc["models"]) if m["name"] == "risk-ruled")
+    doc["models"][ruled]["rules"][0]["when"] = "body.channel == 'partner'"
+    config = tmp_path / "registry.yaml"
+    config.write_text(json.dumps(doc))
+    result = subprocess.run(
+        [sys.executable, "-m", "extproc.cli", "check", "--config", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 2, result.stderr
+    assert (
+        f"models[{ruled}].rules[0].when: risk-ruled: rule 'partner' `body.channel == 'partner'`: reads body.channel; "
+        "on an open_inference model `body` holds `inputs` (this row's value of each input tensor: "
+        "body.inputs.<tensor>) and `parameters` (the request's: body.parameters.<name>)"
+    ) in result.stderr
