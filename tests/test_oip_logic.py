@@ -6,9 +6,12 @@ from typing import Any
 
 import orjson
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from extproc.core.logic import ModelLogic
 from extproc.core.oip import (
+    DATATYPES,
     OipLogicOutcome,
     OipPlan,
     apply_oip_logic,
@@ -22,6 +25,7 @@ from extproc.core.oip import (
 from extproc.core.routing import compile_routes
 from extproc.errors import BrokerError, ErrorCode
 from extproc.registry import Registry, RegistryInvalid, parse_registry
+from tests.test_hardening import dumps_like_a_client, json_values, scalars
 
 SERVICE = {"service": {"host": "m", "port": 1, "path": "/v2/models/r/infer"}}
 DERIVED = [
@@ -318,3 +322,67 @@ def test_plan_keeps_features_for_an_inputs_layout_that_names_derived_ones() -> N
         _registry(derived=DERIVED[:1], open_inference={"feature_inputs": declared}).models[0], "applicant_id"
     )
     assert isinstance(plan, OipPlan) and plan.inputs == tuple(COLUMNS["feature_inputs"].items())
+
+
+# Hostile OIP requests against expressions that index, loop, divide and convert whatever they get.
+HOSTILE_DERIVED = [
+    {"name": "ratio", "expr": "features.income / body.parameters.p"},
+    {"name": "first", "expr": "has(body.inputs.x) ? double(body.inputs.x[0]) * 2.0 : 0.0"},
+    {"name": "count", "expr": "size(body.inputs)", "type": "int"},
+]
+HOSTILE_RULES = [
+    {"name": "x", "when": "body.inputs.x == 'DE' || body.inputs.y.exists(v, v > 1.0)", "version": "v2"},
+    {"name": "p", "when": "body.parameters.p > 0.5 && features.income > 1.0", "split": {"v1": 1, "v2": 1}},
+]
+HOSTILE = compile_plan(
+    _registry(derived=HOSTILE_DERIVED, rules=HOSTILE_RULES, open_inference=COLUMNS).models[0], "applicant_id"
+)
+HOSTILE_LOGIC = _logic(derived=HOSTILE_DERIVED, rules=HOSTILE_RULES, open_inference=COLUMNS)
+
+
+@st.composite
+def oip_requests(draw: st.DrawFn) -> dict[str, Any]:
+    """Requests with a valid key tensor of N rows and other tensors of any shape, datatype and values."""
+    rows = draw(st.integers(1, 3))
+    key = {"name": "applicant_id", "shape": [rows, 1], "datatype": "BYTES", "data": [f"a-{i}" for i in range(rows)]}
+    tensors = [key]
+    for name in draw(st.lists(st.sampled_from(["x", "y", "debt", "income"]), unique=True, max_size=3)):
+        shape = draw(st.sampled_from([[rows], [rows, 1], [rows, 2], [3], []]))
+        count = 1 if not shape else rows * (shape[1] if len(shape) > 1 else 1) if shape != [3] else 3
+        data = draw(st.lists(scalars, min_size=count, max_size=count))
+        tensors.append({"name": name, "shape": shape, "datatype": draw(st.sampled_from(DATATYPES)), "data": data})
+    return {"inputs": tensors, "parameters": draw(st.dictionaries(st.sampled_from(["p", "q"]), json_values))}
+
+
+stored = st.dictionaries(
+    st.sampled_from(["income", "debt_ratio", "age"]),
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(),
+)
+
+
+@settings(max_examples=500, deadline=None)
+@given(oip_requests(), stored, st.sampled_from(["", "feature_store_unavailable"]))
+def test_no_oip_request_crashes_the_logic(doc: dict[str, Any], features: dict[str, Any], degraded: str) -> None:
+    """Any tensors, parameters and stored values: the tensors to send, or a coded error; never an exception."""
+    request = read_infer_request(HOSTILE, dumps_like_a_client(doc), content_type="", header_key="", max_depth=32)
+    if isinstance(request, BrokerError):
+        return
+    keys = list(request.keys)
+    outcome = apply_oip_logic(
+        HOSTILE_LOGIC,
+        request.doc,
+        keys,
+        [features] * len(keys),
+        join_key="applicant_id",
+        started_at=0.0,
+        degraded=degraded,
+        withdrawn=frozenset(),
+        sticky=None,
+    )
+    if isinstance(outcome, BrokerError):
+        assert outcome.code is ErrorCode.MISSING_FEATURES and not degraded
+        return
+    assert outcome.decision is not None and outcome.decision.version in {None, "v1", "v2"}
+    tensors = feature_tensors(HOSTILE, keys, outcome.rows, "applicant_id")
+    if not isinstance(tensors, BrokerError):
+        orjson.dumps(forward_body(HOSTILE, request, tensors))
