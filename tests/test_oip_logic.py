@@ -351,12 +351,19 @@ def oip_requests(draw: st.DrawFn) -> dict[str, Any]:
         count = 1 if not shape else rows * (shape[1] if len(shape) > 1 else 1) if shape != [3] else 3
         data = draw(st.lists(scalars, min_size=count, max_size=count))
         tensors.append({"name": name, "shape": shape, "datatype": draw(st.sampled_from(DATATYPES)), "data": data})
-    return {"inputs": tensors, "parameters": draw(st.dictionaries(st.sampled_from(["p", "q"]), json_values))}
+    parameters = {"p": draw(st.floats(0.5, 2) | json_values), **draw(st.dictionaries(st.just("q"), json_values))}
+    return {"inputs": tensors, "parameters": parameters}
 
 
-stored = st.dictionaries(
-    st.sampled_from(["income", "debt_ratio", "age"]),
-    st.none() | st.booleans() | st.integers() | st.floats() | st.text(),
+# Rows as a store holds them, some values replaced by anything.
+stored = st.builds(
+    lambda row, spoiled: {**row, **spoiled},
+    st.fixed_dictionaries({"income": st.floats(1, 1e6), "debt_ratio": st.floats(0, 1), "age": st.integers(18, 99)}),
+    st.dictionaries(
+        st.sampled_from(["income", "debt_ratio", "age"]),
+        st.none() | st.booleans() | st.integers() | st.floats() | st.text(),
+        max_size=1,
+    ),
 )
 
 
@@ -385,4 +392,4 @@ def test_no_oip_request_crashes_the_logic(doc: dict[str, Any], features: dict[st
     assert outcome.decision is not None and outcome.decision.version in {None, "v1", "v2"}
     tensors = feature_tensors(HOSTILE, keys, outcome.rows, "applicant_id")
     if not isinstance(tensors, BrokerError):
-        orjson.dumps(forward_body(HOSTILE, request, tensors))
+        assert orjson.loads(forward_body(HOSTILE, request, tensors))["inputs"]
