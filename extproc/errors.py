@@ -54,6 +54,15 @@ class ErrorCode(StrEnum):
     # Control-plane admin API (weights, rollouts), not the request path.
     INVALID_WEIGHTS = "invalid_weights"
     ADMIN_UNAUTHORIZED = "admin_unauthorized"
+    # Ground truth (`POST /v1/feedback`): a malformed item, a request id the audit trail does not hold,
+    # one whose model takes no feedback (not audited, no `feedback` declared) or whose answer cannot be
+    # scored, a second truth that contradicts the first, a model the consumer may not call.
+    INVALID_FEEDBACK = "invalid_feedback"
+    UNKNOWN_REQUEST = "unknown_request"
+    NOT_AUDITED = "not_audited"
+    NOT_SCORABLE = "not_scorable"
+    FEEDBACK_CONFLICT = "feedback_conflict"
+    FORBIDDEN = "forbidden"
 
 
 STATUS: dict[ErrorCode, int] = {
@@ -89,6 +98,12 @@ STATUS: dict[ErrorCode, int] = {
     ErrorCode.OVERLOADED: 503,
     ErrorCode.INVALID_WEIGHTS: 400,
     ErrorCode.ADMIN_UNAUTHORIZED: 401,
+    ErrorCode.INVALID_FEEDBACK: 400,
+    ErrorCode.UNKNOWN_REQUEST: 404,
+    ErrorCode.NOT_AUDITED: 409,
+    ErrorCode.NOT_SCORABLE: 409,
+    ErrorCode.FEEDBACK_CONFLICT: 409,
+    ErrorCode.FORBIDDEN: 403,
 }
 
 

@@ -211,6 +211,39 @@ PROMOTIONS = Gauge(
 )
 
 
+# Ground truth, written by the control plane from the persisted labels (so the same after a restart).
+# `role`: `served` (the version answered the client) or `shadow` (its mirrored answer, scored against the same truth).
+FEEDBACK_LABELLED = Gauge(
+    "model_broker_feedback_labelled",
+    "Answers with ground truth joined (POST /v1/feedback), per model, version and role (served, shadow).",
+    ["model", "version", "role"],
+    multiprocess_mode="mostrecent",
+)
+FEEDBACK_ACCURACY = Gauge(
+    "model_broker_feedback_accuracy",
+    "Share of labelled answers equal to the truth (classification models), per model, version and role.",
+    ["model", "version", "role"],
+    multiprocess_mode="mostrecent",
+)
+FEEDBACK_MAE = Gauge(
+    "model_broker_feedback_mae",
+    "Mean absolute error of labelled answers against the truth (regression models), per model, version and role.",
+    ["model", "version", "role"],
+    multiprocess_mode="mostrecent",
+)
+FEEDBACK_POSTED = Counter(
+    "model_broker_feedback_total",
+    "Truths posted, by model ('' when unknown) and outcome: labelled, duplicate, or the error code.",
+    ["model", "outcome"],
+)
+
+
+def set_feedback(model: str, version: str, role: str, *, kind: str, labelled: int, value: float | None) -> None:
+    FEEDBACK_LABELLED.labels(model, version, role).set(labelled)
+    if value is not None:
+        (FEEDBACK_ACCURACY if kind == "classification" else FEEDBACK_MAE).labels(model, version, role).set(value)
+
+
 def set_promotion_rate(model: str, started: int, promoted: int) -> None:
     PROMOTIONS.labels(model, "started").set(started)
     PROMOTIONS.labels(model, "promoted").set(promoted)

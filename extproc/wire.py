@@ -81,6 +81,8 @@ HEADER_CONSUMER: Final = "x-broker-consumer"
 # endpoints carry a prefix no model name can have (model names are DNS labels).
 ROUTE_HEALTHZ: Final = "broker:healthz"
 ROUTE_MODELS: Final = "broker:models"
+# Ground truth for audited answers: Envoy authenticates it, then forwards it to the control plane.
+ROUTE_FEEDBACK: Final = "broker:feedback"
 
 # The Open Inference Protocol's server endpoints, answered by the broker itself.
 ROUTE_OIP_LIVE: Final = "broker:v2-live"
@@ -93,6 +95,7 @@ PATH_OIP_SERVER: Final = "/v2"
 # Path the broker's own GET endpoints are served on, through Envoy.
 PATH_HEALTHZ: Final = "/healthz"
 PATH_MODELS: Final = "/models"
+PATH_FEEDBACK: Final = "/v1/feedback"
 
 # Sent by the broker with every ensemble member call, so a member's audit record and
 # logs link back to the client's request (Envoy gives each member call its own x-request-id).
@@ -113,6 +116,8 @@ def broker_socket(directory: str, transport: str, worker: int) -> str:
 # The rollout control plane: its gRPC cluster, the RTDS layer every Envoy subscribes
 # to, and the runtime key prefix of `weighted_clusters` (key = prefix + "." + cluster).
 CONTROL_PLANE_CLUSTER: Final = "model_broker_control_plane"
+# The control plane's feedback listener (HTTP/1.1), behind the public `/v1/feedback` route.
+FEEDBACK_CLUSTER: Final = "model_broker_feedback"
 RUNTIME_LAYER: Final = "model_broker_weights"
 # The xDS node cluster broker workers subscribe to RTDS under; every other node is an Envoy.
 BROKER_NODE_CLUSTER: Final = "model-broker-workers"

@@ -44,7 +44,16 @@ from extproc.audit.shipper import (
     read_segment,
     ship_segment,
 )
-from extproc.audit.spool import OPEN_SUFFIX, SEALED_SUFFIX, Segment, Spool, created_at, parse_lines, segment_name
+from extproc.audit.spool import (
+    OPEN_SUFFIX,
+    SEALED_SUFFIX,
+    Segment,
+    Spool,
+    created_at,
+    find_spooled,
+    parse_lines,
+    segment_name,
+)
 from extproc.audit.status import ship_counters, spool_status, worker_status
 
 __all__ = [
@@ -77,6 +86,7 @@ __all__ = [
     "compile_redaction",
     "created_at",
     "error_body",
+    "find_spooled",
     "half_full_message",
     "iso_utc",
     "local_path",

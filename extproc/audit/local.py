@@ -41,8 +41,14 @@ class LocalAuditStore:
         return None
 
     def show(self, request_id: str) -> Record | None:
-        records = self._records(self._dir.glob("date=*/model=*/*.jsonl"))
-        return next((r for r in records if r["request_id"] == request_id), None)
+        wanted = request_id.encode()
+        for path in self._dir.glob("date=*/model=*/*.jsonl"):
+            data = path.read_bytes()
+            if wanted in data:  # parse only the files that can hold it
+                found = next((r for r in parse_lines(data)[0] if r["request_id"] == request_id), None)
+                if found is not None:
+                    return found
+        return None
 
     def by_model(self, model: str, since: str, until: str) -> list[dict[str, Any]]:
         days = [d for d in self._dir.glob("date=*") if since[:10] <= d.name[5:] <= until[:10]]

@@ -64,6 +64,27 @@ def parse_lines(data: bytes) -> tuple[list[dict[str, Any]], int]:
     return records, torn
 
 
+def find_spooled(root: Path, request_id: str) -> dict[str, Any] | None:
+    """A record still waiting in any process's spool under `root` (`<spool.dir>/<process>/<segment>`).
+
+    The feedback join looks here first: a truth posted right after its answer finds the
+    record before the shipper has moved it to the sink.
+    """
+    wanted = request_id.encode()
+    for path in sorted(root.glob("*/*"), reverse=True):  # newest segments first
+        if path.suffix not in (OPEN_SUFFIX, SEALED_SUFFIX):
+            continue
+        try:
+            data = path.read_bytes()
+        except OSError:  # shipped and removed while we looked
+            continue
+        if wanted in data:
+            found = next((r for r in parse_lines(data)[0] if r.get("request_id") == request_id), None)
+            if found is not None:
+                return found
+    return None
+
+
 class Spool:
     """One worker's spool: appends on the event loop, sealing and fsync in the shipper's thread.
 

@@ -7,6 +7,7 @@ asks "is there a handler?"; `BrokerProcessor` overrides the phases it uses.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable, Mapping
 from importlib.metadata import version as package_version
 from typing import Any, Protocol
 
@@ -40,7 +41,7 @@ from extproc.core.oip import (
 )
 from extproc.core.oip import answer as oip_answer
 from extproc.core.responses import Answer
-from extproc.core.routing import ModelRoute, compile_routes, describe_models, resolve_route
+from extproc.core.routing import ModelRoute, compile_routes, describe_models, resolve_route, with_ground_truth
 from extproc.core.rows import Rows, body_rows, fetch_features, inject_rows
 from extproc.core.rules import RuleDecision
 from extproc.errors import BrokerError, ErrorCode
@@ -82,8 +83,11 @@ class BrokerProcessor(Processor):
         *,
         egress: Egress | None = None,
         audit: AuditTrail | None = None,
+        ground_truth: Callable[[], Mapping[str, Any]] | None = None,
     ) -> None:
         self._store = store
+        # Labels per model and version (the control plane's summary), for `GET /models`.
+        self._ground_truth = ground_truth
         self._egress = egress
         self._audit = audit
         # The broker section is fixed until a restart, so a reload never resets the count.
@@ -109,7 +113,9 @@ class BrokerProcessor(Processor):
         }
         self._max_body = registry.limits.max_body_bytes
         self._limits = registry.limits
-        self._models_doc = orjson.dumps(describe_models(registry))
+        self._registry = registry
+        self._models = describe_models(registry)
+        self._models_doc = orjson.dumps(self._models)
         self._health_doc = {"status": "ok", "registry_version": registry.registry_version}
 
     async def request_headers(self, msg: HttpHeaders, ctx: RequestContext) -> Answer:
@@ -119,6 +125,9 @@ class BrokerProcessor(Processor):
             return responses.immediate_json(200, self._health_doc, details="healthz")
         if ctx.route_name == wire.ROUTE_MODELS:
             ctx.finished = True
+            if self._ground_truth is not None and self._registry.takes_feedback:
+                doc = with_ground_truth(self._models, self._registry, self._ground_truth())
+                return responses.immediate_json(200, doc, details="models")
             return responses.immediate_json(200, orjson.Fragment(self._models_doc), details="models")
         server_doc = self._oip_server_docs.get(ctx.route_name)
         if server_doc is not None:

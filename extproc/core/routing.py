@@ -6,6 +6,7 @@ resolving a route is one dict lookup on the route name Envoy reports.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -216,3 +217,23 @@ def describe_models(registry: Registry) -> dict[str, Any]:
             for e in registry.ensembles
         ],
     }
+
+
+def with_ground_truth(doc: Mapping[str, Any], registry: Registry, summary: Mapping[str, Any]) -> dict[str, Any]:
+    """`GET /models` with each feedback model's labels: per version (and shadow) count and accuracy or MAE."""
+    declared = {m.name: m.feedback for m in registry.models if m.feedback is not None}
+    models = []
+    for entry in doc["models"]:
+        conf = declared.get(entry["name"])
+        if conf is None:
+            models.append(entry)
+            continue
+        found = summary.get(entry["name"], {})
+        truth = {
+            "kind": conf.kind,
+            "answer_field": conf.answer_field,
+            "versions": found.get("versions", {}),
+            "shadows": found.get("shadows", {}),
+        }
+        models.append({**entry, "ground_truth": truth})
+    return {**doc, "models": models}

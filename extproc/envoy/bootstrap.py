@@ -44,6 +44,7 @@ from extproc.envoy.clusters import (
     control_plane_cluster,
     ext_proc_cluster,
     ext_proc_http_cluster,
+    feedback_cluster,
     jwks_clusters,
     model_clusters,
 )
@@ -106,6 +107,8 @@ def bootstrap(
     if over_http(registry):
         clusters.append(ext_proc_http_cluster(registry, count, placement.broker_host, placement.broker_socket_dir))
     clusters.append(control_plane_cluster(registry, placement.control_plane_host))
+    if registry.takes_feedback or dynamic:  # dynamic: a reloaded file may add the route
+        clusters.append(feedback_cluster(registry, placement.control_plane_host))
     if xds is None:
         clusters += model_clusters(registry)
     clusters += jwks_clusters(registry)

@@ -287,6 +287,18 @@ def control_plane_cluster(registry: Registry, host: str | None = None) -> Cluste
     )
 
 
+def feedback_cluster(registry: Registry, host: str | None = None) -> Cluster:
+    """The control plane's feedback listener (HTTP/1.1): `POST /v1/feedback`, once Envoy authenticated it."""
+    plane = registry.control_plane
+    target = host or plane.address
+    return Cluster(
+        name=wire.FEEDBACK_CLUSTER,
+        type=ClusterDiscoveryType.STATIC if _is_ip(target) else ClusterDiscoveryType.STRICT_DNS,
+        connect_timeout=_ms(1000),
+        load_assignment=_endpoints(wire.FEEDBACK_CLUSTER, [(target, plane.feedback_port)]),
+    )
+
+
 def _control_plane_source() -> ConfigSource:
     return ConfigSource(
         resource_api_version=ApiVersion.V3,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from datetime import timedelta
+
 from envoy_data_plane.envoy.config.core.v3 import (
     HeaderValueOption,
 )
@@ -137,6 +139,17 @@ def _version_header() -> HeaderValueOption:
     return _header(wire.HEADER_VERSION, f"%UPSTREAM_METADATA({wire.METADATA_NAMESPACE}:{wire.META_VERSION})%")
 
 
+def _feedback_routes() -> list[Route]:
+    """Ground truth: authenticated here like a model call, then answered by the control plane (no broker call)."""
+    served = Route(
+        name=wire.ROUTE_FEEDBACK,
+        match=_post(wire.PATH_FEEDBACK),
+        route=RouteAction(cluster=wire.FEEDBACK_CLUSTER, timeout=timedelta(seconds=30)),
+        typed_per_filter_config=_without_broker(),
+    )
+    return [served, _wrong_method(wire.ROUTE_FEEDBACK, wire.PATH_FEEDBACK)]
+
+
 def _wrong_method(name: str, path: str) -> Route:
     return Route(
         name=f"{name}:method",
@@ -270,6 +283,8 @@ def route_configuration(registry: Registry) -> RouteConfiguration:
     if registry.admin_endpoints_public:
         routes.append(_broker_route(wire.ROUTE_MODELS, wire.PATH_MODELS, http))
     routes += server_routes(registry)
+    if registry.takes_feedback:
+        routes += _feedback_routes()
     for model in registry.models:
         routes += _model_routes(model, registry.audited(model), http)
     for ensemble in registry.ensembles:
@@ -309,6 +324,9 @@ def _authorize_routes(routes: list[Route], registry: Registry) -> None:
         route: [c.name for c in registry.consumers if c.may_call(name)] for name, route in registry.route_names()
     }
     allowed[wire.ROUTE_MODELS] = [c.name for c in registry.consumers if c.admin]
+    # Ground truth from whoever may call a model that takes it (each item is checked against its model).
+    takes = [m.name for m in registry.models if m.feedback is not None]
+    allowed[wire.ROUTE_FEEDBACK] = [c.name for c in registry.consumers if any(c.may_call(m) for m in takes)]
     for route in routes:
         if route.name == wire.ROUTE_HEALTHZ:
             route.typed_per_filter_config[JWT_FILTER] = _any(PerRouteConfig(disabled=True))

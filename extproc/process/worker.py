@@ -24,6 +24,7 @@ from extproc.core.processor import BrokerProcessor
 from extproc.core.routing import feast_views
 from extproc.registry import Registry, load_registry
 from extproc.registry.reload import follow_registry_file
+from extproc.rollout.feedback_desk import SummaryReader
 from extproc.rollout.follow import Layer, follow
 from extproc.rollout.weights import apply_weights, weights_of_layer
 from extproc.transport import HttpService, add_service
@@ -156,7 +157,8 @@ async def serve_worker(
         ]
     )
     trail = audit[0] if audit else None
-    processor = BrokerProcessor(registry, store, egress=egress, audit=trail)
+    summary = SummaryReader(registry.control_plane.state_file)
+    processor = BrokerProcessor(registry, store, egress=egress, audit=trail, ground_truth=summary)
     live = LiveRegistry(registry, processor, trail)
     node_id = f"broker-{socket.gethostname()}-{port}"
     following = asyncio.create_task(follow(control_plane, node_id, live.apply_layer))

@@ -48,9 +48,11 @@ from extproc.registry.model_registry import (
 )
 from extproc.registry.models import (
     LOOPBACK_HOSTS,
+    AccuracyGate,
     Backend,
     Batch,
     CredentialSource,
+    Feedback,
     Model,
     RolloutPolicy,
     SageMakerBackend,
@@ -107,6 +109,7 @@ __all__ = [
     "TLS",
     "V2_PREFIX",
     "VERSION_NAME",
+    "AccuracyGate",
     "Address",
     "Admin",
     "Aggregation",
@@ -136,6 +139,7 @@ __all__ = [
     "FeatureName",
     "FeatureStore",
     "FeatureTensor",
+    "Feedback",
     "Http2Limits",
     "JwtCredential",
     "Limits",

@@ -19,6 +19,7 @@ from extproc.registry.document import Registry
 from extproc.registry.ensembles import Ensemble, EnsembleMember
 from extproc.registry.feast_refs import feast_problems
 from extproc.registry.logic import logic_problems
+from extproc.registry.models import Model
 from extproc.registry.open_inference import is_v2_path, model_problems
 from extproc.registry.patterns import describe
 
@@ -73,7 +74,7 @@ def _unique_names(reg: Registry) -> Iterator[Problem]:
 
 
 def _model_references(reg: Registry) -> Iterator[Problem]:
-    reserved = {wire.PATH_HEALTHZ, wire.PATH_MODELS}
+    reserved = {wire.PATH_HEALTHZ, wire.PATH_MODELS, wire.PATH_FEEDBACK}
     paths: dict[str, int] = {}
     for i, model in enumerate(reg.models):
         here = f"models[{i}]"
@@ -101,6 +102,15 @@ def _model_references(reg: Registry) -> Iterator[Problem]:
             yield Problem(f"{here}.shadow.version", f"'{model.shadow.version}' is not a version of {model.name}")
         if model.rollout is not None and model.rollout.canary not in (*seen, None):
             yield Problem(f"{here}.rollout.canary", f"'{model.rollout.canary}' is not a version of {model.name}")
+        yield from _feedback(reg, model, here)
+
+
+def _feedback(reg: Registry, model: Model, here: str) -> Iterator[Problem]:
+    """Ground truth is joined to the audit record, and an accuracy gate needs ground truth."""
+    if model.feedback is not None and not reg.audited(model):
+        yield Problem(f"{here}.feedback", "feedback is joined to the audit record: the model must be audited")
+    if model.rollout is not None and model.rollout.accuracy is not None and model.feedback is None:
+        yield Problem(f"{here}.rollout.accuracy", "an accuracy gate needs `feedback` (kind, answer_field)")
 
 
 def _model_logic(reg: Registry) -> Iterator[Problem]:
@@ -119,7 +129,7 @@ def _is_loopback(address: str) -> bool:
 
 def _ensemble_references(reg: Registry) -> Iterator[Problem]:
     taken = {m.path: f"already the path of models[{i}]" for i, m in enumerate(reg.models)}
-    taken.update(dict.fromkeys((wire.PATH_HEALTHZ, wire.PATH_MODELS), "reserved for the broker"))
+    taken.update(dict.fromkeys((wire.PATH_HEALTHZ, wire.PATH_MODELS, wire.PATH_FEEDBACK), "reserved for the broker"))
     if reg.needs_egress and not _is_loopback(reg.egress.address):
         # Requests on the egress listener skip the broker: nothing off this host may reach it.
         yield Problem("egress.address", f"'{reg.egress.address}' is not a loopback address")
@@ -193,6 +203,8 @@ def _ports_and_budgets(reg: Registry) -> Iterator[Problem]:
     ports = [("listener.port", reg.listener.port), ("admin.port", reg.admin.port), ("metrics.port", reg.metrics.port)]
     plane = reg.control_plane
     ports += [("control_plane.port", plane.port), ("control_plane.admin_port", plane.admin_port)]
+    if reg.takes_feedback:
+        ports.append(("control_plane.feedback_port", plane.feedback_port))
     ports += [(f"broker.port (worker {w})", reg.broker.port + w) for w in range(reg.broker.workers)]
     if reg.broker.transport != "grpc":
         ports += [(f"broker.http_port (worker {w})", reg.broker.http_port + w) for w in range(reg.broker.workers)]

@@ -60,6 +60,11 @@ class Registry(Strict):
     def ensemble(self, name: str) -> Ensemble | None:
         return next((e for e in self.ensembles if e.name == name), None)
 
+    @property
+    def takes_feedback(self) -> bool:
+        """Whether `POST /v1/feedback` is served: some model declares ground truth."""
+        return any(m.feedback is not None for m in self.models)
+
     def audited(self, model: Model) -> bool:
         """Whether `model`'s executions are audited (its own flag, else `audit.enabled`)."""
         if self.audit is None:

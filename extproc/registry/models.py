@@ -125,6 +125,18 @@ class Sticky(Strict):
         return self
 
 
+class AccuracyGate(Strict):
+    """Promotion on ground truth: the canary's fed-back accuracy (or MAE) must not be worse than the
+    champion's by more than `margin`, shown at `confidence`; until both have `min_labelled` labels
+    and the test is conclusive, the canary waits at its step. Shown worse: rolled back."""
+
+    min_labelled: Annotated[int, Field(ge=10, le=10_000_000)] = 100
+    # classification: accuracy points (0.02 = two points); regression: MAE in the answer's unit.
+    margin: Annotated[float, Field(ge=0, le=1_000_000)] = 0.0
+    # One-sided: Newcombe's hybrid score interval (classification), Welch's z (regression).
+    confidence: Annotated[float, Field(ge=0.5, le=0.999)] = 0.95
+
+
 class RolloutPolicy(Strict):
     """Automatic rollback: the canary's weight goes to 0 on every Envoy when it misbehaves.
 
@@ -143,6 +155,8 @@ class RolloutPolicy(Strict):
     # time it stayed healthy, with at least `min_requests` judged, for `promote_after_seconds`.
     promote_steps: tuple[Annotated[int, Field(ge=1, le=100)], ...] = ()
     promote_after_seconds: Annotated[float, Field(ge=1, le=86_400)] = 300.0
+    # Ground truth must show the canary no worse than the champion before each promotion (needs `feedback`).
+    accuracy: AccuracyGate | None = None
 
     @model_validator(mode="after")
     def _steps_rise(self) -> RolloutPolicy:
@@ -158,6 +172,15 @@ class Shadow(Strict):
     version: Annotated[str, Field(pattern=DNS_LABEL)]
     # A top-level field of both answers: exact-match rate, and mean absolute difference if numeric.
     compare_field: Annotated[str, Field(pattern=JSON_KEY)]
+
+
+class Feedback(Strict):
+    """Ground truth for this model's answers (`POST /v1/feedback`), joined to the audit record by request id."""
+
+    # classification: the answer's field equals the truth (accuracy); regression: |answer - truth| (MAE).
+    kind: Literal["classification", "regression"]
+    # The top-level field of the answer compared with the truth.
+    answer_field: Annotated[str, Field(pattern=JSON_KEY)]
 
 
 class Batch(Strict):
@@ -198,6 +221,7 @@ class Model(Strict):
     sticky: Sticky | None = None
     rollout: RolloutPolicy | None = None
     shadow: Shadow | None = None
+    feedback: Feedback | None = None
     # On-demand features computed per request (CEL), injected beside the stored ones.
     derived: tuple[Derived, ...] = ()
     # Segment rules (CEL), in order: the first that holds pins the version; none → the weighted split.

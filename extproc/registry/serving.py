@@ -95,6 +95,8 @@ class ControlPlane(Strict):
     port: Port = 18000
     # HTTP admin API (`weights set`), bearer-token authenticated.
     admin_port: Port = 9466
+    # HTTP: `POST /v1/feedback` as Envoy forwards it, authenticated there (opened when a model declares `feedback`).
+    feedback_port: Port = 9467
     state_file: str = "rollout-state.json"
 
 

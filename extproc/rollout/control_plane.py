@@ -36,9 +36,10 @@ from extproc.errors import BrokerError, ErrorCode
 from extproc.registry import Registry, RolloutPolicy, load_registry
 from extproc.registry.reload import follow_registry_file
 from extproc.rollout import discovery
+from extproc.rollout.accuracy import Verdict, gate_canary
 from extproc.rollout.events import events_path
+from extproc.rollout.feedback_desk import FeedbackDesk, serve_feedback
 from extproc.rollout.health import (
-    Breach,
     Health,
     OutcomeWindow,
     judge,
@@ -97,6 +98,9 @@ class ControlPlane:
         self.on_rolled_back: Callable[[str, str, dict[str, Any]], Awaitable[None]] | None = None
         self.describe_registries: Callable[[], dict[str, Any]] = dict
         self._hooks: set[asyncio.Task[None]] = set()
+        # Ground truth (when a model declares `feedback`): labels per version, read by the accuracy gate.
+        self.feedback: FeedbackDesk | None = None
+        self._verdicts: dict[str, dict[str, Any]] = {}
         if self._adopt(registry):  # a new revision, so nobody mistakes the new split for one it acknowledged
             self._state = replace(self._state, revision=self._state.revision + 1)
             save_state(registry.control_plane.state_file, self._state)
@@ -155,6 +159,7 @@ class ControlPlane:
             "envoys": self.hub.subscribers(),
             "brokers": self.brokers.subscribers(),
             "model_registries": self.describe_registries(),
+            "accuracy_gates": dict(self._verdicts),
         }
 
     async def set_weights(
@@ -218,13 +223,30 @@ class ControlPlane:
                 continue
             health = self._windows[wire.version_cluster(model, canary)].health(now)
             breach = judge(policy, health)
+            verdict = self._accuracy(model, policy, canary) if breach is None else None
             if breach is not None:
-                await self._roll_back(model, canary, breach)
+                await self._roll_back(model, canary, breach.reason, breach.detail())
+            elif verdict is not None and verdict.decision == "fail":
+                await self._roll_back(model, canary, verdict.reason, {"reason": verdict.reason, **verdict.detail})
             elif (
                 health.requests >= policy.min_requests
                 and now - self._stage_since[model] >= policy.promote_after_seconds
+                and (verdict is None or verdict.decision == "pass")
             ):
-                await self._promote(model, policy, health)
+                await self._promote(model, policy, health, verdict)
+
+    def _accuracy(self, model: str, policy: RolloutPolicy, canary: str) -> Verdict | None:
+        """The canary against the champion on fed-back truth (None: no gate); the last verdict is in `describe`."""
+        conf = self.registry.model(model)
+        if policy.accuracy is None or self.feedback is None or conf is None or conf.feedback is None:
+            return None
+        verdict = gate_canary(
+            policy.accuracy, conf.feedback.kind, self.feedback.book, model, weights=self._live[model], canary=canary
+        )
+        if verdict is not None:
+            self._verdicts[model] = {"canary": canary, "decision": verdict.decision, "reason": verdict.reason}
+            self._verdicts[model] |= verdict.detail
+        return verdict
 
     def _hook(self, call: Awaitable[None]) -> None:
         """Run a follower's hook beside the stats export that triggered it (it may call the registry)."""
@@ -239,7 +261,7 @@ class ControlPlane:
         self._hooks.add(task)
         task.add_done_callback(self._hooks.discard)
 
-    async def _promote(self, model: str, policy: RolloutPolicy, health: Health) -> None:
+    async def _promote(self, model: str, policy: RolloutPolicy, health: Health, verdict: Verdict | None) -> None:
         canary = self._canary[model]
         step = next_step(policy, self._live[model], canary)
         if step is None:
@@ -258,24 +280,27 @@ class ControlPlane:
                 "error_rate": round(health.error_rate, 4),
                 "p95_ms": health.p95_ms,
             }
+            if verdict is not None:
+                detail["accuracy"] = {"reason": verdict.reason, **verdict.detail}
             log.info("promoting %s: canary %s healthy, to %d%%", model, canary, step)
             await self.set_weights(model, promotion_weights(self._live[model], canary, step), PROMOTION, detail)
         finally:
             self._changing.discard(model)
 
-    async def _roll_back(self, model: str, canary: str, breach: Breach) -> None:
+    async def _roll_back(self, model: str, canary: str, reason: str, detail: dict[str, Any]) -> None:
+        """`detail` (with its `reason`: error_rate, p95_latency, accuracy, mae) goes in the event and the tag."""
         self._changing.add(model)
         try:
-            log.warning("rolling back %s: canary %s breached %s: %s", model, canary, breach.reason, breach.detail())
+            log.warning("rolling back %s: canary %s breached %s: %s", model, canary, reason, detail)
             result = await self.set_weights(
-                model, rollback_weights(self._live[model], canary), ROLLBACK, {"canary": canary, **breach.detail()}
+                model, rollback_weights(self._live[model], canary), ROLLBACK, {"canary": canary, **detail}
             )
             if isinstance(result, BrokerError):  # cannot happen for a registry-valid split; loud if it does
                 log.error("rollback of %s refused: %s", model, result.message)
             else:
-                metrics.ROLLBACKS.labels(model, canary, breach.reason).inc()
+                metrics.ROLLBACKS.labels(model, canary, reason).inc()
                 if self.on_rolled_back is not None:
-                    self._hook(self.on_rolled_back(model, canary, breach.detail()))
+                    self._hook(self.on_rolled_back(model, canary, detail))
         finally:
             self._changing.discard(model)
 
@@ -398,6 +423,9 @@ async def serve_control_plane(registry_file: str, registry: Registry, companion:
     await runner.setup()
     await web.TCPSite(runner, conf.address, conf.admin_port).start()
     url = f"http://{conf.address}:{conf.admin_port}"
+    feedback_runner = None
+    if registry.takes_feedback:  # opened at start: a model that declares `feedback` later needs a restart
+        plane.feedback, feedback_runner = await serve_feedback(registry, lambda: plane.registry)
     announced = discovery.announce(discovery.AdminEndpoint(url, token, os.getpid(), registry_file))
     log.info("control plane: RTDS on %s:%d, admin API on %s", conf.address, conf.port, url)
     stop = asyncio.Event()
@@ -422,6 +450,8 @@ async def serve_control_plane(registry_file: str, registry: Registry, companion:
                 await beside
         announced.unlink(missing_ok=True)
         await runner.cleanup()
+        if feedback_runner is not None:
+            await feedback_runner.cleanup()
         await server.stop(1.0)
         stop.set()
         if shipping is not None:
