@@ -225,7 +225,8 @@ def cmd_report(args: argparse.Namespace) -> int:
 
     from extproc.audit.record import parse_when
     from extproc.rollout.events import read_events
-    from extproc.rollout.report import build_releases, render_json, render_markdown
+    from extproc.rollout.feedback_desk import read_labels
+    from extproc.rollout.report import add_ground_truth, build_releases, render_json, render_markdown
 
     registry = _load(args.config, envoy_files=False)
     if registry is None:
@@ -242,18 +243,24 @@ def cmd_report(args: argparse.Namespace) -> int:
         since = datetime.fromisoformat(when.replace("Z", "+00:00")).timestamp()
     events = read_events(registry.control_plane.state_file, model=args.model, since=since)
     releases = build_releases(events, args.model)
+    labels = [
+        label
+        for label in read_labels(registry.control_plane.state_file)
+        if label.get("model") == args.model and (since is None or label.get("time", 0) >= since)
+    ]
+    truth = add_ground_truth(releases, labels)
     if args.format == "json":
-        print(json.dumps(render_json(args.model, releases, since), indent=2))
+        print(json.dumps(render_json(args.model, releases, since, truth), indent=2))
     elif args.format == "html":
         from extproc.rollout.report_html import ChartUnavailable, render_html
 
         try:
-            print(render_html(args.model, releases, events, since))
+            print(render_html(args.model, releases, events, since, truth))
         except ChartUnavailable as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
     else:
-        print(render_markdown(args.model, releases, since))
+        print(render_markdown(args.model, releases, since, truth))
     return 0
 
 

@@ -265,7 +265,7 @@ def demo_registry_doc(listener_port: int) -> dict[str, Any]:
     doc["listener"]["port"] = listener_port
     doc["admin"]["port"] = free_port()
     doc["metrics"] = {"address": "127.0.0.1", "port": free_port()}
-    doc["control_plane"] = {"port": free_port(), "admin_port": free_port()}
+    doc["control_plane"] = {"port": free_port(), "admin_port": free_port(), "feedback_port": free_port()}
     doc["broker"]["port"] = free_port_run(doc["broker"]["workers"])
     doc["broker"]["http_port"] = free_port_run(doc["broker"]["workers"])
     doc["egress"]["port"] = free_port()

@@ -131,8 +131,9 @@ class AccuracyGate(Strict):
     and the test is conclusive, the canary waits at its step. Shown worse: rolled back."""
 
     min_labelled: Annotated[int, Field(ge=10, le=10_000_000)] = 100
-    # classification: accuracy points (0.02 = two points); regression: MAE in the answer's unit.
-    margin: Annotated[float, Field(ge=0, le=1_000_000)] = 0.0
+    # The drop tolerated: accuracy (0.02 = two points) or MAE (in the answer's unit). At 0 the canary
+    # must be shown better than the champion; equal ones pass only with a margin above the noise.
+    margin: Annotated[float, Field(ge=0, le=1_000_000)] = 0.02
     # One-sided: Newcombe's hybrid score interval (classification), Welch's z (regression).
     confidence: Annotated[float, Field(ge=0.5, le=0.999)] = 0.95
 

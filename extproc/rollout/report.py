@@ -3,7 +3,9 @@
 A release starts when the model registry's challenger gets a canary (`release_started`) or
 an operator gives a version with no traffic some (`weights set`, the admin API); each weight
 change after it is a step, with the numbers the control plane judged it on; it ends
-promoted, rolled back, aborted or replaced. Rendered as Markdown or JSON.
+promoted, rolled back, aborted or replaced. Ground truth (the persisted feedback labels)
+gives each release the canary's and the champion's accuracy or MAE over its window, and
+the model's shadows their agreement with the truth. Rendered as Markdown or JSON.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from extproc.rollout.events import Event
+from extproc.rollout.feedback import FeedbackBook
 
 # How each ending event reads in a report.
 OUTCOMES = {
@@ -39,6 +42,8 @@ class Step:
     error_rate: float | None = None
     p95_ms: float | None = None
     reason: str | None = None
+    # The canary's accuracy (or MAE) on fed-back truth as the accuracy gate judged this step.
+    accuracy: float | None = None
 
 
 @dataclass(slots=True)
@@ -53,6 +58,8 @@ class Release:
     outcome: str = "in_progress"
     reason: str | None = None
     ended_at: float | None = None
+    # {"canary"|"champion": {version, labelled, accuracy or mae}} over the release's window, when labelled.
+    accuracy: dict[str, Any] | None = None
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -80,7 +87,38 @@ def _step(event: Event, version: str) -> Step:
         error_rate=rate,
         p95_ms=event.get("p95_ms"),
         reason=event.get("reason"),
+        accuracy=_judged(event.get("accuracy") or event),
     )
+
+
+def _judged(detail: Any) -> float | None:
+    """The canary's accuracy or MAE in a gate's verdict (promotion) or an accuracy rollback."""
+    found = detail.get("canary_accuracy", detail.get("canary_mae")) if isinstance(detail, dict) else None
+    return float(found) if isinstance(found, (int, float)) else None
+
+
+def add_ground_truth(releases: list[Release], labels: Iterable[Event]) -> dict[str, Any] | None:
+    """Each release's canary and champion over its window; the model's versions and shadows over all `labels`."""
+    ordered = sorted(labels, key=lambda label: float(label.get("time", 0)))
+    for release in releases:
+        end = release.ended_at if release.ended_at is not None else float("inf")
+        window = [x for x in ordered if release.started_at <= float(x.get("time", 0)) <= end]
+        if not window:
+            continue
+        book = FeedbackBook.of(window)
+        kind = window[0]["kind"]
+        versions = {v: t for (_, v), t in book.tallies.items()}
+        champion = release.champion or max(
+            (v for v in versions if v != release.version), key=lambda v: versions[v].labelled, default=None
+        )
+        release.accuracy = {
+            role: {"version": version, **versions[version].describe(kind)}
+            for role, version in (("canary", release.version), ("champion", champion))
+            if version in versions
+        }
+    if not ordered:
+        return None
+    return next(iter(FeedbackBook.of(ordered).summary().values()))
 
 
 def _newly_live(event: Event) -> str | None:
@@ -141,7 +179,9 @@ def _cell(value: object) -> str:
     return "—" if value is None else str(value)
 
 
-def render_markdown(model: str, releases: list[Release], since: float | None) -> str:
+def render_markdown(
+    model: str, releases: list[Release], since: float | None, truth: dict[str, Any] | None = None
+) -> str:
     window = f" since {iso_time(since)}" if since is not None else ""
     lines = [f"# Releases of {model}{window}", ""]
     if not releases:
@@ -155,17 +195,44 @@ def render_markdown(model: str, releases: list[Release], since: float | None) ->
             + (f", champion {release.champion}" if release.champion else ""),
             f"- ended {iso_time(release.ended_at)}" + (f": {release.reason}" if release.reason else ""),
             "",
-            "| time | decision | by | share of traffic | requests | errors | error rate | p95 ms | reason |",
-            "| --- | --- | --- | --: | --: | --: | --: | --: | --- |",
+        ]
+        if release.accuracy:
+            lines += [f"- ground truth: {describe_truth(release.accuracy)}", ""]
+        lines += [
+            "| time | decision | by | share of traffic | requests | errors | error rate | p95 ms | accuracy | reason |",
+            "| --- | --- | --- | --: | --: | --: | --: | --: | --: | --- |",
         ]
         for s in release.steps:
             lines.append(
                 f"| {iso_time(s.time)} | {s.decision} | {s.source} | {s.share_percent:g}% | {_cell(s.requests)} | "
-                f"{_cell(s.errors)} | {_cell(s.error_rate)} | {_cell(s.p95_ms)} | {_cell(s.reason)} |"
+                f"{_cell(s.errors)} | {_cell(s.error_rate)} | {_cell(s.p95_ms)} | {_cell(s.accuracy)} | "
+                f"{_cell(s.reason)} |"
             )
         lines.append("")
-    return "\n".join(lines)
+    return "\n".join(lines + truth_lines(truth))
 
 
-def render_json(model: str, releases: list[Release], since: float | None) -> dict[str, Any]:
-    return {"model": model, "since": since, "releases": [r.to_json() for r in releases]}
+def describe_truth(accuracy: dict[str, Any]) -> str:
+    """`canary v2: accuracy 0.0 over 23 labels; champion v1: accuracy 1.0 over 210 labels`."""
+    parts = []
+    for role, counted in accuracy.items():
+        key = "accuracy" if "accuracy" in counted else "mae"
+        parts.append(f"{role} {counted['version']}: {key} {_cell(counted[key])} over {counted['labelled']} labels")
+    return "; ".join(parts)
+
+
+def truth_lines(truth: dict[str, Any] | None) -> list[str]:
+    """The model's ground truth in the window: each version and each shadow against the fed-back truth."""
+    if not truth:
+        return []
+    key = "accuracy" if truth["kind"] == "classification" else "mae"
+    lines = ["## Ground truth", "", f"| version | role | labelled | {key} |", "| --- | --- | --: | --: |"]
+    for role, versions in (("served", truth["versions"]), ("shadow", truth["shadows"])):
+        lines += [f"| {v} | {role} | {c['labelled']} | {_cell(c[key])} |" for v, c in versions.items()]
+    return [*lines, ""]
+
+
+def render_json(
+    model: str, releases: list[Release], since: float | None, truth: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    return {"model": model, "since": since, "releases": [r.to_json() for r in releases], "ground_truth": truth}

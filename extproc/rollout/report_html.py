@@ -11,9 +11,10 @@ import html
 import io
 import time
 from collections.abc import Iterable
+from typing import Any
 
 from extproc.rollout.events import Event
-from extproc.rollout.report import WEIGHT_EVENTS, Release, iso_time
+from extproc.rollout.report import WEIGHT_EVENTS, Release, describe_truth, iso_time
 
 STYLE = """body{font-family:system-ui,sans-serif;margin:2rem;color:#222}
 table{border-collapse:collapse;margin:.5rem 0 1.5rem}td,th{border:1px solid #ccc;padding:.25rem .5rem;text-align:right}
@@ -82,7 +83,9 @@ def _cell(value: object) -> str:
     return "—" if value is None else html.escape(str(value))
 
 
-def render_html(model: str, releases: list[Release], events: list[Event], since: float | None) -> str:
+def render_html(
+    model: str, releases: list[Release], events: list[Event], since: float | None, truth: dict[str, Any] | None = None
+) -> str:
     title = f"Releases of {model}" + (f" since {iso_time(since)}" if since is not None else "")
     parts = [
         f"<!doctype html><html lang=en><head><meta charset=utf-8><title>{html.escape(title)}</title>",
@@ -100,17 +103,29 @@ def render_html(model: str, releases: list[Release], events: list[Event], since:
             + f"; ended {iso_time(r.ended_at)}"
             + (f": {html.escape(str(r.reason))}" if r.reason else "")
             + "</p>",
+            f"<p>ground truth: {html.escape(describe_truth(r.accuracy))}</p>" if r.accuracy else "",
             "<table><tr><th>time</th><th>decision</th><th>by</th><th>share</th><th>requests</th><th>errors</th>"
-            "<th>error rate</th><th>p95 ms</th><th>reason</th></tr>",
+            "<th>error rate</th><th>p95 ms</th><th>accuracy</th><th>reason</th></tr>",
         ]
         parts += [
             f"<tr><td>{iso_time(s.time)}</td><td>{s.decision}</td><td>{_cell(s.source)}</td><td>{s.share_percent:g}%</td>"
             f"<td>{_cell(s.requests)}</td><td>{_cell(s.errors)}</td><td>{_cell(s.error_rate)}</td>"
-            f"<td>{_cell(s.p95_ms)}</td><td>{_cell(s.reason)}</td></tr>"
+            f"<td>{_cell(s.p95_ms)}</td><td>{_cell(s.accuracy)}</td><td>{_cell(s.reason)}</td></tr>"
             for s in r.steps
         ]
         parts.append("</table>")
     if not releases:
         parts.append("<p>No release in this window.</p>")
+    if truth:
+        key = "accuracy" if truth["kind"] == "classification" else "mae"
+        parts.append(
+            f"<h2>Ground truth</h2><table><tr><th>version</th><th>role</th><th>labelled</th><th>{key}</th></tr>"
+        )
+        for role, versions in (("served", truth["versions"]), ("shadow", truth["shadows"])):
+            parts += [
+                f"<tr><td>{html.escape(v)}</td><td>{role}</td><td>{c['labelled']}</td><td>{_cell(c[key])}</td></tr>"
+                for v, c in versions.items()
+            ]
+        parts.append("</table>")
     parts.append("</body></html>")
     return "\n".join(parts)
