@@ -126,9 +126,10 @@ def registry_doc(mlflow_url: str, port: int) -> dict[str, Any]:
         feedback={"kind": "classification", "answer_field": "label"},
         shadow={"version": "b", "compare_field": "label"},
     )
+    doc["admin"]["public_endpoints"] = True  # GET /models through the public listener
     doc["models"] = [model, churn, static_model("plain", port, audit=False)]
     doc["consumers"] = [
-        {"name": "scorer", "api_keys": [sha(KEY)], "models": ["credit-risk", "churn", "plain"]},
+        {"name": "scorer", "api_keys": [sha(KEY)], "models": ["credit-risk", "churn", "plain"], "admin": True},
         {"name": "other", "api_keys": [sha(OTHER_KEY)], "models": ["plain"]},
     ]
     return doc
