@@ -113,7 +113,7 @@ this is the reconciler's base: models come from Model resources.
 {{- $_ := set $listener "tls" (dict "certificate_chain" (printf "%s/tls.crt" $tls) "private_key" (printf "%s/tls.key" $tls)) }}
 {{- end }}
 {{- $_ := set $reg "listener" $listener }}
-{{- $plane := dict "address" "0.0.0.0" "port" (int .Values.controlPlane.port) "admin_port" (int .Values.controlPlane.adminPort) }}
+{{- $plane := dict "address" "0.0.0.0" "port" (int .Values.controlPlane.port) "admin_port" (int .Values.controlPlane.adminPort) "feedback_port" (int .Values.controlPlane.feedbackPort) }}
 {{- $_ := set $plane "state_file" (printf "%s/rollout-state.json" (include "model-broker.stateDir" .)) }}
 {{- $_ := set $reg "control_plane" $plane }}
 {{- /* A JWKS file can only come from the ConfigMap the Envoy pod mounts: say so now, not as a crash-looping init container. */}}
