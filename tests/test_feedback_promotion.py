@@ -114,6 +114,7 @@ def registry_doc(mlflow_url: str, port: int) -> dict[str, Any]:
     (model,) = yaml.safe_load(walkthrough("registry"))["models"]
     assert model["registry"]["mlflow"]["tracking_uri"] == README_TRACKING_URI
     assert model["feedback"] == {"kind": "classification", "answer_field": "label"}
+    assert set(model["rollout"]["accuracy"]) == set(GATE)  # the README's gate, made quick for a test below
     model["registry"]["mlflow"].update(tracking_uri=mlflow_url, timeout_ms=REGISTRY_TIMEOUT_MS)
     model["backend_template"]["service"].update(host="127.0.0.{version}", port=port)
     model["rollout"] = POLICY
@@ -235,7 +236,10 @@ async def test_truth_is_joined_per_version(up: Up, mlflow: MlflowServer, session
     mlflow.run_python(walkthrough("champion"))
     await until_served(session, up, "v1")
     sent = await burst(session, up)
-    posted = await feedback(session, up, truths(sent))
+    items = truths(sent)
+    (example,) = json.loads(walkthrough("feedback"))  # the README's shape is what is posted
+    assert all(set(item) == set(example) for item in items)
+    posted = await feedback(session, up, items)
     assert posted.status == 200, posted.body
     assert posted.body["labelled"] == 16
     assert {(r["status"], r["version"], r["correct"]) for r in posted.body["results"]} == {(200, "v1", True)}
