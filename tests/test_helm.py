@@ -246,7 +246,7 @@ def test_full_values_claim_storage_as_asked() -> None:
 
 @pytest.mark.parametrize("values", VALUE_SETS)
 def test_control_plane_service_reaches_what_it_binds(values: str) -> None:
-    """The Service's grpc, admin and metrics ports lead to the ports the registry tells the control plane
+    """The Service's grpc, admin, feedback and metrics ports lead to the ports the registry tells the control plane
     to bind, on every interface, and the probes ask the admin port's unauthenticated /healthz."""
     docs = render(values)
     registry = registry_doc(docs)
@@ -257,7 +257,12 @@ def test_control_plane_service_reaches_what_it_binds(values: str) -> None:
     targets = {p["name"]: named[p["targetPort"]] for p in service["ports"]}
     plane = registry["control_plane"]
     assert plane["address"] == "0.0.0.0"
-    assert targets == {"grpc": plane["port"], "admin": plane["admin_port"], "metrics": registry["metrics"]["port"]}
+    assert targets == {
+        "grpc": plane["port"],
+        "admin": plane["admin_port"],
+        "feedback": plane["feedback_port"],
+        "metrics": registry["metrics"]["port"],
+    }
     for probe in (main["readinessProbe"], main["livenessProbe"]):
         assert probe["httpGet"] == {"path": "/healthz", "port": "admin"}
 
@@ -324,7 +329,8 @@ def admits(policy: dict[str, Any], labels: dict[str, str], port: int) -> bool:
 
 
 def test_network_policy_guards_the_control_plane() -> None:
-    """gRPC only from Envoy and broker pods, the admin API only from the reconciler, metrics from anyone."""
+    """gRPC only from Envoy and broker pods, feedback only from Envoy (it authenticated the caller), the admin
+    API only from the reconciler, metrics from anyone."""
     docs = render("full-resources")
     policy = find(docs, "NetworkPolicy", f"{PREFIX}-control-plane")
     labels = {
@@ -338,6 +344,7 @@ def test_network_policy_guards_the_control_plane() -> None:
     reached = {(pod, name) for pod in labels for name, port in ports.items() if admits(policy, labels[pod], port)}
     assert reached == {
         ("envoy", "grpc"),
+        ("envoy", "feedback"),
         ("broker", "grpc"),
         ("reconciler", "admin"),
         *((pod, "metrics") for pod in labels),
