@@ -2,6 +2,7 @@
 
     <feast-python> -P tests/feast_tool.py write REPO ROWS.json   # Feast's online writer, per view
     <feast-python> -P tests/feast_tool.py read REPO REQUEST.json  # get_online_features → JSON on stdout
+    <feast-python> -P tests/feast_tool.py parquet REPO ROWS.json # rows → data/<view>.parquet (offline source)
 
 Values read back are turned into JSON as the README's type table says the broker
 sends them (bytes base64, timestamps RFC 3339), each with Feast's Python type name,
@@ -60,6 +61,15 @@ def _python(name: str, value: Any) -> Any:
     return value
 
 
+def _parquet(repo: str, spec: dict[str, Any]) -> None:
+    """Each view's rows as its FileSource's parquet file, for `feast materialize` to load."""
+    import pandas as pd  # Feast's own dependency, present in its venv
+
+    for view_name, rows in spec.items():
+        frame = pd.DataFrame([{k: _python(k, v) for k, v in row.items()} for row in rows])
+        frame.to_parquet(f"{repo}/data/{view_name}.parquet", index=False)
+
+
 def _read(repo: str, request: dict[str, Any]) -> dict[str, Any]:
     store = FeatureStore(repo_path=repo)
     found = store.get_online_features(features=request["features"], entity_rows=request["entity_rows"]).to_dict()
@@ -82,5 +92,7 @@ if __name__ == "__main__":
         spec = json.load(f)
     if command == "write":
         _write(repo_dir, spec)
+    elif command == "parquet":
+        _parquet(repo_dir, spec)
     else:
         json.dump(_read(repo_dir, spec), sys.stdout)

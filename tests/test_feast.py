@@ -95,14 +95,17 @@ class FeastRepo:
         return dict(json.loads(self.run(str(ROOT / "tests" / "feast_tool.py"), "read", str(self.path), str(spec))))
 
 
-def feast_repo(python: Path, path: Path, project: str, redis: RedisServer) -> FeastRepo:
+def feast_repo(
+    python: Path, path: Path, project: str, connection: str, *, redis_type: str = "redis", extra: str = ""
+) -> FeastRepo:
+    """A repo on Feast's Redis online store (`connection_string`, `redis_type` as feature_store.yaml has them)."""
     (path / "data").mkdir(parents=True)
     (path / "feature_store.yaml").write_text(
         f"project: {project}\nregistry: data/registry.db\nprovider: local\n"
-        f"online_store:\n  type: redis\n  connection_string: 127.0.0.1:{redis.port}\n"
+        f"online_store:\n  type: redis\n  redis_type: {redis_type}\n  connection_string: {connection}\n"
         "entity_key_serialization_version: 3\n"
     )
-    (path / "definitions.py").write_text(DEFINITIONS)
+    (path / "definitions.py").write_text(DEFINITIONS + extra)
     repo = FeastRepo(python, path, project)
     repo.apply()
     return repo
@@ -144,12 +147,13 @@ def model(name: str, port: int, **extra: Any) -> dict[str, Any]:
     }
 
 
-def feast_registry(redis: RedisServer, project: str) -> dict[str, Any]:
+def feast_registry(redis: dict[str, Any], project: str) -> dict[str, Any]:
+    """The Feast models of these tests on `redis` (the registry's `feature_store.feast.redis`)."""
     policy_refs = ["customer_stats:txn_count", "recent_stats:velocity"]
     doc = demo_registry_doc(
         feature_store={
             "feast": {
-                "redis": {"url": redis.url},
+                "redis": redis,
                 "project": project,
                 "entity_key_serialization_version": 3,
                 "feature_views": [
@@ -191,8 +195,9 @@ def feast_stack(feast_python: Path, tmp_path_factory: pytest.TempPathFactory) ->
     redis = RedisServer(tmp_path_factory.mktemp("feast-redis"))
     redis.start()
     try:
-        fraud = feast_repo(feast_python, tmp_path_factory.mktemp("fraud"), "fraud", redis)
-        other = feast_repo(feast_python, tmp_path_factory.mktemp("other"), "other", redis)
+        connection = f"127.0.0.1:{redis.port}"
+        fraud = feast_repo(feast_python, tmp_path_factory.mktemp("fraud"), "fraud", connection)
+        other = feast_repo(feast_python, tmp_path_factory.mktemp("other"), "other", connection)
         stats = [stats_row(i, c) for i, c in enumerate(CUSTOMERS)]
         partial = {k: v for k, v in stats_row(1, PARTIAL_CUSTOMER).items() if k != "segment"}
         recent = [
@@ -208,7 +213,7 @@ def feast_stack(feast_python: Path, tmp_path_factory: pytest.TempPathFactory) ->
         other.write(
             {"customer_stats": [stats_row(i, c, shift=1000) for i, c in enumerate([*CUSTOMERS[:5], OTHER_ONLY])]}
         )
-        with run_stack(feast_registry(redis, "fraud"), tmp_path_factory.mktemp("feast-stack")) as stack:
+        with run_stack(feast_registry({"url": redis.url}, "fraud"), tmp_path_factory.mktemp("feast-stack")) as stack:
             yield FeastStack(stack, redis, fraud)
     finally:
         redis.stop()

@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from extproc.core.routing import compile_routes
-from extproc.registry import RegistryInvalid, parse_registry
+from extproc.registry import RegistryInvalid, compare_feast_repo, parse_registry
 
 VERSIONS = [{"name": "v1", "weight": 100, "backend": {"service": {"host": "a", "port": 80}}}]
 BASE: dict[str, Any] = {
@@ -96,6 +96,18 @@ def test_a_feast_model_compiles_to_typed_composite_keys() -> None:
             lambda d: d.update(feature_store={"embedded": {"path": "f.json"}}),
             "models[0].feature_service: feature services need 'feature_store.feast'",
         ),
+        (
+            lambda d: d["feature_store"]["feast"]["redis"].update(url="redis://a:6379/2", redis_type="redis_cluster"),
+            "feature_store.feast.redis: Value error, a Redis Cluster has only database 0, the URL selects '2'",
+        ),
+        (
+            lambda d: d["feature_store"]["feast"]["redis"].update(url="unix:///r.sock", redis_type="redis_cluster"),
+            "feature_store.feast.redis: Value error, a Redis Cluster is reached over TCP",
+        ),
+        (
+            lambda d: d["feature_store"]["feast"]["redis"].update(redis_type="cluster"),
+            "feature_store.feast.redis.redis_type: Input should be 'redis' or 'redis_cluster'",
+        ),
     ],
     ids=[
         "serialization-v2",
@@ -106,6 +118,9 @@ def test_a_feast_model_compiles_to_typed_composite_keys() -> None:
         "same-short-name",
         "batch-with-rules",
         "service-without-feast",
+        "cluster-db-2",
+        "cluster-unix-socket",
+        "unknown-redis-type",
     ],
 )
 def test_feast_problems_are_named(change: Any, expected: str) -> None:
@@ -120,3 +135,74 @@ def test_full_feature_names_tell_views_apart() -> None:
     doc["feature_store"]["feast"]["full_feature_names"] = True
     route = compile_routes(parse_registry(doc))["fraud"]
     assert route.injected_names == ("customer_stats__txn_count", "pair_stats__n", "pair_stats__txn_count")
+
+
+def repo_like(online_store: dict[str, Any]) -> dict[str, Any]:
+    """What `feast_describe.py` prints for a repo that matches BASE, with the given online store."""
+    feature = {"name": "txn_count", "type": "Int64"}
+    return {
+        "project": "fraud",
+        "online_store": online_store,
+        "entities": [
+            {"name": "customer", "join_key": "customer_id", "value_type": "INT64"},
+            {"name": "merchant", "join_key": "merchant_id", "value_type": "STRING"},
+        ],
+        "feature_views": [
+            {
+                "name": "customer_stats",
+                "entities": ["customer"],
+                "ttl_seconds": 86400,
+                "features": [feature, {"name": "segment", "type": "String"}],
+                "materialized": True,
+            },
+            {
+                "name": "pair_stats",
+                "entities": ["merchant", "customer"],
+                "ttl_seconds": 0,
+                "features": [{"name": "n", "type": "Int64"}],
+                "materialized": True,
+            },
+        ],
+        "feature_services": [{"name": "risk", "features": ["customer_stats:txn_count", "pair_stats:n"]}],
+    }
+
+
+@pytest.mark.parametrize(
+    ("registry_type", "online_store", "expected"),
+    [
+        ("redis", {"type": "redis", "redis_type": "redis"}, []),
+        ("redis_cluster", {"type": "redis", "redis_type": "redis_cluster"}, []),
+        (
+            "redis",
+            {"type": "redis", "redis_type": "redis_cluster"},
+            [
+                "online store: the repo's feature_store.yaml has redis_type redis_cluster, "
+                "the registry's feature_store.feast.redis has redis_type redis"
+            ],
+        ),
+        (
+            "redis_cluster",
+            {"type": "redis", "redis_type": "redis_sentinel"},
+            [
+                "online store: the repo's feature_store.yaml has redis_type redis_sentinel, "
+                "the registry's feature_store.feast.redis has redis_type redis_cluster"
+            ],
+        ),
+        (
+            "redis",
+            {"type": "sqlite", "redis_type": None},
+            [
+                "online store: the repo's feature_store.yaml has type 'sqlite'; "
+                "the broker reads Feast's Redis online store"
+            ],
+        ),
+    ],
+    ids=["redis", "cluster", "repo-is-a-cluster", "repo-is-sentinel", "not-redis"],
+)
+def test_online_store_kind_matches_the_repo(
+    registry_type: str, online_store: dict[str, Any], expected: list[str]
+) -> None:
+    """`check --feast-repo` fails a registry that reads the repo's Redis as the wrong kind (one Redis or a cluster)."""
+    doc = changed(lambda d: d["feature_store"]["feast"]["redis"].update(redis_type=registry_type))
+    report = compare_feast_repo(parse_registry(doc), repo_like(online_store))
+    assert report.problems == expected

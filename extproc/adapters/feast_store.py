@@ -1,25 +1,28 @@
 """Feast's Redis online store, read natively: one pipelined round trip per request.
 
 The keys, fields and values are Feast's own (`core/feast_read.py` plans them);
-this module only sends the HMGETs and translates Redis failures.
+this module only sends the HMGETs and translates Redis failures. On a Redis
+Cluster (Feast's `redis_type: redis_cluster`) the keys are the same bytes: Feast
+adds no hash tag, and the pipeline goes out as one per node, all at once.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Mapping, Sequence
+from typing import Any
 
-from redis.exceptions import RedisError
-
-from extproc.adapters.redis_store import connect
+from extproc.adapters.redis_store import CLUSTER_ATTEMPTS, connect, read_replies
 from extproc.core.feast_read import FeastKey, FeastView, ReadPlan
 from extproc.core.features import EntityKey, FeatureRow
-from extproc.errors import FeatureStoreUnavailable
 
 
 class FeastFeatureStore:
-    def __init__(self, url: str, *, project: str, views: Mapping[str, FeastView], timeout_s: float) -> None:
-        self._redis = connect(url, timeout_s)
+    def __init__(
+        self, url: str, *, project: str, views: Mapping[str, FeastView], timeout_s: float, cluster: bool = False
+    ) -> None:
+        self._redis = connect(url, timeout_s, cluster=cluster)
+        self._attempts = CLUSTER_ATTEMPTS if cluster else 1
         self._project = project
         self._views = views
         # One plan per feature list: a route's list never changes between registry reloads.
@@ -33,16 +36,20 @@ class FeastFeatureStore:
 
     async def fetch_rows(self, keys: Sequence[EntityKey], names: tuple[str, ...]) -> list[FeatureRow | None]:
         plan = self._plan(names)
-        # transaction=False: a plain pipeline, as Feast's reader sends it (no MULTI/EXEC).
-        pipe = self._redis.pipeline(transaction=False)
+        commands = []
         for key in keys:
             assert isinstance(key, tuple)  # routes on a Feast store build FeastKeys
-            for redis_key, fields in plan.commands(_feast_key(key)):
+            commands.extend(plan.commands(_feast_key(key)))
+
+        async def read() -> list[Any]:
+            # transaction=False: a plain pipeline, as Feast's reader sends it (no MULTI/EXEC);
+            # on a cluster redis-py groups it by node and sends the groups concurrently.
+            pipe = self._redis.pipeline(transaction=False)
+            for redis_key, fields in commands:
                 pipe.hmget(redis_key, fields)
-        try:
-            replies = await pipe.execute()
-        except (RedisError, OSError) as exc:
-            raise FeatureStoreUnavailable(f"redis: {exc}") from None
+            return await pipe.execute()
+
+        replies = await read_replies(read, attempts=self._attempts, widths=[len(f) for _, f in commands])
         now = time.time()
         per = len(plan.reads)
         return [plan.row(replies[i * per : (i + 1) * per], now) for i in range(len(keys))]

@@ -237,16 +237,16 @@ def example_rows(registry: Registry) -> Rows:
         if embedded is not None:
             return EmbeddedFeatureStore.from_file(embedded.path).rows
         if redis is not None:
-            return asyncio.run(_redis_rows(redis.url, [glob_of(e) for e in registry.entities]))
+            return asyncio.run(_redis_rows(redis.url, redis.cluster, [glob_of(e) for e in registry.entities]))
     except (OSError, ValueError):
         pass
     return {}
 
 
-async def _redis_rows(url: str, patterns: list[str]) -> Rows:
+async def _redis_rows(url: str, cluster: bool, patterns: list[str]) -> Rows:
     from extproc.adapters.redis_store import RedisFeatureStore
 
-    store = RedisFeatureStore(url, SAMPLE_TIMEOUT_S)
+    store = RedisFeatureStore(url, SAMPLE_TIMEOUT_S, cluster=cluster)
     try:
         rows: dict[str, Mapping[str, Any]] = {}
         async with asyncio.timeout(SAMPLE_TIMEOUT_S * 4):

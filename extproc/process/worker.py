@@ -45,9 +45,12 @@ def open_feature_store(registry: Registry) -> CachedFeatureStore:
     store: FeatureStore
     if conf.feast is not None:
         views = feast_views(registry)
-        store = FeastFeatureStore(conf.feast.redis.url, project=conf.feast.project, views=views, timeout_s=timeout_s)
+        redis = conf.feast.redis
+        store = FeastFeatureStore(
+            redis.url, project=conf.feast.project, views=views, timeout_s=timeout_s, cluster=redis.cluster
+        )
     elif conf.redis is not None:
-        store = RedisFeatureStore(conf.redis.url, timeout_s)
+        store = RedisFeatureStore(conf.redis.url, timeout_s, cluster=conf.redis.cluster)
     else:
         assert conf.embedded is not None  # the registry guarantees one of the two
         store = EmbeddedFeatureStore.from_file(conf.embedded.path)

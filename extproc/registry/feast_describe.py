@@ -18,8 +18,12 @@ def describe(repo: str) -> dict[str, Any]:
 
     store = FeatureStore(repo_path=repo)
     entities = {e.name: e for e in store.list_entities()}
+    online = store.config.online_store
+    redis_type = getattr(online, "redis_type", None)  # an enum in Feast's config: its value
     return {
         "project": store.project,
+        # `type` is "redis" for Feast's Redis store; `redis_type` is redis, redis_cluster or redis_sentinel.
+        "online_store": {"type": getattr(online, "type", None), "redis_type": getattr(redis_type, "value", redis_type)},
         "entity_key_serialization_version": store.config.entity_key_serialization_version,
         "entities": [
             {"name": e.name, "join_key": e.join_key, "value_type": e.value_type.name} for e in entities.values()

@@ -33,6 +33,7 @@ def compare_feast_repo(reg: Registry, repo: dict[str, Any]) -> FeastReport:
         return report
     if repo["project"] != feast.project:
         report.problems.append(f"project: the registry reads '{feast.project}', the repo is '{repo['project']}'")
+    _online_store(feast, repo.get("online_store", {}), report)
     entities = {e["name"]: e for e in repo["entities"]}
     views = {v["name"]: v for v in repo["feature_views"]}
     services = {s["name"]: s for s in repo["feature_services"]}
@@ -41,6 +42,21 @@ def compare_feast_repo(reg: Registry, repo: dict[str, Any]) -> FeastReport:
     for model in reg.models:
         _model_refs(model.name, model_refs(reg, model), views, report)
     return report
+
+
+def _online_store(feast: FeastStore, online: dict[str, Any], report: FeastReport) -> None:
+    """The repo's online store must be the Redis the registry reads, of the same kind (one Redis or a cluster)."""
+    kind, redis_type = online.get("type"), online.get("redis_type") or "redis"
+    if kind != "redis":
+        report.problems.append(
+            f"online store: the repo's feature_store.yaml has type {kind!r}; "
+            "the broker reads Feast's Redis online store"
+        )
+    elif redis_type != feast.redis.redis_type:
+        report.problems.append(
+            f"online store: the repo's feature_store.yaml has redis_type {redis_type}, "
+            f"the registry's feature_store.feast.redis has redis_type {feast.redis.redis_type}"
+        )
 
 
 def _entities(reg: Registry, entities: dict[str, Any], report: FeastReport) -> None:

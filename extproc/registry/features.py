@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from typing import Annotated, Literal
+from urllib.parse import urlsplit
 
 from pydantic import Field, field_validator, model_validator
 
@@ -12,6 +13,27 @@ from extproc.registry.patterns import DNS_LABEL, FEAST_NAME, FEAST_PROJECT, JSON
 
 class RedisStore(Strict):
     url: Annotated[str, Field(pattern=REDIS_URL)]
+    # Feast's own word (`online_store.redis_type` in feature_store.yaml): one Redis, or a
+    # Redis Cluster whose other nodes are discovered from the one in `url`.
+    redis_type: Literal["redis", "redis_cluster"] = "redis"
+
+    @property
+    def cluster(self) -> bool:
+        return self.redis_type == "redis_cluster"
+
+    @model_validator(mode="after")
+    def _cluster_url(self) -> RedisStore:
+        if not self.cluster:
+            return self
+        parsed = urlsplit(self.url)
+        if parsed.scheme == "unix":
+            raise ValueError("a Redis Cluster is reached over TCP: use a redis:// or rediss:// URL of one of its nodes")
+        if parsed.path.strip("/") not in ("", "0"):
+            raise ValueError(
+                f"a Redis Cluster has only database 0, the URL selects {parsed.path.strip('/')!r}: "
+                "drop the path (redis://host:6379)"
+            )
+        return self
 
 
 class EmbeddedStore(Strict):
