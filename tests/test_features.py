@@ -172,3 +172,20 @@ async def test_outage_logged_once_per_transition(caplog: pytest.LogCaptureFixtur
         "feature store unavailable: broken",
         "feature store reachable again",
     ]
+
+
+async def test_a_flapping_store_is_reported_once_per_interval(caplog: pytest.LogCaptureFixture) -> None:
+    """Failing and answering by turns (a cluster missing a shard): one outage report, not one per turn."""
+    inner = CountingStore()
+    cached = CachedFeatureStore(inner, ttl_seconds=0, max_entries=10, timeout_s=1.0)
+    with caplog.at_level(logging.INFO, logger="model_broker.features"):
+        for _ in range(5):
+            inner.broken = True
+            with pytest.raises(FeatureStoreUnavailable):
+                await one(cached, "k", ("a",))
+            inner.broken = False
+            await one(cached, "k", ("a",))
+    assert [r.getMessage() for r in caplog.records] == [
+        "feature store unavailable: broken",
+        "feature store reachable again",
+    ]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +26,9 @@ log = logging.getLogger("model_broker.features")
 Features = dict[str, Any]
 # What a store looks one entity up by: the own layout's hash key, Feast's (join key, value) pairs.
 EntityKey = Hashable
+
+# A store failing and answering by turns is reported down at most this often.
+OUTAGE_REPORT_SECONDS = 10.0
 
 # A requested feature the store did not give: never written (or expired), or older than its view's TTL.
 MISSING = "missing"
@@ -108,7 +112,8 @@ class CachedFeatureStore:
 
     Unknown entities are cached too, so a flood of bad keys does not become a
     flood of store calls. Failures are never cached: recovery is immediate.
-    The store's state is logged once per transition (down with its cause, back up).
+    The store's state is logged once per transition (down with its cause, back up),
+    at most one outage per OUTAGE_REPORT_SECONDS.
     """
 
     def __init__(self, store: FeatureStore, *, ttl_seconds: float, max_entries: int, timeout_s: float) -> None:
@@ -117,7 +122,9 @@ class CachedFeatureStore:
         self._cache: TTLCache[tuple[EntityKey, tuple[str, ...]], FeatureRow | None] | None = (
             TTLCache(maxsize=max_entries, ttl=ttl_seconds) if ttl_seconds > 0 else None
         )
-        self._down = False
+        # Whether the last report said "unavailable" (the next success then says "reachable again").
+        self._reported_down = False
+        self._last_report = -OUTAGE_REPORT_SECONDS
 
     async def fetch_rows(self, keys: Sequence[EntityKey], names: tuple[str, ...]) -> list[FeatureRow | None]:
         """Cached rows from the cache; the others (each key once) from the store in one call, one time budget."""
@@ -151,14 +158,19 @@ class CachedFeatureStore:
         except FeatureStoreUnavailable as exc:
             self._went_down(str(exc))
             raise
-        if self._down:
-            self._down = False
+        if self._reported_down:
+            self._reported_down = False
             log.warning("feature store reachable again")
         return rows
 
     def _went_down(self, cause: str) -> None:
-        if not self._down:
-            self._down = True
+        # At most one report per OUTAGE_REPORT_SECONDS: a store that is down for some keys
+        # only (a Redis Cluster missing a shard) fails and answers by turns, and one line
+        # per turn would flood the log at the request rate.
+        now = time.monotonic()
+        if not self._reported_down and now - self._last_report >= OUTAGE_REPORT_SECONDS:
+            self._reported_down = True
+            self._last_report = now
             log.error("feature store unavailable: %s", cause)
 
     async def close(self) -> None:
