@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import json
+import subprocess
+import sys
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
@@ -141,3 +144,38 @@ async def test_an_edit_that_cannot_apply_live_is_refused_and_logged(
     reply = await call(session, stack.base + PATH, {"customer_id": "c-2"})
     assert reply.status == 200 and reply.body["features"] == served, reply.raw
     stack.config.write_text(yaml.safe_dump(stack.doc, sort_keys=False))  # back to what is served
+
+
+async def test_weight_edits_are_recorded_as_release_events(stack: Stack) -> None:
+    """Editing a model's weights in the file is a rollout event by `edit`; the report names the edit as the start."""
+    events = stack.workdir / "rollout-state.events.jsonl"
+
+    def edited() -> list[dict[str, Any]]:
+        lines = events.read_text().splitlines() if events.exists() else []
+        return [e for e in map(json.loads, lines) if e["source"] == "edit" and e["model"] == "credit-risk"]
+
+    def weights(v1: int, v2: int) -> Any:
+        def change(doc: dict[str, Any]) -> None:
+            model(doc, "credit-risk")["versions"][0]["weight"] = v1
+            model(doc, "credit-risk")["versions"][1]["weight"] = v2
+
+        return change
+
+    stack.doc = edit(stack, weights(100, 0))
+
+    async def recorded(count: int) -> bool:
+        return len(edited()) >= count
+
+    await eventually(lambda: recorded(1))
+    stack.doc = edit(stack, weights(70, 30))
+    await eventually(lambda: recorded(2))
+    first, second = edited()[:2]
+    assert (first["before"], first["after"]) == ({"v1": 80, "v2": 20}, {"v1": 100, "v2": 0})
+    assert second["after"] == second["live"] == {"v1": 70, "v2": 30}
+    cmd = [sys.executable, "-m", "extproc.cli", "report", "credit-risk", "--config", str(stack.config)]
+    run = await asyncio.to_thread(
+        subprocess.run, [*cmd, "--format", "json"], check=True, capture_output=True, text=True, timeout=120
+    )
+    (release,) = [r for r in json.loads(run.stdout)["releases"] if r["started_at"] == second["time"]]
+    assert (release["version"], release["started_by"]) == ("v2", "registry file edit")
+    assert release["outcome"] == "in_progress"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from extproc.rollout.report import build_releases, render_json, render_markdown
+from extproc.rollout.report import add_ground_truth, build_releases, render_json, render_markdown
 
 OPERATOR: list[dict[str, Any]] = [
     {
@@ -139,3 +139,69 @@ def test_html_report_has_the_chart_and_escapes_text() -> None:
     assert "rolled back" in page and "p95_latency" in page
     hostile = build_releases([{**OPERATOR[0], "after": {"<b>x</b>": 1}, "before": {}}], "m")
     assert "<b>x</b>" not in render_html("m", hostile, [], None)
+
+
+def test_registry_file_edits_are_releases() -> None:
+    """An edit that gives a version traffic starts a release started by the edit; one that takes it back ends it."""
+    events = [
+        {"time": 1, "event": "weights_changed", "model": "m", "source": "edit", "before": {}, "after": {"a": 100}},
+        {
+            "time": 2,
+            "event": "weights_changed",
+            "model": "m",
+            "source": "edit",
+            "before": {"a": 100, "b": 0},
+            "after": {"a": 90, "b": 10},
+        },
+        {
+            "time": 3,
+            "event": "weights_changed",
+            "model": "m",
+            "source": "edit",
+            "before": {"a": 90, "b": 10},
+            "after": {"a": 100, "b": 0},
+        },
+    ]
+    first, second = build_releases(events, "m")
+    assert (first.version, first.started_by, first.outcome) == ("a", "registry file edit", "promoted")
+    assert (second.version, second.started_by, second.outcome) == ("b", "registry file edit", "withdrawn")
+    assert second.reason == "set to 0 by registry file edit"
+    assert [s.source for s in second.steps] == ["edit", "edit"]
+
+
+def test_ground_truth_per_release() -> None:
+    """Labels inside a release's window give its canary's and champion's accuracy; all of them the model's table."""
+    events = [
+        {"time": 10, "event": "release_started", "model": "m", "source": "registry", "version": "v2", "champion": "v1"},
+        {"time": 20, "event": "release_rolled_back", "model": "m", "source": "registry", "version": "v2"},
+    ]
+
+    def label(when: float, version: str, correct: bool, shadow: dict[str, Any] | None = None) -> dict[str, Any]:
+        rid = f"r-{when}"
+        return {"time": when, "request_id": rid, "model": "m", "version": version, "kind": "classification"} | {
+            "truth": 1,
+            "answer": 1 if correct else 0,
+            "correct": correct,
+            "abs_error": None,
+            "shadow": shadow,
+        }
+
+    labels = [
+        label(5, "v1", True),
+        label(11, "v1", True),
+        label(12, "v2", False),
+        label(13, "v2", True),
+        label(30, "v1", False, {"version": "s", "answer": 1, "correct": True, "abs_error": None}),
+    ]
+    (release,) = build_releases(events, "m")
+    truth = add_ground_truth([release], labels)
+    assert release.accuracy == {
+        "canary": {"version": "v2", "labelled": 2, "accuracy": 0.5},
+        "champion": {"version": "v1", "labelled": 1, "accuracy": 1.0},
+    }
+    assert truth is not None
+    assert truth["versions"]["v1"] == {"labelled": 3, "accuracy": round(2 / 3, 6)}
+    assert truth["shadows"] == {"s": {"labelled": 1, "accuracy": 1.0}}
+    text = render_markdown("m", [release], None, truth)
+    assert "canary v2: accuracy 0.5 over 2 labels; champion v1: accuracy 1.0 over 1 labels" in text
+    assert "## Ground truth" in text and "| s | shadow | 1 | 1.0 |" in text

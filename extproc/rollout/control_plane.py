@@ -68,6 +68,8 @@ ACK_TIMEOUT_SECONDS = 5.0
 # The `source` of a change made by automatic rollback (operators' changes say "admin").
 ROLLBACK = "rollback"
 PROMOTION = "promotion"
+# The `source` of a weight change made by editing the registry file (or its ConfigMap).
+EDIT = "edit"
 METRICS_SERVICE = "opentelemetry.proto.collector.metrics.v1.MetricsService"
 
 
@@ -139,6 +141,22 @@ class ControlPlane:
             self._state = replace(self._state, revision=self._state.revision + 1)
             await asyncio.to_thread(save_state, registry.control_plane.state_file, self._state)
             await self._publish(before, self._state.revision)
+
+    async def use_edited_registry(self, registry: Registry) -> None:
+        """The registry file was edited: serve it, and record each declared split it changed (source `edit`).
+
+        Only models with declared versions: a registry-followed model's versions change through the
+        versions file, and the follower records those itself (source `registry`).
+        """
+        before = self._declared
+        await self.use_registry(registry)
+        for model in (m for m in registry.models if m.registry is None):
+            was, now = before.get(model.name, {}), self._declared.get(model.name, {})
+            if was != now:
+                live = self.live.get(model.name, {})
+                self.record_event(
+                    "weights_changed", model.name, EDIT, before=was, after=now, live=live, revision=self.hub.revision
+                )
 
     async def _publish(self, before: LiveWeights, revision: int) -> None:
         """Brokers first; a version that had no traffic reaches Envoy once every broker has it."""
@@ -433,7 +451,8 @@ async def serve_control_plane(registry_file: str, registry: Registry, companion:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     parent = os.getppid()
-    reloading = asyncio.create_task(follow_registry_file(registry_file, lambda: plane.registry, plane.use_registry))
+    edits = follow_registry_file(registry_file, lambda: plane.registry, plane.use_edited_registry)
+    reloading = asyncio.create_task(edits)
     # Once serving: its AWS client must not delay the live weights every Envoy and worker waits for.
     plane.trail = await asyncio.to_thread(open_trail, registry)
     shipping = asyncio.create_task(plane.trail.run(stop)) if plane.trail is not None else None

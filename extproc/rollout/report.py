@@ -1,7 +1,8 @@
 """Release and rollback reports: the persisted rollout events of one model, grouped into releases. Pure.
 
-A release starts when the model registry's challenger gets a canary (`release_started`) or
-an operator gives a version with no traffic some (`weights set`, the admin API); each weight
+A release starts when the model registry's challenger gets a canary (`release_started`), an
+operator gives a version with no traffic some (`weights set`, the admin API), or an edit of
+the registry file does (source `edit`); each weight
 change after it is a step, with the numbers the control plane judged it on; it ends
 promoted, rolled back, aborted or replaced. Ground truth (the persisted feedback labels)
 gives each release the canary's and the champion's accuracy or MAE over its window, and
@@ -27,7 +28,12 @@ OUTCOMES = {
 }
 # Weight changes, and who made them (the event's `source`).
 WEIGHT_EVENTS = ("weights_changed", "promotion", "rollback")
-STARTED_BY = {"registry": "model registry", "admin": "operator (CLI / admin API)", "rollback": "automatic rollback"}
+STARTED_BY = {
+    "registry": "model registry",
+    "admin": "operator (CLI / admin API)",
+    "edit": "registry file edit",
+    "rollback": "automatic rollback",
+}
 
 
 @dataclass(slots=True)
@@ -151,8 +157,9 @@ def _start(event: Event, model: str) -> Release | None:
             event.get("champion"),
             event.get("registry_version"),
         )
-    if kind in WEIGHT_EVENTS and event.get("source") == "admin" and _newly_live(event):
-        return Release(model, str(_newly_live(event)), when, STARTED_BY["admin"])
+    source = str(event.get("source"))
+    if kind in WEIGHT_EVENTS and source in ("admin", "edit") and _newly_live(event):
+        return Release(model, str(_newly_live(event)), when, STARTED_BY[source])
     return None
 
 
@@ -166,8 +173,12 @@ def _advance(release: Release, event: Event) -> bool:
         release.reason = event.get("reason") or release.reason
     elif release.registry_version is None and kind == "rollback":
         release.outcome, release.reason, release.ended_at = "rolled_back", event.get("reason"), when
-    elif release.registry_version is None and kind == "promotion" and release.steps[-1].share_percent >= 100:
+    elif release.registry_version is None and kind in WEIGHT_EVENTS and release.steps[-1].share_percent >= 100:
         release.outcome, release.ended_at = "promoted", when
+    elif release.registry_version is None and kind == "weights_changed" and release.steps[-1].share_percent == 0:
+        # An operator or an edit took the traffic back: the release ends without a rollback's thresholds.
+        release.outcome, release.ended_at = "withdrawn", when
+        release.reason = f"set to 0 by {STARTED_BY.get(str(event.get('source')), event.get('source'))}"
     return release.ended_at is not None
 
 
