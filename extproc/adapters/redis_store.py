@@ -6,6 +6,7 @@ Cluster; the Feast adapter borrows it.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
@@ -31,8 +32,11 @@ REDIS_FAILURES = (RedisError, RedisClusterException, OSError)
 # (and redis-py waits 0.25 s before a pipeline's). MOVED/ASK redirects are followed
 # per command on top of these. The caller's time budget bounds them all.
 CLUSTER_RETRIES = 2
-# Whole reads the adapter makes on a cluster (see `read_replies`).
-CLUSTER_ATTEMPTS = 2
+# Whole reads the adapter makes on a cluster, and the pause before each retry (see
+# `read_replies`): when one pipeline fails redis-py closes every connection of the
+# client, so the retry waits for that to pass rather than meet it again.
+CLUSTER_ATTEMPTS = 3
+CLUSTER_RETRY_PAUSE_S = 0.02
 # Connections per cluster node per worker: one per request in flight at most (the
 # worker admits up to broker.max_streams); redis-py's default of 100 would fail the rest.
 CLUSTER_MAX_CONNECTIONS = 1024
@@ -75,7 +79,9 @@ async def read_replies(
     reply lost in a failover must not reach a model as a missing feature.
     """
     cause = ""
-    for _ in range(attempts):
+    for attempt in range(attempts):
+        if attempt:
+            await asyncio.sleep(CLUSTER_RETRY_PAUSE_S)
         try:
             replies = await read()
         except REDIS_FAILURES as exc:
