@@ -205,3 +205,20 @@ def test_gate_judges_against_the_version_with_most_traffic() -> None:
     )
     assert verdict is not None and verdict.decision == "fail" and verdict.detail["champion"] == "v1"
     assert gate_canary(AccuracyGate(), "classification", book, "m", weights={"v2": 100}, canary="v2") is None
+
+
+def test_consumer_may_label_only_models_it_may_call() -> None:
+    """With consumers declared, a truth about a model the sending consumer may not call is a 403."""
+    doc = demo_registry_doc()
+    doc["models"][0]["feedback"] = {"kind": "classification", "answer_field": "score"}
+    name = doc["models"][0]["name"]
+    other = doc["models"][1]["name"]
+    doc["consumers"] = [
+        {"name": "owner", "api_keys": ["sha256:" + "a" * 64], "models": [name]},
+        {"name": "stranger", "api_keys": ["sha256:" + "b" * 64], "models": [other]},
+    ]
+    reg = parse_registry(doc)
+    allowed = score(reg, Truth("r-1", 1), record(name), None, now=1.0, consumer="owner")
+    refused = score(reg, Truth("r-1", 1), record(name), None, now=1.0, consumer="stranger")
+    assert isinstance(allowed, dict)
+    assert isinstance(refused, BrokerError) and refused.code == ErrorCode.FORBIDDEN and refused.status == 403
