@@ -151,12 +151,13 @@ def ensemble_route(ensemble: str) -> str:
 
 
 def oip_route(kind: str, model: str, version: str | None = None) -> str:
-    """Route name of an OIP model's GET endpoint (`metadata` or `ready`), for the model or one version."""
+    """Route name of an OIP model's GET endpoint (`metadata` or `ready`), for the model or one version,
+    or of one version's own `infer` route (`…/versions/<v>/infer`, outside the split)."""
     return f"oip-{kind}:{model}" + (f"/{version}" if version is not None else "")
 
 
 def oip_route_model(route_name: str) -> str | None:
-    """The model an OIP GET route belongs to (what a consumer's allow-list names), or None."""
+    """The model an OIP GET or version `infer` route belongs to (what a consumer's allow-list names), or None."""
     if not route_name.startswith("oip-"):
         return None
     return route_name.partition(":")[2].partition("/")[0] or None

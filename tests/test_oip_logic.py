@@ -22,7 +22,8 @@ from extproc.core.oip import (
     read_infer_request,
     row_bodies,
 )
-from extproc.core.routing import compile_routes
+from extproc.core.routing import compile_routes, named_version_routes
+from extproc.envoy import route_configuration
 from extproc.errors import BrokerError, ErrorCode
 from extproc.registry import Registry, RegistryInvalid, parse_registry
 from tests.test_hardening import dumps_like_a_client, json_values, scalars
@@ -393,3 +394,15 @@ def test_no_oip_request_crashes_the_logic(doc: dict[str, Any], features: dict[st
     tensors = feature_tensors(HOSTILE, keys, outcome.rows, "applicant_id")
     if not isinstance(tensors, BrokerError):
         assert orjson.loads(forward_body(HOSTILE, request, tensors))["inputs"]
+
+
+def test_a_named_version_route_keeps_derived_features_and_drops_the_rules() -> None:
+    """`…/versions/<v>/infer` has a route name of its own; the broker's plan for it derives but never pins."""
+    registry = _registry(derived=DERIVED[:1], rules=RULES)
+    names = {r.name for r in route_configuration(registry).virtual_hosts[0].routes}
+    assert {"oip-infer:risk/v1", "oip-infer:risk/v2"} <= names
+    named = named_version_routes(registry, compile_routes(registry))
+    assert set(named) == {"oip-infer:risk/v1", "oip-infer:risk/v2"}
+    logic = named["oip-infer:risk/v1"].logic
+    assert logic is not None and logic.rules == () and [d.name for d in logic.derived] == ["debt"]
+    assert named["oip-infer:risk/v1"].model == "risk"

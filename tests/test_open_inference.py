@@ -11,6 +11,7 @@ from __future__ import annotations
 import http.client
 import json
 import random
+import re
 import subprocess
 import sys
 import time
@@ -684,12 +685,24 @@ def test_a_batch_is_pinned_when_every_row_is_in_the_segment(oip_stack: Stack) ->
     assert _version_of(oip_stack, [*rich, plain[0]]) == "v1"
 
 
-def test_a_named_version_is_served_whatever_the_rules_say(oip_stack: Stack) -> None:
-    """`…/versions/v1/infer` names its version: a rule holding does not move it."""
+def _vip_matches(stack: Stack) -> int:
+    """model_broker_rules_total for risk-ruled's `vip` rule, matched, from the broker's metrics."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{stack.doc['metrics']['port']}/metrics", timeout=10) as resp:
+        text = resp.read().decode()
+    found = re.search(r'model_broker_rules_total\{model="risk-ruled",outcome="matched",rule="vip"\} ([0-9.]+)', text)
+    return int(float(found.group(1))) if found else 0
+
+
+def test_a_named_version_is_served_and_the_rules_stay_out(oip_stack: Stack) -> None:
+    """`…/versions/v1/infer` names its version: v1 answers, and no rule is evaluated (none counted)."""
+    before = _vip_matches(oip_stack)
     result = broker_client(oip_stack).infer(
         "risk-ruled", [key_input([VIP])], model_version="v1", outputs=probabilities()
     )
     assert result.get_response()["model_version"] == "v1"
+    assert _vip_matches(oip_stack) == before
+    assert _version_of(oip_stack, [VIP]) == "v2"  # through the split the rule holds, and is counted
+    assert _vip_matches(oip_stack) == before + 1
 
 
 def test_check_refuses_a_json_body_field_on_an_oip_model(oip_stack: Stack, tmp_path: Path) -> None:

@@ -41,7 +41,14 @@ from extproc.core.oip import (
 )
 from extproc.core.oip import answer as oip_answer
 from extproc.core.responses import Answer
-from extproc.core.routing import ModelRoute, compile_routes, describe_models, resolve_route, with_ground_truth
+from extproc.core.routing import (
+    ModelRoute,
+    compile_routes,
+    describe_models,
+    named_version_routes,
+    resolve_route,
+    with_ground_truth,
+)
 from extproc.core.rows import Rows, body_rows, fetch_features, inject_rows
 from extproc.core.rules import RuleDecision
 from extproc.errors import BrokerError, ErrorCode
@@ -102,6 +109,7 @@ class BrokerProcessor(Processor):
         self._ensembles = compile_ensembles(registry, self._routes)
         plans = {name: route.oip for name, route in self._routes.items() if route.oip is not None}
         self._oip_endpoints = compile_endpoints(registry, plans)
+        self._routes |= named_version_routes(registry, self._routes)
         if (self._ensembles or plans) and self._egress is None:
             raise ValueError("a registry with ensembles or OIP models needs an egress client")
         # Backend reads answer within the header phase's budget, with room for Envoy's own hops.
@@ -173,6 +181,7 @@ class BrokerProcessor(Processor):
         route = resolve_route(self._routes, ctx.route_name)
         if isinstance(route, BrokerError):
             return self._reject(route, ctx)
+        ctx.route_name = route.model  # an OIP version's own route is audited and counted as its model's
         if route.oip is not None:
             return await self._oip_body(msg.body, route, route.oip, ctx)
         return await self._model_body(msg.body, route, ctx)
@@ -517,6 +526,7 @@ class BrokerProcessor(Processor):
         """
         ctx.lap("upstream")
         ctx.finished = True  # the last phase any route asks for
+        ctx.route_name = wire.oip_route_model(ctx.route_name) or ctx.route_name  # an OIP version's route: its model
         if ctx.audit is None and self._audit is not None and self._audit.covers(ctx.route_name):
             # Envoy refused the request before any body phase (it had no body): audit that answer too.
             ctx.audit = AuditDraft(ctx.route_name, ctx.started_at, consumer=ctx.consumer or None)

@@ -6,6 +6,7 @@ resolving a route is one dict lookup on the route name Envoy reports.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -136,6 +137,21 @@ def compile_routes(registry: Registry, declared: Registry | None = None) -> dict
             max_rows=model.batch.max_rows if model.batch is not None else 1,
         )
     return routes
+
+
+def named_version_routes(registry: Registry, routes: dict[str, ModelRoute]) -> dict[str, ModelRoute]:
+    """Each OIP model's `…/versions/<v>/infer` route: the model's plan without its segment rules (the
+    client named the version; derived features still apply), under the route name Envoy reports."""
+    named: dict[str, ModelRoute] = {}
+    for model in registry.models:
+        route = routes.get(model.name)
+        if route is None or route.oip is None:
+            continue
+        logic = dataclasses.replace(route.logic, rules=()) if route.logic is not None else None
+        plain = dataclasses.replace(route, logic=logic)
+        for version in model.versions:
+            named[wire.oip_route("infer", model.name, version.name)] = plain
+    return named
 
 
 def _describe_rule(model: Model, index: int) -> dict[str, Any]:

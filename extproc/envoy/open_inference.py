@@ -103,10 +103,11 @@ def model_routes(model: Model, served: Route, http: bool) -> list[Route]:
     routes = [served]
     pinned_filters = {k: v for k, v in served.typed_per_filter_config.items() if k != wire.SHADOW_RECORDER_FILTER}
     for version in model.versions:
-        # Outside the split: no weights, no sticky hash, no shadow copy; the same broker phase.
+        # Outside the split: no weights, no sticky hash, no shadow copy, no segment rules (its own
+        # name tells the broker the version is named); the same broker phase.
         routes.append(
             Route(
-                name=model.name,
+                name=wire.oip_route("infer", model.name, version.name),
                 match=RouteMatch(path=f"{base}/versions/{version.name}/infer", headers=served.match.headers),
                 typed_per_filter_config=dict(pinned_filters),
                 route=RouteAction(
