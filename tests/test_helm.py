@@ -410,6 +410,40 @@ def test_audit_spools_on_the_broker_volume_and_ships_to_aws(tmp_path: Path) -> N
     assert not any("audit-spool" in json.dumps(spec["volumes"]) for spec in pod_specs(render("default")))
 
 
+FEAST_CLUSTER = {
+    "redis": {"url": "redis://feast-redis-0.feast-redis:6379", "redis_type": "redis_cluster"},
+    "project": "fraud",
+    "feature_views": [{"name": "customer_stats", "entities": ["customer"], "ttl_seconds": 86400}],
+}
+
+
+@pytest.mark.parametrize(
+    ("values", "expected"),
+    [
+        ({}, {"embedded": {"path": "features.json"}}),
+        (
+            {"externalRedis": {"url": "redis://features-0.features:6379", "redisType": "redis_cluster"}},
+            {"redis": {"url": "redis://features-0.features:6379", "redis_type": "redis_cluster"}},
+        ),
+        (
+            {"externalRedis": {"url": "redis://features:6379/0"}},
+            {"redis": {"url": "redis://features:6379/0", "redis_type": "redis"}},
+        ),
+        ({"registry": {"feature_store": {"feast": FEAST_CLUSTER}}}, {"feast": FEAST_CLUSTER}),
+    ],
+    ids=["embedded", "external-cluster", "external-redis", "feast-cluster"],
+)
+def test_the_feature_store_the_pods_load(values: dict[str, Any], expected: dict[str, Any], tmp_path: Path) -> None:
+    """One source in the registry, as the values say (Feast's section as is), and the broker's loader accepts it."""
+    registry = registry_doc(render_values(values))
+    store = registry["feature_store"]
+    assert {k: v for k, v in store.items() if k in ("redis", "embedded", "feast")} == expected
+    config = tmp_path / "registry.yaml"
+    config.write_text(yaml.safe_dump(registry))
+    (tmp_path / "features.json").write_text("{}")
+    load_registry(config, envoy_files=False)
+
+
 def test_a_local_audit_sink_fails_the_render() -> None:
     """JSONL files inside one pod are no audit trail on Kubernetes: `helm install` says to use aws."""
     audit = {"spool": {"dir": "spool"}, "sink": {"local": {"dir": "records"}}}

@@ -81,13 +81,15 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 /var/lib/model-broker
 {{- end }}
 
-{{/* Which feature store: the bundled Redis, an external one, or the embedded JSON document. */}}
+{{/* Which feature store: Feast's Redis as registry.feature_store.feast declares it, the bundled
+Redis, an external one (one Redis or a Redis Cluster), or the embedded JSON document. */}}
 {{- define "model-broker.featureStore" -}}
 {{- $store := omit (deepCopy .Values.registry.feature_store) "redis" "embedded" }}
-{{- if .Values.redis.enabled }}
+{{- if .Values.registry.feature_store.feast }}
+{{- else if .Values.redis.enabled }}
 {{- $_ := set $store "redis" (dict "url" (printf "redis://%s-redis:6379/0" (include "model-broker.fullname" .))) }}
 {{- else if .Values.externalRedis.url }}
-{{- $_ := set $store "redis" (dict "url" .Values.externalRedis.url) }}
+{{- $_ := set $store "redis" (dict "url" .Values.externalRedis.url "redis_type" (.Values.externalRedis.redisType | default "redis")) }}
 {{- else }}
 {{- $_ := set $store "embedded" (dict "path" "features.json") }}
 {{- end }}
@@ -95,7 +97,7 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- end }}
 
 {{- define "model-broker.embedded" -}}
-{{- and (not .Values.redis.enabled) (not .Values.externalRedis.url) }}
+{{- and (not .Values.registry.feature_store.feast) (not .Values.redis.enabled) (not .Values.externalRedis.url) }}
 {{- end }}
 
 {{/*
