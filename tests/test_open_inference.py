@@ -123,7 +123,7 @@ def oip_registry(server: MLServer, redis: RedisServer) -> dict[str, Any]:
     }
     doc = demo_registry_doc(
         feature_store={"redis": {"url": redis.url}, "timeout_ms": 1000, "cache": {"ttl_seconds": 0}},
-        ensembles=[blend],
+        ensembles=[blend, derived_blend(probability)],
     )
     doc["broker"]["message_timeout_ms"] = 1500
     doc.pop("audit")  # the one-message hot path; audit on OIP routes is the JSON routes' machinery
@@ -170,6 +170,20 @@ def oip_registry(server: MLServer, redis: RedisServer) -> dict[str, Any]:
         *logic_models(server),
     ]
     return doc
+
+
+def derived_blend(probability: dict[str, Any]) -> dict[str, Any]:
+    """Both derived-feature models as ensemble members: each gets its derived values as tensors."""
+    members = [
+        {"model": m, "output": probability, "timeout_ms": 5000} for m in ("risk-derived", "risk-derived-columns")
+    ]
+    return {
+        "name": "derived-blend",
+        "path": "/score/derived-blend",
+        "members": members,
+        "deadline_ms": 6000,
+        "aggregation": {"method": "mean", "field": "probability"},
+    }
 
 
 # Derived features as the models were trained on them (tests/mlserver_models.py, derived_columns).
@@ -612,6 +626,26 @@ def test_a_derived_feature_reads_a_request_parameter(oip_stack: Stack, mlserver:
     )
     expected = client_of(mlserver.url).infer("risk-derived", [derived_tensor([key])], outputs=probabilities())
     assert result.as_numpy("predict_proba").tolist() == expected.as_numpy("predict_proba").tolist()
+
+
+def test_ensemble_members_get_their_derived_tensors(oip_stack: Stack, mlserver: MLServer) -> None:
+    """An ensemble's OIP members derive over the one row they are sent: the mean equals MLServer's answers
+    with the derived column and inputs written by hand."""
+    direct = client_of(mlserver.url)
+    for key in ENTITIES[40:44]:
+        reply = urllib.request.urlopen(
+            urllib.request.Request(
+                f"{oip_stack.base}/score/derived-blend",
+                data=json.dumps({"applicant_id": key}).encode(),
+                headers={"content-type": "application/json"},
+            ),
+            timeout=30,
+        )
+        answer = json.loads(reply.read())
+        tensor = direct.infer("risk-derived", [derived_tensor([key])], outputs=probabilities())
+        columns = direct.infer("risk-derived-columns", derived_inputs(key), outputs=probabilities())
+        expected = [tensor.as_numpy("predict_proba")[0][1], columns.as_numpy("predict_proba")[0][1]]
+        assert answer["combined"]["value"] == pytest.approx(sum(float(x) for x in expected) / 2, abs=1e-12), answer
 
 
 def _cluster_requests(stack: Stack, model: str) -> int:
