@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -10,6 +12,7 @@ from extproc.errors import BrokerError, ErrorCode
 from extproc.registry import AccuracyGate, Registry, RegistryInvalid, parse_registry
 from extproc.rollout.accuracy import accuracy_verdict, gate_canary, newcombe_difference, wilson
 from extproc.rollout.feedback import FeedbackBook, Tally, Truth, parse_feedback, score
+from extproc.rollout.feedback_desk import FeedbackDesk, labels_path
 from tests.conftest import demo_registry_doc
 
 
@@ -222,3 +225,22 @@ def test_consumer_may_label_only_models_it_may_call() -> None:
     refused = score(reg, Truth("r-1", 1), record(name), None, now=1.0, consumer="stranger")
     assert isinstance(allowed, dict)
     assert isinstance(refused, BrokerError) and refused.code == ErrorCode.FORBIDDEN and refused.status == 403
+
+
+async def test_desk_counts_concurrent_duplicates_once(tmp_path: Path) -> None:
+    """Two copies of one truth at once: both 200, one label on disk; a restart rebuilds the same tallies."""
+    reg = registry()
+    name = reg.models[0].name
+    state_file = str(tmp_path / "rollout-state.json")
+
+    async def find(request_id: str) -> dict[str, Any] | None:
+        await asyncio.sleep(0.01)  # both lookups are in flight before either label is written
+        return {**record(name), "request_id": request_id} if not request_id.startswith("shadow:") else None
+
+    desk = FeedbackDesk(lambda: reg, state_file, find)
+    first, second = await asyncio.gather(desk.submit([Truth("r-1", 1)], None), desk.submit([Truth("r-1", 1)], None))
+    assert sorted(r[0]["duplicate"] for r in (first, second) if isinstance(r[0], dict)) == [False, True]
+    assert len(labels_path(state_file).read_text().splitlines()) == 1
+    again = FeedbackDesk(lambda: reg, state_file, find)
+    assert again.book.tally(name, "v1") == Tally(labelled=1, correct=1)
+    assert again.book.summary() == desk.book.summary()

@@ -145,6 +145,9 @@ def banner(
     lines = [f"Model Broker is up at {base}  (Ctrl-C stops it)", f"  GET  {base}{wire.PATH_MODELS}"]
     lines += [f"  POST {base}{m.path}" for m in registry.models]
     lines += [f"  POST {base}{e.path}  (ensemble: {', '.join(m.model for m in e.members)})" for e in registry.ensembles]
+    if registry.takes_feedback:
+        shape = '{"request_id": "<x-request-id>", "truth": ...}'
+        lines.append(f"  POST {base}{wire.PATH_FEEDBACK}  (ground truth: {shape})")
     examples = example_requests(registry, rows, example_fields)
     if examples:
         known = all(e.known for e in examples)

@@ -116,30 +116,40 @@ class FeedbackDesk:
         if isinstance(item, BrokerError):
             metrics.FEEDBACK_POSTED.labels("", item.code.value).inc()
             return item
-        async with self._lock:
-            earlier = self.book.earlier(item)
-            if earlier is not None:
-                model = earlier["model"] if isinstance(earlier, dict) else self.book.labels[item.request_id]["model"]
-                metrics.FEEDBACK_POSTED.labels(model, "duplicate" if isinstance(earlier, dict) else "conflict").inc()
-                return _result(earlier, duplicate=True) if isinstance(earlier, dict) else earlier
-            try:
-                record = await self._find(item.request_id)
-                shadow = await self._find(f"shadow:{item.request_id}") if record is not None else None
-            except (AuditSinkUnavailable, TimeoutError, OSError) as exc:
-                # Fail closed: a truth that cannot be joined now is not half-counted; the sender retries.
-                log.warning("feedback for %s: audit trail unavailable: %s", item.request_id, exc)
-                error = BrokerError(ErrorCode.AUDIT_UNAVAILABLE, "the audit trail cannot be read now; retry shortly")
-                metrics.FEEDBACK_POSTED.labels(item.model or "", error.code.value).inc()
-                return error
-            label = score(self._registry(), item, record, shadow, now=time.time(), consumer=consumer)
-            if isinstance(label, BrokerError):
-                model = item.model or (str(record.get("model", "")) if record else "")
-                metrics.FEEDBACK_POSTED.labels(model, label.code.value).inc()
-                return label
+        seen = self._earlier(item)
+        if seen is not None:
+            return seen
+        try:  # outside the lock: a slow audit sink must not hold up every other truth
+            record = await self._find(item.request_id)
+            shadow = await self._find(f"shadow:{item.request_id}") if record is not None else None
+        except (AuditSinkUnavailable, TimeoutError, OSError) as exc:
+            # Fail closed: a truth that cannot be joined now is not half-counted; the sender retries.
+            log.warning("feedback for %s: audit trail unavailable: %s", item.request_id, exc)
+            error = BrokerError(ErrorCode.AUDIT_UNAVAILABLE, "the audit trail cannot be read now; retry shortly")
+            metrics.FEEDBACK_POSTED.labels(item.model or "", error.code.value).inc()
+            return error
+        label = score(self._registry(), item, record, shadow, now=time.time(), consumer=consumer)
+        if isinstance(label, BrokerError):
+            model = item.model or (str(record.get("model", "")) if record else "")
+            metrics.FEEDBACK_POSTED.labels(model, label.code.value).inc()
+            return label
+        async with self._lock:  # the idempotence check and the append agree: a label is counted once
+            seen = self._earlier(item)
+            if seen is not None:
+                return seen
             await asyncio.to_thread(self._append, label)
             self.book.add(label)
-            metrics.FEEDBACK_POSTED.labels(label["model"], "labelled").inc()
-            return _result(label, duplicate=False)
+        metrics.FEEDBACK_POSTED.labels(label["model"], "labelled").inc()
+        return _result(label, duplicate=False)
+
+    def _earlier(self, item: Truth) -> dict[str, Any] | BrokerError | None:
+        """The answer for a request already labelled: the same truth again, or a refused change."""
+        earlier = self.book.earlier(item)
+        if earlier is None:
+            return None
+        model = self.book.labels[item.request_id]["model"]
+        metrics.FEEDBACK_POSTED.labels(model, "duplicate" if isinstance(earlier, dict) else earlier.code.value).inc()
+        return _result(earlier, duplicate=True) if isinstance(earlier, dict) else earlier
 
     def _append(self, label: Mapping[str, Any]) -> None:
         path = labels_path(self._state_file)
