@@ -6,6 +6,7 @@ from Envoy's stats) and `shadow` are its parts; workers subscribe in `follow`; t
 `registry_follow` carries it out (`extproc.process.plane` wires it to MLflow).
 """
 
+from extproc.rollout.admin_api import METRICS_SERVICE, Handler, add_metrics_service, admin_app
 from extproc.rollout.client import (
     TIMEOUT_S,
     AdminApi,
@@ -17,14 +18,10 @@ from extproc.rollout.client import (
 )
 from extproc.rollout.control_plane import (
     ACK_TIMEOUT_SECONDS,
-    METRICS_SERVICE,
     PROMOTION,
     ROLLBACK,
     Companion,
     ControlPlane,
-    Handler,
-    add_metrics_service,
-    admin_app,
     run_control_plane,
     serve_control_plane,
     shadow_path,

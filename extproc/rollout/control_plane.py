@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
 import json
 import logging
 import os
@@ -28,15 +27,15 @@ import uvloop
 from aiohttp import web
 from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import (
     ExportMetricsServiceRequest,
-    ExportMetricsServiceResponse,
 )
 
 from extproc import metrics, wire
-from extproc.errors import BrokerError, ErrorCode
+from extproc.errors import BrokerError
 from extproc.registry import Registry, RolloutPolicy, load_registry
 from extproc.registry.reload import follow_registry_file
 from extproc.rollout import discovery
 from extproc.rollout.accuracy import Verdict, gate_canary
+from extproc.rollout.admin_api import add_metrics_service, admin_app
 from extproc.rollout.events import events_path
 from extproc.rollout.feedback_desk import FeedbackDesk, serve_feedback
 from extproc.rollout.health import (
@@ -70,7 +69,6 @@ ROLLBACK = "rollback"
 PROMOTION = "promotion"
 # The `source` of a weight change made by editing the registry file (or its ConfigMap).
 EDIT = "edit"
-METRICS_SERVICE = "opentelemetry.proto.collector.metrics.v1.MetricsService"
 
 
 def shadow_path(state_file: str) -> Path:
@@ -359,68 +357,6 @@ class ControlPlane:
             out.write(orjson.dumps(record) + b"\n")
         if self.trail is not None:
             self.trail.rollout(event, model, source, fields)
-
-
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-
-
-def _error(error: BrokerError) -> web.Response:
-    body = error.to_json(request_id="")
-    return web.Response(status=error.status, body=orjson.dumps(body), content_type="application/json")
-
-
-def _json(doc: Any, status: int = 200) -> web.Response:
-    return web.Response(status=status, body=orjson.dumps(doc), content_type="application/json")
-
-
-def admin_app(plane: ControlPlane, token: str) -> web.Application:
-    """`GET /weights`, `PUT /weights/{model}`; everything but `/healthz` needs the bearer token."""
-
-    @web.middleware
-    async def authenticate(request: web.Request, handler: Handler) -> web.StreamResponse:
-        if request.path != "/healthz":
-            given = request.headers.get("authorization", "").removeprefix("Bearer ").encode()
-            if not hmac.compare_digest(given, token.encode()):
-                return _error(BrokerError(ErrorCode.ADMIN_UNAUTHORIZED, "send 'Authorization: Bearer <admin token>'"))
-        return await handler(request)
-
-    async def healthz(_: web.Request) -> web.Response:
-        return _json({"status": "ok"})
-
-    async def get_weights(_: web.Request) -> web.Response:
-        return _json(plane.describe())
-
-    async def put_weights(request: web.Request) -> web.Response:
-        try:
-            doc = orjson.loads(await request.read())
-        except orjson.JSONDecodeError as exc:
-            return _error(BrokerError(ErrorCode.INVALID_WEIGHTS, f"the body is not JSON: {exc}"))
-        weights = doc.get("weights") if isinstance(doc, dict) else None
-        if not isinstance(weights, dict):
-            return _error(BrokerError(ErrorCode.INVALID_WEIGHTS, 'send {"weights": {"<version>": <weight>, ...}}'))
-        result = await plane.set_weights(request.match_info["model"], weights, source="admin")
-        return _error(result) if isinstance(result, BrokerError) else _json(result)
-
-    app = web.Application(middlewares=[authenticate])
-    app.router.add_get("/healthz", healthz)
-    app.router.add_get("/weights", get_weights)
-    app.router.add_put("/weights/{model}", put_weights)
-    return app
-
-
-def add_metrics_service(server: grpc.aio.Server, plane: ControlPlane) -> None:
-    """OTLP metrics export (Envoy's OpenTelemetry stat sink); xds-protos ships the messages, not the stub."""
-
-    async def export(request: ExportMetricsServiceRequest, _: grpc.aio.ServicerContext[Any, Any]) -> Any:
-        await plane.observe(request)
-        return ExportMetricsServiceResponse()
-
-    method = grpc.unary_unary_rpc_method_handler(
-        export,
-        request_deserializer=ExportMetricsServiceRequest.FromString,
-        response_serializer=ExportMetricsServiceResponse.SerializeToString,
-    )
-    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(METRICS_SERVICE, {"Export": method}),))
 
 
 # Runs beside the control plane for its lifetime (the model-registry follower, wired in `extproc.process`).
