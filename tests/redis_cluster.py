@@ -43,6 +43,9 @@ class RedisClusterServers:
         self.ports = [free_port() for _ in range(MASTERS * 2)]
         self.procs = []
         for port in self.ports:
+            # The cluster bus port, chosen like the others: Redis's default (port + 10000)
+            # may be taken, or past 65535 for a high free port.
+            bus = free_port()
             node_dir = workdir / str(port)
             node_dir.mkdir(parents=True, exist_ok=True)
             self.procs.append(
@@ -58,6 +61,8 @@ class RedisClusterServers:
                         "yes",
                         "--cluster-config-file",
                         str(node_dir / "nodes.conf"),
+                        "--cluster-port",
+                        str(bus),
                         "--cluster-node-timeout",
                         str(NODE_TIMEOUT_MS),
                         "--save",

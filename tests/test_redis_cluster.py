@@ -41,6 +41,9 @@ from tests.test_feast import (
 )
 
 CLUSTER = {"redis_type": "redis_cluster"}
+# Envoy's deadline per broker message: the store's 1000 ms budget plus room for a box this
+# loaded (a 503 from the store, not `broker_unavailable`, is what the tests pin).
+MESSAGE_TIMEOUT_MS = 3000
 OWN_FEATURES = ("income", "debt_ratio", "tenure_months", "late_payments_12m")
 OWN_CUSTOMERS = [f"c-{i}" for i in range(1, 61)]
 # A view loaded by `feast materialize` from its parquet source, not by the online writer.
@@ -81,13 +84,14 @@ def own_registry(cluster: RedisClusterServers) -> dict[str, Any]:
     doc = demo_registry_doc(
         feature_store={"redis": {"url": cluster.url, **CLUSTER}, "timeout_ms": 1000, "cache": {"ttl_seconds": 0}}
     )
-    doc["broker"]["message_timeout_ms"] = 1500
+    doc["broker"]["message_timeout_ms"] = MESSAGE_TIMEOUT_MS
     doc["models"][0]["batch"] = {"field": "rows", "max_rows": 32}
     return doc
 
 
 def cluster_feast_registry(cluster: RedisClusterServers) -> dict[str, Any]:
     doc = feast_registry({"url": cluster.url, **CLUSTER}, "fraud")
+    doc["broker"]["message_timeout_ms"] = MESSAGE_TIMEOUT_MS
     doc["feature_store"]["feast"]["feature_views"].append(
         {"name": "txn_profile", "entities": ["customer"], "ttl_seconds": 86400}
     )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import pytest
@@ -61,3 +62,21 @@ async def test_a_retry_that_succeeds_answers() -> None:
     read, calls = reads(RedisConnectionError("Connection closed by server."), WHOLE)
     assert await read_replies(read, attempts=3, widths=[2, 2]) == WHOLE
     assert len(calls) == 2
+
+
+async def test_a_spent_budget_stops_the_retries() -> None:
+    """The caller's budget runs out and the client reports the cancellation as an error: no further attempt."""
+    calls: list[int] = []
+
+    async def read() -> list[Any]:
+        calls.append(1)
+        try:
+            await asyncio.sleep(10)
+        except asyncio.CancelledError:
+            raise RedisConnectionError("Connection closed by server.") from None
+        return WHOLE
+
+    with pytest.raises(TimeoutError):
+        async with asyncio.timeout(0.05):
+            await read_replies(read, attempts=3, widths=[2, 2])
+    assert len(calls) == 1

@@ -81,6 +81,11 @@ async def read_replies(
     cause = ""
     for attempt in range(attempts):
         if attempt:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                # The caller's time budget ran out and the client turned the cancellation
+                # into an error: stop here, the budget's own TimeoutError is the answer.
+                raise asyncio.CancelledError
             await asyncio.sleep(CLUSTER_RETRY_PAUSE_S)
         try:
             replies = await read()
