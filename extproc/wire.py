@@ -106,6 +106,9 @@ EXT_PROC_CLUSTER: Final = "model_broker_ext_proc"
 # The same workers over ext_proc's `http_service` (HTTP/1.1), and the path Envoy POSTs each message to.
 EXT_PROC_HTTP_CLUSTER: Final = "model_broker_ext_proc_http"
 HTTP_SERVICE_PATH: Final = "/ext_proc"
+# Envoy's `http_service` client never retries: a model route's messages go through this internal
+# listener (and a cluster of the same name), whose route retries a message no worker answered.
+EXT_PROC_RETRY_LISTENER: Final = "model_broker_ext_proc_retry"
 
 
 def broker_socket(directory: str, transport: str, worker: int) -> str:

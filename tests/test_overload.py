@@ -226,13 +226,14 @@ async def test_ext_proc_overflow_is_labelled_overloaded(tmp_path: Path, session:
         assert await stat(session, stack, "cluster.model_broker_ext_proc.upstream_rq_pending_overflow") >= 1
 
 
-async def test_http_service_overflow_is_counted(tmp_path: Path, session: aiohttp.ClientSession) -> None:
-    """On http_service routes Envoy reports every side-call failure alike (503 broker_unavailable); a counter tells."""
+async def test_http_service_overflow_is_labelled_overloaded(tmp_path: Path, session: aiohttp.ClientSession) -> None:
+    """On http_service routes too: the retry hop answers an overflow as ext_proc_overflow, labelled overloaded."""
     doc = one_stream_stack(demo_registry_doc(ensembles=[]))
     del doc["audit"]  # single-message routes: Envoy reaches the broker over http_service
+    doc["broker"]["transport"] = "http"
     with run_stack(doc, tmp_path / "stack") as stack:
         refused = await overflow_round(session, stack)
-        assert refused and all(r.status == 503 and r.error_code() == "broker_unavailable" for r in refused)
+        assert refused and all(overloaded(r) for r in refused), [r.raw for r in refused]
         overflowed = await stat(session, stack, "cluster.model_broker_ext_proc_http.upstream_rq_pending_overflow")
         assert overflowed >= 1
 
@@ -267,38 +268,54 @@ def worker_pid(stack: Stack, port: int) -> int:
     return int(found[-1])
 
 
-async def test_kill_9_of_one_worker_costs_at_most_its_in_flight_requests(
+async def kill_one_worker_under_load(session: aiohttp.ClientSession, stack: Stack) -> list[Reply]:
+    """8 clients calling credit-risk for 4 s; 1 s in, kill -9 of the second of the two workers."""
+    replies: list[Reply] = []
+
+    async def client(end: float) -> None:
+        while time.monotonic() < end:
+            replies.append(await call(session, stack.base + CREDIT, BODY))
+
+    load = asyncio.gather(*(client(time.monotonic() + 4.0) for _ in range(8)))
+    await asyncio.sleep(1.0)
+    os.kill(worker_pid(stack, stack.doc["broker"]["port"] + 1), signal.SIGKILL)
+    await load
+    assert len(replies) > 50, len(replies)
+    return replies
+
+
+@pytest.mark.parametrize("transport", ["grpc", "http"])
+async def test_kill_9_of_one_worker_costs_no_request(
+    transport: str, tmp_path: Path, session: aiohttp.ClientSession
+) -> None:
+    """kill -9 of one of two workers under load: every client request is served (its messages retried on the other)."""
+    doc = demo_registry_doc(ensembles=[])
+    del doc["audit"]  # single-message routes: the model is called after the broker's one answer
+    doc["broker"].update(workers=2, transport=transport)
+    cluster = "model_broker_ext_proc" if transport == "grpc" else "model_broker_ext_proc_http"
+    with run_stack(doc, tmp_path / "stack") as stack:
+        replies = await kill_one_worker_under_load(session, stack)
+        assert [r.raw for r in replies if r.status != 200] == []
+        # The kill hit messages in flight (or a connection not yet known dead), and they were sent again.
+        assert await stat(session, stack, f"cluster.{cluster}.upstream_rq_retry_success") >= 1
+
+
+async def test_kill_9_fails_only_audited_requests_past_their_model(
     tmp_path: Path, session: aiohttp.ClientSession
 ) -> None:
-    """kill -9 of one of two workers under load: only streams in flight on it fail (503 JSON); the rest are served."""
+    """Audited routes: a request fails only if the killed worker had answered its request phase (its model ran, its
+    record is lost with the worker); each request reaches the model exactly once, none fails before it."""
     doc = demo_registry_doc(ensembles=[])
     doc["broker"]["workers"] = 2
-    concurrency, seconds = 4, 4.0
     with run_stack(doc, tmp_path / "stack") as stack:
-        replies: list[Reply] = []
-        after_kill: list[Reply] = []
-        killed_at = 0.0
-
-        async def client() -> None:
-            end = time.monotonic() + seconds
-            while time.monotonic() < end:
-                sent = time.monotonic()
-                reply = await call(session, stack.base + CREDIT, BODY)
-                replies.append(reply)
-                if killed_at and sent > killed_at + 1.0:
-                    after_kill.append(reply)
-
-        load = asyncio.gather(*(client() for _ in range(concurrency)))
-        await asyncio.sleep(1.0)
-        victim = worker_pid(stack, doc["broker"]["port"] + 1)
-        killed_at = time.monotonic()
-        os.kill(victim, signal.SIGKILL)
-        await load
+        replies = await kill_one_worker_under_load(session, stack)
         failed = [r for r in replies if r.status != 200]
-        assert len(failed) <= concurrency, [r.raw for r in failed]
-        assert all(r.status == 503 and r.error_code() == "broker_unavailable" for r in failed)
-        assert after_kill and all(r.status == 200 for r in after_kill)
-        assert len(replies) > 50
+        assert all(r.status == 503 and r.error_code() == "broker_unavailable" for r in failed), [r.raw for r in failed]
+        assert len(failed) <= 8
+        model_calls = sum(
+            [await stat(session, stack, f"cluster.credit-risk--{v}.upstream_rq_total") for v in ("v1", "v2")]
+        )
+        assert model_calls == len(replies), (model_calls, len(replies), len(failed))
 
 
 async def test_unauthenticated_flood_gets_429_before_authentication(

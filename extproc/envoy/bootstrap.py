@@ -52,6 +52,7 @@ from extproc.envoy.common import CLUSTERS_FILE, STATS_FLUSH_SECONDS, Placement, 
 from extproc.envoy.edge import overload_manager
 from extproc.envoy.ext_proc import over_http
 from extproc.envoy.listeners import egress_listener, public_listener, stats_listener
+from extproc.envoy.retry_hop import retry_cluster, retry_listener
 from extproc.envoy.routes import egress_route_configuration, route_configuration
 from extproc.envoy.shadow import _shadowed, shadow_cluster, shadow_listener, shadow_route_configuration
 from extproc.registry import (
@@ -89,6 +90,11 @@ def stats_sink() -> StatsSink:
     return StatsSink(name="envoy.stat_sinks.open_telemetry", typed_config=_any(sink))
 
 
+def internal_listeners() -> TypedExtensionConfig:
+    """Envoy's in-process listeners (the shadow listener, the `http_service` retry hop)."""
+    return TypedExtensionConfig(name="envoy.bootstrap.internal_listener", typed_config=_any(InternalListener()))
+
+
 def route_configurations(registry: Registry) -> list[RouteConfiguration]:
     """Dynamic mode: every listener's routes (the routes file), empty ones included."""
     return [route_configuration(registry), egress_route_configuration(registry), shadow_route_configuration(registry)]
@@ -104,8 +110,12 @@ def bootstrap(
     if registry.needs_egress or dynamic:
         listeners.append(egress_listener(registry, xds))
     clusters = [ext_proc_cluster(registry, count, placement.broker_host, placement.broker_socket_dir)]
+    internal = False
     if over_http(registry):
         clusters.append(ext_proc_http_cluster(registry, count, placement.broker_host, placement.broker_socket_dir))
+        listeners.append(retry_listener())
+        clusters.append(retry_cluster())
+        internal = True
     clusters.append(control_plane_cluster(registry, placement.control_plane_host))
     if registry.takes_feedback or dynamic:  # dynamic: a reloaded file may add the route
         clusters.append(feedback_cluster(registry, placement.control_plane_host))
@@ -115,13 +125,11 @@ def bootstrap(
     if placement.stats_port is not None:
         listeners.append(stats_listener(registry, placement.stats_port))
         clusters.append(admin_cluster(registry))
-    extensions = []
     if _shadowed(registry) or dynamic:
         listeners.append(shadow_listener(registry, xds))
         clusters.append(shadow_cluster())
-        extensions.append(
-            TypedExtensionConfig(name="envoy.bootstrap.internal_listener", typed_config=_any(InternalListener()))
-        )
+        internal = True
+    extensions = [internal_listeners()] if internal else []
     return Bootstrap(
         # xDS subscriptions need a node identity; `--service-node` overrides the id per replica.
         node=Node(id="model-broker-envoy", cluster="model-broker"),

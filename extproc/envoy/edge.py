@@ -21,11 +21,14 @@ from envoy_data_plane.envoy.config.cluster.v3 import (
 from envoy_data_plane.envoy.config.common.mutation_rules.v3 import HeaderMutation as Mutation
 from envoy_data_plane.envoy.config.common.mutation_rules.v3 import HeaderMutationRemoveOnMatch
 from envoy_data_plane.envoy.config.core.v3 import (
+    BackoffStrategy,
     HealthCheck,
     HealthCheckTcpHealthCheck,
     Http2ProtocolOptions,
     HttpProtocolOptions,
     HttpProtocolOptionsHeadersWithUnderscoresAction,
+    RetryPolicy,
+    RetryPolicyRetryHostPredicate,
     RuntimeUInt64,
 )
 from envoy_data_plane.envoy.config.listener.v3 import Filter, Listener
@@ -46,6 +49,7 @@ from envoy_data_plane.envoy.extensions.resource_monitors.downstream_connections.
     DownstreamConnectionsConfig,
 )
 from envoy_data_plane.envoy.extensions.resource_monitors.fixed_heap.v3 import FixedHeapConfig
+from envoy_data_plane.envoy.extensions.retry.host.previous_hosts.v3 import PreviousHostsPredicate
 from envoy_data_plane.envoy.type.matcher.v3 import StringMatcher
 
 from extproc import wire
@@ -67,6 +71,12 @@ STRIP_FILTER = "model_broker.strip_identity_headers"
 HEALTH_INTERVAL_MS, EJECTION_MS = 500, 5_000
 # A probe waits longer than the interval: a worker slowed by a busy machine is not a dead one.
 HEALTH_TIMEOUT_MS = 1_000
+# A broker message is sent again only when no worker answered it: the connection failed or was
+# reset before the worker's first answer (a worker killed mid-message). Never on an answer.
+RETRY_ON = "reset,connect-failure,refused-stream"
+# Each to another worker than the ones tried (two dead workers at once still leave a third).
+STREAM_RETRIES, RETRY_BASE_MS, RETRY_MAX_MS = 2, 5, 50
+PREVIOUS_HOSTS = "envoy.retry_host_predicates.previous_hosts"
 
 
 def overload_manager(registry: Registry) -> OverloadManager:
@@ -140,20 +150,41 @@ def strip_identity_headers() -> HttpFilter:
     return HttpFilter(name=STRIP_FILTER, typed_config=_any(config))
 
 
+def stream_retry() -> RetryPolicy:
+    """The gRPC ext_proc stream of a model route, sent again to another worker when its worker died
+    before answering its first message.
+
+    Safe because nothing has run yet: the broker calls no model while it answers a
+    request phase (ensembles do, so their filter has no retry), and Envoy calls the
+    model only after the answer. Envoy keeps the stream's messages for the retry
+    (up to 64 KiB) and retries only before the worker's first answer, so a stream
+    already past its first phase (an audited route waiting for its response phase)
+    is not retried: its model ran, and the record it owed cannot be written.
+    """
+    return RetryPolicy(
+        retry_on=RETRY_ON,
+        num_retries=STREAM_RETRIES,
+        retry_back_off=BackoffStrategy(base_interval=_ms(RETRY_BASE_MS), max_interval=_ms(RETRY_MAX_MS)),
+        retry_host_predicate=[
+            RetryPolicyRetryHostPredicate(name=PREVIOUS_HOSTS, typed_config=_any(PreviousHostsPredicate()))
+        ],
+        # How often Envoy picks again when the balancer lands on a worker already tried.
+        host_selection_retry_max_attempts=5,
+    )
+
+
 def resilient(cluster: Cluster, registry: Registry, workers: int) -> Cluster:
     """An ext_proc cluster (gRPC or http_service): circuit breakers sized to the workers, a dead worker
-    ejected and probed back.
-
-    No retry policy: Envoy 1.40 re-opens a retried ext_proc stream without the
-    message it had sent (measured: the retried request waits out the message
-    timeout), so a dead worker is kept out of the way instead.
-    """
+    ejected and probed back; the streams it held are retried (`stream_retry`)."""
     broker = registry.broker
     streams = workers * broker.max_streams
     cluster.circuit_breakers = CircuitBreakers(
         # HTTP/1.1 (the http_service transport) holds one connection per request in flight.
+        # Retries as many as streams: a killed worker's streams are retried at once (Envoy's default is 3).
         thresholds=[
-            CircuitBreakersThresholds(max_requests=streams, max_pending_requests=streams, max_connections=streams)
+            CircuitBreakersThresholds(
+                max_requests=streams, max_pending_requests=streams, max_connections=streams, max_retries=streams
+            )
         ]
     )
     cluster.outlier_detection = OutlierDetection(

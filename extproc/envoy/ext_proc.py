@@ -54,6 +54,8 @@ from extproc.envoy.common import (
     _any,
     _ms,
 )
+from extproc.envoy.edge import stream_retry
+from extproc.envoy.retry_hop import ENSEMBLE_PATH
 from extproc.envoy.shadow import _recorder_on
 from extproc.registry import (
     Model,
@@ -67,7 +69,7 @@ def over_http(registry: Registry) -> bool:
 
 
 def ext_proc_filter(registry: Registry, dynamic: bool = False) -> HttpFilter:
-    config = _ext_proc(registry, registry.broker.message_timeout_ms, dynamic)
+    config = _ext_proc(registry, registry.broker.message_timeout_ms, dynamic, retry=True)
     return HttpFilter(name=EXT_PROC_FILTER, typed_config=_any(config))
 
 
@@ -91,10 +93,10 @@ def http_ext_proc_filters(registry: Registry, dynamic: bool = False) -> list[Htt
     """The `http_service` twins of the filters above, off in the chain; none on `transport: grpc`."""
     if not over_http(registry):
         return []
-    model = _http_ext_proc(registry, registry.broker.message_timeout_ms)
+    model = _http_ext_proc(registry, registry.broker.message_timeout_ms, wire.HTTP_SERVICE_PATH)
     filters = [HttpFilter(name=HTTP_EXT_PROC_FILTER, typed_config=_any(model), disabled=True)]
     if registry.ensembles or dynamic:
-        ensemble = _http_ext_proc(registry, _ensemble_timeout_ms(registry, dynamic))
+        ensemble = _http_ext_proc(registry, _ensemble_timeout_ms(registry, dynamic), ENSEMBLE_PATH)
         ensemble.stat_prefix = "ensemble"
         filters.append(HttpFilter(name=HTTP_ENSEMBLE_EXT_PROC_FILTER, typed_config=_any(ensemble), disabled=True))
     return filters
@@ -105,12 +107,15 @@ def audits_any(registry: Registry, dynamic: bool) -> bool:
     return registry.audit is not None if dynamic else any(registry.audited(m) for m in registry.models)
 
 
-def _ext_proc(registry: Registry, timeout_ms: int, dynamic: bool) -> ExternalProcessor:
+def _ext_proc(registry: Registry, timeout_ms: int, dynamic: bool, retry: bool = False) -> ExternalProcessor:
+    """`retry`: a stream whose worker died before answering goes to another one (`edge.stream_retry`);
+    model routes only, an ensemble's message calls models and is never sent twice."""
     audited = audits_any(registry, dynamic)
     return ExternalProcessor(
         grpc_service=GrpcService(
             envoy_grpc=GrpcServiceEnvoyGrpc(cluster_name=wire.EXT_PROC_CLUSTER),
             timeout=_ms(timeout_ms),
+            retry_policy=stream_retry() if retry else None,
         ),
         # Fail closed: a request the broker never saw must not reach a model unenriched.
         failure_mode_allow=False,
@@ -132,15 +137,18 @@ def _ext_proc(registry: Registry, timeout_ms: int, dynamic: bool) -> ExternalPro
     )
 
 
-def _http_ext_proc(registry: Registry, timeout_ms: int) -> ExternalProcessor:
-    """Every phase skipped at filter level (Envoy refuses body modes here); routes ask per route."""
+def _http_ext_proc(registry: Registry, timeout_ms: int, path: str) -> ExternalProcessor:
+    """Every phase skipped at filter level (Envoy refuses body modes here); routes ask per route.
+
+    Through the retry hop (`retry_hop`), on `path`: it retries model messages, not ensemble ones.
+    """
     config = _ext_proc(registry, timeout_ms, dynamic=False)
     config.grpc_service = None
     config.http_service = ExtProcHttpService(
         http_service=HttpService(
             http_uri=HttpUri(
-                uri=f"http://model-broker{wire.HTTP_SERVICE_PATH}",
-                cluster=wire.EXT_PROC_HTTP_CLUSTER,
+                uri=f"http://model-broker{path}",
+                cluster=wire.EXT_PROC_RETRY_LISTENER,
                 timeout=_ms(timeout_ms),
             )
         )

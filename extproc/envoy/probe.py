@@ -14,9 +14,11 @@ from typing import Any
 from envoy_data_plane.envoy.config.bootstrap.v3 import Admin, Bootstrap, BootstrapStaticResources
 from envoy_data_plane.envoy.config.core.v3 import Node
 
+from extproc.envoy.bootstrap import internal_listeners
 from extproc.envoy.clusters import ext_proc_cluster, ext_proc_http_cluster, model_clusters
 from extproc.envoy.common import _socket
 from extproc.envoy.listeners import public_listener
+from extproc.envoy.retry_hop import retry_cluster, retry_listener
 from extproc.registry import Registry, parse_registry
 
 # The probe's model, entity and the one feature its store holds.
@@ -72,10 +74,18 @@ def probe_registry(ports: ProbePorts, store_path: str) -> Registry:
 
 def probe_bootstrap(registry: Registry) -> dict[str, Any]:
     """The public listener with its model route, the broker's clusters and the model's; nothing else."""
-    clusters = [ext_proc_cluster(registry, 1), ext_proc_http_cluster(registry, 1), *model_clusters(registry)]
+    clusters = [
+        ext_proc_cluster(registry, 1),
+        ext_proc_http_cluster(registry, 1),
+        retry_cluster(),
+        *model_clusters(registry),
+    ]
     doc: dict[str, Any] = Bootstrap(
         node=Node(id="model-broker-fast-path-probe", cluster="model-broker"),
         admin=Admin(address=_socket(registry.admin.address, registry.admin.port)),
-        static_resources=BootstrapStaticResources(listeners=[public_listener(registry)], clusters=clusters),
+        static_resources=BootstrapStaticResources(
+            listeners=[public_listener(registry), retry_listener()], clusters=clusters
+        ),
+        bootstrap_extensions=[internal_listeners()],
     ).to_dict()
     return doc
