@@ -199,7 +199,7 @@ class Stack:
         self.start_broker()
         self.procs["envoy"] = Proc(
             "envoy",
-            [envoy_binary(), "-c", str(envoy_yaml), "--log-level", "warn", "--disable-hot-restart"],
+            [envoy_binary(), "-c", str(envoy_yaml), *launcher.ENVOY_LOG_ARGS, "--disable-hot-restart"],
             self.workdir / "envoy.log",
         ).start()
         for model in registry.models:

@@ -318,6 +318,24 @@ async def test_kill_9_fails_only_audited_requests_past_their_model(
         assert model_calls == len(replies), (model_calls, len(replies), len(failed))
 
 
+async def test_broker_down_floods_no_log(tmp_path: Path, session: aiohttp.ClientSession) -> None:
+    """Broker killed: each call is 503 broker_unavailable, on gRPC (audited) and http_service routes alike;
+    Envoy logs no line per failure (ext_proc at critical), its stats count them."""
+    doc = demo_registry_doc(ensembles=[])
+    doc["broker"].update(workers=1, transport="http")
+    next(m for m in doc["models"] if m["name"] == "fraud")["audit"] = False  # its one message over http_service
+    with run_stack(doc, tmp_path / "stack") as stack:
+        assert (await call(session, stack.base + CREDIT, BODY)).status == 200
+        stack.procs["broker"].kill()
+        paths = [CREDIT, "/v1/models/fraud/predict"] * 10
+        replies = [await call(session, stack.base + path, BODY) for path in paths]
+        assert all(r.status == 503 and r.error_code() == "broker_unavailable" for r in replies), [
+            r.raw for r in replies
+        ]
+        assert await stat(session, stack, "http.public.ext_proc.streams_failed") >= 10
+        assert "[ext_proc]" not in stack.procs["envoy"].log.read_text()
+
+
 async def test_unauthenticated_flood_gets_429_before_authentication(
     tmp_path: Path, session: aiohttp.ClientSession
 ) -> None:

