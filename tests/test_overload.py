@@ -21,8 +21,10 @@ from typing import Any
 import aiohttp
 import pytest
 
+from extproc import wire
+from extproc.envoy import bootstrap_dict
 from extproc.envoy.edge import HEAP_RUNTIME_KEY
-from extproc.registry import hash_api_key
+from extproc.registry import hash_api_key, parse_registry
 from tests.conftest import RedisServer, Stack, demo_registry_doc, run_stack
 from tests.http import JSON_HEADERS, Reply, call
 
@@ -316,6 +318,35 @@ async def test_kill_9_fails_only_audited_requests_past_their_model(
             [await stat(session, stack, f"cluster.credit-risk--{v}.upstream_rq_total") for v in ("v1", "v2")]
         )
         assert model_calls == len(replies), (model_calls, len(replies), len(failed))
+
+
+def _found(node: Any, key: str) -> list[Any]:
+    """Every value under `key` anywhere in a generated config."""
+    if isinstance(node, dict):
+        return [v for k, v in node.items() if k == key] + [x for v in node.values() for x in _found(v, key)]
+    if isinstance(node, list):
+        return [x for v in node for x in _found(v, key)]
+    return []
+
+
+@pytest.mark.parametrize("retry", [True, False])
+def test_retry_unanswered_is_the_hop_and_the_stream_retry(retry: bool) -> None:
+    """broker.retry_unanswered: the model filter's gRPC retry and the http_service hop, both or neither; never on
+    ensembles (their message calls models)."""
+    doc = demo_registry_doc()
+    doc["broker"].update(transport="http", retry_unanswered=retry)
+    config = bootstrap_dict(parse_registry(doc))
+    filters = {f["name"]: f["typedConfig"] for f in _found(config, "httpFilters")[0]}
+    assert ("retryPolicy" in filters["envoy.filters.http.ext_proc"]["grpcService"]) is retry
+    assert "retryPolicy" not in filters["model_broker.ensemble_ext_proc"]["grpcService"]
+    targets = {
+        f["httpService"]["httpService"]["httpUri"]["cluster"]
+        for f in _found(config, "typedConfig")
+        if "httpService" in f
+    }
+    assert targets == {wire.EXT_PROC_RETRY_LISTENER if retry else wire.EXT_PROC_HTTP_CLUSTER}
+    listeners = [listener["name"] for listener in config["staticResources"]["listeners"]]
+    assert (wire.EXT_PROC_RETRY_LISTENER in listeners) is retry
 
 
 async def test_broker_down_floods_no_log(tmp_path: Path, session: aiohttp.ClientSession) -> None:

@@ -113,6 +113,7 @@ def bootstrap(
     internal = False
     if over_http(registry):
         clusters.append(ext_proc_http_cluster(registry, count, placement.broker_host, placement.broker_socket_dir))
+    if over_http(registry) and registry.broker.retry_unanswered:
         listeners.append(retry_listener())
         clusters.append(retry_cluster())
         internal = True

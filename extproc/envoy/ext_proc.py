@@ -69,7 +69,7 @@ def over_http(registry: Registry) -> bool:
 
 
 def ext_proc_filter(registry: Registry, dynamic: bool = False) -> HttpFilter:
-    config = _ext_proc(registry, registry.broker.message_timeout_ms, dynamic, retry=True)
+    config = _ext_proc(registry, registry.broker.message_timeout_ms, dynamic, retry=registry.broker.retry_unanswered)
     return HttpFilter(name=EXT_PROC_FILTER, typed_config=_any(config))
 
 
@@ -96,7 +96,9 @@ def http_ext_proc_filters(registry: Registry, dynamic: bool = False) -> list[Htt
     model = _http_ext_proc(registry, registry.broker.message_timeout_ms, wire.HTTP_SERVICE_PATH)
     filters = [HttpFilter(name=HTTP_EXT_PROC_FILTER, typed_config=_any(model), disabled=True)]
     if registry.ensembles or dynamic:
-        ensemble = _http_ext_proc(registry, _ensemble_timeout_ms(registry, dynamic), ENSEMBLE_PATH)
+        hop = registry.broker.retry_unanswered
+        path = ENSEMBLE_PATH if hop else wire.HTTP_SERVICE_PATH
+        ensemble = _http_ext_proc(registry, _ensemble_timeout_ms(registry, dynamic), path)
         ensemble.stat_prefix = "ensemble"
         filters.append(HttpFilter(name=HTTP_ENSEMBLE_EXT_PROC_FILTER, typed_config=_any(ensemble), disabled=True))
     return filters
@@ -140,7 +142,8 @@ def _ext_proc(registry: Registry, timeout_ms: int, dynamic: bool, retry: bool = 
 def _http_ext_proc(registry: Registry, timeout_ms: int, path: str) -> ExternalProcessor:
     """Every phase skipped at filter level (Envoy refuses body modes here); routes ask per route.
 
-    Through the retry hop (`retry_hop`), on `path`: it retries model messages, not ensemble ones.
+    With `broker.retry_unanswered`, through the retry hop (`retry_hop`), on `path`: it retries
+    model messages, not ensemble ones; else straight to the workers.
     """
     config = _ext_proc(registry, timeout_ms, dynamic=False)
     config.grpc_service = None
@@ -148,7 +151,9 @@ def _http_ext_proc(registry: Registry, timeout_ms: int, path: str) -> ExternalPr
         http_service=HttpService(
             http_uri=HttpUri(
                 uri=f"http://model-broker{path}",
-                cluster=wire.EXT_PROC_RETRY_LISTENER,
+                cluster=wire.EXT_PROC_RETRY_LISTENER
+                if registry.broker.retry_unanswered
+                else wire.EXT_PROC_HTTP_CLUSTER,
                 timeout=_ms(timeout_ms),
             )
         )

@@ -74,18 +74,16 @@ def probe_registry(ports: ProbePorts, store_path: str) -> Registry:
 
 def probe_bootstrap(registry: Registry) -> dict[str, Any]:
     """The public listener with its model route, the broker's clusters and the model's; nothing else."""
-    clusters = [
-        ext_proc_cluster(registry, 1),
-        ext_proc_http_cluster(registry, 1),
-        retry_cluster(),
-        *model_clusters(registry),
-    ]
+    clusters = [ext_proc_cluster(registry, 1), ext_proc_http_cluster(registry, 1), *model_clusters(registry)]
+    listeners = [public_listener(registry)]
+    hop = registry.broker.retry_unanswered
+    if hop:
+        clusters.append(retry_cluster())
+        listeners.append(retry_listener())
     doc: dict[str, Any] = Bootstrap(
         node=Node(id="model-broker-fast-path-probe", cluster="model-broker"),
         admin=Admin(address=_socket(registry.admin.address, registry.admin.port)),
-        static_resources=BootstrapStaticResources(
-            listeners=[public_listener(registry), retry_listener()], clusters=clusters
-        ),
-        bootstrap_extensions=[internal_listeners()],
+        static_resources=BootstrapStaticResources(listeners=listeners, clusters=clusters),
+        bootstrap_extensions=[internal_listeners()] if hop else [],
     ).to_dict()
     return doc
