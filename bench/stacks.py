@@ -28,7 +28,7 @@ import yaml
 from bench import configs, workload
 from bench.audit import AWS_ENV, BUCKET, TABLE, AuditTrail, moto_server
 from bench.procs import log_tail, process_group, stop_on_sigterm, wait_for_line
-from extproc.process.launcher import envoy_binary, free_port, free_port_run, wait_ready
+from extproc.process.launcher import ENVOY_LOG_ARGS, envoy_binary, free_port, free_port_run, wait_ready
 from extproc.registry import Registry, load_registry
 from extproc.rollout.discovery import RUNTIME_DIR_ENV
 
@@ -266,8 +266,7 @@ def _envoy_cmd(config: Path, concurrency: int) -> list[str]:
         envoy_binary(),
         "-c",
         str(config),
-        "--log-level",
-        "warn",
+        *ENVOY_LOG_ARGS,  # as `up` runs it: a log line per failed broker call would cost CPU under load
         "--disable-hot-restart",  # several Envoys at once
         "--concurrency",
         str(concurrency),
