@@ -2,13 +2,15 @@
 
 `context` (per-request state) → `routing` (route name → model plan) → `body` (parse, entity key,
 inject) with `features` (store protocol, cache) → `logic` (derived features, segment rules;
-`derived`, `rules`, `missing`) → `ensemble/` (fan-out, aggregation) → `responses` (pure
-answers); `processor` drives them per ext_proc message (`messages`). No protocol type crosses
-this boundary: the transports decode and encode. May import
-`extproc.wire`, `errors`, `metrics`, the registry and the audit record; never a transport, Envoy
-config, Kubernetes, AWS or any network client (a test enforces it).
+`derived`, `rules`, `missing`) → `oip/` (the Open Inference Protocol) with `oip_body` (its
+infer request's body phase) → `ensemble/` (fan-out, aggregation, its body phase) → `responses`
+(pure answers); `processor` drives them per ext_proc message (`messages`), behind `admission`
+(refusals before any work). No protocol type crosses this boundary: the transports decode and
+encode. May import `extproc.wire`, `errors`, `metrics`, the registry and the audit record; never a
+transport, Envoy config, Kubernetes, AWS or any network client (a test enforces it).
 """
 
+from extproc.core.admission import AUDIT_FULL
 from extproc.core.body import JSONObject, check_content_type, entity_key, inject_features, parse_json_object, sticky_key
 from extproc.core.context import RequestContext
 from extproc.core.derived import DerivedFeature, derive
@@ -31,7 +33,7 @@ from extproc.core.features import (
 from extproc.core.logic import LogicOutcome, ModelLogic, apply_logic, compile_logic
 from extproc.core.messages import HttpBody, HttpHeaders
 from extproc.core.missing import DEGRADED_MISSING, settle_missing
-from extproc.core.processor import AUDIT_FULL, BrokerProcessor, Processor
+from extproc.core.processor import BrokerProcessor, Processor
 from extproc.core.responses import (
     CONTINUE,
     DETAILS_PREFIX,

@@ -1,8 +1,8 @@
-"""Bounded in-flight work per worker: past the limit a request is refused at once, not queued.
+"""Refusals before any work: bounded in-flight work per worker, and a full audit trail (fail-closed).
 
-A queued request waits out Envoy's message timeout and fails anyway, after holding
-memory and delaying the ones ahead of it; a refusal costs microseconds and tells
-the client when to come back (503 `overloaded`, `retry-after`).
+Past the in-flight limit a request is refused at once, not queued. A queued request waits out
+Envoy's message timeout and fails anyway, after holding memory and delaying the ones ahead of it;
+a refusal costs microseconds and tells the client when to come back (503 `overloaded`, `retry-after`).
 """
 
 from __future__ import annotations
@@ -12,6 +12,9 @@ from extproc.errors import BrokerError, ErrorCode
 OVERLOADED = BrokerError(
     ErrorCode.OVERLOADED, "the broker is at capacity; retry after the number of seconds in retry-after"
 )
+
+# Refusal when the audit spool is full and the policy is fail-closed.
+AUDIT_FULL = BrokerError(ErrorCode.AUDIT_UNAVAILABLE, "the audit trail cannot record this request; try again shortly")
 
 
 class Admission:

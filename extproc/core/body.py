@@ -13,6 +13,7 @@ from typing import Any
 import orjson
 
 from extproc.errors import BrokerError, ErrorCode
+from extproc.registry import Limits
 
 JSONObject = dict[str, Any]
 
@@ -94,6 +95,26 @@ def parse_json_object(
             ErrorCode.INVALID_BODY, f"an integer ({huge[:40]}) is outside the 64-bit range; send it as a string"
         )
     return doc
+
+
+def too_large(max_body_bytes: int) -> BrokerError:
+    """The refusal of a body past the registry's `limits.max_body_bytes`, on every route kind."""
+    return BrokerError(ErrorCode.BODY_TOO_LARGE, f"the request body is larger than {max_body_bytes} bytes")
+
+
+def read_document(raw: bytes, content_type: str, limits: Limits) -> JSONObject | BrokerError:
+    """The body as a JSON object, if it is JSON, within the size limit and well formed.
+
+    The registry's depth and structure limits are checked before any walk over the document.
+    """
+    unsupported = check_content_type(content_type)
+    if unsupported is not None:
+        return unsupported
+    if len(raw) > limits.max_body_bytes:
+        return too_large(limits.max_body_bytes)
+    return parse_json_object(
+        raw, limits.max_json_depth, max_containers=limits.max_json_containers, max_elements=limits.max_json_elements
+    )
 
 
 def _integer_out_of_range(raw: bytes) -> str:

@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import datetime
 import random
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from extproc import metrics
 from extproc.core.derived import Derivation, DerivedFeature, body_view, derive, read_body
 from extproc.core.missing import settle_missing
 from extproc.core.rules import CompiledRule, RuleDecision, choose_version, sticky_draw
@@ -150,3 +151,14 @@ def audit_rule(decision: RuleDecision | None) -> dict[str, Any] | None:
         "version": decision.version,
         "errors": dict(decision.errors),
     }
+
+
+def record_logic(model: str, failed_features: Iterable[str], decision: RuleDecision | None) -> None:
+    """Count one request's derived-feature failures and rule decision, on JSON and OIP routes alike."""
+    metrics.record_logic(
+        model,
+        failed_features,
+        decision.rule if decision is not None else None,
+        decision.outcome if decision is not None else None,
+        (rule for rule, _ in decision.errors) if decision is not None else (),
+    )

@@ -1,7 +1,9 @@
 """What the broker does with each ext_proc message.
 
 `Processor` answers every message with a pass-through, so the stream loop never
-asks "is there a handler?"; `BrokerProcessor` overrides the phases it uses.
+asks "is there a handler?"; `BrokerProcessor` overrides the phases it uses: it admits,
+opens and closes the audit record and answers refusals, while the body phases of OIP
+and ensemble routes live in `oip_body` and `ensemble/body`.
 """
 
 from __future__ import annotations
@@ -16,30 +18,17 @@ import orjson
 from extproc import metrics, wire
 from extproc.audit.record import AuditDraft, AuditTrail, error_body, sha256
 from extproc.core import responses
-from extproc.core.admission import OVERLOADED, Admission
-from extproc.core.body import check_content_type, parse_json_object, sticky_key
+from extproc.core.admission import AUDIT_FULL, OVERLOADED, Admission
+from extproc.core.body import read_document, sticky_key
 from extproc.core.context import RequestContext
-from extproc.core.ensemble.aggregate import MemberFailure, MemberOutcome, ensemble_answer
-from extproc.core.ensemble.fanout import EnsemblePlan, MemberClient, compile_ensembles, run_ensemble
-from extproc.core.entity import EntityRef
+from extproc.core.ensemble.body import answer_ensemble
+from extproc.core.ensemble.fanout import MemberClient, compile_ensembles
 from extproc.core.features import Features, FeatureStore
-from extproc.core.logic import LogicOutcome, ModelLogic, apply_logic, audit_rule
+from extproc.core.logic import LogicOutcome, ModelLogic, apply_logic, audit_rule, record_logic
 from extproc.core.messages import HttpBody, HttpHeaders
-from extproc.core.oip import (
-    BackendReader,
-    InferRequest,
-    ModelEndpoint,
-    OipLogicOutcome,
-    OipPlan,
-    apply_oip_logic,
-    compile_endpoints,
-    error_json,
-    feature_tensors,
-    forward_body,
-    read_infer_request,
-    server_metadata,
-)
+from extproc.core.oip import BackendReader, ModelEndpoint, OipPlan, compile_endpoints, error_json, server_metadata
 from extproc.core.oip import answer as oip_answer
+from extproc.core.oip_body import enrich_infer_request
 from extproc.core.responses import Answer
 from extproc.core.routing import (
     ModelRoute,
@@ -50,8 +39,7 @@ from extproc.core.routing import (
     with_ground_truth,
 )
 from extproc.core.rows import Rows, body_rows, fetch_features, inject_rows
-from extproc.core.rules import RuleDecision
-from extproc.errors import BrokerError, ErrorCode
+from extproc.errors import BrokerError
 from extproc.registry import Registry
 
 
@@ -76,10 +64,6 @@ class Processor:
 
 class Egress(MemberClient, BackendReader, Protocol):
     """Envoy's egress listener: ensemble members (POST) and OIP backends' metadata and readiness (GET)."""
-
-
-# Refusal when the audit spool is full and the policy is fail-closed.
-AUDIT_FULL = BrokerError(ErrorCode.AUDIT_UNAVAILABLE, "the audit trail cannot record this request; try again shortly")
 
 
 class BrokerProcessor(Processor):
@@ -119,7 +103,6 @@ class BrokerProcessor(Processor):
             wire.ROUTE_OIP_READY: {"ready": True},
             wire.ROUTE_OIP_SERVER: server_metadata(package_version("model-broker")),
         }
-        self._max_body = registry.limits.max_body_bytes
         self._limits = registry.limits
         self._registry = registry
         self._models = describe_models(registry)
@@ -177,7 +160,11 @@ class BrokerProcessor(Processor):
     async def _request_body(self, msg: HttpBody, ctx: RequestContext) -> Answer:
         ensemble = self._ensembles.get(ctx.route_name)
         if ensemble is not None:
-            return await self._ensemble_body(msg.body, ensemble, ctx)
+            assert self._egress is not None  # use_registry refuses ensembles without one
+            answered = await answer_ensemble(
+                msg.body, ensemble, ctx, store=self._store, client=self._egress, audit=self._audit, limits=self._limits
+            )
+            return self._reject(answered, ctx) if isinstance(answered, BrokerError) else answered
         route = resolve_route(self._routes, ctx.route_name)
         if isinstance(route, BrokerError):
             return self._reject(route, ctx)
@@ -200,7 +187,7 @@ class BrokerProcessor(Processor):
         """Enrich the body and let Envoy's weighted split pick the version."""
         if not self._start_audit(route, raw, ctx):
             return self._reject(AUDIT_FULL, ctx)
-        doc = self._document(raw, ctx)
+        doc = read_document(raw, ctx.content_type, self._limits)
         if isinstance(doc, BrokerError):
             return self._reject(doc, ctx)
         rows = body_rows(doc, route)
@@ -286,218 +273,23 @@ class BrokerProcessor(Processor):
             logic, doc, features, started_at=ctx.started_at, degraded=degraded, withdrawn=route.withdrawn, sticky=sticky
         )
         if isinstance(outcome, LogicOutcome):
-            self._record_logic(route, outcome.derived_errors, outcome.decision)
+            record_logic(route.model, outcome.derived_errors, outcome.decision)
             if ctx.audit is not None:
                 ctx.audit.features, ctx.audit.feature_status = outcome.features, outcome.degraded or "ok"
                 ctx.audit.derived = {"values": outcome.derived, "errors": outcome.derived_errors}
                 ctx.audit.rule = audit_rule(outcome.decision)
         return outcome
 
-    @staticmethod
-    def _record_logic(route: ModelRoute, failed: dict[str, str], decision: RuleDecision | None) -> None:
-        metrics.record_logic(
-            route.model,
-            failed,
-            decision.rule if decision is not None else None,
-            decision.outcome if decision is not None else None,
-            (rule for rule, _ in decision.errors) if decision is not None else (),
-        )
-
     async def _oip_body(self, raw: bytes, route: ModelRoute, plan: OipPlan, ctx: RequestContext) -> Answer:
-        """An OIP infer request: keys from its tensor, parameter or header; features added as tensors."""
+        """An OIP infer request, audited from the start and answered in OIP's error shape."""
         ctx.oip = True
         if not self._start_audit(route, raw, ctx):
             return self._reject(AUDIT_FULL, ctx)
-        if len(raw) > self._max_body:
-            return self._reject(self._too_large(), ctx)
-        header_key = ctx.headers.get(plan.key_header, "") if plan.key_header is not None else ""
-        request = read_infer_request(
-            plan, raw, content_type=ctx.content_type, header_key=header_key, max_depth=self._limits.max_json_depth
-        )
-        if isinstance(request, BrokerError):
-            return self._reject(request, ctx)
-        if ctx.audit is not None:
-            ctx.audit.input = dict(request.doc)
-            ctx.audit.entity_key = request.keys[0] if len(request.keys) == 1 else None
-        ctx.lap("route")
-        rows, degraded = await self._feature_rows(route, request.keys)
-        ctx.lap("features")
-        if isinstance(rows, BrokerError):
-            return self._reject(rows, ctx)
-        if ctx.audit is not None:
-            ctx.audit.features = dict(zip(request.keys, rows, strict=True)) if rows else None
-            ctx.audit.feature_status = degraded or "ok"
-        prepared = self._oip_tensors(route, plan, request, rows, degraded=degraded, ctx=ctx)
-        if isinstance(prepared, BrokerError):
-            return self._reject(prepared, ctx)
-        tensors, pinned = prepared
+        enriched = await enrich_infer_request(raw, route, plan, ctx, store=self._store, limits=self._limits)
+        if isinstance(enriched, BrokerError):
+            return self._reject(enriched, ctx)
         sticky = None  # OIP models are sticky by header only (the registry checks): Envoy hashes it
-        return self._forward(route, forward_body(plan, request, tensors), degraded, sticky, ctx, pinned=pinned)
-
-    def _oip_tensors(
-        self,
-        route: ModelRoute,
-        plan: OipPlan,
-        request: InferRequest,
-        rows: list[Features],
-        *,
-        degraded: str,
-        ctx: RequestContext,
-    ) -> tuple[list[dict[str, Any]], str | None] | BrokerError:
-        """The tensors to inject (stored and derived features) and the version a rule pinned."""
-        pinned = None
-        if route.logic is not None:
-            outcome = self._oip_logic(
-                route, route.logic, request, rows or [{}] * len(request.keys), degraded=degraded, ctx=ctx
-            )
-            if isinstance(outcome, BrokerError):
-                return outcome
-            pinned = outcome.decision.version if outcome.decision is not None else None
-            rows = outcome.rows if rows else rows
-        # Fail-open with the store down: the model gets the client's tensors only.
-        if degraded:
-            return [], pinned
-        tensors = feature_tensors(plan, request.keys, rows, route.join_key)
-        return tensors if isinstance(tensors, BrokerError) else (tensors, pinned)
-
-    def _oip_logic(
-        self,
-        route: ModelRoute,
-        logic: ModelLogic,
-        request: InferRequest,
-        rows: list[Features],
-        *,
-        degraded: str,
-        ctx: RequestContext,
-    ) -> OipLogicOutcome | BrokerError:
-        """Derived features per row and the rules over all rows, counted and kept for the audit record."""
-        outcome = apply_oip_logic(
-            logic,
-            request.doc,
-            request.keys,
-            rows,
-            join_key=route.join_key,
-            started_at=ctx.started_at,
-            degraded=degraded,
-            withdrawn=route.withdrawn,
-            sticky=ctx.headers.get(route.sticky_header, "") if route.sticky_header is not None else None,
-        )
-        ctx.lap("rules")
-        if isinstance(outcome, OipLogicOutcome):
-            self._record_logic(route, outcome.failed_features, outcome.decision)
-            if ctx.audit is not None:
-                ctx.audit.features = dict(zip(request.keys, outcome.rows, strict=True))
-                ctx.audit.derived = {"values": outcome.derived, "errors": outcome.derived_errors}
-                ctx.audit.rule = audit_rule(outcome.decision)
-        return outcome
-
-    async def _feature_rows(self, route: ModelRoute, keys: tuple[str, ...]) -> tuple[list[Features] | BrokerError, str]:
-        """Each row's features (every distinct key in one store round trip), or the policy's answer."""
-        refs: list[EntityRef] = []
-        for key in dict.fromkeys(keys):
-            ref = route.keys.ref_of_text(key)
-            if isinstance(ref, BrokerError):
-                return ref, ""
-            refs.append(ref)
-        settled = await fetch_features(self._store, route, Rows([{}] * len(refs), refs))
-        if isinstance(settled, BrokerError):
-            return settled, ""
-        if settled.degraded == "feature_store_unavailable":  # fail-open with the store down: no rows
-            return [], settled.degraded
-        by_key = dict(zip(dict.fromkeys(keys), settled.features, strict=True))
-        return [by_key[k] for k in keys], settled.degraded
-
-    async def _ensemble_body(self, raw: bytes, plan: EnsemblePlan, ctx: RequestContext) -> Answer:
-        """Always an immediate response: the members were called here, through Envoy's egress listener."""
-        assert self._egress is not None  # __init__ refuses ensembles without one
-        doc = self._document(raw, ctx)
-        if isinstance(doc, BrokerError):
-            return self._reject(doc, ctx)
-        ref = plan.keys.ref(doc)
-        if isinstance(ref, BrokerError):
-            return self._reject(ref, ctx)
-        audited = self._audit is not None and any(self._audit.covers(m.route.model) for m in plan.members)
-        if audited and self._audit is not None and self._audit.refuses():  # nothing runs that cannot be audited
-            return self._reject(AUDIT_FULL, ctx)
-        ctx.lap("route")
-        outcomes = await run_ensemble(
-            plan,
-            doc,
-            ref,
-            store=self._store,
-            client=self._egress,
-            parent_request_id=ctx.request_id,
-            started_at=ctx.started_at,
-        )
-        ctx.lap("ensemble")
-        if isinstance(outcomes, BrokerError):
-            return self._reject(outcomes, ctx)
-        status, answer = ensemble_answer(
-            plan.name, outcomes, min_success=plan.min_success, combiner=plan.combiner, request_id=ctx.request_id
-        )
-        ctx.finished = True  # an immediate response: Envoy sends nothing more
-        if audited:
-            self._audit_members(outcomes, doc, ref.label, sha256(raw), ctx)
-        # Labelled by route name, as `_reject` labels this ensemble's early errors.
-        outcome = answer["error"]["code"] if "error" in answer else "ok"
-        metrics.record_request(ctx.route_name, ctx.stages, outcome, ctx.consumer)
-        return responses.immediate_json(
-            status, answer, details="ensemble", headers=[(wire.HEADER_SERVER_TIMING, ctx.server_timing())]
-        )
-
-    def _audit_members(
-        self, outcomes: list[MemberOutcome], doc: dict[str, Any], key: str, request_sha256: str, ctx: RequestContext
-    ) -> None:
-        """One record per audited member call, linked to the client's request by parent_request_id."""
-        assert self._audit is not None  # only called when a trail covers a member
-        for outcome in outcomes:
-            if not self._audit.covers(outcome.model):
-                continue
-            draft = AuditDraft(
-                outcome.model,
-                ctx.started_at,
-                request_sha256=request_sha256,
-                input=doc,
-                entity_key=key,
-                features=outcome.features,
-                feature_status="ok" if outcome.features is not None else None,
-                parent_request_id=ctx.request_id,
-                consumer=ctx.consumer or None,
-            )
-            if isinstance(outcome, MemberFailure):
-                draft.error_code = outcome.error.code.value
-                body = error_body(outcome.error, outcome.request_id or ctx.request_id)
-            else:
-                body = orjson.dumps(outcome.output)
-            self._audit.write(
-                draft,
-                # Envoy's id of the member call; a call that never got one is named after its parent.
-                request_id=outcome.request_id or f"{ctx.request_id}.{outcome.model}",
-                route=ctx.route_name,
-                version=outcome.version or None,
-                stages=[("upstream", outcome.latency_ms / 1000)],
-                status=outcome.status,
-                body=body,
-            )
-
-    def _document(self, raw: bytes, ctx: RequestContext) -> dict[str, Any] | BrokerError:
-        """The body as a JSON object, if it is JSON, within the size limit and well formed."""
-        unsupported = check_content_type(ctx.content_type)
-        if unsupported is not None:
-            return unsupported
-        if len(raw) > self._max_body:
-            return self._too_large()
-        return self._parse(raw)
-
-    def _parse(self, raw: bytes) -> dict[str, Any] | BrokerError:
-        """The registry's depth and structure limits: refused before any walk over the document."""
-        limits = self._limits
-        return parse_json_object(
-            raw, limits.max_json_depth, max_containers=limits.max_json_containers, max_elements=limits.max_json_elements
-        )
-
-    def _too_large(self) -> BrokerError:
-        return BrokerError(ErrorCode.BODY_TOO_LARGE, f"the request body is larger than {self._max_body} bytes")
+        return self._forward(route, enriched.body, enriched.degraded, sticky, ctx, pinned=enriched.pinned)
 
     def _reject(self, error: BrokerError, ctx: RequestContext) -> Answer:
         ctx.lap("reject")

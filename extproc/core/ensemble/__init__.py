@@ -2,6 +2,7 @@
 
 Part of the core because the processor's body phase drives it and it reuses the core's body,
 feature and routing steps; its client (`MemberClient`) is a protocol the egress adapter implements.
+`fanout` (plans, member calls) → `aggregate` (one answer) ← `body` (an ensemble route's body phase).
 """
 
 from extproc.core.ensemble.aggregate import (
@@ -14,6 +15,7 @@ from extproc.core.ensemble.aggregate import (
     ensemble_answer,
     shortfall,
 )
+from extproc.core.ensemble.body import answer_ensemble
 from extproc.core.ensemble.fanout import (
     EnsemblePlan,
     MemberClient,
@@ -36,6 +38,7 @@ __all__ = [
     "MemberReply",
     "MemberResult",
     "MemberUnavailable",
+    "answer_ensemble",
     "combine",
     "compile_ensembles",
     "ensemble_answer",

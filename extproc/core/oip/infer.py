@@ -1,7 +1,7 @@
 """An OIP `infer` request through the broker: read the entity keys, add feature tensors, re-encode.
 
-Pure: the processor fetches the features between `read_infer_request` and
-`forward_body`. Every problem is a `BrokerError` the route answers in OIP shape.
+Pure: the body phase (`extproc.core.oip_body`) fetches the features between
+`read_infer_request` and `forward_body`. Every problem is a `BrokerError` the route answers in OIP shape.
 """
 
 from __future__ import annotations
