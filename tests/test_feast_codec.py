@@ -153,19 +153,37 @@ def test_plan_sends_one_hmget_per_view() -> None:
 @pytest.mark.parametrize(
     ("replies", "expected"),
     [
-        ([[VALUE_1, b"", ts(990)], [VALUE_1, ts(0)]], FeatureRow({"stats:a": 1, "stats:b": None, "pair:n": 1})),
+        (
+            [[VALUE_1, b"", ts(990)], [VALUE_1, ts(0)]],
+            FeatureRow({"stats:a": 1, "stats:b": None, "pair:n": 1}, fresh_until=1050.0),
+        ),
         (
             [[VALUE_1, None, ts(990)], [None, None]],
-            FeatureRow({"stats:a": 1, "stats:b": None, "pair:n": None}, {"stats:b": "missing", "pair:n": "missing"}),
+            FeatureRow(
+                {"stats:a": 1, "stats:b": None, "pair:n": None},
+                {"stats:b": "missing", "pair:n": "missing"},
+                fresh_until=1050.0,
+            ),
         ),
         (
             [[VALUE_1, VALUE_1, ts(900)], [VALUE_1, ts(0)]],
             FeatureRow({"stats:a": None, "stats:b": None, "pair:n": 1}, {"stats:a": "stale", "stats:b": "stale"}),
         ),
+        (
+            [[VALUE_1, VALUE_1, ts(940)], [VALUE_1, ts(0)]],
+            FeatureRow({"stats:a": 1, "stats:b": 1, "pair:n": 1}, {}, 1000.0),
+        ),
+        (
+            [[VALUE_1, VALUE_1, b"\xff"], [VALUE_1, ts(0)]],
+            FeatureRow({"stats:a": None, "stats:b": None, "pair:n": 1}, {"stats:a": "stale", "stats:b": "stale"}),
+        ),
         ([[None, None, None], [None, None]], None),
     ],
-    ids=["present-and-null", "missing", "stale-past-ttl", "unknown-entity"],
+    ids=["present-and-null", "missing", "stale-past-ttl", "at-ttl", "unreadable-ts", "unknown-entity"],
 )
 def test_plan_rows(replies: list[list[bytes | None]], expected: FeatureRow | None) -> None:
-    """Absent field: missing; empty value: Feast's null; `_ts` older than the view's TTL: stale; nothing: unknown."""
+    """Absent field: missing; empty value: Feast's null; `_ts` older than the view's TTL: stale; nothing: unknown.
+
+    A row is fresh until its first view with a max age reaches it (`fresh_until`; inf without one).
+    """
     assert PLAN.row(replies, now=1000.0) == expected

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -111,6 +112,39 @@ async def test_cache_serves_repeats_and_unknowns_until_ttl() -> None:
     await asyncio.sleep(0.25)
     await one(cached, "k", ("a",))
     assert inner.calls == 3
+
+
+class AgingStore(CountingStore):
+    """Rows whose values pass their max age `max_age_s` after each read (as a Feast view's TTL does)."""
+
+    max_age_s = 0.2
+
+    async def fetch_rows(self, keys: Sequence[EntityKey], names: tuple[str, ...]) -> list[FeatureRow | None]:
+        rows = await super().fetch_rows(keys, names)
+        until = time.time() + self.max_age_s
+        return [None if row is None else FeatureRow(row.values, row.absent, until) for row in rows]
+
+
+async def test_cache_drops_a_row_once_a_value_passes_its_max_age() -> None:
+    """A cache TTL longer than a value's remaining max age does not serve it past that age: it is read again."""
+    inner = AgingStore()
+    cached = CachedFeatureStore(inner, ttl_seconds=60, max_entries=10, timeout_s=1.0)
+    for _ in range(3):
+        assert await one(cached, "k", ("a",)) == {"a": 1}
+    assert inner.calls == 1
+    await asyncio.sleep(0.25)
+    assert await one(cached, "k", ("a",)) == {"a": 1}
+    assert inner.calls == 2
+
+
+def test_renamed_values_are_built_once_per_row() -> None:
+    """A cached row renamed for a route (Feast's short names) gives every hit the same dict, right per name list."""
+    row = FeatureRow({"v:a": 1, "v:b": 2})
+    short = row.renamed(("v:a", "v:b"), ("a", "b"))
+    assert short == {"a": 1, "b": 2}
+    assert row.renamed(("v:a", "v:b"), ("a", "b")) is short
+    assert row.renamed(("v:a", "v:b"), ("v__a", "v__b")) == {"v__a": 1, "v__b": 2}
+    assert row == FeatureRow({"v:a": 1, "v:b": 2})  # the memo is not part of the row's value
 
 
 async def test_failures_are_not_cached() -> None:

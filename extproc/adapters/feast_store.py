@@ -44,6 +44,9 @@ class FeastFeatureStore:
         async def read() -> list[Any]:
             # transaction=False: a plain pipeline, as Feast's reader sends it (no MULTI/EXEC);
             # on a cluster redis-py groups it by node and sends the groups concurrently.
+            if len(commands) == 1:  # one view, one entity (the common case): no pipeline object to build
+                redis_key, fields = commands[0]
+                return [await self._redis.hmget(redis_key, fields)]
             pipe = self._redis.pipeline(transaction=False)
             for redis_key, fields in commands:
                 pipe.hmget(redis_key, fields)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import base64
 import struct
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from datetime import UTC, datetime, timedelta, timezone, tzinfo
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
@@ -24,6 +24,8 @@ from extproc.core.feast_proto.Value_pb2 import Value
 _STRING, _INT32, _INT64, _BYTES = 2, 3, 4, 1
 # Feast writes pandas' NaT as this int64 for a null timestamp.
 NULL_TIMESTAMP = -(2**63)
+# (value type, length): the header of every name and value in a serialized entity key.
+_PAIR = struct.Struct("<II")
 
 JoinValue = str | int | bytes
 
@@ -37,17 +39,35 @@ def serialize_entity_key(join_keys: Sequence[tuple[str, str, JoinValue]]) -> byt
 
     Value types are Feast's names: `string`, `int64`, `int32`, `bytes`.
     """
-    pairs = sorted(join_keys, key=lambda k: k[0])
-    out = [struct.pack("<I", len(pairs))]
-    for name, _, _ in pairs:
-        encoded = name.encode()
-        out.append(struct.pack("<II", _STRING, len(encoded)))
-        out.append(encoded)
-    for _, value_type, value in pairs:
-        kind, raw = _key_value_bytes(value_type, value)
-        out.append(struct.pack("<II", kind, len(raw)))
-        out.append(raw)
-    return b"".join(out)
+    return KeyEncoder([(name, kind) for name, kind, _ in join_keys]).encode({name: v for name, _, v in join_keys})
+
+
+class KeyEncoder:
+    """`serialize_entity_key` for one fixed list of join keys, the part naming them encoded once.
+
+    Version 3 writes the count and every (sorted) join key's name before the values, so
+    for a feature view only the values change from one entity to the next.
+    """
+
+    __slots__ = ("_head", "_order")
+
+    def __init__(self, join_keys: Sequence[tuple[str, str]]) -> None:
+        self._order = tuple(sorted(join_keys, key=lambda k: k[0]))
+        head = [struct.pack("<I", len(self._order))]
+        for name, _ in self._order:
+            encoded = name.encode()
+            head.append(_PAIR.pack(_STRING, len(encoded)))
+            head.append(encoded)
+        self._head = b"".join(head)
+
+    def encode(self, values: Mapping[str, JoinValue]) -> bytes:
+        """The serialized entity key of these join-key values (every join key of the list present)."""
+        out = [self._head]
+        for name, value_type in self._order:
+            kind, raw = _key_value_bytes(value_type, values[name])
+            out.append(_PAIR.pack(kind, len(raw)))
+            out.append(raw)
+        return b"".join(out)
 
 
 def _key_value_bytes(value_type: str, value: JoinValue) -> tuple[int, bytes]:

@@ -8,17 +8,17 @@ each view's max age enforced from its `_ts` field. Pure: the adapter sends.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from extproc.core.feast_codec import (
     FeastValueError,
     JoinValue,
+    KeyEncoder,
     decode_value,
     event_time,
     feature_field,
-    redis_key,
-    serialize_entity_key,
     timestamp_field,
 )
 from extproc.core.features import MISSING, STALE, FeatureRow
@@ -47,13 +47,15 @@ class _ViewRead:
     refs: tuple[str, ...]
     # The refs' murmur3 fields, then the view's `_ts` field.
     fields: tuple[bytes, ...]
+    # The view's join keys, their names encoded once (only the values change per entity).
+    key: KeyEncoder
 
 
 class ReadPlan:
     """The HMGETs for one list of feature references (`view:feature`)."""
 
     def __init__(self, project: str, views: Mapping[str, FeastView], refs: tuple[str, ...]) -> None:
-        self._project = project
+        self._project = project.encode()
         by_view: dict[str, list[str]] = {}
         for ref in refs:
             view, sep, feature = ref.partition(":")
@@ -65,38 +67,38 @@ class ReadPlan:
                 views[view],
                 tuple(names),
                 (*(feature_field(view, r.partition(":")[2]) for r in names), timestamp_field(view)),
+                KeyEncoder(views[view].join_keys),
             )
             for view, names in by_view.items()
         )
 
     def commands(self, key: FeastKey) -> list[tuple[bytes, tuple[bytes, ...]]]:
-        """(Redis key, fields) per view, in `reads` order."""
+        """(Redis key, fields) per view, in `reads` order: Feast's serialized entity key, then the project."""
         values = dict(key)
-        return [
-            (
-                redis_key(
-                    serialize_entity_key([(jk, kind, values[jk]) for jk, kind in read.view.join_keys]), self._project
-                ),
-                read.fields,
-            )
-            for read in self.reads
-        ]
+        return [(read.key.encode(values) + self._project, read.fields) for read in self.reads]
 
     def row(self, replies: Sequence[Reply], now: float) -> FeatureRow | None:
         """One entity's replies (one per view) as a row; None when no view has anything for it.
 
         A field that is absent is missing; an empty value is Feast's null (present, None);
-        every feature of a view whose `_ts` is older than its TTL is stale.
+        every feature of a view whose `_ts` is older than its TTL is stale. The row is
+        fresh until the first of its views that is not stale yet reaches its TTL.
         """
         values: dict[str, object] = {}
         absent: dict[str, str] = {}
         known = False
+        fresh_until = math.inf
         for read, reply in zip(self.reads, replies, strict=True):
-            *raws, ts = reply
-            known = known or ts is not None or any(raw is not None for raw in raws)
+            ts = reply[-1]  # after the refs' fields
+            known = known or any(raw is not None for raw in reply)
             ttl = read.view.ttl_seconds
-            stale = ts is not None and ttl > 0 and now - _event_time(ts, read.view.name) > ttl
-            for ref, raw in zip(read.refs, raws, strict=True):
+            stale = False
+            if ts is not None and ttl > 0:
+                expires = _event_time(ts, read.view.name) + ttl
+                stale = now > expires
+                if not stale:
+                    fresh_until = min(fresh_until, expires)
+            for ref, raw in zip(read.refs, reply, strict=False):  # the last field, `_ts`, has no ref
                 values[ref] = None
                 if raw is None:
                     absent[ref] = MISSING
@@ -109,7 +111,7 @@ class ReadPlan:
                         # Written by something other than Feast: no value the model can use.
                         log.warning("feature %s: unreadable value (%s); counted as missing", ref, exc)
                         absent[ref] = MISSING
-        return FeatureRow(values, absent) if known else None
+        return FeatureRow(values, absent, fresh_until) if known else None
 
 
 def _event_time(raw: bytes, view: str) -> float:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -42,6 +43,26 @@ class FeatureRow:
     values: Features
     # Only the names that are not present; empty when the row is complete.
     absent: Mapping[str, str] = field(default_factory=dict)
+    # When (time.time()) a present value passes its max age (a Feast view's TTL, from `_ts`):
+    # the cache drops the row then, so a cached value is never served stale. inf: never.
+    fresh_until: float = math.inf
+    # `values` under other names, built once per cached row (`renamed`): not part of the row's value.
+    _renamed: dict[tuple[tuple[str, ...], tuple[str, ...]], Features] = field(
+        default_factory=dict, compare=False, repr=False
+    )
+
+    def renamed(self, refs: tuple[str, ...], names: tuple[str, ...]) -> Features:
+        """`values` with each of `refs` under the name at its position in `names` (Feast's short names).
+
+        Built once per row: a cached row serves every hit the same dict, as an unrenamed row
+        serves its `values` (nothing downstream changes a settled feature dict; it is copied first).
+        """
+        key = (refs, names)
+        found = self._renamed.get(key)
+        if found is None:
+            values = self.values
+            found = self._renamed[key] = {new: values[old] for old, new in zip(refs, names, strict=True)}
+        return found
 
 
 class FeatureStore(Protocol):
@@ -111,7 +132,9 @@ class CachedFeatureStore:
     """A TTL cache and a time budget in front of any store.
 
     Unknown entities are cached too, so a flood of bad keys does not become a
-    flood of store calls. Failures are never cached: recovery is immediate.
+    flood of store calls. Failures are never cached: recovery is immediate. A row
+    is served until the TTL or its `fresh_until`, whichever comes first: max age is
+    judged from `_ts` when the row is read, and a cached row is never served past it.
     The store's state is logged once per transition (down with its cause, back up),
     at most one outage per OUTAGE_REPORT_SECONDS.
     """
@@ -130,11 +153,15 @@ class CachedFeatureStore:
         """Cached rows from the cache; the others (each key once) from the store in one call, one time budget."""
         found: dict[EntityKey, FeatureRow | None] = {}
         wanted: list[EntityKey] = []
+        now = time.time()
         for key in dict.fromkeys(keys):
             try:
                 if self._cache is None:
                     raise KeyError(key)
-                found[key] = self._cache[(key, names)]
+                row = self._cache[(key, names)]
+                if row is not None and row.fresh_until <= now:
+                    raise KeyError(key)  # a value in it has passed its max age since it was read: read again
+                found[key] = row
             except KeyError:
                 CACHE_MISS.inc()
                 wanted.append(key)

@@ -69,10 +69,8 @@ class ModelRoute:
             if self.forward_unknown_entity:
                 return {}, "unknown_entity"
             return BrokerError(ErrorCode.UNKNOWN_ENTITY, f"no features are stored for {self._entity(label)}"), ""
-        values = row.values
         names = self.injected_names or self.features
-        if names != self.features:
-            values = {new: values[old] for old, new in zip(self.features, names, strict=True)}
+        values = row.values if names == self.features else row.renamed(self.features, names)
         if not row.absent:
             return values, ""
         # Each absent feature by the name the model knows, and why (with its reference when they differ).
