@@ -23,7 +23,7 @@ import aiohttp
 import pytest
 from redis.cluster import RedisCluster
 
-from extproc.process.launcher import free_port
+from extproc.process.launcher import free_port, wait_listening
 from tests.conftest import FAILED, Stack, demo_registry_doc, demo_rows, logs_of, run_stack
 from tests.http import Reply, call
 from tests.redis_cluster import RedisClusterServers
@@ -364,6 +364,8 @@ async def test_shard_lost_503_logged_then_back(stacks: ClusterStacks, session: a
     finally:
         for proc in lost:
             proc.start()
+    for node in (master, replica):  # a restarted node refuses connections until it listens
+        wait_listening(node.port)
     cluster.wait_settled()
     deadline = time.monotonic() + 15
     while True:  # the shard came back empty (no persistence): its keys are unknown, not unavailable
