@@ -17,7 +17,7 @@ import sys
 from collections.abc import Generator, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pluggy
 import pytest
@@ -27,6 +27,9 @@ from extproc.process import launcher
 from extproc.process.launcher import envoy_binary, free_port, wait_listening, wait_ready
 from extproc.registry import load_registry
 from extproc.rollout.discovery import RUNTIME_DIR_ENV
+
+if TYPE_CHECKING:
+    from tests.mlflow_server import MlflowServer
 
 ROOT = Path(__file__).resolve().parent.parent
 DEMO_DIR = ROOT / "extproc" / "demo"
@@ -277,6 +280,18 @@ def redis_stack(redis_server: RedisServer, tmp_path_factory: pytest.TempPathFact
     doc["broker"]["message_timeout_ms"] = 1500
     with run_stack(doc, tmp_path_factory.mktemp("redis-stack")) as stack:
         yield stack
+
+
+@pytest.fixture(scope="module")
+def mlflow(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MlflowServer]:
+    """A real MLflow tracking server, one per test module (each module's model registry starts empty)."""
+    from tests.mlflow_server import MlflowServer  # it imports this module
+
+    server = MlflowServer(tmp_path_factory.mktemp("mlflow"))
+    try:
+        yield server.start()
+    finally:
+        server.stop()
 
 
 @pytest.hookimpl(hookwrapper=True)

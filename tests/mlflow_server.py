@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
+import aiohttp
 import pytest
 
 from extproc.process.launcher import free_port, wait_ready
@@ -93,3 +95,23 @@ class MlflowServer:
         if "tags" in doc:  # JSON object keys are strings; version numbers are ints everywhere else
             doc["tags"] = {int(number): tags for number, tags in doc["tags"].items()}
         return doc
+
+
+def walkthrough(name: str) -> str:
+    """One code block of the README's "Promote from MLflow" walkthrough, by its marker: the tests run what it says."""
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    found = re.search(rf"<!-- walkthrough:{name} -->\n```\w+\n(.*?)```", text, re.S)
+    assert found, f"README has no walkthrough:{name} block"
+    return found.group(1)
+
+
+class Stack(Protocol):
+    doc: dict[str, Any]  # the registry the stack runs
+
+
+async def metric(session: aiohttp.ClientSession, up: Stack, pattern: str) -> float:
+    """One sample of the broker's Prometheus endpoint (0 when absent), `pattern` a regex of its name and labels."""
+    async with session.get(f"http://127.0.0.1:{up.doc['metrics']['port']}/metrics") as resp:
+        text = await resp.text()
+    found = re.search("^" + pattern + r" (\S+)$", text, re.M)
+    return float(found.group(1)) if found else 0.0

@@ -13,7 +13,6 @@ import asyncio
 import collections
 import hashlib
 import json
-import re
 import subprocess
 import sys
 import time
@@ -29,9 +28,9 @@ from aiohttp import web
 from extproc.process.launcher import free_port, wait_ready
 from extproc.rollout.discovery import TOKEN_ENV
 from extproc.rollout.feedback_desk import labels_path
-from tests.conftest import ROOT, Proc, demo_registry_doc, logs_of
+from tests.conftest import Proc, demo_registry_doc, logs_of
 from tests.http import Reply, call
-from tests.mlflow_server import README_TRACKING_URI, MlflowServer
+from tests.mlflow_server import README_TRACKING_URI, MlflowServer, metric, walkthrough
 
 PATH = "/v1/models/credit-risk/predict"
 CHURN = "/v1/models/churn/predict"
@@ -62,15 +61,6 @@ def sha(key: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def mlflow(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MlflowServer]:
-    server = MlflowServer(tmp_path_factory.mktemp("mlflow"))
-    try:
-        yield server.start()
-    finally:
-        server.stop()
-
-
-@pytest.fixture(scope="module")
 async def model_port() -> AsyncIterator[int]:
     """Version N answers on 127.0.0.N with a label: the customer's truth, or its opposite for WRONG versions."""
 
@@ -91,13 +81,6 @@ async def model_port() -> AsyncIterator[int]:
         await web.TCPSite(runner, f"127.0.0.{number}", port).start()
     yield port
     await runner.cleanup()
-
-
-def walkthrough(name: str) -> str:
-    text = (ROOT / "README.md").read_text(encoding="utf-8")
-    found = re.search(rf"<!-- walkthrough:{name} -->\n```\w+\n(.*?)```", text, re.S)
-    assert found, f"README has no walkthrough:{name} block"
-    return found.group(1)
 
 
 def static_model(name: str, port: int, **extra: Any) -> dict[str, Any]:
@@ -210,13 +193,6 @@ async def models_doc(session: aiohttp.ClientSession, up: Up, model: str) -> dict
     reply = await call(session, up.base + "/models", method="GET", headers={"x-api-key": KEY})
     assert reply.status == 200, reply.body
     return dict(next(m for m in reply.body["models"] if m["name"] == model)["ground_truth"])
-
-
-async def metric(session: aiohttp.ClientSession, up: Up, pattern: str) -> float:
-    async with session.get(f"http://127.0.0.1:{up.doc['metrics']['port']}/metrics") as resp:
-        text = await resp.text()
-    found = re.search("^" + pattern + r" (\S+)$", text, re.M)
-    return float(found.group(1)) if found else 0.0
 
 
 async def until_served(session: aiohttp.ClientSession, up: Up, version: str) -> None:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import json
-import re
 import shutil
 import subprocess
 import sys
@@ -32,7 +31,7 @@ from extproc.rollout.discovery import TOKEN_ENV
 from extproc.rollout.releases import RegistryRefused, RegistryUnavailable
 from tests.conftest import ROOT, Proc, demo_registry_doc, logs_of
 from tests.http import Reply, call
-from tests.mlflow_server import README_TRACKING_URI, MlflowServer
+from tests.mlflow_server import README_TRACKING_URI, MlflowServer, metric, walkthrough
 
 PATH = "/v1/models/credit-risk/predict"
 # Kept after the run (CI uploads or a person opens it): the HTML report as chromium drew it.
@@ -57,15 +56,6 @@ RELEASE_S = 120
 
 
 @pytest.fixture(scope="module")
-def mlflow(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MlflowServer]:
-    server = MlflowServer(tmp_path_factory.mktemp("mlflow"))
-    try:
-        yield server.start()
-    finally:
-        server.stop()
-
-
-@pytest.fixture(scope="module")
 async def model_port() -> AsyncIterator[int]:
     """Registry version N answers on 127.0.0.N:port with its number and the features it got."""
 
@@ -85,14 +75,6 @@ async def model_port() -> AsyncIterator[int]:
         await web.TCPSite(runner, f"127.0.0.{number}", port).start()
     yield port
     await runner.cleanup()
-
-
-def walkthrough(name: str) -> str:
-    """One code block of the README's "Promote from MLflow" walkthrough, by its marker."""
-    text = (ROOT / "README.md").read_text(encoding="utf-8")
-    found = re.search(rf"<!-- walkthrough:{name} -->\n```\w+\n(.*?)```", text, re.S)
-    assert found, f"README has no walkthrough:{name} block"
-    return found.group(1)
 
 
 def registry_doc(mlflow_url: str, model_port: int) -> dict[str, Any]:
@@ -168,13 +150,6 @@ async def admin_status(session: aiohttp.ClientSession, up: Up) -> dict[str, Any]
     async with session.get(up.admin + "/weights", headers={"authorization": f"Bearer {TOKEN}"}) as resp:
         doc: dict[str, Any] = await resp.json()
         return doc
-
-
-async def metric(session: aiohttp.ClientSession, up: Up, pattern: str) -> float:
-    async with session.get(f"http://127.0.0.1:{up.doc['metrics']['port']}/metrics") as resp:
-        text = await resp.text()
-    found = re.search("^" + pattern + r" (\S+)$", text, re.M)
-    return float(found.group(1)) if found else 0.0
 
 
 async def until_served(session: aiohttp.ClientSession, up: Up, version: str) -> list[Reply]:
