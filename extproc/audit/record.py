@@ -97,11 +97,12 @@ def redact(value: Any, redaction: Redaction, trail: tuple[str, ...] = ()) -> Any
     if isinstance(value, dict):
         out = {}
         for key, item in value.items():
-            path = (*trail, str(key))
-            if _matches(path, redaction):
+            name = str(key)
+            # The set lookup first: most keys end no rule, and then no path is built for them.
+            if name in redaction.last and _matches((*trail, name), redaction):
                 out[key] = REDACTED
             elif isinstance(item, dict | list):
-                out[key] = redact(item, redaction, path)
+                out[key] = redact(item, redaction, (*trail, name))
             else:
                 out[key] = item
         return out
