@@ -224,6 +224,11 @@ def _http_filters(doc: dict[str, Any]) -> list[dict[str, Any]]:
     raise LookupError("no HTTP filter chain in the generated bootstrap")
 
 
+def without_retry_hop(doc: dict[str, Any]) -> None:
+    """`broker.retry_unanswered: false`: Envoy posts each message straight to a worker, no retry hop."""
+    doc["broker"]["retry_unanswered"] = False
+
+
 def add_rules(doc: dict[str, Any]) -> None:
     """The model with 3 derived features and 3 rules (issue 19), as `bench.rules_cost` prices them in-process.
 

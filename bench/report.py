@@ -23,6 +23,7 @@ GOAL_ADDED_P50_MS = 1.0
 GOAL_ADDED_P99_MS = 3.0
 BROKERS = (
     "broker",
+    "broker-direct",
     "broker-tcp",
     "broker-grpc",
     "broker-grpc-tcp",
@@ -40,6 +41,7 @@ COMPARISONS = (
     ("broker-audit-moto", "broker", "audit to moto ÷ no audit"),
     ("broker-audit-jsonl", "broker", "audit to JSONL ÷ no audit"),
     ("broker", "broker-grpc", "http_service ÷ gRPC (UDS)"),
+    ("broker", "broker-direct", "retry hop ÷ none (http_service)"),
     ("broker", "broker-tcp", "UDS ÷ TCP (http_service)"),
     ("broker-grpc", "broker-grpc-tcp", "UDS ÷ TCP (gRPC)"),
     ("ensemble-3", "broker", "ensemble of 3 ÷ single call"),

@@ -44,6 +44,15 @@ CONFIGS: dict[str, Starter] = {
     "broker-tcp": lambda s: stacks.broker(
         s, "broker-tcp", "(bt) Envoy + broker, http_service, TCP", cache_ttl_s=5, unix=False
     ),
+    # Without the retry hop (`broker.retry_unanswered: false`): Envoy posts straight to the workers;
+    # the hop's price, paid for zero errors when a worker is killed (issue 20).
+    "broker-direct": lambda s: stacks.broker(
+        s,
+        "broker-direct",
+        "(bd) Envoy + broker, http_service, UDS, no retry hop",
+        cache_ttl_s=5,
+        extend=configs.without_retry_hop,
+    ),
     # The same over gRPC (transport: grpc), as before issue 15 and as multi-phase routes run.
     "broker-grpc": lambda s: stacks.broker(
         s, "broker-grpc", "(bg) Envoy + broker, gRPC, UDS", cache_ttl_s=5, transport="grpc"
@@ -86,6 +95,8 @@ CONFIGS: dict[str, Starter] = {
 }
 # Opt-in (--configs): they explain the default comparisons but would push the default run past ~8 min.
 OPT_IN = (
+    "broker-tcp",
+    "broker-grpc-tcp",
     "broker-audit-jsonl",
     "ensemble-1",
     "broker-rules",
