@@ -22,8 +22,8 @@ import pyarrow.fs as pafs
 import pyarrow.json as pj
 import pytest
 
-from extproc.adapters.aws_audit import AwsAuditStore
-from extproc.audit import FIELDS, REDACTED, summary
+from extproc.adapters.aws_audit import AwsAuditStore, dynamo_item
+from extproc.audit import FIELDS, REDACTED, pack_batch, summary
 from extproc.process.launcher import free_port
 from extproc.registry import AwsAuditSink
 from tests.aws import (
@@ -183,6 +183,43 @@ async def test_a_query_engine_reads_the_same_records_as_audit_list(
         r["request_id"] for r in found
     }
     assert set(table.column("date").to_pylist()) == {r["timestamp"][:10] for r in found}
+
+
+def test_items_are_stored_exactly_as_built(aws_stack: Stack, moto: Moto) -> None:
+    """The BatchWriteItem body the sink encodes itself (not botocore) stores every item as `dynamo_item` built it."""
+    del aws_stack  # made the bucket and the table
+    sink = AwsAuditStore(AwsAuditSink(bucket=BUCKET, table=TABLE, prefix=PREFIX, endpoint_url=moto.url), timeout_s=30)
+    records = [
+        {
+            "schema": 2,
+            "kind": "execution",
+            "request_id": f"encoded-{n}",
+            "parent_request_id": None,
+            "timestamp": f"2026-12-02T10:00:{n % 60:02d}.000000Z",
+            "route": "audit-encoded",
+            "model": "audit-encoded",
+            "version": "v1",
+            "registry_version": "r-1",
+            "entity": {"name": "customer", "key": f"c-{n}"},
+            "response": {"status": 200 if n % 3 else 503, "body": {"note": 'é " \\ \u2028'}},
+            "sha256": {"request": "a" * 64, "response": ""},
+            "latency_ms": {"total": n / 7},
+            "error_code": None if n % 3 else "http_503",
+        }
+        for n in range(60)  # three calls of up to 25
+    ]
+    try:
+        sink.put("0000000000001-encoded-000001", records)
+        sink.put("0000000000001-encoded-000001", records)  # a re-ship rewrites the same items
+        ddb = moto.client("dynamodb")
+        objects = pack_batch(PREFIX, "0000000000001-encoded-000001", records)
+        for packed in objects:
+            for record in packed.records:
+                stored = ddb.get_item(TableName=TABLE, Key={"request_id": {"S": record["request_id"]}})["Item"]
+                assert stored == dynamo_item(summary(record), packed.locations[record["request_id"]])
+        assert len(moto.items("audit-encoded")) == len(records)
+    finally:
+        sink.close()
 
 
 async def test_records_of_the_first_layout_are_still_found(aws_stack: Stack, moto: Moto) -> None:

@@ -59,6 +59,29 @@ def dynamo_item(meta: dict[str, Any], where: Location) -> dict[str, dict[str, st
     }
 
 
+# Where the body encoded before botocore's serializer runs waits for its request (a per-call dict).
+_ENCODED_BODY = "model_broker_encoded_body"
+
+
+def encode_batch_write(params: dict[str, Any], context: dict[str, Any], **_: Any) -> None:
+    """`before-parameter-build` of BatchWriteItem: the JSON body encoded once by orjson.
+
+    botocore's serializer walks every attribute of every item against the API model
+    (~20 µs per item, measured), to produce what `orjson.dumps` writes in 0.5 µs: for
+    the JSON protocol the body is the parameters themselves. Each table's items are
+    taken out of what botocore serializes (the table names stay, for endpoint rules).
+    """
+    context[_ENCODED_BODY] = orjson.dumps(params)
+    params["RequestItems"] = {table: [] for table in params["RequestItems"]}
+
+
+def use_encoded_body(params: dict[str, Any], context: dict[str, Any], **_: Any) -> None:
+    """`before-call`, after serialization and before signing: the request carries the encoded body."""
+    body = context.pop(_ENCODED_BODY, None)
+    if body is not None:
+        params["body"] = body
+
+
 def from_dynamo_item(item: dict[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for name, typed in item.items():
@@ -99,6 +122,9 @@ class AwsAuditStore:
         self._ddb: DynamoDBClient = session.client(
             "dynamodb", region_name=conf.region, endpoint_url=conf.endpoint_url, config=config
         )
+        events = self._ddb.meta.events
+        events.register("before-parameter-build.dynamodb.BatchWriteItem", encode_batch_write)
+        events.register("before-call.dynamodb.BatchWriteItem", use_encoded_body)
         self._conf = conf
         self._pool = ThreadPoolExecutor(AWS_PARALLEL, thread_name_prefix="audit-aws")
 
