@@ -2,8 +2,9 @@
 
 `context` (per-request state) → `routing` (route name → model plan) → `body` (parse, entity key,
 inject) with `features` (store protocol, cache) → `logic` (derived features, segment rules;
-`derived`, `rules`, `missing`) → `oip/` (the Open Inference Protocol) with `oip_body` (its
-infer request's body phase) → `ensemble/` (fan-out, aggregation, its body phase) → `responses`
+`derived`, `rules`, `missing`) → `json_body` (a JSON model route's body phase) → `oip/` (the Open
+Inference Protocol) with `oip_body` (its infer request's body phase) → `forward` (both hand the
+enriched body on to Envoy) → `ensemble/` (fan-out, aggregation, its body phase) → `responses`
 (pure answers); `processor` drives them per ext_proc message (`messages`), behind `admission`
 (refusals before any work). No protocol type crosses this boundary: the transports decode and
 encode. May import `extproc.wire`, `errors`, `metrics`, the registry and the audit record; never a

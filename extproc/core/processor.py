@@ -2,8 +2,8 @@
 
 `Processor` answers every message with a pass-through, so the stream loop never
 asks "is there a handler?"; `BrokerProcessor` overrides the phases it uses: it admits,
-opens and closes the audit record and answers refusals, while the body phases of OIP
-and ensemble routes live in `oip_body` and `ensemble/body`.
+opens and closes the audit record and answers refusals, while the body phases live in
+`json_body` (JSON model routes), `oip_body` and `ensemble/body`, with `forward` their common last step.
 """
 
 from __future__ import annotations
@@ -19,12 +19,12 @@ from extproc import metrics, wire
 from extproc.audit.record import AuditDraft, AuditTrail, error_body, sha256
 from extproc.core import responses
 from extproc.core.admission import AUDIT_FULL, OVERLOADED, Admission
-from extproc.core.body import read_document, sticky_key
 from extproc.core.context import RequestContext
 from extproc.core.ensemble.body import answer_ensemble
 from extproc.core.ensemble.fanout import MemberClient, compile_ensembles
-from extproc.core.features import Features, FeatureStore
-from extproc.core.logic import LogicOutcome, ModelLogic, apply_logic, audit_rule, record_logic
+from extproc.core.features import FeatureStore
+from extproc.core.forward import forward_to_split
+from extproc.core.json_body import forward_json_request
 from extproc.core.messages import HttpBody, HttpHeaders
 from extproc.core.oip import BackendReader, ModelEndpoint, OipPlan, compile_endpoints, error_json, server_metadata
 from extproc.core.oip import answer as oip_answer
@@ -38,7 +38,6 @@ from extproc.core.routing import (
     resolve_route,
     with_ground_truth,
 )
-from extproc.core.rows import Rows, body_rows, fetch_features, inject_rows
 from extproc.errors import BrokerError
 from extproc.registry import Registry
 
@@ -171,7 +170,10 @@ class BrokerProcessor(Processor):
         ctx.route_name = route.model  # an OIP version's own route is audited and counted as its model's
         if route.oip is not None:
             return await self._oip_body(msg.body, route, route.oip, ctx)
-        return await self._model_body(msg.body, route, ctx)
+        if not self._start_audit(route, msg.body, ctx):
+            return self._reject(AUDIT_FULL, ctx)
+        answered = await forward_json_request(msg.body, route, ctx, store=self._store, limits=self._limits)
+        return self._reject(answered, ctx) if isinstance(answered, BrokerError) else answered
 
     def _start_audit(self, route: ModelRoute, raw: bytes, ctx: RequestContext) -> bool:
         """Open the execution's audit draft; False when the trail refuses (nothing runs unaudited)."""
@@ -183,103 +185,6 @@ class BrokerProcessor(Processor):
             )
         return True
 
-    async def _model_body(self, raw: bytes, route: ModelRoute, ctx: RequestContext) -> Answer:
-        """Enrich the body and let Envoy's weighted split pick the version."""
-        if not self._start_audit(route, raw, ctx):
-            return self._reject(AUDIT_FULL, ctx)
-        doc = read_document(raw, ctx.content_type, self._limits)
-        if isinstance(doc, BrokerError):
-            return self._reject(doc, ctx)
-        rows = body_rows(doc, route)
-        if ctx.audit is not None:
-            # A shallow copy: injection replaces one top-level key of `doc` (or of each batch row).
-            ctx.audit.input, ctx.audit.entity_key = dict(doc), None if isinstance(rows, BrokerError) else rows.label
-        if isinstance(rows, BrokerError):
-            return self._reject(rows, ctx)
-        ctx.lap("route")
-        settled = await self._settled_features(route, doc, rows, ctx)
-        if isinstance(settled, BrokerError):
-            return self._reject(settled, ctx)
-        features, degraded, pinned = settled
-        body = inject_rows(doc, rows, route.inject_as, features)
-        sticky = sticky_key(doc, route.sticky_field) if route.sticky_field is not None else None
-        return self._forward(route, body, degraded, sticky, ctx, pinned=pinned)
-
-    def _forward(
-        self,
-        route: ModelRoute,
-        body: bytes,
-        degraded: str,
-        sticky: str | None,
-        ctx: RequestContext,
-        *,
-        pinned: str | None = None,
-    ) -> Answer:
-        """The enriched body goes on to Envoy's split (or the version a rule pinned), approved and timed."""
-        ctx.lap("body")
-        metadata: dict[str, Any] = {wire.META_APPROVED: True, wire.META_SERVER_TIMING: ctx.server_timing()}
-        if degraded:
-            metadata[wire.META_DEGRADED] = degraded
-        if pinned is not None:
-            metadata[wire.META_PIN] = pinned
-        metrics.record_request(route.model, ctx.stages, degraded or "ok", ctx.consumer)
-        # Model routes ask for the request body only (sticky ones send the headers first);
-        # audited ones also send the response.
-        ctx.finished = ctx.audit is None
-        if sticky is not None:
-            return responses.reroute_request_body(body, metadata, [(wire.HEADER_STICKY_KEY, sticky)])
-        return responses.continue_request_body(body, metadata, reroute=pinned is not None)
-
-    async def _settled_features(
-        self, route: ModelRoute, doc: dict[str, Any], rows: Rows, ctx: RequestContext
-    ) -> tuple[list[Features], str, str | None] | BrokerError:
-        """Each row's stored features (after the store policies), then derived ones and the rules' pinned version.
-
-        Derived features and rules take one row (the registry refuses them beside `batch`).
-        """
-        settled = await fetch_features(self._store, route, rows)
-        ctx.lap("features")
-        if isinstance(settled, BrokerError):
-            return settled
-        degraded = settled.degraded
-        if ctx.audit is not None:
-            ctx.audit.features = settled.audit_features(rows.batched)
-            ctx.audit.feature_status = degraded or "ok"
-            ctx.audit.feature_statuses = settled.audit_statuses(rows.batched)
-        if route.logic is None or rows.batched:
-            return settled.features, degraded, None
-        outcome = self._run_logic(route, route.logic, doc, settled.features[0], degraded=degraded, ctx=ctx)
-        ctx.lap("rules")
-        if isinstance(outcome, BrokerError):
-            return outcome
-        decision = outcome.decision
-        return [outcome.features], outcome.degraded, decision.version if decision is not None else None
-
-    def _run_logic(
-        self,
-        route: ModelRoute,
-        logic: ModelLogic,
-        doc: dict[str, Any],
-        features: Features,
-        *,
-        degraded: str,
-        ctx: RequestContext,
-    ) -> LogicOutcome | BrokerError:
-        """Derived features and rules for one request, counted and kept for its audit record."""
-        sticky = sticky_key(doc, route.sticky_field) if route.sticky_field is not None else None
-        if route.sticky_header is not None:
-            sticky = ctx.headers.get(route.sticky_header, "")
-        outcome = apply_logic(
-            logic, doc, features, started_at=ctx.started_at, degraded=degraded, withdrawn=route.withdrawn, sticky=sticky
-        )
-        if isinstance(outcome, LogicOutcome):
-            record_logic(route.model, outcome.derived_errors, outcome.decision)
-            if ctx.audit is not None:
-                ctx.audit.features, ctx.audit.feature_status = outcome.features, outcome.degraded or "ok"
-                ctx.audit.derived = {"values": outcome.derived, "errors": outcome.derived_errors}
-                ctx.audit.rule = audit_rule(outcome.decision)
-        return outcome
-
     async def _oip_body(self, raw: bytes, route: ModelRoute, plan: OipPlan, ctx: RequestContext) -> Answer:
         """An OIP infer request, audited from the start and answered in OIP's error shape."""
         ctx.oip = True
@@ -289,7 +194,7 @@ class BrokerProcessor(Processor):
         if isinstance(enriched, BrokerError):
             return self._reject(enriched, ctx)
         sticky = None  # OIP models are sticky by header only (the registry checks): Envoy hashes it
-        return self._forward(route, enriched.body, enriched.degraded, sticky, ctx, pinned=enriched.pinned)
+        return forward_to_split(route, enriched.body, enriched.degraded, sticky, ctx, pinned=enriched.pinned)
 
     def _reject(self, error: BrokerError, ctx: RequestContext) -> Answer:
         ctx.lap("reject")
