@@ -1,16 +1,20 @@
-"""`python -m bench.audit_cost`: the broker's CPU per audited request and per shipped record, in process.
+"""`python -m bench.audit_cost`: the broker's CPU per audited request and per shipped record.
 
-Two prices the end-to-end run mixes with gRPC, Envoy and a shared box:
+Three prices the end-to-end run mixes with Envoy, the transport and a shared box:
 - the record path: the processor's request body phase alone (no audit) against the
   request body + response body phases of an audited request (draft, redaction, hashes,
   one JSON encode, the spool append), on the demo registry with its embedded features;
 - the shipper, per record: the segments those requests left in the spool shipped to a
   real `moto_server` on loopback by the AWS sink, phase by phase (read and parse, pack
-  and compress, items, S3 PutObject, DynamoDB BatchWriteItem) and whole (`ship_segment`).
-`time.process_time()` of this one process (the sink's threads included; moto's own CPU
-is not), interleaved rounds, medians. Not a test: asserts nothing about time.
+  and compress, items, S3 PutObject, DynamoDB BatchWriteItem) and whole (`ship_segment`);
+- the gRPC path: one worker-like process (its CPU from /proc) answering Envoy's messages
+  from a loader process, one stream per request: the request body alone against the
+  request body then the response body of an audited route (no Envoy, no shipping).
+The first two are `time.process_time()` of this one process (the sink's threads
+included; moto's own CPU is not). Interleaved rounds, medians. Not a test: asserts
+nothing about time.
 
-    .venv/bin/python -m bench.audit_cost [--requests 2000] [--segment 200] [--rounds 5]
+    .venv/bin/python -m bench.audit_cost [--only request|ship|grpc] [--requests 2000] [--segment 200] [--rounds 5]
 """
 
 from __future__ import annotations
@@ -48,6 +52,7 @@ ANSWER = HttpBody(
     True,
 )
 BUCKET = TABLE = "bench-audit-cost"
+JSON = "application/json"
 
 
 def registry(spool_dir: Path) -> Registry:
@@ -75,13 +80,13 @@ class Requests:
 
     async def plain(self, proc: BrokerProcessor) -> None:
         self.n += 1
-        ctx = RequestContext(route_name=MODEL, content_type="application/json", request_id=f"plain-{self.n}")
+        ctx = RequestContext(route_name=MODEL, content_type=JSON, request_id=f"plain-{self.n}")
         await proc.request_body(REQUEST, ctx)
         proc.finish(ctx)
 
     async def audited(self, proc: BrokerProcessor) -> None:
         self.n += 1
-        ctx = RequestContext(route_name=MODEL, content_type="application/json", request_id=f"audited-{self.n}")
+        ctx = RequestContext(route_name=MODEL, content_type=JSON, request_id=f"audited-{self.n}")
         await proc.request_body(REQUEST, ctx)
         ctx.response_status, ctx.version = 200, "v1"  # from the response attributes, on the wire
         await proc.response_body(ANSWER, ctx)
@@ -225,12 +230,126 @@ def ship_rounds(
     median_table(f"Per shipped record, {per_segment} records per segment, to moto_server on loopback:", steps)
 
 
+def _grpc_serve(plain_port: int, audited_port: int, spool_dir: str, seconds: float) -> None:
+    """Two gRPC servers in one worker-like process: the processor without a trail, and with one."""
+    os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", tempfile.mkdtemp(prefix="bench-metrics-"))
+    import grpc
+    import uvloop
+
+    from extproc.transport import add_service
+
+    async def run() -> None:
+        reg = registry(Path(spool_dir))
+        assert reg.audit is not None
+        spool = Spool(Path(spool_dir) / "grpc", max_bytes=1 << 34, segment_bytes=1 << 30)
+        spool.open()
+        trail = AuditTrail(
+            spool, entities=audited_entities(reg), redact_paths=reg.audit.redact, registry_version="b", fail_closed=True
+        )
+        servers = []
+        for port, proc in ((plain_port, processor(reg, None)), (audited_port, processor(reg, trail))):
+            server = grpc.aio.server()
+            add_service(server, proc)
+            server.add_insecure_port(f"127.0.0.1:{port}")
+            await server.start()
+            servers.append(server)
+        await asyncio.sleep(seconds)
+
+    uvloop.run(run())
+
+
+def _grpc_load(port: int, audited: bool, seconds: float, concurrency: int, done: Any) -> None:
+    """Envoy's messages on one stream per request: the request body; then, audited, the response body."""
+    import grpc
+    import uvloop
+    from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ext_proc_grpc
+    from envoy.service.ext_proc.v3.external_processor_pb2 import HttpBody as Body
+    from envoy.service.ext_proc.v3.external_processor_pb2 import ProcessingRequest
+    from google.protobuf.struct_pb2 import Struct
+
+    from extproc import wire
+
+    request_attrs, response_attrs = Struct(), Struct()
+    request_attrs.update({wire.ATTR_ROUTE_NAME: MODEL, wire.ATTR_REQUEST_ID: "b", wire.ATTR_CONTENT_TYPE: JSON})
+    response_attrs.update({wire.ATTR_RESPONSE_CODE: 200, wire.ATTR_UPSTREAM_VERSION: "v1"})
+    first = ProcessingRequest(
+        request_body=Body(body=REQUEST.body, end_of_stream=True),
+        attributes={wire.ATTRIBUTES_FILTER_KEY: request_attrs},
+    )
+    second = ProcessingRequest(
+        response_body=Body(body=ANSWER.body, end_of_stream=True),
+        attributes={wire.ATTRIBUTES_FILTER_KEY: response_attrs},
+    )
+
+    async def run() -> int:
+        count = 0
+        deadline = time.monotonic() + seconds
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = ext_proc_grpc.ExternalProcessorStub(channel)
+
+            async def one() -> None:
+                call = stub.Process()
+                await call.write(first)
+                await call.read()
+                if audited:
+                    await call.write(second)
+                    await call.read()
+                await call.done_writing()
+                await call.wait_for_connection()
+                assert await call.read() is grpc.aio.EOF
+
+            async def loop() -> None:
+                nonlocal count
+                while time.monotonic() < deadline:
+                    await one()
+                    count += 1
+
+            await asyncio.gather(*(loop() for _ in range(concurrency)))
+        return count
+
+    done.put(uvloop.run(run()))
+
+
+def grpc_path(workdir: Path, seconds: float, rounds: int) -> None:
+    """One worker-like process answering Envoy's gRPC messages (a loader process plays Envoy); its CPU from /proc."""
+    import multiprocessing
+
+    from bench.procs import cpu_seconds
+
+    spawn = multiprocessing.get_context("spawn")
+    ports = free_port(), free_port()
+    budget = 2 * rounds * (seconds + 5) + 30
+    server = spawn.Process(target=_grpc_serve, args=(*ports, str(workdir / "grpc-spool"), budget))
+    server.start()
+    assert server.pid is not None
+    for port in ports:
+        wait_listening(port)
+    samples: dict[str, list[float]] = {"gRPC, no audit (1 message)": [], "gRPC, audited (2 messages)": []}
+    try:
+        for n in range(rounds + 1):  # round 0 warms both up
+            for values, port, audited in zip(samples.values(), ports, (False, True), strict=True):
+                done = spawn.Queue()
+                before = cpu_seconds((server.pid,))
+                loader = spawn.Process(target=_grpc_load, args=(port, audited, 1.0 if n == 0 else seconds, 8, done))
+                loader.start()
+                count = done.get()
+                loader.join()
+                if n:
+                    values.append((cpu_seconds((server.pid,)) - before) * 1e6 / count)
+    finally:
+        server.terminate()
+        server.join()
+    samples["added by the audit"] = [b - a for a, b in zip(*samples.values(), strict=False)]
+    median_table("Per request, one worker process over gRPC (CPU from /proc; no Envoy, no shipping):", samples)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.audit_cost", description=__doc__)
     parser.add_argument("--requests", type=int, default=2000, help="requests (records) per sample")
     parser.add_argument("--segment", type=int, default=200, help="records per spool segment shipped")
     parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds; medians are printed")
-    parser.add_argument("--only", choices=("request", "ship"), help="one of the two prices")
+    parser.add_argument("--only", choices=("request", "ship", "grpc"), help="one of the prices")
+    parser.add_argument("--seconds", type=float, default=4.0, help="gRPC load per sample")
     parser.add_argument("--profile", choices=("request", "ship"), help="print a cProfile of one instead")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="audit-cost-") as tmp:
@@ -238,6 +357,7 @@ def main(argv: list[str] | None = None) -> int:
         jobs: dict[str, Callable[[], None]] = {
             "request": lambda: record_path(workdir, args.requests, args.rounds),
             "ship": lambda: shipping(workdir, args.requests, args.segment, args.rounds),
+            "grpc": lambda: grpc_path(workdir, args.seconds, args.rounds),
         }
         if args.profile:
             prof = cProfile.Profile(time.process_time)
