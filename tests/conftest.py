@@ -14,11 +14,12 @@ import signal
 import ssl
 import subprocess
 import sys
-from collections.abc import Generator, Iterable, Iterator
+from collections.abc import AsyncIterator, Generator, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import aiohttp
 import pluggy
 import pytest
 import yaml
@@ -280,6 +281,39 @@ def redis_stack(redis_server: RedisServer, tmp_path_factory: pytest.TempPathFact
     doc["broker"]["message_timeout_ms"] = 1500
     with run_stack(doc, tmp_path_factory.mktemp("redis-stack")) as stack:
         yield stack
+
+
+@dataclass(frozen=True)
+class ClientOptions:
+    """How a module's HTTP client (the `session` fixture) differs from the default.
+
+    A module that needs more time, a TLS trust root or its own pool overrides the
+    `client_options` fixture with its reason beside it.
+    """
+
+    timeout_s: float = 20.0  # total per request, connection included
+    force_close: bool = False  # True: a fresh connection per request, nothing pooled
+    limit: int = 100  # connections in the pool, aiohttp's default
+    tls_context: ssl.SSLContext | None = None  # None: aiohttp's default verification
+
+
+@pytest.fixture
+def client_options() -> ClientOptions:
+    """The default HTTP client; override in a module that needs another."""
+    return ClientOptions()
+
+
+@pytest.fixture
+async def session(client_options: ClientOptions) -> AsyncIterator[aiohttp.ClientSession]:
+    """An aiohttp client per test, made from the module's `client_options`."""
+    connector = aiohttp.TCPConnector(
+        limit=client_options.limit,
+        force_close=client_options.force_close,
+        ssl=client_options.tls_context if client_options.tls_context is not None else True,
+    )
+    timeout = aiohttp.ClientTimeout(total=client_options.timeout_s)
+    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as client:
+        yield client
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ import json
 import os
 import signal
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -62,12 +62,6 @@ def aws_stack(moto: Moto, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
 def moto(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Moto]:
     with running_moto(tmp_path_factory.mktemp("moto")) as server:
         yield server
-
-
-@pytest.fixture
-async def session() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=20)) as client:
-        yield client
 
 
 def check_record(record: dict[str, Any], sent: bytes, reply: Reply) -> None:

@@ -11,13 +11,12 @@ import json
 import re
 import subprocess
 import sys
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aiohttp
 import pytest
 
-from tests.conftest import demo_registry_doc, run_stack
+from tests.conftest import ClientOptions, demo_registry_doc, run_stack
 from tests.http import call
 
 # Runs in a child: appends records until the file-size limit refuses one mid-line, asks the
@@ -61,9 +60,9 @@ def test_a_refused_write_leaves_no_partial_line_and_logs_once(tmp_path: Path) ->
 
 
 @pytest.fixture
-async def session() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as client:
-        yield client
+def client_options() -> ClientOptions:
+    # 30 s, the budget this module always had: each test starts its own stack and squeezes its spool's disk.
+    return ClientOptions(timeout_s=30)
 
 
 async def test_no_free_space_refuses_before_the_model_runs(tmp_path: Path, session: aiohttp.ClientSession) -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 
 import aiohttp
 import pytest
@@ -18,7 +18,7 @@ from extproc.adapters.aws_audit import AwsAuditStore
 from extproc.audit import spool_status
 from extproc.registry import AwsAuditSink
 from tests.aws import BUCKET, PREFIX, TABLE, Moto, audit_status, audited_registry, demo_body, running_moto, url
-from tests.conftest import Stack, run_stack
+from tests.conftest import ClientOptions, Stack, run_stack
 from tests.http import Reply, call
 
 LOAD_SECONDS = 60.0
@@ -46,10 +46,9 @@ def full_rate_stack(moto: Moto, tmp_path_factory: pytest.TempPathFactory) -> Ite
 
 
 @pytest.fixture
-async def session() -> AsyncIterator[aiohttp.ClientSession]:
-    connector = aiohttp.TCPConnector(limit=CONNECTIONS)
-    async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=20)) as client:
-        yield client
+def client_options() -> ClientOptions:
+    # One pooled connection per concurrent client of `load`.
+    return ClientOptions(limit=CONNECTIONS)
 
 
 async def load(session: aiohttp.ClientSession, target: str, seconds: float) -> list[Reply]:

@@ -6,7 +6,7 @@ import asyncio
 import json
 import re
 import socket
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +15,7 @@ import pytest
 
 from extproc.audit.local import LocalAuditStore
 from extproc.registry import hash_api_key
-from tests.conftest import Stack, demo_registry_doc, run_stack
+from tests.conftest import ClientOptions, Stack, demo_registry_doc, run_stack
 from tests.credentials import Signer, self_signed_pair
 from tests.http import JSON_HEADERS, Reply, call
 
@@ -93,10 +93,9 @@ def auth_stack(signer: Signer, tmp_path_factory: pytest.TempPathFactory) -> Iter
 
 
 @pytest.fixture
-async def session(auth_stack: Stack) -> AsyncIterator[aiohttp.ClientSession]:
-    connector = aiohttp.TCPConnector(ssl=auth_stack.ssl_context())
-    async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=20)) as client:
-        yield client
+def client_options(auth_stack: Stack) -> ClientOptions:
+    # The auth stack listens on TLS with a self-signed certificate.
+    return ClientOptions(tls_context=auth_stack.ssl_context())
 
 
 async def broker_streams(session: aiohttp.ClientSession, stack: Stack) -> int:

@@ -7,7 +7,7 @@ import collections
 import re
 import signal
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,12 +20,6 @@ from tests.http import JSON_HEADERS, Reply, call
 
 PATH = "/v1/models/credit-risk/predict"
 DEMO_FEATURES = ("income", "debt_ratio", "tenure_months", "late_payments_12m")
-
-
-@pytest.fixture
-async def session() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=20)) as client:
-        yield client
 
 
 def expected_features(customer: str) -> dict[str, Any]:

@@ -10,7 +10,7 @@ import asyncio
 import collections
 import re
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import aiohttp
@@ -75,12 +75,6 @@ def ensembles_registry(redis_url: str) -> dict[str, Any]:
 def stack(redis_server: RedisServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     with run_stack(ensembles_registry(redis_server.url), tmp_path_factory.mktemp("ensembles")) as running:
         yield running
-
-
-@pytest.fixture
-async def session() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=20)) as client:
-        yield client
 
 
 async def ask(session: aiohttp.ClientSession, stack: Stack, name: str, customer: str = "c-7", **demo: Any) -> Reply:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import aiohttp
@@ -36,12 +36,6 @@ def stack(moto: Moto, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stac
     doc["models"][0]["feedback"] = {"kind": "regression", "answer_field": "score"}
     with run_stack(doc, tmp_path_factory.mktemp("feedback-aws")) as running:
         yield running
-
-
-@pytest.fixture
-async def session() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=20)) as client:
-        yield client
 
 
 async def test_truth_joins_a_record_read_back_from_aws(stack: Stack, session: aiohttp.ClientSession) -> None:

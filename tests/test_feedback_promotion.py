@@ -28,7 +28,7 @@ from aiohttp import web
 from extproc.process.launcher import free_port, wait_ready
 from extproc.rollout.discovery import TOKEN_ENV
 from extproc.rollout.feedback_desk import labels_path
-from tests.conftest import Proc, demo_registry_doc, logs_of
+from tests.conftest import ClientOptions, Proc, demo_registry_doc, logs_of
 from tests.http import Reply, call
 from tests.mlflow_server import README_TRACKING_URI, MlflowServer, metric, walkthrough
 
@@ -164,9 +164,9 @@ def up(mlflow: MlflowServer, model_port: int, tmp_path_factory: pytest.TempPathF
 
 
 @pytest.fixture
-async def session() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as client:
-        yield client
+def client_options() -> ClientOptions:
+    # 30 s, the budget this module always had: the whole `model-broker up` stack, control plane and MLflow.
+    return ClientOptions(timeout_s=30)
 
 
 HEADERS = {"content-type": "application/json", "x-api-key": KEY}

@@ -136,12 +136,6 @@ def up(mlflow: MlflowServer, model_port: int, tmp_path_factory: pytest.TempPathF
         stack.proc.stop()
 
 
-@pytest.fixture
-async def session() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=20)) as client:
-        yield client
-
-
 async def burst(session: aiohttp.ClientSession, up: Up, n: int = 16) -> list[Reply]:
     return list(await asyncio.gather(*(call(session, up.base + PATH, {"customer_id": f"c-{k + 1}"}) for k in range(n))))
 

@@ -14,7 +14,7 @@ import re
 import signal
 import socket
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +25,7 @@ from extproc import wire
 from extproc.envoy import bootstrap_dict
 from extproc.envoy.edge import HEAP_RUNTIME_KEY
 from extproc.registry import hash_api_key, parse_registry
-from tests.conftest import RedisServer, Stack, demo_registry_doc, run_stack
+from tests.conftest import ClientOptions, RedisServer, Stack, demo_registry_doc, run_stack
 from tests.http import JSON_HEADERS, Reply, call
 
 CREDIT = "/v1/models/credit-risk/predict"
@@ -46,11 +46,9 @@ def edge_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
 
 
 @pytest.fixture
-async def session() -> AsyncIterator[aiohttp.ClientSession]:
+def client_options() -> ClientOptions:
     # No pooled connections between requests: the flood test counts the listener's connections.
-    connector = aiohttp.TCPConnector(force_close=True)
-    async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=30)) as client:
-        yield client
+    return ClientOptions(timeout_s=30, force_close=True)
 
 
 async def stat(session: aiohttp.ClientSession, stack: Stack, name: str) -> int:

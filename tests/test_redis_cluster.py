@@ -14,7 +14,7 @@ import json
 import subprocess
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,7 +24,7 @@ import pytest
 from redis.cluster import RedisCluster
 
 from extproc.process.launcher import free_port, wait_listening
-from tests.conftest import FAILED, Stack, demo_registry_doc, demo_rows, logs_of, run_stack
+from tests.conftest import FAILED, ClientOptions, Stack, demo_registry_doc, demo_rows, logs_of, run_stack
 from tests.http import Reply, call
 from tests.redis_cluster import RedisClusterServers
 from tests.test_feast import (
@@ -155,9 +155,9 @@ def _stack_logs_on_failure(request: pytest.FixtureRequest, stacks: ClusterStacks
 
 
 @pytest.fixture
-async def session() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as client:
-        yield client
+def client_options() -> ClientOptions:
+    # 30 s, the budget this module always had: requests run through a master's failover.
+    return ClientOptions(timeout_s=30)
 
 
 async def predict(session: aiohttp.ClientSession, stack: Stack, name: str, body: dict[str, Any]) -> Reply:

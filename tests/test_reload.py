@@ -12,7 +12,7 @@ import copy
 import json
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import aiohttp
@@ -35,12 +35,6 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         env.setenv(TOKEN_ENV, TOKEN)
         with run_stack(demo_registry_doc(), tmp_path_factory.mktemp("reload")) as running:
             yield running
-
-
-@pytest.fixture
-async def session() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=20)) as client:
-        yield client
 
 
 def edit(stack: Stack, change: Any) -> dict[str, Any]:

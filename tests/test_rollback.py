@@ -85,12 +85,6 @@ def rollback_stack(broken_canary: int, tmp_path_factory: pytest.TempPathFactory)
             yield stack
 
 
-@pytest.fixture
-async def session() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=20)) as client:
-        yield client
-
-
 async def live_weights(session: aiohttp.ClientSession, stack: Stack) -> dict[str, dict[str, int]]:
     url = f"http://127.0.0.1:{stack.doc['control_plane']['admin_port']}/weights"
     async with session.get(url, headers={"authorization": f"Bearer {TOKEN}"}) as resp:

@@ -10,7 +10,7 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -68,12 +68,6 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Stack, Env
         env.setenv(TOKEN_ENV, TOKEN)
         with run_stack(demo_registry_doc(), tmp_path_factory.mktemp("fleet")) as stack:
             yield stack, second_envoy(stack)
-
-
-@pytest.fixture
-async def session() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=20)) as client:
-        yield client
 
 
 def weights_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:

@@ -10,7 +10,7 @@ import asyncio
 import collections
 import copy
 import re
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import aiohttp
@@ -92,12 +92,6 @@ def stack(redis_server: RedisServer, tmp_path_factory: pytest.TempPathFactory) -
         env.setenv(TOKEN_ENV, TOKEN)
         with run_stack(rules_doc(redis_server.url), tmp_path_factory.mktemp("rules")) as running:
             yield running
-
-
-@pytest.fixture
-async def session() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=20)) as client:
-        yield client
 
 
 def customer(segment: str) -> str:

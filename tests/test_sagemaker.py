@@ -143,12 +143,6 @@ def sagemaker_stack(double: SageMakerDouble, moto: int, tmp_path_factory: pytest
             yield stack
 
 
-@pytest.fixture
-async def session() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=20)) as client:
-        yield client
-
-
 async def test_service_and_sagemaker_share_one_split(
     sagemaker_stack: Stack, double: SageMakerDouble, session: aiohttp.ClientSession
 ) -> None:

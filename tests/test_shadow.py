@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import aiohttp
@@ -48,12 +48,6 @@ def shadow_registry() -> dict[str, Any]:
 def shadow_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     with run_stack(shadow_registry(), tmp_path_factory.mktemp("shadow")) as stack:
         yield stack
-
-
-@pytest.fixture
-async def session() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=20)) as client:
-        yield client
 
 
 def records(stack: Stack, model: str) -> list[dict[str, Any]]:

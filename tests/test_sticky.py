@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import aiohttp
@@ -32,12 +32,6 @@ def sticky_fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Sta
     model["versions"][1]["weight"] = 50
     with run_stack(doc, tmp_path_factory.mktemp("sticky")) as stack:
         yield stack, second_envoy(stack)
-
-
-@pytest.fixture
-async def session() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=20)) as client:
-        yield client
 
 
 async def version_of(
