@@ -24,6 +24,9 @@ META_DEGRADED: Final = "degraded"
 # names, matching this key (`dynamic_metadata`); the broker's answer has Envoy match the route
 # again (clear_route_cache), so the pin costs no extra ext_proc message.
 META_PIN: Final = "pin"
+# An audited request's draft, carried by Envoy from its request to its response phase where
+# the two are separate `http_service` calls (`audit.carried`); forwarded back on those routes only.
+META_AUDIT_DRAFT: Final = "audit_draft"
 
 # Who the caller is, written by Envoy's authentication (Lua) filter after it
 # verified an API key or a JWT. A namespace of its own: ext_proc accepts only

@@ -14,6 +14,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from extproc.adapters.aws_audit import dynamo_item, from_dynamo_item
+from extproc.audit import carried
 from extproc.audit.local import LocalAuditStore
 from extproc.audit.objects import Location
 from extproc.audit.record import (
@@ -359,3 +360,39 @@ def test_drop_policy_answers_and_fail_closed_refuses(tmp_path: Path) -> None:
 def test_timestamps_are_datetimes_own_rendering(epoch: float) -> None:
     """The fast formatter rounds to the microsecond exactly as datetime does (records sort by it)."""
     assert iso_utc(epoch) == datetime.fromtimestamp(epoch, UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def test_a_carried_draft_comes_back_exactly() -> None:
+    """Over http_service the draft rides in Envoy's metadata: numbers keep their type and digits."""
+    draft = AuditDraft(
+        "credit-risk",
+        1764000000.123456,
+        request_sha256="ab" * 32,
+        input={"id": 2**60 + 1, "amount": 1.0, "tags": ["a", None]},
+        entity_key="c-1",
+        features={"income": 46500, "ratio": 0.041},
+        feature_status="ok",
+        consumer="acme",
+        rule={"segment": "high", "pinned": "v2"},
+    )
+    found = carried.unpack(carried.pack(draft, [("route", 1e-05), ("body", 0.0002)], 1764000000.5))
+    assert isinstance(found, carried.Carried)
+    assert found.draft == draft
+    assert isinstance(found.draft.input["amount"], float) and found.draft.input["id"] == 2**60 + 1
+    assert found.stages == [("route", 1e-05), ("body", 0.0002)]
+    assert found.answered_at == 1764000000.5
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        (None, "not a JSON object"),
+        ("[1]", "not a JSON object"),
+        ("{", "does not read"),
+        ('{"model": "m"}', "does not read"),
+        ('{"model": "m", "started_at": 1, "stages": [], "answered_at": 2, "extra": 1}', "does not read"),
+    ],
+)
+def test_a_mangled_carried_draft_says_so(value: object, expected: str) -> None:
+    found = carried.unpack(value)
+    assert isinstance(found, str) and expected in found

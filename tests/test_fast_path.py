@@ -48,6 +48,21 @@ def test_an_envoy_that_ignores_the_override_is_a_closed_door() -> None:
     assert "the model did not get the enriched body" in verdict.reason
 
 
+def _without_carrying_the_draft(config: dict[str, Any]) -> None:
+    """An Envoy that stops forwarding the broker's own metadata to the response phase."""
+    for f in _hcm(config)["httpFilters"]:
+        if f["name"] == HTTP_EXT_PROC_FILTER:
+            f["typedConfig"]["metadataOptions"].pop("forwardingNamespaces", None)
+
+
+def test_an_envoy_that_loses_the_audit_draft_is_a_closed_door() -> None:
+    """Audited routes use http_service only while Envoy carries the request phase's draft to the response phase."""
+    verdict = probe(adjust=_without_carrying_the_draft)
+    assert not verdict.open
+    assert "the audit record did not get its request phase's draft" in verdict.reason
+    assert "'input': None" in verdict.reason  # the record was written, from the response phase alone
+
+
 def test_an_envoy_that_does_not_run_is_a_closed_door() -> None:
     """A binary that exits at once (refused config, wrong binary) is a closed door, not a hang."""
     verdict = probe("/bin/false")

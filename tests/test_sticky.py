@@ -12,7 +12,7 @@ import pytest
 
 from extproc.core.body import sticky_key
 from extproc.envoy import route_configuration
-from extproc.envoy.ext_proc import body_only, single_message
+from extproc.envoy.ext_proc import body_only, on_transport
 from extproc.registry import RegistryInvalid, parse_registry
 from tests.conftest import Stack, demo_registry_doc, run_stack
 from tests.http import JSON_HEADERS, call
@@ -102,7 +102,7 @@ def test_header_sticky_needs_no_broker_phase() -> None:
     assert route.route.weighted_clusters.use_hash_policy
     assert [p.header.header_name for p in route.route.hash_policy] == ["x-user-id"]
     # The hot path's one message (on http_service where the transport allows), nothing more.
-    hot_path = single_message(body_only(), http=True)
+    hot_path = on_transport(body_only(), http=True)
     assert set(route.typed_per_filter_config) == {"envoy.filters.http.rbac", *hot_path}
     assert {k: route.typed_per_filter_config[k] for k in hot_path} == hot_path
 

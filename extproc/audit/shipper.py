@@ -70,7 +70,7 @@ def half_full_message(was_above: bool, used: int, bound: int) -> tuple[bool, str
 
 class Shipper:
     def __init__(self, spool: Spool, sink: AuditSink, timing: ShipTiming) -> None:
-        self._spool = spool
+        self.spool = spool
         self._sink = sink
         self._timing = timing
         self._backoff = 0.0
@@ -91,9 +91,9 @@ class Shipper:
                 pass
 
     async def step(self, now: float) -> None:
-        self._spool.rotate_if_older(self._timing.seal_after_s)
+        self.spool.rotate_if_older(self._timing.seal_after_s)
         await self.seal()
-        fd = self._spool.active_fd()
+        fd = self.spool.active_fd()
         if fd is not None and now - self._last_fsync >= self._timing.fsync_interval_s:
             await asyncio.to_thread(os.fsync, fd)
             self._last_fsync = now
@@ -103,21 +103,21 @@ class Shipper:
 
     def report(self) -> None:
         """Depth and age of what waits in the spool, as metrics; a log line when it crosses half its bound."""
-        oldest = self._spool.oldest()
-        metrics.AUDIT_SPOOL_BYTES.set(self._spool.used)
+        oldest = self.spool.oldest()
+        metrics.AUDIT_SPOOL_BYTES.set(self.spool.used)
         metrics.AUDIT_OLDEST_SECONDS.set(0.0 if oldest is None else max(0.0, time.time() - oldest))
-        self._above_half, message = half_full_message(self._above_half, self._spool.used, self._spool.max_bytes)
+        self._above_half, message = half_full_message(self._above_half, self.spool.used, self.spool.max_bytes)
         if message is not None:
             log.warning("%s", message)
 
     async def seal(self) -> None:
-        rotated = self._spool.take_rotated()
+        rotated = self.spool.take_rotated()
         if rotated:
             await asyncio.to_thread(Spool.seal, rotated)
 
     async def ship(self, now: float) -> bool:
         """Ship every sealed segment, oldest first; on a sink failure back off. True when all shipped."""
-        for path in list(self._spool.sealed()):
+        for path in list(self.spool.sealed()):
             try:
                 size, count = await asyncio.to_thread(ship_segment, self._sink, path)
             except AuditSinkUnavailable as exc:
@@ -126,7 +126,7 @@ class Shipper:
                 self._retry_at = now + self._backoff
                 log.warning("audit sink unavailable, retrying in %.1fs: %s", self._backoff, exc)
                 return False
-            self._spool.remove(path, size)
+            self.spool.remove(path, size)
             metrics.AUDIT_SHIPPED.inc(count)
             self.shipped_segments += 1
             if self._backoff:
@@ -136,10 +136,10 @@ class Shipper:
 
     async def drain(self, budget_s: float) -> None:
         """On shutdown: seal everything, then ship within `budget_s`; what is left ships on next start."""
-        self._spool.rotate()
+        self.spool.rotate()
         await self.seal()
         try:
             async with asyncio.timeout(budget_s):
                 await self.ship(asyncio.get_running_loop().time())
         except TimeoutError:
-            log.warning("shutdown: unshipped segments stay in %s", self._spool.directory)
+            log.warning("shutdown: unshipped segments stay in %s", self.spool.directory)

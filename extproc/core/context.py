@@ -42,6 +42,11 @@ class RequestContext:
         self.stages.append((stage, now - self._mark))
         self._mark = now
 
+    def resume(self, stages: list[tuple[str, float]], since_s: float) -> None:
+        """Continue a request whose earlier stages another call timed: the next lap counts from `since_s` ago."""
+        self.stages = stages
+        self._mark = perf_counter() - max(0.0, since_s)
+
     def server_timing(self) -> str:
         """The stages as a `Server-Timing` header value, durations in milliseconds."""
         return ", ".join(f"broker-{name};dur={seconds * 1000:.3f}" for name, seconds in self.stages)

@@ -93,12 +93,13 @@ def http_ext_proc_filters(registry: Registry, dynamic: bool = False) -> list[Htt
     """The `http_service` twins of the filters above, off in the chain; none on `transport: grpc`."""
     if not over_http(registry):
         return []
-    model = _http_ext_proc(registry, registry.broker.message_timeout_ms, wire.HTTP_SERVICE_PATH)
+    audited = audits_any(registry, dynamic)
+    model = _http_ext_proc(registry, registry.broker.message_timeout_ms, wire.HTTP_SERVICE_PATH, audited=audited)
     filters = [HttpFilter(name=HTTP_EXT_PROC_FILTER, typed_config=_any(model), disabled=True)]
     if registry.ensembles or dynamic:
         hop = registry.broker.retry_unanswered
         path = ENSEMBLE_PATH if hop else wire.HTTP_SERVICE_PATH
-        ensemble = _http_ext_proc(registry, _ensemble_timeout_ms(registry, dynamic), path)
+        ensemble = _http_ext_proc(registry, _ensemble_timeout_ms(registry, dynamic), path, audited=False)
         ensemble.stat_prefix = "ensemble"
         filters.append(HttpFilter(name=HTTP_ENSEMBLE_EXT_PROC_FILTER, typed_config=_any(ensemble), disabled=True))
     return filters
@@ -109,10 +110,16 @@ def audits_any(registry: Registry, dynamic: bool) -> bool:
     return registry.audit is not None if dynamic else any(registry.audited(m) for m in registry.models)
 
 
-def _ext_proc(registry: Registry, timeout_ms: int, dynamic: bool, retry: bool = False) -> ExternalProcessor:
+def _ext_proc(
+    registry: Registry, timeout_ms: int, dynamic: bool, retry: bool = False, carry_draft: bool = False
+) -> ExternalProcessor:
     """`retry`: a stream whose worker died before answering goes to another one (`edge.stream_retry`);
-    model routes only, an ensemble's message calls models and is never sent twice."""
+    model routes only, an ensemble's message calls models and is never sent twice. `carry_draft`:
+    the broker's own namespace goes back to it, with the audit draft (`audit.carried`)."""
     audited = audits_any(registry, dynamic)
+    # The verified consumer, for the request context (audit, metrics).
+    forwarded = [wire.AUTH_NAMESPACE] if registry.consumers else []
+    forwarded += [wire.METADATA_NAMESPACE] if carry_draft else []
     return ExternalProcessor(
         grpc_service=GrpcService(
             envoy_grpc=GrpcServiceEnvoyGrpc(cluster_name=wire.EXT_PROC_CLUSTER),
@@ -130,22 +137,20 @@ def _ext_proc(registry: Registry, timeout_ms: int, dynamic: bool, retry: bool = 
         response_attributes=list(wire.RESPONSE_ATTRIBUTES) if audited else [],
         metadata_options=MetadataOptions(
             receiving_namespaces=MetadataOptionsMetadataNamespaces(untyped=[wire.METADATA_NAMESPACE]),
-            # The verified consumer, for the request context (audit, metrics).
-            forwarding_namespaces=(
-                MetadataOptionsMetadataNamespaces(untyped=[wire.AUTH_NAMESPACE]) if registry.consumers else None
-            ),
+            forwarding_namespaces=MetadataOptionsMetadataNamespaces(untyped=forwarded) if forwarded else None,
         ),
         status_on_error=HttpStatus(code=StatusCode.ServiceUnavailable),
     )
 
 
-def _http_ext_proc(registry: Registry, timeout_ms: int, path: str) -> ExternalProcessor:
+def _http_ext_proc(registry: Registry, timeout_ms: int, path: str, *, audited: bool) -> ExternalProcessor:
     """Every phase skipped at filter level (Envoy refuses body modes here); routes ask per route.
 
     With `broker.retry_unanswered`, through the retry hop (`retry_hop`), on `path`: it retries
-    model messages, not ensemble ones; else straight to the workers.
+    model messages, not ensemble ones; else straight to the workers. `audited`: some route
+    has a response phase, which gets its attributes and the request phase's audit draft.
     """
-    config = _ext_proc(registry, timeout_ms, dynamic=False)
+    config = _ext_proc(registry, timeout_ms, dynamic=False, carry_draft=audited)
     config.grpc_service = None
     config.http_service = ExtProcHttpService(
         http_service=HttpService(
@@ -166,15 +171,14 @@ def _http_ext_proc(registry: Registry, timeout_ms: int, path: str) -> ExternalPr
         request_trailer_mode=Send.SKIP,
         response_trailer_mode=Send.SKIP,
     )
-    # One message per request on these routes: never a response phase.
-    config.response_attributes = []
+    config.response_attributes = list(wire.RESPONSE_ATTRIBUTES) if audited else []
     return config
 
 
 def _header_phase_only(http: bool) -> dict[str, AnyMessage]:
     """The broker's own GET routes: headers to the broker, which answers immediately."""
     mode = ProcessingMode(request_header_mode=Send.SEND, request_body_mode=Body.NONE, response_header_mode=Send.SKIP)
-    return single_message(mode, http=http)
+    return on_transport(mode, http=http)
 
 
 def body_only() -> ProcessingMode:
@@ -182,8 +186,8 @@ def body_only() -> ProcessingMode:
     return _body_mode(response_headers=Send.SKIP, response_body=Body.NONE)
 
 
-def single_message(mode: ProcessingMode, *, http: bool, ensemble: bool = False) -> dict[str, AnyMessage]:
-    """Per-route settings of a route the broker answers in one message: `mode` on the filter of its transport.
+def on_transport(mode: ProcessingMode, *, http: bool, ensemble: bool = False) -> dict[str, AnyMessage]:
+    """Per-route settings of a route whose phases need no stream between them: `mode` on the filter of its transport.
 
     An override is needed even where `mode` is a filter's own: Envoy switches a
     chain-disabled filter on only with a per-route config.
@@ -220,25 +224,22 @@ def _body_mode(response_headers: Send, response_body: Body) -> ProcessingMode:
     )
 
 
-def _model_phases(model: Model, audited: bool) -> AnyMessage | None:
-    """The broker phases of a model route beyond the request body, or None (the hot path).
+def _model_mode(model: Model, audited: bool) -> ProcessingMode:
+    """The broker phases of a model route: the buffered request body, and more where a feature needs it.
 
-    An override replaces the whole processing mode, so every field is spelled out.
     Audited routes add the buffered response body, with status and version as its
     attributes; `audit_hold` keeps the response headers from leaving before the broker
     answers it. Sticky-by-body routes add the request header phase: Envoy drops the
     body phase's header mutation otherwise.
     """
-    sticky = model.sticky is not None and model.sticky.body_field is not None
-    if not (audited or sticky):
-        return None
-    if audited:
-        mode = _body_mode(response_headers=Send.SKIP, response_body=Body.BUFFERED)
-    else:
-        mode = _body_mode(response_headers=Send.SKIP, response_body=Body.NONE)
-    if sticky:
+    mode = _body_mode(response_headers=Send.SKIP, response_body=Body.BUFFERED if audited else Body.NONE)
+    if _sticky_by_body(model):
         mode.request_header_mode = Send.SEND
-    return _any(ExtProcPerRoute(overrides=ExtProcOverrides(processing_mode=mode)))
+    return mode
+
+
+def _sticky_by_body(model: Model) -> bool:
+    return model.sticky is not None and model.sticky.body_field is not None
 
 
 def request_attributes(registry: Registry) -> list[str]:
@@ -267,15 +268,18 @@ def _hash_policy(model: Model) -> list[RouteActionHashPolicy]:
 def _model_filters(model: Model, audited: bool, http: bool) -> dict[str, AnyMessage]:
     """Per-route filter settings of the public model route: broker phases, the audit hold, shadow recording.
 
-    Only the hot path (one message) moves to `http_service`: audited and sticky-by-body
-    routes keep one gRPC stream for their phases.
+    Audited routes take `http_service` too: their two calls may reach different workers, so
+    the request phase's draft travels in Envoy's dynamic metadata (`audit.carried`).
+    Sticky-by-body routes keep one gRPC stream: their header phase's answer must meet
+    their body phase in one worker.
     """
     filters: dict[str, AnyMessage] = {}
-    phases = _model_phases(model, audited)
-    if phases is not None:
-        filters[EXT_PROC_FILTER] = phases
-    elif http:
-        filters.update(single_message(body_only(), http=True))
+    mode = _model_mode(model, audited)
+    if http and not _sticky_by_body(model):
+        filters.update(on_transport(mode, http=True))
+    elif audited or _sticky_by_body(model):
+        # An override replaces the whole processing mode, so every field is spelled out.
+        filters[EXT_PROC_FILTER] = _any(ExtProcPerRoute(overrides=ExtProcOverrides(processing_mode=mode)))
     if audited:
         filters[AUDIT_HOLD_FILTER] = audit_hold_on()
     if model.shadow is not None:

@@ -1,9 +1,10 @@
-"""The fast-path probe's Envoy config: one plain model route, built by the generator's own functions.
+"""The fast-path probe's Envoy config: one audited model route, built by the generator's own functions.
 
 `extproc.process.fast_path` runs it against the Envoy in use before a config relies
 on ext_proc's `http_service` with a buffered body (see `ext_proc`): if this config
 works, the generated one does, because the listener, filters, per-route override and
-clusters are the same code.
+clusters are the same code. The model is audited, so the probe also proves the response
+phase over `http_service` and the audit draft Envoy carries to it (`audit.carried`).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ PROBE_MODEL = "fast-path-probe"
 PROBE_PATH = "/probe"
 PROBE_KEY = "probe:1"
 PROBE_FEATURES = {"probed": True}
+PROBE_STORE = "features.json"
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,11 +39,15 @@ class ProbePorts:
     model: int
 
 
-def probe_registry(ports: ProbePorts, store_path: str) -> Registry:
-    """A registry of one model on `transport: http`, features from an embedded store at `store_path`."""
+def probe_registry(ports: ProbePorts, workdir: str) -> Registry:
+    """A registry of one audited model on `transport: http`, its store, spool and sink in `workdir`."""
     loopback = "127.0.0.1"
     return parse_registry(
         {
+            "audit": {
+                "spool": {"dir": f"{workdir}/spool", "min_free_bytes": 0},
+                "sink": {"local": {"dir": f"{workdir}/records"}},
+            },
             "listener": {"address": loopback, "port": ports.listener},
             "admin": {"address": loopback, "port": ports.admin},
             "broker": {
@@ -51,7 +57,7 @@ def probe_registry(ports: ProbePorts, store_path: str) -> Registry:
                 "workers": 1,
                 "transport": "http",
             },
-            "feature_store": {"embedded": {"path": store_path}},
+            "feature_store": {"embedded": {"path": f"{workdir}/{PROBE_STORE}"}},
             "entities": [{"name": "probe", "join_key": "id", "store_key": "probe:{id}"}],
             "models": [
                 {

@@ -61,8 +61,8 @@ from extproc.envoy.ext_proc import (
     _model_filters,
     _without_broker,
     body_only,
+    on_transport,
     over_http,
-    single_message,
 )
 from extproc.envoy.local_replies import _direct
 from extproc.envoy.open_inference import catch_all, egress_routes, model_routes, server_routes
@@ -234,7 +234,7 @@ def _ensemble_routes(ensemble: Ensemble, http: bool) -> list[Route]:
         # Reached only if the broker let the request through, which it never does here.
         direct_response=_direct(503, "broker_unavailable", "the model broker did not answer"),
         typed_per_filter_config={
-            **single_message(body_only(), http=http, ensemble=True),
+            **on_transport(body_only(), http=http, ensemble=True),
             # A POST without a body never reaches ext_proc: 400, as on model routes.
             RBAC_FILTER: _any(_broker_approved()),
         },

@@ -6,7 +6,9 @@ bodies over HTTP as work in progress (envoyproxy/envoy#35488). So before a confi
 relies on it, this runs the Envoy in use on the probe config (`extproc.envoy.probe`:
 the generator's own listener, route and clusters), with the real processor behind
 the real HTTP transport and an echoing model, sends one request, and checks that
-the model got the enriched body and the client the broker's headers. About 0.2-1 s
+the model got the enriched body, the client the broker's headers, and the spool the
+execution's record with what its request phase learned (carried by Envoy to the
+response phase, a second `http_service` call). About 0.2-1 s
 on a quiet machine; an open verdict is remembered for the same Envoy binary and the
 same broker code (`cached_probe`), a closed one is asked again next time.
 """
@@ -32,9 +34,19 @@ import httptools
 import yaml
 
 from extproc import wire
+from extproc.audit.spool import Spool
 from extproc.core import BrokerProcessor, CachedFeatureStore, EmbeddedFeatureStore
-from extproc.envoy.probe import PROBE_FEATURES, PROBE_KEY, PROBE_PATH, ProbePorts, probe_bootstrap, probe_registry
+from extproc.envoy.probe import (
+    PROBE_FEATURES,
+    PROBE_KEY,
+    PROBE_PATH,
+    PROBE_STORE,
+    ProbePorts,
+    probe_bootstrap,
+    probe_registry,
+)
 from extproc.process.launcher import envoy_binary, free_port
+from extproc.process.worker import open_audit
 from extproc.registry import Registry
 from extproc.registry.serving import Transport as RegistryTransport
 from extproc.transport import HttpService
@@ -80,13 +92,17 @@ class _EchoModel(asyncio.Protocol):
 
 async def _ask_envoy(envoy: str, workdir: Path, adjust: Adjust | None) -> Verdict:
     ports = ProbePorts(free_port(), free_port(), free_port(), free_port(), free_port())
-    store_path = workdir / "features.json"
+    store_path = workdir / PROBE_STORE
     store_path.write_text(json.dumps({PROBE_KEY: PROBE_FEATURES}), encoding="utf-8")
-    registry = probe_registry(ports, str(store_path))
+    registry = probe_registry(ports, str(workdir))
     store = CachedFeatureStore(
         EmbeddedFeatureStore.from_file(str(store_path)), ttl_seconds=0, max_entries=1, timeout_s=1
     )
-    service = HttpService(BrokerProcessor(registry, store), path=wire.HTTP_SERVICE_PATH, max_bytes=1 << 16)
+    audit = open_audit(registry, ports.broker_http, 1)
+    assert audit is not None  # the probe registry has an audit section
+    trail, shipper = audit  # never started: the probe reads the spool itself
+    processor = BrokerProcessor(registry, store, audit=trail)
+    service = HttpService(processor, path=wire.HTTP_SERVICE_PATH, max_bytes=1 << 16)
     await service.listen_tcp("127.0.0.1", ports.broker_http)
     received: list[bytes] = []
     model = await asyncio.get_running_loop().create_server(lambda: _EchoModel(received), "127.0.0.1", ports.model)
@@ -99,7 +115,7 @@ async def _ask_envoy(envoy: str, workdir: Path, adjust: Adjust | None) -> Verdic
         args = ["-c", str(config_path), "--disable-hot-restart", "--concurrency", "1", "--log-level", "error"]
         proc = await asyncio.create_subprocess_exec(envoy, *args, stdout=out, stderr=subprocess.STDOUT)
     try:
-        return await _one_request(ports, proc, envoy_log, received)
+        return await _one_request(ports, proc, envoy_log, received, shipper.spool)
     finally:
         if proc.returncode is None:
             proc.terminate()
@@ -121,7 +137,7 @@ async def _ready(session: aiohttp.ClientSession, ports: ProbePorts, proc: asynci
 
 
 async def _one_request(
-    ports: ProbePorts, proc: asyncio.subprocess.Process, envoy_log: Path, received: list[bytes]
+    ports: ProbePorts, proc: asyncio.subprocess.Process, envoy_log: Path, received: list[bytes], spool: Spool
 ) -> Verdict:
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as session:
         if not await _ready(session, ports, proc):
@@ -141,7 +157,22 @@ async def _one_request(
         return Verdict(
             False, f"the client did not get the model's answer with the broker's headers ({status}, {dict(headers)})"
         )
-    return Verdict(True, "Envoy sent the buffered body over http_service and applied the broker's answer")
+    records = _spooled(spool)
+    if [(r["input"], r["features"], r["response"]["status"], r["version"]) for r in records] != [
+        ({"id": "1"}, PROBE_FEATURES, 200, "v1")
+    ]:
+        return Verdict(False, f"the audit record did not get its request phase's draft or its status: {records!r}")
+    return Verdict(
+        True,
+        "Envoy sent the buffered bodies over http_service, applied the broker's answer and carried its audit draft",
+    )
+
+
+def _spooled(spool: Spool) -> list[dict[str, Any]]:
+    """The records in the spool (its active segment sealed first, which closes it)."""
+    spool.rotate()
+    Spool.seal(spool.take_rotated())
+    return [json.loads(line) for path in spool.sealed() for line in path.read_text(encoding="utf-8").splitlines()]
 
 
 def _tail(path: Path, lines: int = 5) -> str:
@@ -158,11 +189,11 @@ def probe(envoy: str | None = None, adjust: Adjust | None = None) -> Verdict:
 
 
 def _fingerprint(envoy: str) -> str:
-    """The Envoy binary and the code the verdict depends on (transports, core, Envoy config)."""
+    """The Envoy binary and the code the verdict depends on (transports, core, Envoy config, audit)."""
     package = Path(__file__).resolve().parent.parent
     files = [
         Path(envoy).resolve(),
-        *sorted(p for d in ("transport", "core", "envoy") for p in (package / d).rglob("*.py")),
+        *sorted(p for d in ("transport", "core", "envoy", "audit") for p in (package / d).rglob("*.py")),
     ]
     digest = hashlib.sha256()
     for path in files:

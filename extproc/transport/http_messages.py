@@ -7,15 +7,21 @@ bytes in base64, every field present) and reads the answer the same way.
 from __future__ import annotations
 
 import binascii
+import dataclasses
+import logging
+import time
 from typing import Any
 
 import orjson
 
 from extproc import wire
+from extproc.audit import carried
 from extproc.core.context import RequestContext
 from extproc.core.messages import HttpBody, HttpHeaders
 from extproc.core.responses import Answer, Continue, HeaderPairs
 from extproc.transport.request_info import read_attributes, read_consumer
+
+log = logging.getLogger("model_broker.http_service")
 
 BODY_PHASES = ("request_body", "response_body")
 HEADER_PHASES = ("request_headers", "response_headers")
@@ -51,10 +57,38 @@ def decode(raw: bytes, ctx: RequestContext) -> tuple[str, Message] | str:
         attrs = request.get("attributes", {}).get(wire.ATTRIBUTES_FILTER_KEY)
         if attrs is not None:
             read_attributes(attrs, ctx)
-        read_consumer(request.get("metadata_context", {}).get("filter_metadata", {}), ctx)
+        filter_metadata = request.get("metadata_context", {}).get("filter_metadata", {})
+        read_consumer(filter_metadata, ctx)
+        _read_draft(filter_metadata.get(wire.METADATA_NAMESPACE), ctx)
         return _phase(request)
     except (orjson.JSONDecodeError, AttributeError, TypeError, KeyError, ValueError, binascii.Error) as exc:
         return f"not an ext_proc ProcessingRequest: {exc!r}"
+
+
+def _read_draft(broker: dict[str, Any] | None, ctx: RequestContext) -> None:
+    """The response phase of an audited route: its request phase's draft, as Envoy carried it."""
+    if broker is None or wire.META_AUDIT_DRAFT not in broker:
+        return
+    found = carried.unpack(broker[wire.META_AUDIT_DRAFT])
+    if isinstance(found, str):
+        # Still recorded, from what this call says (route, id, status, body), never lost.
+        log.error("request %s: %s", ctx.request_id or "?", found)
+        return
+    ctx.audit = found.draft
+    ctx.resume(found.stages, time.time() - found.answered_at)
+
+
+def hand_over_draft(answer: Answer, ctx: RequestContext) -> Answer:
+    """A request phase that opened an audit draft lets Envoy carry it to the response phase.
+
+    The context lets go of it, so this call's end writes no "no response seen" record.
+    """
+    draft = ctx.audit
+    if draft is None or draft.written or not isinstance(answer, Continue):
+        return answer
+    ctx.audit = None
+    packed = carried.pack(draft, ctx.stages, time.time())
+    return dataclasses.replace(answer, metadata={**(answer.metadata or {}), wire.META_AUDIT_DRAFT: packed})
 
 
 def _headers(pairs: HeaderPairs) -> dict[str, Any]:
