@@ -27,6 +27,8 @@ META_PIN: Final = "pin"
 # An audited request's draft, carried by Envoy from its request to its response phase where
 # the two are separate `http_service` calls (`audit.carried`); forwarded back on those routes only.
 META_AUDIT_DRAFT: Final = "audit_draft"
+# The access log Envoy sends the broker a draft on when its response phase never came (`envoy.unanswered`).
+UNANSWERED_LOG: Final = "model_broker_unanswered"
 
 # Who the caller is, written by Envoy's authentication (Lua) filter after it
 # verified an API key or a JWT. A namespace of its own: ext_proc accepts only

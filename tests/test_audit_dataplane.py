@@ -307,6 +307,42 @@ async def test_an_audited_answer_leaves_only_after_its_record(aws_stack: Stack, 
     assert (reply.status, reply.error_code()) == (503, "broker_unavailable")
 
 
+async def test_a_request_its_client_left_is_recorded_once_with_status_null(
+    aws_stack: Stack, moto: Moto, session: aiohttp.ClientSession
+) -> None:
+    """The model ran but no response phase came (the client hung up): one record, status null, `incomplete`.
+
+    Over gRPC the stream's end says so; over http_service Envoy's access log hands the broker the draft.
+    """
+    target = url(aws_stack, "audit-misc")
+    body = {
+        "customer_id": "c-3",
+        "note": f"left-{os.getpid()}-{time.time()}",
+        "_demo": {"audit-misc": {"delay_ms": 800}},
+    }
+    pending = asyncio.create_task(call(session, target, body))
+    deadline = time.monotonic() + 15
+    while await upstream_active(aws_stack, "audit-misc") == 0:  # the request phase is answered, the model runs
+        assert time.monotonic() < deadline and not pending.done()
+        await asyncio.sleep(0.02)
+    pending.cancel()  # aiohttp closes the connection: Envoy resets the stream
+
+    def mine() -> list[dict[str, Any]]:
+        return [r for r in moto.records("audit-misc") if (r["input"] or {}).get("note") == body["note"]]
+
+    while not (found := await asyncio.to_thread(mine)):
+        assert time.monotonic() < deadline, "no record of the abandoned request"
+        await asyncio.sleep(0.5)
+    await asyncio.sleep(2.0)  # a second record would have been shipped by now
+    found = await asyncio.to_thread(mine)
+    assert len(found) == 1, found
+    (record,) = found
+    assert record["response"] == {"status": None, "body": None}
+    assert record["error_code"] == "incomplete"
+    assert record["input"] == body and record["features"] is not None
+    assert record["sha256"]["request"] == hashlib.sha256(orjson.dumps(body)).hexdigest()
+
+
 async def test_redacted_fields_never_leave_the_broker(
     aws_stack: Stack, moto: Moto, session: aiohttp.ClientSession
 ) -> None:

@@ -227,7 +227,9 @@ def one_stream_stack(doc: dict[str, Any]) -> dict[str, Any]:
 
 async def test_ext_proc_overflow_is_labelled_overloaded(tmp_path: Path, session: aiohttp.ClientSession) -> None:
     """Past the ext_proc circuit breaker (workers x broker.max_streams): 503 overloaded, not broker_unavailable."""
-    with run_stack(one_stream_stack(demo_registry_doc(ensembles=[])), tmp_path / "stack") as stack:
+    doc = one_stream_stack(demo_registry_doc(ensembles=[]))
+    doc["broker"]["transport"] = "grpc"  # the gRPC cluster's breaker; http_service's is the next test's
+    with run_stack(doc, tmp_path / "stack") as stack:
         refused = await overflow_round(session, stack)
         assert refused and all(overloaded(r) for r in refused), [r.raw for r in refused]
         assert await overflows(session, stack, "model_broker_ext_proc") == len(refused)  # each one counted
@@ -236,7 +238,7 @@ async def test_ext_proc_overflow_is_labelled_overloaded(tmp_path: Path, session:
 async def test_http_service_overflow_is_labelled_overloaded(tmp_path: Path, session: aiohttp.ClientSession) -> None:
     """On http_service routes too: the retry hop answers an overflow as ext_proc_overflow, labelled overloaded."""
     doc = one_stream_stack(demo_registry_doc(ensembles=[]))
-    del doc["audit"]  # single-message routes: Envoy reaches the broker over http_service
+    del doc["audit"]  # one message per request, so one overflow per refused request
     doc["broker"]["transport"] = "http"
     with run_stack(doc, tmp_path / "stack") as stack:
         refused = await overflow_round(session, stack)
@@ -354,12 +356,22 @@ def test_retry_unanswered_is_the_hop_and_the_stream_retry(retry: bool) -> None:
     assert (wire.EXT_PROC_RETRY_LISTENER in listeners) is retry
 
 
-async def test_broker_down_floods_no_log(tmp_path: Path, session: aiohttp.ClientSession) -> None:
-    """Broker killed: each call is 503 broker_unavailable, on gRPC (audited) and http_service routes alike;
+@pytest.mark.parametrize(
+    ("transport", "failures"),
+    [
+        ("grpc", "http.public.ext_proc.streams_failed"),
+        # The retry hop's answer once every worker refused the connection.
+        ("http", "cluster.model_broker_ext_proc_http.upstream_rq_503"),
+    ],
+)
+async def test_broker_down_floods_no_log(
+    transport: str, failures: str, tmp_path: Path, session: aiohttp.ClientSession
+) -> None:
+    """Broker killed: each call is 503 broker_unavailable, audited routes and not, on either transport;
     Envoy logs no line per failure (ext_proc at critical), its stats count them."""
     doc = demo_registry_doc(ensembles=[])
-    doc["broker"].update(workers=1, transport="http")
-    next(m for m in doc["models"] if m["name"] == "fraud")["audit"] = False  # its one message over http_service
+    doc["broker"].update(workers=1, transport=transport)
+    next(m for m in doc["models"] if m["name"] == "fraud")["audit"] = False  # one message per request
     with run_stack(doc, tmp_path / "stack") as stack:
         assert (await call(session, stack.base + CREDIT, BODY)).status == 200
         stack.procs["broker"].kill()
@@ -368,7 +380,7 @@ async def test_broker_down_floods_no_log(tmp_path: Path, session: aiohttp.Client
         assert all(r.status == 503 and r.error_code() == "broker_unavailable" for r in replies), [
             r.raw for r in replies
         ]
-        assert await stat(session, stack, "http.public.ext_proc.streams_failed") >= 10
+        assert await stat(session, stack, failures) >= len(paths)
         assert "[ext_proc]" not in stack.procs["envoy"].log.read_text()
 
 

@@ -42,8 +42,8 @@ def rules_doc(redis_url: str) -> dict[str, Any]:
     doc["broker"]["message_timeout_ms"] = 1500
     # The demo's underwriting ensemble (credit-risk and fraud) stays: members get derived features too.
     credit = doc["models"][0]
-    # Not audited: a single-message route, so the rules run on the suite's transport (http_service
-    # by default); the audited ratio-* models below run on gRPC (several phases per request).
+    # Not audited: a single-message route; the audited ratio-* models below send two messages
+    # (request and response), both on the suite's transport.
     credit["audit"] = False
     credit["features"] = ["income", "debt_ratio", "tenure_months", "segment"]
     credit["versions"].append({"name": "v3", "weight": 0, "backend": service(free_port())})

@@ -16,6 +16,7 @@ import aiohttp
 import grpc
 import orjson
 import pytest
+from envoy.data.accesslog.v3.accesslog_pb2 import HTTPAccessLogEntry
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ext_proc_grpc
 from envoy.service.ext_proc.v3.external_processor_pb2 import (
     HttpBody,
@@ -29,14 +30,18 @@ from google.protobuf.struct_pb2 import Struct
 
 from extproc import wire
 from extproc.adapters.egress import EgressClient
+from extproc.audit import carried
+from extproc.audit.record import AuditDraft
 from extproc.core.context import RequestContext
 from extproc.core.features import CachedFeatureStore, EmbeddedFeatureStore
 from extproc.core.messages import HttpBody as CoreBody
 from extproc.core.processor import BrokerProcessor, Processor
 from extproc.core.responses import Answer, Continue
+from extproc.envoy.unanswered import unanswered_logs
 from extproc.process.launcher import free_port
 from extproc.registry import parse_registry
 from extproc.transport import HttpService, add_service, read_consumer
+from extproc.transport.unanswered import unanswered
 from tests.conftest import DEMO_DIR, demo_registry_doc
 
 Exchange = Callable[[ProcessingRequest], Awaitable[dict[str, Any]]]
@@ -316,3 +321,37 @@ def test_consumer_is_read_from_the_auth_namespace_only() -> None:
     request.metadata_context.filter_metadata[wire.AUTH_NAMESPACE].update({wire.META_CONSUMER: "alice"})
     read_consumer(request.metadata_context.filter_metadata, ctx)
     assert ctx.consumer == "alice"
+
+
+def _log_entry(draft_text: str | None) -> Any:
+    entry = HTTPAccessLogEntry()
+    entry.request.request_id = "r-1"
+    entry.common_properties.route_name = "credit-risk"
+    if draft_text is not None:
+        entry.common_properties.metadata.filter_metadata[wire.METADATA_NAMESPACE].update(
+            {wire.META_AUDIT_DRAFT: draft_text}
+        )
+    return entry
+
+
+def test_an_unanswered_entry_becomes_the_context_of_a_status_null_record() -> None:
+    draft = AuditDraft("credit-risk", 1764000000.0, input={"customer_id": "c-1"}, entity_key="c-1")
+    ctx = unanswered(_log_entry(carried.pack(draft, [("body", 0.001)], 1764000000.1)))
+    assert isinstance(ctx, RequestContext)
+    assert (ctx.request_id, ctx.route_name, ctx.audit, ctx.stages) == ("r-1", "credit-risk", draft, [("body", 0.001)])
+
+
+@pytest.mark.parametrize("text", [None, "", "{not json"])
+def test_an_unanswered_entry_without_a_draft_says_why(text: str | None) -> None:
+    assert isinstance(unanswered(_log_entry(text)), str)
+
+
+@pytest.mark.parametrize(
+    ("transport", "audit", "logged"), [("http", True, True), ("grpc", True, False), ("http", False, False)]
+)
+def test_the_unanswered_log_exists_where_drafts_travel(transport: str, audit: bool, logged: bool) -> None:
+    doc = demo_registry_doc()
+    doc["broker"]["transport"] = transport
+    if not audit:
+        del doc["audit"]
+    assert bool(unanswered_logs(parse_registry(doc), dynamic=False)) is logged

@@ -5,8 +5,9 @@ Two transports reach the same processor: gRPC (one stream per request) and ext_p
 refuses a body mode on an `http_service` filter, but applies a per-route override asking
 for the buffered body: the HTTP filters are off in the chain and each single-message route
 switches one on with that override (and the gRPC one off). `extproc.process.fast_path`
-checks at start that the Envoy in use still does this; routes with several phases per
-request stay on gRPC, where one stream carries their state.
+checks at start that the Envoy in use still does this. Audited routes take it too, their
+audit draft carried by Envoy between their two calls; sticky-by-body routes stay on gRPC,
+where one stream carries their header phase's answer to their body phase.
 """
 
 from __future__ import annotations

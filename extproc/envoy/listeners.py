@@ -36,6 +36,7 @@ from extproc.envoy.ext_proc import audits_any, ensemble_ext_proc_filter, ext_pro
 from extproc.envoy.local_replies import local_reply_config
 from extproc.envoy.routes import egress_route_configuration, route_configuration
 from extproc.envoy.shadow import _shadowed, shadow_recorder_filter
+from extproc.envoy.unanswered import unanswered_logs
 from extproc.registry import (
     Registry,
 )
@@ -82,6 +83,7 @@ def public_listener(registry: Registry, xds: XdsFiles | None = None) -> Listener
             registry,
             oip=dynamic or any(m.protocol == "open_inference" for m in registry.models),
         ),
+        access_log=unanswered_logs(registry, dynamic),
         # Clients are external: Envoy sets x-forwarded-for and its own x-request-id.
         use_remote_address=True,
         # The id in every error body and (later) audit record; clients quote it to support.

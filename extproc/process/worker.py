@@ -27,7 +27,7 @@ from extproc.registry.reload import follow_registry_file
 from extproc.rollout.feedback_desk import SummaryReader
 from extproc.rollout.follow import Layer, follow
 from extproc.rollout.weights import apply_weights, weights_of_layer
-from extproc.transport import HttpService, add_service
+from extproc.transport import HttpService, add_service, add_unanswered_service
 
 log = logging.getLogger("model_broker.worker")
 
@@ -170,6 +170,7 @@ async def serve_worker(
     index = port - registry.broker.port
     http = await _serve_http(processor, registry, address, port, socket_dir)
     add_service(server, processor)
+    add_unanswered_service(server, processor)
     server.add_insecure_port(f"{address}:{port}")
     if socket_dir is not None:
         server.add_insecure_port("unix:" + _fresh_socket(wire.broker_socket(socket_dir, "grpc", index)))

@@ -59,12 +59,11 @@ class Broker(Strict):
     address: str = "127.0.0.1"
     port: Port = 50051
     http_port: Port = 50151
-    # Routes that send the broker one message per request (plain models, ensembles, /healthz,
-    # /models) reach it by `http` (ext_proc `http_service`: JSON over HTTP/1.1, far less CPU
-    # per request) or `grpc`; `auto`: http where the Envoy in use proves at start that it
-    # honours it (`envoy-config` probes it), else grpc with a loud log line. Routes with
-    # several phases per request (audited, sticky by body) always use gRPC: one stream keeps
-    # their state together.
+    # The broker's routes (models, audited ones too, ensembles, /healthz, /models) reach it by
+    # `http` (ext_proc `http_service`: JSON over HTTP/1.1, far less CPU per request) or `grpc`;
+    # `auto`: http where the Envoy in use proves at start that it honours it (`envoy-config`
+    # probes it), else grpc with a loud log line. Sticky-by-body routes always use gRPC: their
+    # header and body phases must meet in one worker, which one stream guarantees.
     transport: Transport = "auto"
     workers: Annotated[int, Field(ge=1, le=64)] = 2
     # Envoy's per-message deadline for the broker; must cover the feature store budget.

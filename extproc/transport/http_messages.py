@@ -78,13 +78,19 @@ def _read_draft(broker: dict[str, Any] | None, ctx: RequestContext) -> None:
     ctx.resume(found.stages, time.time() - found.answered_at)
 
 
-def hand_over_draft(answer: Answer, ctx: RequestContext) -> Answer:
-    """A request phase that opened an audit draft lets Envoy carry it to the response phase.
+def carry_draft(phase: str, answer: Answer, ctx: RequestContext) -> Answer:
+    """A request phase that opened an audit draft lets Envoy carry it to the response phase;
+    the response phase, once its record is written, clears it.
 
-    The context lets go of it, so this call's end writes no "no response seen" record.
+    The request phase's context lets go of the draft, so this call's end writes no "no
+    response seen" record; a draft never cleared is Envoy's to report (`envoy.unanswered`).
     """
+    if not isinstance(answer, Continue):
+        return answer
+    if phase == "response_body":
+        return dataclasses.replace(answer, metadata={**(answer.metadata or {}), wire.META_AUDIT_DRAFT: ""})
     draft = ctx.audit
-    if draft is None or draft.written or not isinstance(answer, Continue):
+    if draft is None or draft.written:
         return answer
     ctx.audit = None
     packed = carried.pack(draft, ctx.stages, time.time())

@@ -21,7 +21,7 @@ import orjson
 from extproc.core.context import RequestContext
 from extproc.core.processor import Processor
 from extproc.core.responses import Answer
-from extproc.transport.http_messages import decode, encode, hand_over_draft
+from extproc.transport.http_messages import carry_draft, decode, encode
 
 log = logging.getLogger("model_broker.http_service")
 
@@ -165,7 +165,7 @@ class _Connection(asyncio.Protocol):
                 self._write(400, _error(decoded), close=not keep_alive)
                 return
             phase, msg = decoded
-            answer = hand_over_draft(await self._service.handlers[phase](msg, ctx), ctx)
+            answer = carry_draft(phase, await self._service.handlers[phase](msg, ctx), ctx)
             self._write(200, encode(phase, answer), close=not keep_alive)
         except Exception:
             # Envoy answers the client with its error status (503 broker_unavailable JSON).
