@@ -40,6 +40,8 @@ FEAST_SERVERS = ("feast-serve", "feast-serve-2")
 COMPARISONS = (
     ("broker-audit-moto", "broker", "audit to moto ÷ no audit"),
     ("broker-audit-jsonl", "broker", "audit to JSONL ÷ no audit"),
+    ("broker-audit-grpc", "broker-grpc", "audit to JSONL ÷ no audit (gRPC)"),
+    ("broker-audit-jsonl", "broker-audit-grpc", "audited: http_service ÷ gRPC (JSONL)"),
     ("broker", "broker-grpc", "http_service ÷ gRPC (UDS)"),
     ("broker", "broker-direct", "retry hop ÷ none (http_service)"),
     ("broker", "broker-tcp", "UDS ÷ TCP (http_service)"),

@@ -82,6 +82,10 @@ CONFIGS: dict[str, Starter] = {
     "broker-audit-jsonl": lambda s: stacks.broker_audit(
         s, "broker-audit-jsonl", "(b) + audit to JSONL files", sink="jsonl"
     ),
+    # The same on gRPC, as audited routes ran until they took http_service too (issue 16).
+    "broker-audit-grpc": lambda s: stacks.broker_audit(
+        s, "broker-audit-grpc", "(bg) + audit to JSONL files (gRPC)", sink="jsonl", transport="grpc"
+    ),
     # One request, several copies of the model called concurrently through Envoy (issue 5).
     "ensemble-3": lambda s: stacks.ensemble(s, "ensemble-3", "(e3) ensemble of 3", members=3),
     "ensemble-1": lambda s: stacks.ensemble(s, "ensemble-1", "(e1) ensemble of 1", members=1),
@@ -98,6 +102,7 @@ OPT_IN = (
     "broker-tcp",
     "broker-grpc-tcp",
     "broker-audit-jsonl",
+    "broker-audit-grpc",
     "ensemble-1",
     "broker-rules",
     "broker-feast",

@@ -399,13 +399,15 @@ def broker(
 
 
 @contextlib.contextmanager
-def broker_audit(shared: Shared, name: str, label: str, *, sink: Literal["moto", "jsonl"]) -> Iterator[Target]:
+def broker_audit(
+    shared: Shared, name: str, label: str, *, sink: Literal["moto", "jsonl"], transport: str = "auto"
+) -> Iterator[Target]:
     """(b) with every execution audited: spooled before release, shipped to moto (S3 + DynamoDB) or JSONL files."""
     with contextlib.ExitStack() as stack:
         sink_doc, sink_roots = _audit_sink(stack, shared, name, sink)
         spool = shared.workdir / f"{name}.spool"
         section = configs.audit_section(spool, sink_doc)
-        config = variant_registry(shared, name, extend=lambda doc: doc.update(audit=section))
+        config = variant_registry(shared, name, extend=lambda doc: doc.update(audit=section), transport=transport)
         trail = AuditTrail(spool, config, child_env(**AWS_ENV))
         if sink == "moto":
             trail.init()
