@@ -3,7 +3,7 @@
 Two transports reach the same processor: gRPC (one stream per request) and ext_proc's
 `http_service` (one HTTP/1.1 POST of JSON per message; `broker.transport`). Envoy 1.40
 refuses a body mode on an `http_service` filter, but applies a per-route override asking
-for the buffered body: the HTTP filters are off in the chain and each single-message route
+for the buffered body: the HTTP filters are off in the chain and each route on that transport
 switches one on with that override (and the gRPC one off). `extproc.process.fast_path`
 checks at start that the Envoy in use still does this. Audited routes take it too, their
 audit draft carried by Envoy between their two calls; sticky-by-body routes stay on gRPC,
