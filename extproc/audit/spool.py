@@ -189,6 +189,11 @@ class Spool:
             os.close(segment.fd)
             segment.path.rename(segment.path.with_suffix(SEALED_SUFFIX))
 
+    def close(self) -> None:
+        """Seal the segment being written now (blocking): for a spool that takes no more records."""
+        self.rotate()
+        Spool.seal(self.take_rotated())
+
     def active_fd(self) -> int | None:
         return self._active.fd if self._active is not None else None
 

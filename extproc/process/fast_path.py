@@ -123,6 +123,7 @@ async def _ask_envoy(envoy: str, workdir: Path, adjust: Adjust | None) -> Verdic
         model.close()
         await service.drain(1.0)
         await store.close()
+        shipper.spool.close()  # also when the verdict came before the spool was read
 
 
 async def _ready(session: aiohttp.ClientSession, ports: ProbePorts, proc: asyncio.subprocess.Process) -> bool:
@@ -170,8 +171,7 @@ async def _one_request(
 
 def _spooled(spool: Spool) -> list[dict[str, Any]]:
     """The records in the spool (its active segment sealed first, which closes it)."""
-    spool.rotate()
-    Spool.seal(spool.take_rotated())
+    spool.close()
     return [json.loads(line) for path in spool.sealed() for line in path.read_text(encoding="utf-8").splitlines()]
 
 
