@@ -44,7 +44,8 @@ lint: $(STAMP)
 
 # The data-plane modules run a second time with every route on gRPC (the first run uses
 # http_service where the pinned Envoy honours it): both transports stay proven.
-DATAPLANE_TESTS := tests/test_dataplane.py tests/test_ensembles.py tests/test_auth.py tests/test_rollout.py
+DATAPLANE_TESTS := tests/test_dataplane.py tests/test_ensembles.py tests/test_auth.py tests/test_rollout.py \
+	tests/test_audit_dataplane.py
 
 test: $(STAMP)
 	scripts/ensure-system-packages redis-server chromium
