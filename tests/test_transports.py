@@ -323,10 +323,10 @@ def test_consumer_is_read_from_the_auth_namespace_only() -> None:
     assert ctx.consumer == "alice"
 
 
-def _log_entry(draft_text: str | None) -> Any:
+def _log_entry(draft_text: str | None, route: str = "credit-risk") -> Any:
     entry = HTTPAccessLogEntry()
     entry.request.request_id = "r-1"
-    entry.common_properties.route_name = "credit-risk"
+    entry.common_properties.route_name = route
     if draft_text is not None:
         entry.common_properties.metadata.filter_metadata[wire.METADATA_NAMESPACE].update(
             {wire.META_AUDIT_DRAFT: draft_text}
@@ -339,6 +339,12 @@ def test_an_unanswered_entry_becomes_the_context_of_a_status_null_record() -> No
     ctx = unanswered(_log_entry(carried.pack(draft, [("body", 0.001)], 1764000000.1)))
     assert isinstance(ctx, RequestContext)
     assert (ctx.request_id, ctx.route_name, ctx.audit, ctx.stages) == ("r-1", "credit-risk", draft, [("body", 0.001)])
+
+
+def test_an_unanswered_oip_version_route_is_recorded_as_its_model() -> None:
+    draft = AuditDraft("iris", 1764000000.0)
+    ctx = unanswered(_log_entry(carried.pack(draft, [], 1764000000.1), route="oip-infer:iris/v2"))
+    assert isinstance(ctx, RequestContext) and ctx.route_name == "iris"
 
 
 @pytest.mark.parametrize("text", [None, "", "{not json"])

@@ -28,8 +28,10 @@ def unanswered(entry: Any) -> RequestContext | str:
     found = carried.unpack(text)
     if isinstance(found, str):
         return found
+    route = entry.common_properties.route_name
+    # An OIP version's own route is recorded as its model's, as the request phase names it.
     ctx = RequestContext(
-        request_id=entry.request.request_id, route_name=entry.common_properties.route_name, audit=found.draft
+        request_id=entry.request.request_id, route_name=wire.oip_route_model(route) or route, audit=found.draft
     )
     ctx.stages = found.stages
     return ctx
