@@ -20,6 +20,7 @@ from extproc.core.oip import (
     read_infer_request,
     tensor_problem,
 )
+from extproc.core.oip.infer import _converted
 from extproc.envoy import AUTHZ_FILTER, route_configuration
 from extproc.errors import BrokerError, ErrorCode
 from extproc.registry import RegistryInvalid, parse_registry
@@ -314,3 +315,10 @@ def test_metadata_and_readiness_follow_the_models_allow_list() -> None:
     for name in ("oip-metadata:risk", "oip-ready:risk/v1"):
         authz = json.dumps(routes[name].typed_per_filter_config[AUTHZ_FILTER].to_dict())
         assert "alice" in authz and "bob" not in authz, name
+
+
+def test_a_feature_past_64_bits_is_a_coded_error_naming_it() -> None:
+    """Found by the property test: a stored integer orjson cannot write must not crash the error message."""
+    found = _converted(-(2**63) - 1, "INT64", "age", "a-0", "applicant_id")
+    assert isinstance(found, BrokerError) and found.code is ErrorCode.INVALID_FEATURE
+    assert "-9223372036854775809" in found.message

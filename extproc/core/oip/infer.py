@@ -183,7 +183,10 @@ def _keys_from_tensor(plan: OipPlan, tensor: dict[str, Any]) -> tuple[str, ...] 
 
 
 def _shown(value: Any) -> str:
-    text = orjson.dumps(value).decode()
+    try:
+        text = orjson.dumps(value).decode()
+    except TypeError:  # an integer past 64 bits, which orjson does not write: its digits
+        text = repr(value)
     return text if len(text) <= 40 else text[:37] + "..."
 
 
