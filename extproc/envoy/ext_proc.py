@@ -275,10 +275,10 @@ def _model_filters(model: Model, audited: bool, http: bool) -> dict[str, AnyMess
     their body phase in one worker.
     """
     filters: dict[str, AnyMessage] = {}
-    mode = _model_mode(model, audited)
-    if http and not _sticky_by_body(model):
+    mode, sticky = _model_mode(model, audited), _sticky_by_body(model)
+    if http and not sticky:
         filters.update(on_transport(mode, http=True))
-    elif audited or _sticky_by_body(model):
+    elif audited or sticky:
         # An override replaces the whole processing mode, so every field is spelled out.
         filters[EXT_PROC_FILTER] = _any(ExtProcPerRoute(overrides=ExtProcOverrides(processing_mode=mode)))
     if audited:

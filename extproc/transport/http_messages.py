@@ -88,13 +88,13 @@ def carry_draft(phase: str, answer: Answer, ctx: RequestContext) -> Answer:
     if not isinstance(answer, Continue):
         return answer
     if phase == "response_body":
-        return dataclasses.replace(answer, metadata={**(answer.metadata or {}), wire.META_AUDIT_DRAFT: ""})
-    draft = ctx.audit
-    if draft is None or draft.written:
+        value = ""
+    elif ctx.audit is not None and not ctx.audit.written:
+        value = carried.pack(ctx.audit, ctx.stages, time.time())
+        ctx.audit = None
+    else:
         return answer
-    ctx.audit = None
-    packed = carried.pack(draft, ctx.stages, time.time())
-    return dataclasses.replace(answer, metadata={**(answer.metadata or {}), wire.META_AUDIT_DRAFT: packed})
+    return dataclasses.replace(answer, metadata={**(answer.metadata or {}), wire.META_AUDIT_DRAFT: value})
 
 
 def _headers(pairs: HeaderPairs) -> dict[str, Any]:

@@ -30,11 +30,12 @@ def unanswered(entry: Any) -> RequestContext | str:
         return found
     route = entry.common_properties.route_name
     # An OIP version's own route is recorded as its model's, as the request phase names it.
-    ctx = RequestContext(
-        request_id=entry.request.request_id, route_name=wire.oip_route_model(route) or route, audit=found.draft
+    return RequestContext(
+        request_id=entry.request.request_id,
+        route_name=wire.oip_route_model(route) or route,
+        audit=found.draft,
+        stages=found.stages,
     )
-    ctx.stages = found.stages
-    return ctx
 
 
 class UnansweredService(als_pb2_grpc.AccessLogServiceServicer):  # type: ignore[misc]  # generated, untyped
